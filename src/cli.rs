@@ -1,0 +1,631 @@
+//! The `gorp` command line. Human-readable tables by default, `--json` for scripts.
+//!
+//! Exit codes (stable, for scripts): see the `EXIT_*` constants.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, ConfigError};
+use crate::store::{
+    format_ms, now_ms, CancelOutcome, Channel, Event, Job, JobFilter, JobState, NewChannel, NewJob,
+    Source, Store, StoreError,
+};
+
+pub const EXIT_OK: i32 = 0;
+/// A runtime or database error.
+pub const EXIT_ERROR: i32 = 1;
+/// Bad arguments or invalid input; nothing was written.
+pub const EXIT_USAGE: i32 = 2;
+/// The channel or job does not exist.
+pub const EXIT_NOT_FOUND: i32 = 3;
+/// `--wait` / `tail`: the job failed.
+pub const EXIT_JOB_FAILED: i32 = 4;
+/// `--wait` / `tail`: the job was cancelled.
+pub const EXIT_JOB_CANCELLED: i32 = 5;
+/// `--wait`: the wait ran out before the job finished.
+pub const EXIT_TIMEOUT: i32 = 6;
+/// The configuration is invalid.
+pub const EXIT_CONFIG: i32 = 78;
+
+/// How often `--wait` and `tail` read the database for progress.
+const POLL: Duration = Duration::from_millis(100);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "gorp",
+    version,
+    about = "Drive ACP coding agents from webhooks, Matrix and cron through a durable SQLite job queue"
+)]
+pub struct Cli {
+    /// Config file (default: $GORP_CONFIG_PATH, ./config.toml, ~/.config/gorp/config.toml).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the worker pool and background services until SIGINT/SIGTERM.
+    Start,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Configuration commands.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Manage channels (a named conversation with one agent).
+    Channels {
+        #[command(subcommand)]
+        command: ChannelsCommand,
+    },
+    /// Queue a prompt for a channel.
+    Enqueue {
+        channel: String,
+        prompt: String,
+        /// Wait for the job to finish and print its output.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this many seconds (exit code 6).
+        #[arg(long, default_value_t = 3600, value_name = "SECS")]
+        timeout: u64,
+        /// Higher runs first.
+        #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+        priority: i64,
+        #[arg(long)]
+        max_attempts: Option<i64>,
+        /// Enqueueing the same key twice returns the first job.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// List jobs, newest first.
+    Jobs {
+        #[arg(long)]
+        state: Option<JobState>,
+        #[arg(long)]
+        channel: Option<String>,
+        #[arg(long)]
+        source: Option<Source>,
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
+    /// Show one job and its events.
+    Job { id: String },
+    /// Follow a job's events until it ends.
+    Tail {
+        id: String,
+        /// Start after this event seq.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+    },
+    /// Cancel a job (queued: at once; running: its worker stops the agent).
+    Cancel { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Validate the configuration and print it with secrets masked.
+    Check,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ChannelsCommand {
+    /// Create a channel and its workspace directory.
+    Add {
+        name: String,
+        /// Agent program for this channel (default: [acp] agent_binary).
+        #[arg(long)]
+        agent_binary: Option<String>,
+        /// Agent argument (repeat for several).
+        #[arg(long = "agent-arg", allow_hyphen_values = true)]
+        agent_args: Vec<String>,
+        /// Permission policy: allow or deny.
+        #[arg(long)]
+        permission: Option<String>,
+    },
+    /// List channels.
+    List,
+    /// Delete a channel and its job history (not its workspace directory).
+    Rm { name: String },
+}
+
+/// A command's failure, carrying its exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+impl Failure {
+    fn new(code: i32, message: impl Into<String>) -> Self {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        let code = match &e {
+            StoreError::UnknownChannel(_) | StoreError::JobNotFound(_) => EXIT_NOT_FOUND,
+            StoreError::Invalid(_) | StoreError::ChannelExists(_) | StoreError::ChannelBusy(_) => {
+                EXIT_USAGE
+            }
+            _ => EXIT_ERROR,
+        };
+        Failure::new(code, e.to_string())
+    }
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Failure::new(EXIT_CONFIG, e.to_string())
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::new(EXIT_ERROR, format!("{e:#}"))
+    }
+}
+
+type CmdResult = Result<i32, Failure>;
+
+/// Loads the config named by `--config`, else as [`Config::load`] does.
+pub fn load_config(cli: &Cli) -> Result<Config, ConfigError> {
+    match &cli.config {
+        Some(p) => {
+            let env: Vec<(String, String)> = std::env::vars().collect();
+            Config::load_with(Some(p), &env)
+        }
+        None => Config::load(),
+    }
+}
+
+/// Runs a parsed command line; returns the process exit code.
+pub async fn run(cli: Cli) -> i32 {
+    match dispatch(&cli).await {
+        Ok(code) => code,
+        Err(f) => {
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "error": f.message, "exit_code": f.code })
+                );
+            } else {
+                eprintln!("gorp: {}", f.message);
+            }
+            f.code
+        }
+    }
+}
+
+async fn dispatch(cli: &Cli) -> CmdResult {
+    let config = load_config(cli)?;
+    match &cli.command {
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => {
+            if cli.json {
+                let mut v = serde_json::to_value(&config)
+                    .map_err(|e| Failure::new(EXIT_ERROR, e.to_string()))?;
+                mask_json(&mut v);
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                print!("{}", config.to_masked_toml());
+            }
+            Ok(EXIT_OK)
+        }
+        Command::Migrate => {
+            let n = Store::migrate(&config.database).await?;
+            out(
+                cli,
+                serde_json::json!({ "migrations": n, "database": config.database.path }),
+                || {
+                    format!(
+                        "database {} is at migration {n}",
+                        config.database.path.display()
+                    )
+                },
+            );
+            Ok(EXIT_OK)
+        }
+        Command::Start => start(config).await,
+        cmd => {
+            let store = Store::open(&config.database).await?;
+            let code = data_command(cli, cmd, &config, &store).await;
+            store.close().await;
+            code
+        }
+    }
+}
+
+async fn start(config: Config) -> CmdResult {
+    let store = Store::open(&config.database).await?;
+    let instance = crate::app::instance_id();
+    let executor =
+        crate::acp::AcpExecutor::new(Arc::new(config.clone()), store.clone(), instance.clone());
+    let shutdown = crate::app::shutdown_on_signals();
+    crate::app::run(config, store, Arc::new(executor), instance, shutdown).await?;
+    Ok(EXIT_OK)
+}
+
+async fn data_command(cli: &Cli, cmd: &Command, config: &Config, store: &Store) -> CmdResult {
+    match cmd {
+        Command::Channels { command } => channels(cli, command, config, store).await,
+        Command::Enqueue {
+            channel,
+            prompt,
+            wait,
+            timeout,
+            priority,
+            max_attempts,
+            idempotency_key,
+        } => {
+            let ch = store
+                .channel_get(channel)
+                .await?
+                .ok_or_else(|| StoreError::UnknownChannel(channel.clone()))?;
+            let mut job = NewJob::new(ch.id, Source::Cli, prompt.clone());
+            job.priority = *priority;
+            job.max_attempts = max_attempts.unwrap_or(i64::from(config.worker.max_attempts));
+            job.idempotency_key = idempotency_key.clone();
+            let e = store.job_insert(job, now_ms()).await?;
+            if !*wait {
+                out(cli, serde_json::json!(e), || {
+                    if e.created {
+                        e.job_id.clone()
+                    } else {
+                        format!("{} (existing job for this idempotency key)", e.job_id)
+                    }
+                });
+                return Ok(EXIT_OK);
+            }
+            if !cli.json {
+                eprintln!("queued {}; waiting", e.job_id);
+            }
+            wait_for(cli, store, &e.job_id, Duration::from_secs(*timeout)).await
+        }
+        Command::Jobs {
+            state,
+            channel,
+            source,
+            limit,
+        } => {
+            let jobs = store
+                .job_list(&JobFilter {
+                    state: *state,
+                    channel: channel.clone(),
+                    source: *source,
+                    before: None,
+                    limit: *limit,
+                })
+                .await?;
+            out(cli, serde_json::json!(jobs), || jobs_table(&jobs));
+            Ok(EXIT_OK)
+        }
+        Command::Job { id } => {
+            let job = store
+                .job_get(id)
+                .await?
+                .ok_or_else(|| StoreError::JobNotFound(id.clone()))?;
+            let events = store.job_events_list(id, 0, i64::MAX).await?;
+            let output = store.job_output(id).await?;
+            out(
+                cli,
+                serde_json::json!({ "job": job, "events": events, "output": output }),
+                || job_detail(&job, &events, &output),
+            );
+            Ok(EXIT_OK)
+        }
+        Command::Tail { id, after } => tail(cli, store, id, *after).await,
+        Command::Cancel { id } => {
+            let outcome = store.job_cancel(id, now_ms()).await?;
+            out(
+                cli,
+                serde_json::json!({ "job_id": id, "outcome": outcome }),
+                || match outcome {
+                    CancelOutcome::Cancelled => format!("{id}: cancelled"),
+                    CancelOutcome::Requested => {
+                        format!("{id}: running; cancel requested, its worker stops the agent")
+                    }
+                    CancelOutcome::AlreadyFinished(s) => format!("{id}: already {s}"),
+                },
+            );
+            Ok(EXIT_OK)
+        }
+        Command::Start | Command::Migrate | Command::Config { .. } => {
+            unreachable!("handled by dispatch")
+        }
+    }
+}
+
+async fn channels(cli: &Cli, cmd: &ChannelsCommand, config: &Config, store: &Store) -> CmdResult {
+    match cmd {
+        ChannelsCommand::Add {
+            name,
+            agent_binary,
+            agent_args,
+            permission,
+        } => {
+            let ch = store
+                .channel_insert(
+                    NewChannel {
+                        name: name.clone(),
+                        agent_binary: agent_binary.clone(),
+                        agent_args: (!agent_args.is_empty()).then(|| agent_args.clone()),
+                        permission_policy: permission
+                            .clone()
+                            .or_else(|| Some(config.acp.permission_policy.clone())),
+                        matrix_room_id: None,
+                    },
+                    now_ms(),
+                )
+                .await?;
+            let dir = config.channel_dir(&ch.name);
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                Failure::new(EXIT_ERROR, format!("cannot create {}: {e}", dir.display()))
+            })?;
+            out(cli, serde_json::json!(ch), || {
+                format!(
+                    "channel {} created\n  workspace: {}\n  webhook:   POST /webhook/session/{}",
+                    ch.name,
+                    dir.display(),
+                    ch.webhook_id
+                )
+            });
+            Ok(EXIT_OK)
+        }
+        ChannelsCommand::List => {
+            let list = store.channel_list().await?;
+            out(cli, serde_json::json!(list), || channels_table(&list));
+            Ok(EXIT_OK)
+        }
+        ChannelsCommand::Rm { name } => {
+            store.channel_delete(name).await?;
+            out(cli, serde_json::json!({ "deleted": name }), || {
+                format!("channel {name} deleted")
+            });
+            Ok(EXIT_OK)
+        }
+    }
+}
+
+/// Polls until the job ends (or `timeout`), then prints its outcome and output.
+async fn wait_for(cli: &Cli, store: &Store, id: &str, timeout: Duration) -> CmdResult {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let job = store
+            .job_get(id)
+            .await?
+            .ok_or_else(|| StoreError::JobNotFound(id.into()))?;
+        if job.state.is_terminal() {
+            let output = store.job_output(id).await?;
+            out(
+                cli,
+                serde_json::json!({ "job_id": id, "state": job.state, "stop_reason": job.stop_reason, "error": job.error, "output": output }),
+                || match job.state {
+                    JobState::Succeeded => output.clone(),
+                    _ => format!(
+                        "{output}\n[{}] {}",
+                        job.state,
+                        job.error.clone().unwrap_or_default()
+                    ),
+                },
+            );
+            return Ok(exit_for(job.state));
+        }
+        if Instant::now() >= deadline {
+            out(
+                cli,
+                serde_json::json!({ "job_id": id, "state": job.state, "timed_out": true }),
+                || format!("{id}: still {} after the wait ran out", job.state),
+            );
+            return Ok(EXIT_TIMEOUT);
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+async fn tail(cli: &Cli, store: &Store, id: &str, mut after: i64) -> CmdResult {
+    loop {
+        // Read the state first: events committed before a terminal state are then all seen.
+        let job = store
+            .job_get(id)
+            .await?
+            .ok_or_else(|| StoreError::JobNotFound(id.into()))?;
+        let events = store.job_events_list(id, after, 1000).await?;
+        for e in &events {
+            after = e.seq;
+            if cli.json {
+                println!("{}", serde_json::to_string(e).unwrap_or_default());
+            } else {
+                println!("{}", event_line(e));
+            }
+        }
+        if events.is_empty() && job.state.is_terminal() {
+            if !cli.json {
+                println!("[job {}]", job.state);
+            }
+            return Ok(exit_for(job.state));
+        }
+        if events.is_empty() {
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+fn exit_for(state: JobState) -> i32 {
+    match state {
+        JobState::Failed => EXIT_JOB_FAILED,
+        JobState::Cancelled => EXIT_JOB_CANCELLED,
+        _ => EXIT_OK,
+    }
+}
+
+fn out(cli: &Cli, json: serde_json::Value, human: impl FnOnce() -> String) {
+    if cli.json {
+        println!("{json}");
+    } else {
+        let s = human();
+        if s.ends_with('\n') {
+            print!("{s}");
+        } else {
+            println!("{s}");
+        }
+    }
+}
+
+fn mask_json(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, val) in m.iter_mut() {
+                if matches!(
+                    k.as_str(),
+                    "password" | "access_token" | "tokens" | "secret" | "passphrase"
+                ) {
+                    *val = serde_json::json!("********");
+                } else {
+                    mask_json(val);
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(mask_json),
+        _ => {}
+    }
+}
+
+/// Renders rows as a left-aligned table.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(headers.to_vec());
+    for r in rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+fn short(s: &str, n: usize) -> String {
+    let one_line = s.replace('\n', " ");
+    if one_line.chars().count() <= n {
+        one_line
+    } else {
+        one_line
+            .chars()
+            .take(n.saturating_sub(1))
+            .collect::<String>()
+            + "…"
+    }
+}
+
+fn jobs_table(jobs: &[Job]) -> String {
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            vec![
+                j.id.clone(),
+                j.channel.clone(),
+                j.source.to_string(),
+                j.state.to_string(),
+                format!("{}/{}", j.attempt, j.max_attempts),
+                format_ms(j.created_at),
+                short(&j.prompt, 40),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "CHANNEL",
+            "SOURCE",
+            "STATE",
+            "ATTEMPT",
+            "CREATED (UTC)",
+            "PROMPT",
+        ],
+        &rows,
+    )
+}
+
+fn channels_table(list: &[Channel]) -> String {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|c| {
+            vec![
+                c.name.clone(),
+                c.webhook_id.clone(),
+                c.agent_binary.clone().unwrap_or_else(|| "(default)".into()),
+                c.permission_policy.clone(),
+                c.acp_session_id.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "WEBHOOK ID", "AGENT", "PERMISSIONS", "ACP SESSION"],
+        &rows,
+    )
+}
+
+fn event_line(e: &Event) -> String {
+    let text = e
+        .text
+        .clone()
+        .unwrap_or_else(|| e.data.as_ref().map(|d| d.to_string()).unwrap_or_default());
+    format!("{:>6}  {}  {:<16} {}", e.seq, format_ms(e.at), e.kind, text)
+}
+
+fn job_detail(j: &Job, events: &[Event], output: &str) -> String {
+    let t = |v: Option<i64>| v.map(format_ms).unwrap_or_else(|| "-".into());
+    let mut s = format!(
+        "job       {}\nchannel   {}\nsource    {}\nstate     {}\nattempt   {}/{}\npriority  {}\ncreated   {}\nstarted   {}\nfinished  {}\n",
+        j.id,
+        j.channel,
+        j.source,
+        j.state,
+        j.attempt,
+        j.max_attempts,
+        j.priority,
+        format_ms(j.created_at),
+        t(j.started_at),
+        t(j.finished_at),
+    );
+    if let Some(r) = &j.stop_reason {
+        s.push_str(&format!("stop      {r}\n"));
+    }
+    if let Some(e) = &j.error {
+        s.push_str(&format!("error     {e}\n"));
+    }
+    s.push_str(&format!("prompt    {}\n\nevents\n", short(&j.prompt, 200)));
+    for e in events {
+        s.push_str(&event_line(e));
+        s.push('\n');
+    }
+    s.push_str("\noutput\n");
+    s.push_str(output);
+    s.push('\n');
+    s
+}

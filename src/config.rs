@@ -1,0 +1,630 @@
+//! Configuration: `config.toml` plus `GORP_<SECTION>_<KEY>` environment overrides.
+//!
+//! [`Config::load`] looks for the file named by `GORP_CONFIG_PATH`, else `./config.toml`, else
+//! `~/.config/gorp/config.toml`; with no file at all the defaults apply, so `gorp start` works on
+//! a fresh machine. Unknown keys, wrong types and bad values are errors that name the file (or
+//! environment variable), the key and what was expected.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Environment variable naming the config file.
+pub const CONFIG_PATH_ENV: &str = "GORP_CONFIG_PATH";
+/// Prefix of environment overrides: `GORP_WORKER_CONCURRENCY=4` sets `[worker] concurrency`.
+pub const ENV_PREFIX: &str = "GORP_";
+
+/// Config sections, in the order `gorp config check` prints them.
+const SECTIONS: &[&str] = &[
+    "database",
+    "workspace",
+    "worker",
+    "acp",
+    "webhook",
+    "matrix",
+    "scheduler",
+];
+
+/// Keys whose values are secrets: masked by `gorp config check` and in `Debug` output.
+const SECRET_KEYS: &[&str] = &["password", "access_token", "token", "secret", "passphrase"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config file {path}: key `{key}`: {message}")]
+    Invalid {
+        path: String,
+        key: String,
+        message: String,
+    },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub workspace: WorkspaceConfig,
+    pub worker: WorkerConfig,
+    pub acp: AcpConfig,
+    pub webhook: WebhookConfig,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub matrix: Option<MatrixConfig>,
+    pub scheduler: SchedulerConfig,
+    /// Where the configuration came from (a file path, or "defaults").
+    #[serde(skip)]
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    #[default]
+    Normal,
+    Full,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// SQLite database file.
+    pub path: PathBuf,
+    /// `normal` (default, WAL-safe) or `full` (fsync every commit).
+    pub synchronous: Synchronous,
+    /// How long a connection waits for a lock before failing.
+    pub busy_timeout_ms: u64,
+    /// Connections in the read pool.
+    pub read_connections: u32,
+    /// Finished jobs (and their events) older than this are deleted; 0 keeps them forever.
+    pub retention_days: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("./gorp.db"),
+            synchronous: Synchronous::Normal,
+            busy_timeout_ms: 5_000,
+            read_connections: 4,
+            retention_days: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkspaceConfig {
+    /// Root of the channels' working directories: `<path>/<channel>`.
+    pub path: PathBuf,
+}
+
+impl Default for WorkspaceConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("./workspace"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Jobs run at once (each on a different channel).
+    pub concurrency: u32,
+    /// Attempts before a job is `failed` (webhooks and CLI may ask for fewer or more).
+    pub max_attempts: u32,
+    /// A running job's lease; a worker renews it every `heartbeat_secs`.
+    pub lease_secs: u64,
+    pub heartbeat_secs: u64,
+    /// How often the worker looks for jobs inserted by other processes.
+    pub poll_interval_ms: u64,
+    /// Retry backoff: `retry_base_secs * 2^(attempt-1)`, capped, with ±20% jitter.
+    pub retry_base_secs: u64,
+    pub retry_max_secs: u64,
+    /// How often expired leases are rescued.
+    pub rescue_interval_secs: u64,
+    /// How often the retention cleaner runs.
+    pub clean_interval_secs: u64,
+    /// On shutdown, running jobs get this long to finish before they are released.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 8,
+            max_attempts: 3,
+            lease_secs: 30,
+            heartbeat_secs: 5,
+            poll_interval_ms: 500,
+            retry_base_secs: 5,
+            retry_max_secs: 3_600,
+            rescue_interval_secs: 5,
+            clean_interval_secs: 3_600,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AcpConfig {
+    /// The ACP agent to spawn per channel (a channel may override it).
+    pub agent_binary: String,
+    pub agent_args: Vec<String>,
+    /// A warm session stays alive this long after its last use.
+    pub keep_alive_secs: u64,
+    /// Scheduled jobs are pre-warmed this long before their slot.
+    pub pre_warm_secs: u64,
+    /// Most live agent processes at once; the least recently used is shut down first.
+    pub max_warm_sessions: u32,
+    pub initialize_timeout_secs: u64,
+    pub session_timeout_secs: u64,
+    pub prompt_timeout_secs: u64,
+    /// Default permission policy for new channels: `allow` or `deny`.
+    pub permission_policy: String,
+}
+
+impl Default for AcpConfig {
+    fn default() -> Self {
+        Self {
+            agent_binary: "claude-agent-acp".into(),
+            agent_args: Vec::new(),
+            keep_alive_secs: 3_600,
+            pre_warm_secs: 300,
+            max_warm_sessions: 32,
+            initialize_timeout_secs: 60,
+            session_timeout_secs: 180,
+            prompt_timeout_secs: 3_600,
+            permission_policy: "allow".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub port: u16,
+    pub bind: String,
+    /// Bearer tokens accepted for every channel. Webhooks are refused when no token is set
+    /// and the channel has no secret of its own.
+    pub tokens: Vec<String>,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            port: 13_000,
+            bind: "127.0.0.1".into(),
+            tokens: Vec::new(),
+            max_body_bytes: 256 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MatrixConfig {
+    pub home_server: String,
+    pub user_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
+    pub allowed_users: Vec<String>,
+    pub device_name: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// IANA time zone for schedules without one; empty means the system's, else UTC.
+    pub timezone: String,
+}
+
+impl Config {
+    /// Loads the configuration from `GORP_CONFIG_PATH`, `./config.toml` or
+    /// `~/.config/gorp/config.toml` (the first that exists), then applies `GORP_*` overrides.
+    pub fn load() -> Result<Config, ConfigError> {
+        let path = Self::locate()?;
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_with(path.as_deref(), &env)
+    }
+
+    /// The config file [`Config::load`] would read, if any. A `GORP_CONFIG_PATH` that names a
+    /// missing file is an error rather than a silent fall-back to defaults.
+    pub fn locate() -> Result<Option<PathBuf>, ConfigError> {
+        if let Some(p) = std::env::var_os(CONFIG_PATH_ENV).filter(|p| !p.is_empty()) {
+            let p = PathBuf::from(p);
+            if !p.is_file() {
+                return Err(ConfigError::Read {
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("{CONFIG_PATH_ENV} names a file that does not exist"),
+                    ),
+                    path: p,
+                });
+            }
+            return Ok(Some(p));
+        }
+        let local = PathBuf::from("config.toml");
+        if local.is_file() {
+            return Ok(Some(local));
+        }
+        if let Some(home) = std::env::var_os("HOME") {
+            let p = Path::new(&home).join(".config/gorp/config.toml");
+            if p.is_file() {
+                return Ok(Some(p));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Loads `path` (or the defaults when `None`) with the given environment overrides.
+    pub fn load_with(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let (text, label) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
+                p.display().to_string(),
+            ),
+            None => (String::new(), "defaults".to_string()),
+        };
+        let mut table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: label.clone(),
+                    message: e.to_string().trim_end().to_string(),
+                })?;
+        let from_env = apply_env(&mut table, env)?;
+        let mut config = Self::from_table(table, &label, &from_env)?;
+        config.source = label;
+        Ok(config)
+    }
+
+    /// Parses a config from TOML text (no environment overrides).
+    pub fn from_toml(text: &str, label: &str) -> Result<Config, ConfigError> {
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: label.to_string(),
+                message: e.to_string().trim_end().to_string(),
+            })?;
+        let mut config = Self::from_table(table, label, &BTreeMap::new())?;
+        config.source = label.to_string();
+        Ok(config)
+    }
+
+    fn from_table(
+        table: toml::Table,
+        label: &str,
+        from_env: &BTreeMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let key = e.path().to_string();
+                let message = e.inner().to_string();
+                match from_env.get(&key) {
+                    Some(var) => ConfigError::Env {
+                        var: var.clone(),
+                        message,
+                    },
+                    None => ConfigError::Invalid {
+                        path: label.to_string(),
+                        key,
+                        message,
+                    },
+                }
+            })?;
+        config
+            .validate()
+            .map_err(|(key, message)| match from_env.get(&key) {
+                Some(var) => ConfigError::Env {
+                    var: var.clone(),
+                    message,
+                },
+                None => ConfigError::Invalid {
+                    path: label.to_string(),
+                    key,
+                    message,
+                },
+            })?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but make no sense; returns the offending key and why.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, msg: &str| Err((key.to_string(), msg.to_string()));
+        if self.database.path.as_os_str().is_empty() {
+            return bad("database.path", "expected a file path, got an empty string");
+        }
+        if self.database.read_connections == 0 {
+            return bad("database.read_connections", "expected at least 1");
+        }
+        if self.worker.concurrency == 0 {
+            return bad("worker.concurrency", "expected at least 1");
+        }
+        if self.worker.max_attempts == 0 {
+            return bad("worker.max_attempts", "expected at least 1");
+        }
+        if self.worker.lease_secs == 0 {
+            return bad("worker.lease_secs", "expected at least 1");
+        }
+        if self.worker.heartbeat_secs == 0 || self.worker.heartbeat_secs >= self.worker.lease_secs {
+            return bad(
+                "worker.heartbeat_secs",
+                "expected at least 1 and less than worker.lease_secs",
+            );
+        }
+        if self.worker.poll_interval_ms == 0 {
+            return bad("worker.poll_interval_ms", "expected at least 1");
+        }
+        if self.worker.rescue_interval_secs == 0 || self.worker.clean_interval_secs == 0 {
+            return bad("worker.rescue_interval_secs", "expected at least 1");
+        }
+        if self.acp.agent_binary.trim().is_empty() {
+            return bad("acp.agent_binary", "expected a program name or path");
+        }
+        if !matches!(self.acp.permission_policy.as_str(), "allow" | "deny") {
+            return bad("acp.permission_policy", "expected \"allow\" or \"deny\"");
+        }
+        if self.acp.max_warm_sessions == 0 {
+            return bad("acp.max_warm_sessions", "expected at least 1");
+        }
+        if self.webhook.bind.parse::<std::net::IpAddr>().is_err() {
+            return bad("webhook.bind", "expected an IP address such as 127.0.0.1");
+        }
+        if self.webhook.tokens.iter().any(|t| t.len() < 16) {
+            return bad(
+                "webhook.tokens",
+                "expected tokens of at least 16 characters",
+            );
+        }
+        if let Some(m) = &self.matrix {
+            if !m.home_server.starts_with("http://") && !m.home_server.starts_with("https://") {
+                return bad("matrix.home_server", "expected an http:// or https:// URL");
+            }
+            if !is_matrix_user_id(&m.user_id) {
+                return bad(
+                    "matrix.user_id",
+                    "expected a user id such as @bot:example.org",
+                );
+            }
+            if m.password.is_none() && m.access_token.is_none() {
+                return bad("matrix.password", "expected password or access_token");
+            }
+            if let Some(u) = m.allowed_users.iter().find(|u| !is_matrix_user_id(u)) {
+                return Err((
+                    "matrix.allowed_users".into(),
+                    format!("expected user ids such as @alice:example.org, got {u:?}"),
+                ));
+            }
+        }
+        if !self.scheduler.timezone.is_empty() && !is_plausible_tz(&self.scheduler.timezone) {
+            return Err((
+                "scheduler.timezone".into(),
+                format!(
+                    "expected an IANA time zone such as Europe/Berlin or UTC, got {:?}",
+                    self.scheduler.timezone
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, secrets masked.
+    pub fn to_masked_toml(&self) -> String {
+        let mut value = toml::Value::try_from(self).expect("config serialises");
+        mask_secrets(&mut value);
+        let mut out = format!("# effective configuration (source: {})\n", self.source);
+        if let toml::Value::Table(t) = value {
+            for section in SECTIONS {
+                if let Some(v) = t.get(*section) {
+                    let mut one = toml::Table::new();
+                    one.insert((*section).to_string(), v.clone());
+                    out.push_str(&toml::to_string(&one).expect("table serialises"));
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+
+    /// The directory of a channel: `<workspace>/<name>`.
+    pub fn channel_dir(&self, name: &str) -> PathBuf {
+        self.workspace.path.join(name)
+    }
+}
+
+fn is_matrix_user_id(s: &str) -> bool {
+    s.starts_with('@') && s.len() > 3 && s[1..].contains(':')
+}
+
+/// Time zone names are checked against the zone database by the scheduler; here only their
+/// shape (an alias like `UTC`, or `Area/Location`).
+fn is_plausible_tz(s: &str) -> bool {
+    s == "UTC"
+        || s == "GMT"
+        || (s.contains('/')
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '-' | '+')))
+}
+
+fn mask_secrets(value: &mut toml::Value) {
+    match value {
+        toml::Value::Table(t) => {
+            for (k, v) in t.iter_mut() {
+                if SECRET_KEYS
+                    .iter()
+                    .any(|s| k == s || k.ends_with(&format!("_{s}")))
+                    || k == "tokens"
+                {
+                    *v = match v {
+                        toml::Value::Array(a) => toml::Value::Array(
+                            a.iter()
+                                .map(|_| toml::Value::String("********".into()))
+                                .collect(),
+                        ),
+                        _ => toml::Value::String("********".into()),
+                    };
+                } else {
+                    mask_secrets(v);
+                }
+            }
+        }
+        toml::Value::Array(a) => a.iter_mut().for_each(mask_secrets),
+        _ => {}
+    }
+}
+
+/// Applies `GORP_<SECTION>_<KEY>` variables to the parsed file. Each value is typed after the
+/// default at that key (numbers, booleans, comma-separated lists, strings). Returns which
+/// variable set which key, so errors can name the variable.
+fn apply_env(
+    table: &mut toml::Table,
+    env: &[(String, String)],
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let defaults = toml::Value::try_from(Config {
+        matrix: Some(MatrixConfig::default()),
+        ..Config::default()
+    })
+    .expect("defaults serialise");
+    let mut set = BTreeMap::new();
+    for (var, raw) in env {
+        let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if var == CONFIG_PATH_ENV {
+            continue;
+        }
+        let lower = rest.to_ascii_lowercase();
+        let Some(section) = SECTIONS
+            .iter()
+            .find(|s| lower.starts_with(&format!("{s}_")))
+        else {
+            continue; // Not a config key (e.g. GORP_LOG).
+        };
+        let key = &lower[section.len() + 1..];
+        let default = defaults.get(section).and_then(|s| s.get(key));
+        let value = match default {
+            Some(toml::Value::Integer(_)) => raw
+                .trim()
+                .parse::<i64>()
+                .map(toml::Value::Integer)
+                .map_err(|_| ConfigError::Env {
+                    var: var.clone(),
+                    message: format!("expected an integer, got {raw:?}"),
+                })?,
+            Some(toml::Value::Boolean(_)) => match raw.trim() {
+                "true" | "1" | "yes" => toml::Value::Boolean(true),
+                "false" | "0" | "no" => toml::Value::Boolean(false),
+                _ => {
+                    return Err(ConfigError::Env {
+                        var: var.clone(),
+                        message: format!("expected true or false, got {raw:?}"),
+                    })
+                }
+            },
+            Some(toml::Value::Array(_)) => toml::Value::Array(
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| toml::Value::String(s.to_string()))
+                    .collect(),
+            ),
+            Some(_) => toml::Value::String(raw.clone()),
+            None => {
+                // Keys with no default (optional ones): keep the text; serde reports a type
+                // mismatch against the variable. Unknown keys are refused by serde too.
+                toml::Value::String(raw.clone())
+            }
+        };
+        let section_table = table
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match section_table {
+            toml::Value::Table(t) => {
+                t.insert(key.to_string(), value);
+            }
+            _ => {
+                return Err(ConfigError::Env {
+                    var: var.clone(),
+                    message: format!("[{section}] in the config file is not a table"),
+                })
+            }
+        }
+        set.insert(format!("{section}.{key}"), var.clone());
+    }
+    Ok(set)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_apply_without_a_file() {
+        let c = Config::load_with(None, &[]).unwrap();
+        assert_eq!(c.database.path, PathBuf::from("./gorp.db"));
+        assert_eq!(c.worker.concurrency, 8);
+        assert_eq!(c.acp.keep_alive_secs, 3600);
+        assert_eq!(c.acp.pre_warm_secs, 300);
+        assert_eq!(c.webhook.port, 13000);
+        assert_eq!(c.webhook.bind, "127.0.0.1");
+        assert!(c.matrix.is_none());
+    }
+
+    #[test]
+    fn env_overrides_are_typed_by_the_default() {
+        let env = vec![
+            ("GORP_WORKER_CONCURRENCY".to_string(), "3".to_string()),
+            ("GORP_ACP_AGENT_ARGS".to_string(), "--a, --b".to_string()),
+            ("GORP_DATABASE_PATH".to_string(), "/tmp/x.db".to_string()),
+            ("GORP_LOG".to_string(), "debug".to_string()),
+        ];
+        let c = Config::load_with(None, &env).unwrap();
+        assert_eq!(c.worker.concurrency, 3);
+        assert_eq!(c.acp.agent_args, vec!["--a", "--b"]);
+        assert_eq!(c.database.path, PathBuf::from("/tmp/x.db"));
+    }
+
+    #[test]
+    fn bad_env_value_names_the_variable() {
+        let env = vec![("GORP_WORKER_CONCURRENCY".to_string(), "many".to_string())];
+        let err = Config::load_with(None, &env).unwrap_err().to_string();
+        assert!(err.contains("GORP_WORKER_CONCURRENCY"), "{err}");
+        assert!(err.contains("integer"), "{err}");
+    }
+
+    #[test]
+    fn unknown_env_key_is_refused() {
+        let env = vec![("GORP_WORKER_CONCURENCY".to_string(), "3".to_string())];
+        let err = Config::load_with(None, &env).unwrap_err().to_string();
+        assert!(err.contains("GORP_WORKER_CONCURENCY"), "{err}");
+    }
+
+    #[test]
+    fn masked_output_hides_secrets() {
+        let c = Config::from_toml(
+            "[matrix]\nhome_server='https://m.org'\nuser_id='@b:m.org'\npassword='hunter2hunter2'\n[webhook]\ntokens=['0123456789abcdefXYZ']\n",
+            "t.toml",
+        )
+        .unwrap();
+        let out = c.to_masked_toml();
+        assert!(!out.contains("hunter2"), "{out}");
+        assert!(!out.contains("0123456789abcdef"), "{out}");
+        assert!(out.contains("********"), "{out}");
+    }
+}

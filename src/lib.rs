@@ -1,0 +1,22 @@
+//! gorp: drive ACP coding agents from webhooks, Matrix rooms and cron schedules through a
+//! durable SQLite job queue.
+//!
+//! # Layout
+//! - [`config`]: `Config::load()`, `GORP_*` overrides, validation, masked printing.
+//! - [`store`]: every SQL statement; the single writer task with group commit; read pool.
+//! - [`executor`]: the interface the worker runs jobs through, and the job context.
+//! - [`worker`]: the worker pool: claim, heartbeat, fenced outcomes, graceful shutdown.
+//! - [`rescuer`]: returns jobs whose lease expired.
+//! - [`cleaner`]: deletes finished jobs past retention.
+//! - [`app`]: `gorp start`: wires the services together until shutdown.
+//! - [`cli`]: the `gorp` command line.
+
+pub mod acp;
+pub mod app;
+pub mod cleaner;
+pub mod cli;
+pub mod config;
+pub mod executor;
+pub mod rescuer;
+pub mod store;
+pub mod worker;

@@ -1,0 +1,48 @@
+//! The rescuer: returns running jobs whose lease expired (their worker died or hung) to the
+//! queue, or fails them when their attempts are spent. Each rescued job gets a `rescued` event
+//! saying why, so its history shows the re-run.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{now_ms, Millis, Rescued, Store, StoreError};
+
+/// How often the rescuer looks for expired leases, unless configured.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+
+pub struct Rescuer {
+    store: Store,
+    interval: Duration,
+}
+
+impl Rescuer {
+    pub fn new(store: Store, interval: Duration) -> Self {
+        Rescuer { store, interval }
+    }
+
+    /// One pass at time `now`.
+    pub async fn run_once(&self, now: Millis) -> Result<Vec<Rescued>, StoreError> {
+        self.store.job_rescue_expired(now).await
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self.run_once(now_ms()).await {
+                Ok(r) if !r.is_empty() => {
+                    for j in &r {
+                        tracing::warn!(job = %j.job_id, attempt = j.attempt, state = %j.state, "rescued job with expired lease");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "rescuer pass failed"),
+            }
+        }
+    }
+}

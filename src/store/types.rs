@@ -1,0 +1,348 @@
+//! Rows and values the store reads and writes.
+
+use serde::{Deserialize, Serialize};
+
+/// UTC milliseconds since the Unix epoch: the unit of every timestamp in the database.
+pub type Millis = i64;
+
+/// The current time in [`Millis`].
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}
+
+/// Renders a timestamp as `YYYY-MM-DD HH:MM:SS.mmm` UTC.
+pub fn format_ms(ms: Millis) -> String {
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:3]"
+    );
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&fmt).ok())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// ```text
+///            claim              complete
+///  queued ──────────► running ──────────► succeeded
+///    ▲  ▲                │ │ │
+///    │  └── retry/rescue ┘ │ └──────────► failed     (attempts spent, or not retryable)
+///    │      release        │
+///    └─────────────────────┘ cancel ────► cancelled  (queued: at once; running: by its worker)
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
+#[serde(rename_all = "lowercase")]
+#[sqlx(type_name = "TEXT", rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 5] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for JobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        JobState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown job state {s:?}; expected queued, running, succeeded, failed or cancelled")
+            })
+    }
+}
+
+/// Where a job came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
+#[serde(rename_all = "lowercase")]
+#[sqlx(type_name = "TEXT", rename_all = "lowercase")]
+pub enum Source {
+    Webhook,
+    Matrix,
+    Schedule,
+    Cli,
+}
+
+impl Source {
+    pub const ALL: [Source; 4] = [
+        Source::Webhook,
+        Source::Matrix,
+        Source::Schedule,
+        Source::Cli,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Webhook => "webhook",
+            Source::Matrix => "matrix",
+            Source::Schedule => "schedule",
+            Source::Cli => "cli",
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Source {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Source::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown source {s:?}; expected webhook, matrix, schedule or cli")
+            })
+    }
+}
+
+/// A named conversation with one agent.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Channel {
+    pub id: i64,
+    pub name: String,
+    pub webhook_id: String,
+    pub agent_binary: Option<String>,
+    /// JSON array of extra agent arguments, if overridden.
+    pub agent_args: Option<String>,
+    pub permission_policy: String,
+    pub matrix_room_id: Option<String>,
+    pub acp_session_id: Option<String>,
+    pub created_at: Millis,
+}
+
+/// What `channel_insert` needs.
+#[derive(Debug, Clone, Default)]
+pub struct NewChannel {
+    pub name: String,
+    pub agent_binary: Option<String>,
+    pub agent_args: Option<Vec<String>>,
+    pub permission_policy: Option<String>,
+    pub matrix_room_id: Option<String>,
+}
+
+/// Channel names: `[a-z0-9][a-z0-9_-]{0,63}`, so a name is always a safe directory name.
+pub fn validate_channel_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid channel name {name:?}: use 1-64 characters a-z, 0-9, '_' or '-', starting with a letter or digit"
+        ))
+    }
+}
+
+/// A job row.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Job {
+    pub id: String,
+    pub channel_id: i64,
+    pub channel: String,
+    pub source: Source,
+    pub prompt: String,
+    pub state: JobState,
+    pub priority: i64,
+    pub attempt: i64,
+    pub max_attempts: i64,
+    pub run_at: Millis,
+    pub lease_owner: Option<String>,
+    pub lease_expires_at: Option<Millis>,
+    pub cancel_requested: bool,
+    pub idempotency_key: Option<String>,
+    pub reply_target: Option<String>,
+    pub stop_reason: Option<String>,
+    pub error: Option<String>,
+    pub created_at: Millis,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+}
+
+impl Job {
+    /// The fence a worker holds while it runs this attempt.
+    pub fn lease(&self) -> Option<Lease> {
+        Some(Lease {
+            job_id: self.id.clone(),
+            attempt: self.attempt,
+            owner: self.lease_owner.clone()?,
+        })
+    }
+}
+
+/// Identifies one attempt of one job by one worker. Every transition out of `running` is
+/// guarded by all three, so a worker that lost its lease can never overwrite a newer attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Lease {
+    pub job_id: String,
+    pub attempt: i64,
+    pub owner: String,
+}
+
+/// What `job_insert` needs.
+#[derive(Debug, Clone, Serialize)]
+pub struct NewJob {
+    pub channel_id: i64,
+    pub source: Source,
+    pub prompt: String,
+    pub priority: i64,
+    pub max_attempts: i64,
+    /// Earliest start; `None` means now.
+    pub run_at: Option<Millis>,
+    pub idempotency_key: Option<String>,
+    pub reply_target: Option<String>,
+}
+
+impl NewJob {
+    pub fn new(channel_id: i64, source: Source, prompt: impl Into<String>) -> Self {
+        Self {
+            channel_id,
+            source,
+            prompt: prompt.into(),
+            priority: 0,
+            max_attempts: 3,
+            run_at: None,
+            idempotency_key: None,
+            reply_target: None,
+        }
+    }
+}
+
+/// Largest accepted prompt, in bytes.
+pub const MAX_PROMPT_BYTES: usize = 1024 * 1024;
+/// Largest accepted idempotency key.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+
+impl NewJob {
+    /// Refuses input that must never be written.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.prompt.trim().is_empty() {
+            return Err("prompt is empty".into());
+        }
+        if self.prompt.len() > MAX_PROMPT_BYTES {
+            return Err(format!("prompt is longer than {MAX_PROMPT_BYTES} bytes"));
+        }
+        if !(1..=100).contains(&self.max_attempts) {
+            return Err("max_attempts must be between 1 and 100".into());
+        }
+        if !(-1000..=1000).contains(&self.priority) {
+            return Err("priority must be between -1000 and 1000".into());
+        }
+        if let Some(k) = &self.idempotency_key {
+            if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+                return Err(format!(
+                    "idempotency key must be 1-{MAX_IDEMPOTENCY_KEY_BYTES} bytes"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The result of an enqueue: the job's id, and whether this call created it (false when the
+/// idempotency key matched an existing job).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Enqueued {
+    pub job_id: String,
+    pub created: bool,
+}
+
+/// An event to append to a job's log.
+#[derive(Debug, Clone, Serialize)]
+pub struct NewEvent {
+    pub job_id: String,
+    pub attempt: i64,
+    pub kind: String,
+    pub text: Option<String>,
+    pub data: Option<serde_json::Value>,
+    pub at: Millis,
+}
+
+/// A stored job event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Event {
+    pub seq: i64,
+    pub job_id: String,
+    pub attempt: i64,
+    pub kind: String,
+    pub text: Option<String>,
+    pub data: Option<serde_json::Value>,
+    pub at: Millis,
+}
+
+/// What a cancel request did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelOutcome {
+    /// The job was queued and is now cancelled.
+    Cancelled,
+    /// The job is running; its worker was asked to stop.
+    Requested,
+    /// The job had already finished in this state.
+    AlreadyFinished(JobState),
+}
+
+/// Filters for `job_list`.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub state: Option<JobState>,
+    pub channel: Option<String>,
+    pub source: Option<Source>,
+    /// Only jobs created before this (job id) — cursor pagination, newest first.
+    pub before: Option<String>,
+    pub limit: i64,
+}
+
+/// A job returned to the queue or failed by the rescuer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rescued {
+    pub job_id: String,
+    pub attempt: i64,
+    pub state: JobState,
+}

@@ -1,0 +1,779 @@
+//! The writer task: the only code that writes to the database.
+//!
+//! It takes every operation waiting in its queue (up to [`MAX_GROUP`]), applies them in one
+//! `BEGIN IMMEDIATE` transaction and answers each caller after the commit. Enqueues of the group
+//! become one multi-row insert, and so do events; claims, transitions and the rest run one
+//! statement each. `BEGIN IMMEDIATE` takes the write lock up front, so a transaction never fails
+//! on lock upgrade when another process (the CLI, `sqlite3`) writes too.
+//!
+//! Failure handling: an operation that is refused for a reason of its own (unknown channel,
+//! channel busy) answers with that error and writes nothing. A database error aborts the group:
+//! it is rolled back and each operation is retried in a transaction of its own, so one bad
+//! operation never fails its neighbours.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use serde::Serialize;
+use sqlx::{Connection, SqliteConnection};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::*;
+
+/// Most operations applied in one transaction.
+const MAX_GROUP: usize = 1024;
+/// Most rows in one multi-row insert statement.
+const MAX_ROWS_PER_INSERT: usize = 2048;
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+pub(super) enum Op {
+    Flush(Reply<()>),
+    Enqueue {
+        job: NewJob,
+        now: Millis,
+        reply: Reply<Enqueued>,
+    },
+    EnqueueMany {
+        jobs: Vec<NewJob>,
+        now: Millis,
+        reply: Reply<Vec<Enqueued>>,
+    },
+    Events {
+        events: Vec<NewEvent>,
+    },
+    ChannelInsert {
+        ch: NewChannel,
+        now: Millis,
+        reply: Reply<Channel>,
+    },
+    ChannelDelete {
+        name: String,
+        reply: Reply<()>,
+    },
+    ChannelSetSession {
+        channel_id: i64,
+        session: Option<String>,
+        reply: Reply<()>,
+    },
+    Claim {
+        owner: String,
+        limit: i64,
+        now: Millis,
+        lease_until: Millis,
+        reply: Reply<Vec<Job>>,
+    },
+    Heartbeat {
+        owner: String,
+        lease_until: Millis,
+        reply: Reply<Vec<(String, i64, bool)>>,
+    },
+    Complete {
+        lease: Lease,
+        stop_reason: Option<String>,
+        now: Millis,
+        reply: Reply<bool>,
+    },
+    Fail {
+        lease: Lease,
+        error: String,
+        retry_at: Option<Millis>,
+        now: Millis,
+        reply: Reply<Option<JobState>>,
+    },
+    CancelRunning {
+        lease: Lease,
+        reason: String,
+        now: Millis,
+        reply: Reply<bool>,
+    },
+    Release {
+        lease: Lease,
+        now: Millis,
+        reply: Reply<bool>,
+    },
+    Cancel {
+        job_id: String,
+        now: Millis,
+        reply: Reply<CancelOutcome>,
+    },
+    Rescue {
+        now: Millis,
+        reply: Reply<Vec<Rescued>>,
+    },
+    Clean {
+        before: Millis,
+        limit: i64,
+        reply: Reply<u64>,
+    },
+}
+
+/// What an operation produced, held until the commit.
+enum Out {
+    Unit,
+    Enqueued(Vec<Enqueued>),
+    Channel(Box<Channel>),
+    Jobs(Vec<Job>),
+    Beats(Vec<(String, i64, bool)>),
+    Bool(bool),
+    State(Option<JobState>),
+    Cancel(CancelOutcome),
+    Rescued(Vec<Rescued>),
+    Count(u64),
+}
+
+/// The logical result of one operation; a `sqlx::Error` around it aborts the group.
+type Applied = Result<Out>;
+
+impl Op {
+    /// True when committing this operation can make a job claimable.
+    fn wakes_workers(&self) -> bool {
+        !matches!(
+            self,
+            Op::Flush(_) | Op::Events { .. } | Op::Heartbeat { .. } | Op::Claim { .. }
+        )
+    }
+
+    fn is_enqueue(&self) -> bool {
+        matches!(self, Op::Enqueue { .. } | Op::EnqueueMany { .. })
+    }
+
+    fn finish(self, res: Applied) {
+        fn send<T>(reply: Reply<T>, res: Applied, pick: impl FnOnce(Out) -> Option<T>) {
+            let v = res.and_then(|o| {
+                pick(o)
+                    .ok_or_else(|| StoreError::Invalid("internal: mismatched writer output".into()))
+            });
+            let _ = reply.send(v);
+        }
+        match self {
+            Op::Events { .. } => {
+                if let Err(e) = res {
+                    tracing::error!(error = %e, "job events could not be written");
+                }
+            }
+            Op::Flush(r)
+            | Op::ChannelDelete { reply: r, .. }
+            | Op::ChannelSetSession { reply: r, .. } => {
+                send(r, res, |o| matches!(o, Out::Unit).then_some(()))
+            }
+            Op::Enqueue { reply, .. } => send(reply, res, |o| match o {
+                Out::Enqueued(mut v) if v.len() == 1 => v.pop(),
+                _ => None,
+            }),
+            Op::EnqueueMany { reply, .. } => send(reply, res, |o| match o {
+                Out::Enqueued(v) => Some(v),
+                _ => None,
+            }),
+            Op::ChannelInsert { reply, .. } => send(reply, res, |o| match o {
+                Out::Channel(c) => Some(*c),
+                _ => None,
+            }),
+            Op::Claim { reply, .. } => send(reply, res, |o| match o {
+                Out::Jobs(v) => Some(v),
+                _ => None,
+            }),
+            Op::Heartbeat { reply, .. } => send(reply, res, |o| match o {
+                Out::Beats(v) => Some(v),
+                _ => None,
+            }),
+            Op::Complete { reply, .. }
+            | Op::CancelRunning { reply, .. }
+            | Op::Release { reply, .. } => send(reply, res, |o| match o {
+                Out::Bool(b) => Some(b),
+                _ => None,
+            }),
+            Op::Fail { reply, .. } => send(reply, res, |o| match o {
+                Out::State(s) => Some(s),
+                _ => None,
+            }),
+            Op::Cancel { reply, .. } => send(reply, res, |o| match o {
+                Out::Cancel(c) => Some(c),
+                _ => None,
+            }),
+            Op::Rescue { reply, .. } => send(reply, res, |o| match o {
+                Out::Rescued(v) => Some(v),
+                _ => None,
+            }),
+            Op::Clean { reply, .. } => send(reply, res, |o| match o {
+                Out::Count(n) => Some(n),
+                _ => None,
+            }),
+        }
+    }
+}
+
+pub(super) async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Op>, wake: Arc<Notify>) {
+    let mut group: Vec<Op> = Vec::with_capacity(MAX_GROUP);
+    while rx.recv_many(&mut group, MAX_GROUP).await > 0 {
+        let wakes = group.iter().any(Op::wakes_workers);
+        let ops = std::mem::take(&mut group);
+        match apply_in_tx(&mut conn, &ops).await {
+            Ok(outs) => {
+                for (op, out) in ops.into_iter().zip(outs) {
+                    op.finish(out);
+                }
+            }
+            Err(e) => {
+                if ops.len() > 1 {
+                    tracing::warn!(error = %e, ops = ops.len(), "write group failed; retrying its operations one by one");
+                }
+                for op in ops {
+                    let one = std::slice::from_ref(&op);
+                    let res = match apply_in_tx(&mut conn, one).await {
+                        Ok(mut outs) => outs.pop().unwrap_or(Ok(Out::Unit)),
+                        Err(e) => Err(StoreError::Db(e)),
+                    };
+                    op.finish(res);
+                }
+            }
+        }
+        if wakes {
+            wake.notify_one();
+        }
+    }
+    let _ = conn.close().await;
+}
+
+/// Applies `ops` in one transaction and commits; returns each operation's result.
+async fn apply_in_tx(conn: &mut SqliteConnection, ops: &[Op]) -> Result<Vec<Applied>, sqlx::Error> {
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    let outs = apply_group(&mut tx, ops).await?;
+    tx.commit().await?;
+    Ok(outs)
+}
+
+async fn apply_group(conn: &mut SqliteConnection, ops: &[Op]) -> Result<Vec<Applied>, sqlx::Error> {
+    let mut outs: Vec<Option<Applied>> = (0..ops.len()).map(|_| None).collect();
+
+    // 1. Every enqueue of the group as one multi-row insert.
+    if ops.iter().any(Op::is_enqueue) {
+        let mut rows = Vec::new();
+        let mut spans = Vec::new(); // (op index, first row, row count)
+        for (i, op) in ops.iter().enumerate() {
+            match op {
+                Op::Enqueue { job, now, .. } => {
+                    spans.push((i, rows.len(), 1));
+                    rows.push(JobRow::new(job, *now));
+                }
+                Op::EnqueueMany { jobs, now, .. } => {
+                    spans.push((i, rows.len(), jobs.len()));
+                    rows.extend(jobs.iter().map(|j| JobRow::new(j, *now)));
+                }
+                _ => {}
+            }
+        }
+        let results = insert_jobs(conn, &rows).await?;
+        for (i, first, n) in spans {
+            outs[i] = Some(Ok(Out::Enqueued(results[first..first + n].to_vec())));
+        }
+    }
+
+    // 2. Every event of the group, in order, as multi-row inserts.
+    let events: Vec<&NewEvent> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Events { events } => Some(events.iter()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    if !events.is_empty() {
+        insert_events(conn, &events).await?;
+        for (i, op) in ops.iter().enumerate() {
+            if matches!(op, Op::Events { .. }) {
+                outs[i] = Some(Ok(Out::Unit));
+            }
+        }
+    }
+
+    // 3. The rest, in arrival order.
+    for (i, op) in ops.iter().enumerate() {
+        if outs[i].is_none() {
+            outs[i] = Some(apply_one(conn, op).await?);
+        }
+    }
+    Ok(outs
+        .into_iter()
+        .map(|o| o.unwrap_or(Ok(Out::Unit)))
+        .collect())
+}
+
+async fn apply_one(conn: &mut SqliteConnection, op: &Op) -> Result<Applied, sqlx::Error> {
+    Ok(match op {
+        Op::Flush(_) | Op::Events { .. } | Op::Enqueue { .. } | Op::EnqueueMany { .. } => {
+            Ok(Out::Unit)
+        }
+        Op::ChannelInsert { ch, now, .. } => channel_insert(conn, ch, *now).await?,
+        Op::ChannelDelete { name, .. } => channel_delete(conn, name).await?,
+        Op::ChannelSetSession {
+            channel_id,
+            session,
+            ..
+        } => {
+            sqlx::query!(
+                "UPDATE channels SET acp_session_id = ?2 WHERE id = ?1",
+                channel_id,
+                session
+            )
+            .execute(&mut *conn)
+            .await?;
+            Ok(Out::Unit)
+        }
+        Op::Claim {
+            owner,
+            limit,
+            now,
+            lease_until,
+            ..
+        } => Ok(Out::Jobs(
+            claim(conn, owner, *limit, *now, *lease_until).await?,
+        )),
+        Op::Heartbeat {
+            owner, lease_until, ..
+        } => {
+            let rows = sqlx::query!(
+                r#"UPDATE jobs SET lease_expires_at = ?2
+                   WHERE state = 'running' AND lease_owner = ?1
+                   RETURNING id AS "id!", attempt, cancel_requested AS "cancel_requested: bool""#,
+                owner,
+                lease_until
+            )
+            .fetch_all(&mut *conn)
+            .await?;
+            Ok(Out::Beats(
+                rows.into_iter()
+                    .map(|r| (r.id, r.attempt, r.cancel_requested))
+                    .collect(),
+            ))
+        }
+        Op::Complete {
+            lease,
+            stop_reason,
+            now,
+            ..
+        } => {
+            let r = sqlx::query!(
+                r#"UPDATE jobs
+                   SET state = 'succeeded', stop_reason = ?4, finished_at = ?5,
+                       lease_owner = NULL, lease_expires_at = NULL
+                   WHERE id = ?1 AND state = 'running' AND attempt = ?2 AND lease_owner = ?3"#,
+                lease.job_id,
+                lease.attempt,
+                lease.owner,
+                stop_reason,
+                now
+            )
+            .execute(&mut *conn)
+            .await?;
+            Ok(Out::Bool(r.rows_affected() == 1))
+        }
+        Op::Fail {
+            lease,
+            error,
+            retry_at,
+            now,
+            ..
+        } => {
+            let state = sqlx::query_scalar!(
+                r#"UPDATE jobs
+                   SET state = CASE WHEN ?5 IS NOT NULL AND attempt < max_attempts
+                                    THEN 'queued' ELSE 'failed' END,
+                       run_at = CASE WHEN ?5 IS NOT NULL AND attempt < max_attempts
+                                     THEN ?5 ELSE run_at END,
+                       finished_at = CASE WHEN ?5 IS NOT NULL AND attempt < max_attempts
+                                          THEN NULL ELSE ?6 END,
+                       stop_reason = NULL,
+                       error = ?4, lease_owner = NULL, lease_expires_at = NULL
+                   WHERE id = ?1 AND state = 'running' AND attempt = ?2 AND lease_owner = ?3
+                   RETURNING state AS "state!: JobState""#,
+                lease.job_id,
+                lease.attempt,
+                lease.owner,
+                error,
+                retry_at,
+                now
+            )
+            .fetch_optional(&mut *conn)
+            .await?;
+            Ok(Out::State(state))
+        }
+        Op::CancelRunning {
+            lease, reason, now, ..
+        } => {
+            let r = sqlx::query!(
+                r#"UPDATE jobs
+                   SET state = 'cancelled', stop_reason = 'cancelled', error = ?4, finished_at = ?5,
+                       lease_owner = NULL, lease_expires_at = NULL
+                   WHERE id = ?1 AND state = 'running' AND attempt = ?2 AND lease_owner = ?3"#,
+                lease.job_id,
+                lease.attempt,
+                lease.owner,
+                reason,
+                now
+            )
+            .execute(&mut *conn)
+            .await?;
+            Ok(Out::Bool(r.rows_affected() == 1))
+        }
+        Op::Release { lease, now, .. } => {
+            // The attempt is given back: a job interrupted by shutdown did not fail.
+            let r = sqlx::query!(
+                r#"UPDATE jobs
+                   SET state = 'queued', attempt = attempt - 1, run_at = ?4,
+                       lease_owner = NULL, lease_expires_at = NULL
+                   WHERE id = ?1 AND state = 'running' AND attempt = ?2 AND lease_owner = ?3"#,
+                lease.job_id,
+                lease.attempt,
+                lease.owner,
+                now
+            )
+            .execute(&mut *conn)
+            .await?;
+            Ok(Out::Bool(r.rows_affected() == 1))
+        }
+        Op::Cancel { job_id, now, .. } => cancel(conn, job_id, *now).await?,
+        Op::Rescue { now, .. } => Ok(Out::Rescued(rescue(conn, *now).await?)),
+        Op::Clean { before, limit, .. } => {
+            let r = sqlx::query!(
+                r#"DELETE FROM jobs WHERE id IN (
+                     SELECT id FROM jobs
+                     WHERE finished_at IS NOT NULL AND finished_at < ?1
+                       AND state IN ('succeeded', 'failed', 'cancelled')
+                     LIMIT ?2)"#,
+                before,
+                limit
+            )
+            .execute(&mut *conn)
+            .await?;
+            Ok(Out::Count(r.rows_affected()))
+        }
+    })
+}
+
+/// One job as the multi-row insert reads it from JSON.
+#[derive(Serialize)]
+struct JobRow<'a> {
+    id: String,
+    channel_id: i64,
+    source: &'a str,
+    prompt: &'a str,
+    priority: i64,
+    max_attempts: i64,
+    run_at: Millis,
+    idempotency_key: Option<&'a str>,
+    reply_target: Option<&'a str>,
+    created_at: Millis,
+}
+
+impl<'a> JobRow<'a> {
+    fn new(j: &'a NewJob, now: Millis) -> Self {
+        JobRow {
+            id: uuid::Uuid::now_v7().to_string(),
+            channel_id: j.channel_id,
+            source: j.source.as_str(),
+            prompt: &j.prompt,
+            priority: j.priority,
+            max_attempts: j.max_attempts,
+            run_at: j.run_at.unwrap_or(now),
+            idempotency_key: j.idempotency_key.as_deref(),
+            reply_target: j.reply_target.as_deref(),
+            created_at: now,
+        }
+    }
+}
+
+async fn insert_jobs(
+    conn: &mut SqliteConnection,
+    rows: &[JobRow<'_>],
+) -> Result<Vec<Enqueued>, sqlx::Error> {
+    let mut inserted = HashSet::with_capacity(rows.len());
+    for chunk in rows.chunks(MAX_ROWS_PER_INSERT) {
+        let json = serde_json::to_string(chunk).expect("job rows serialise");
+        let ids = sqlx::query_scalar!(
+            r#"INSERT INTO jobs (id, channel_id, source, prompt, priority, max_attempts, run_at,
+                                 idempotency_key, reply_target, created_at)
+               SELECT value ->> 'id', value ->> 'channel_id', value ->> 'source', value ->> 'prompt',
+                      value ->> 'priority', value ->> 'max_attempts', value ->> 'run_at',
+                      value ->> 'idempotency_key', value ->> 'reply_target', value ->> 'created_at'
+               FROM json_each(?1) WHERE true
+               ON CONFLICT (source, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+               RETURNING id AS "id!""#,
+            json
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        inserted.extend(ids);
+    }
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        if inserted.contains(&row.id) {
+            out.push(Enqueued {
+                job_id: row.id.clone(),
+                created: true,
+            });
+            continue;
+        }
+        // Not inserted: the idempotency key already names a job (possibly from this group).
+        let existing = sqlx::query_scalar!(
+            r#"SELECT id AS "id!" FROM jobs WHERE source = ?1 AND idempotency_key = ?2"#,
+            row.source,
+            row.idempotency_key
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        out.push(Enqueued {
+            job_id: existing,
+            created: false,
+        });
+    }
+    Ok(out)
+}
+
+/// One event as the multi-row insert reads it from JSON.
+#[derive(Serialize)]
+struct EventRow<'a> {
+    job_id: &'a str,
+    attempt: i64,
+    kind: &'a str,
+    text: Option<&'a str>,
+    data: Option<String>,
+    at: Millis,
+}
+
+pub(super) async fn insert_events(
+    conn: &mut SqliteConnection,
+    events: &[&NewEvent],
+) -> Result<(), sqlx::Error> {
+    for chunk in events.chunks(MAX_ROWS_PER_INSERT) {
+        let rows: Vec<EventRow> = chunk
+            .iter()
+            .map(|e| EventRow {
+                job_id: &e.job_id,
+                attempt: e.attempt,
+                kind: &e.kind,
+                text: e.text.as_deref(),
+                data: e.data.as_ref().map(|d| d.to_string()),
+                at: e.at,
+            })
+            .collect();
+        let json = serde_json::to_string(&rows).expect("event rows serialise");
+        sqlx::query!(
+            r#"INSERT INTO job_events (job_id, attempt, kind, text, data, at)
+               SELECT value ->> 'job_id', value ->> 'attempt', value ->> 'kind', value ->> 'text',
+                      value ->> 'data', value ->> 'at'
+               FROM json_each(?1)"#,
+            json
+        )
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn claim(
+    conn: &mut SqliteConnection,
+    owner: &str,
+    limit: i64,
+    now: Millis,
+    lease_until: Millis,
+) -> Result<Vec<Job>, sqlx::Error> {
+    sqlx::query_as!(
+        Job,
+        r#"UPDATE jobs
+           SET state = 'running', attempt = attempt + 1, lease_owner = ?1, lease_expires_at = ?2,
+               started_at = ?3, cancel_requested = 0, stop_reason = NULL
+           WHERE id IN (
+               SELECT id FROM (
+                   SELECT q.id, q.priority, q.run_at, q.created_at,
+                          row_number() OVER (PARTITION BY q.channel_id
+                                             ORDER BY q.priority DESC, q.run_at, q.created_at, q.id) AS rn
+                   FROM jobs q
+                   WHERE q.state = 'queued' AND q.run_at <= ?3
+                     AND NOT EXISTS (SELECT 1 FROM jobs r
+                                     WHERE r.channel_id = q.channel_id AND r.state = 'running'))
+               WHERE rn = 1
+               ORDER BY priority DESC, run_at, created_at, id
+               LIMIT ?4)
+           RETURNING id AS "id!", channel_id,
+                     (SELECT c.name FROM channels c WHERE c.id = jobs.channel_id) AS "channel!: String",
+                     source AS "source: Source", prompt, state AS "state: JobState",
+                     priority, attempt, max_attempts, run_at, lease_owner,
+                     lease_expires_at, cancel_requested AS "cancel_requested: bool",
+                     idempotency_key, reply_target, stop_reason, error, created_at,
+                     started_at, finished_at"#,
+        owner,
+        lease_until,
+        now,
+        limit
+    )
+    .fetch_all(&mut *conn)
+    .await
+}
+
+async fn channel_insert(
+    conn: &mut SqliteConnection,
+    ch: &NewChannel,
+    now: Millis,
+) -> Result<Applied, sqlx::Error> {
+    let webhook_id = uuid::Uuid::new_v4().simple().to_string();
+    let args = ch
+        .agent_args
+        .as_ref()
+        .map(|a| serde_json::to_string(a).expect("strings serialise"));
+    let policy = ch
+        .permission_policy
+        .clone()
+        .unwrap_or_else(|| "allow".into());
+    let c = sqlx::query_as!(
+        Channel,
+        r#"INSERT INTO channels (name, webhook_id, agent_binary, agent_args, permission_policy,
+                                 matrix_room_id, created_at)
+           VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+           RETURNING id AS "id!", name, webhook_id, agent_binary, agent_args, permission_policy,
+                     matrix_room_id, acp_session_id, created_at"#,
+        ch.name,
+        webhook_id,
+        ch.agent_binary,
+        args,
+        policy,
+        ch.matrix_room_id,
+        now
+    )
+    .fetch_one(&mut *conn)
+    .await;
+    match c {
+        Ok(c) => Ok(Ok(Out::Channel(Box::new(c)))),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            Ok(Err(StoreError::ChannelExists(ch.name.clone())))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn channel_delete(conn: &mut SqliteConnection, name: &str) -> Result<Applied, sqlx::Error> {
+    let busy = sqlx::query_scalar!(
+        r#"SELECT EXISTS(SELECT 1 FROM jobs j JOIN channels c ON c.id = j.channel_id
+                         WHERE c.name = ?1 AND j.state = 'running') AS "busy!: bool""#,
+        name
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if busy {
+        return Ok(Err(StoreError::ChannelBusy(name.to_string())));
+    }
+    let r = sqlx::query!("DELETE FROM channels WHERE name = ?1", name)
+        .execute(&mut *conn)
+        .await?;
+    Ok(if r.rows_affected() == 0 {
+        Err(StoreError::UnknownChannel(name.to_string()))
+    } else {
+        Ok(Out::Unit)
+    })
+}
+
+async fn cancel(
+    conn: &mut SqliteConnection,
+    job_id: &str,
+    now: Millis,
+) -> Result<Applied, sqlx::Error> {
+    let Some(row) = sqlx::query!(
+        r#"SELECT state AS "state: JobState", attempt FROM jobs WHERE id = ?1"#,
+        job_id
+    )
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(Err(StoreError::JobNotFound(job_id.to_string())));
+    };
+    let (outcome, kind, text) = match row.state {
+        JobState::Queued => {
+            sqlx::query!(
+                r#"UPDATE jobs SET state = 'cancelled', stop_reason = 'cancelled', finished_at = ?2
+                   WHERE id = ?1 AND state = 'queued'"#,
+                job_id,
+                now
+            )
+            .execute(&mut *conn)
+            .await?;
+            (
+                CancelOutcome::Cancelled,
+                "cancelled",
+                "cancelled before it started",
+            )
+        }
+        JobState::Running => {
+            sqlx::query!(
+                "UPDATE jobs SET cancel_requested = 1 WHERE id = ?1 AND state = 'running'",
+                job_id
+            )
+            .execute(&mut *conn)
+            .await?;
+            (
+                CancelOutcome::Requested,
+                "cancel_requested",
+                "cancel requested; the worker stops the agent",
+            )
+        }
+        done => return Ok(Ok(Out::Cancel(CancelOutcome::AlreadyFinished(done)))),
+    };
+    let ev = NewEvent {
+        job_id: job_id.to_string(),
+        attempt: row.attempt,
+        kind: kind.into(),
+        text: Some(text.into()),
+        data: None,
+        at: now,
+    };
+    insert_events(conn, &[&ev]).await?;
+    Ok(Ok(Out::Cancel(outcome)))
+}
+
+async fn rescue(conn: &mut SqliteConnection, now: Millis) -> Result<Vec<Rescued>, sqlx::Error> {
+    let rows = sqlx::query!(
+        r#"UPDATE jobs
+           SET state = CASE WHEN cancel_requested THEN 'cancelled'
+                            WHEN attempt >= max_attempts THEN 'failed'
+                            ELSE 'queued' END,
+               finished_at = CASE WHEN cancel_requested OR attempt >= max_attempts
+                                  THEN ?1 ELSE NULL END,
+               stop_reason = CASE WHEN cancel_requested THEN 'cancelled' ELSE NULL END,
+               error = 'lease expired: worker ' || lease_owner || ' stopped renewing it',
+               run_at = ?1, lease_owner = NULL, lease_expires_at = NULL
+           WHERE state = 'running' AND lease_expires_at < ?1
+           RETURNING id AS "id!", attempt, max_attempts, state AS "state: JobState", error AS "error!: String""#,
+        now
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let events: Vec<NewEvent> = rows
+        .iter()
+        .map(|r| NewEvent {
+            job_id: r.id.clone(),
+            attempt: r.attempt,
+            kind: "rescued".into(),
+            text: Some(match r.state {
+                JobState::Queued => format!(
+                    "{}; attempt {} of {} will be re-run",
+                    r.error, r.attempt, r.max_attempts
+                ),
+                JobState::Cancelled => format!("{}; cancel was pending, job cancelled", r.error),
+                _ => format!(
+                    "{}; attempts spent ({} of {}), job failed",
+                    r.error, r.attempt, r.max_attempts
+                ),
+            }),
+            data: Some(serde_json::json!({ "state": r.state })),
+            at: now,
+        })
+        .collect();
+    insert_events(conn, &events.iter().collect::<Vec<_>>()).await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Rescued {
+            job_id: r.id,
+            attempt: r.attempt,
+            state: r.state,
+        })
+        .collect())
+}

@@ -1,0 +1,419 @@
+//! The worker pool: claims jobs into `concurrency` slots and runs them through an executor.
+//!
+//! - The dispatcher claims up to the number of idle slots in one statement. It wakes at once
+//!   when this process commits anything that can make a job claimable (an enqueue, a finished
+//!   job), and every `poll_interval` to find rows other processes inserted (the CLI,
+//!   `sqlite3`), sooner when a retry is due.
+//! - One heartbeat renews the leases of all of this process's running jobs and picks up cancel
+//!   requests made by other processes; a job whose lease was taken over is told to stop.
+//! - Shutdown: claiming stops at once; running jobs get `shutdown_grace` to finish; then they
+//!   are stopped and released back to `queued` without counting the attempt.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::WorkerConfig;
+use crate::executor::{Executor, JobContext, Outcome, StopCause};
+use crate::store::{now_ms, Job, JobState, Lease, Millis, NewEvent, Store};
+
+/// How long stopped jobs get to wind down after the grace period before the pool gives up.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+/// Pause after a failed claim before trying again.
+const CLAIM_ERROR_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Pool settings, usually from `[worker]`.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub concurrency: usize,
+    pub lease: Duration,
+    pub heartbeat: Duration,
+    pub poll_interval: Duration,
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    pub shutdown_grace: Duration,
+}
+
+impl From<&WorkerConfig> for PoolConfig {
+    fn from(w: &WorkerConfig) -> Self {
+        PoolConfig {
+            concurrency: w.concurrency as usize,
+            lease: Duration::from_secs(w.lease_secs),
+            heartbeat: Duration::from_secs(w.heartbeat_secs),
+            poll_interval: Duration::from_millis(w.poll_interval_ms),
+            retry_base: Duration::from_secs(w.retry_base_secs),
+            retry_max: Duration::from_secs(w.retry_max_secs),
+            shutdown_grace: Duration::from_secs(w.shutdown_grace_secs),
+        }
+    }
+}
+
+/// The delay before retry number `attempt` (1-based): `base * 2^(attempt-1)`, capped at `max`,
+/// with ±20% jitter so retries of many jobs spread out.
+pub fn retry_delay(base: Duration, max: Duration, attempt: i64, rng: &mut impl Rng) -> Duration {
+    let exp = attempt.clamp(1, 32) as u32 - 1;
+    let raw = base.saturating_mul(2u32.saturating_pow(exp)).min(max);
+    raw.mul_f64(rng.random_range(0.8..=1.2))
+}
+
+/// Running jobs of this pool, by job id.
+type Running = Arc<Mutex<HashMap<String, JobContext>>>;
+
+/// A handle to signal a running pool.
+#[derive(Clone)]
+pub struct PoolHandle {
+    running: Running,
+    owner: String,
+}
+
+impl PoolHandle {
+    /// Tells a job this pool is running to stop because a user cancelled it. Returns false
+    /// when the job is not running here (the heartbeat picks up cancels made elsewhere).
+    pub fn cancel_local(&self, job_id: &str) -> bool {
+        match self.running.lock().expect("running lock").get(job_id) {
+            Some(ctx) => {
+                ctx.stop(StopCause::UserCancel);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Ids of the jobs this pool is running.
+    pub fn running_jobs(&self) -> Vec<String> {
+        self.running
+            .lock()
+            .expect("running lock")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// This pool's lease owner id.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+}
+
+pub struct WorkerPool {
+    store: Store,
+    executor: Arc<dyn Executor>,
+    cfg: PoolConfig,
+    owner: String,
+    running: Running,
+}
+
+impl WorkerPool {
+    /// `owner` identifies this process in lease columns; it must be unique per process start.
+    pub fn new(store: Store, executor: Arc<dyn Executor>, cfg: PoolConfig, owner: String) -> Self {
+        WorkerPool {
+            store,
+            executor,
+            cfg,
+            owner,
+            running: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    pub fn handle(&self) -> PoolHandle {
+        PoolHandle {
+            running: self.running.clone(),
+            owner: self.owner.clone(),
+        }
+    }
+
+    /// Runs until `shutdown` fires, then drains as described in the module docs.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let slots = Arc::new(Semaphore::new(self.cfg.concurrency));
+        let tracker = TaskTracker::new();
+        let beat_stop = CancellationToken::new();
+        let beat = tokio::spawn(heartbeat_loop(
+            self.store.clone(),
+            self.owner.clone(),
+            self.cfg.clone(),
+            self.running.clone(),
+            beat_stop.clone(),
+        ));
+        let wake = self.store.jobs_changed();
+        tracing::info!(owner = %self.owner, slots = self.cfg.concurrency, "worker pool started");
+
+        let mut check_first = true; // a timer wake reads before it writes
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let idle = slots.available_permits();
+            let mut next_due: Option<Millis> = None;
+            if idle > 0 {
+                let now = now_ms();
+                let mut due = true;
+                if check_first {
+                    match self.store.job_next_due(now).await {
+                        Ok((d, next)) => {
+                            due = d;
+                            next_due = next;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot read the queue"),
+                    }
+                }
+                if due {
+                    match self
+                        .store
+                        .job_claim_many(
+                            &self.owner,
+                            idle as i64,
+                            now,
+                            self.cfg.lease.as_millis() as i64,
+                        )
+                        .await
+                    {
+                        Ok(jobs) => {
+                            for job in jobs {
+                                let permit = slots.clone().try_acquire_owned().expect("idle slot");
+                                let ctx = JobContext::new(job, self.store.clone());
+                                self.running
+                                    .lock()
+                                    .expect("running lock")
+                                    .insert(ctx.job.id.clone(), ctx.clone());
+                                let run = run_job(
+                                    ctx,
+                                    self.store.clone(),
+                                    self.executor.clone(),
+                                    self.cfg.clone(),
+                                    self.running.clone(),
+                                );
+                                tracker.spawn(async move {
+                                    run.await;
+                                    drop(permit);
+                                });
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "claim failed");
+                            tokio::time::sleep(CLAIM_ERROR_BACKOFF).await;
+                        }
+                    }
+                }
+            }
+            let mut wait = self.cfg.poll_interval;
+            if let Some(at) = next_due {
+                let until = Duration::from_millis((at - now_ms()).max(0) as u64);
+                wait = wait.min(until);
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = wake.notified() => check_first = false,
+                _ = tokio::time::sleep(wait) => check_first = true,
+            }
+        }
+
+        // Drain: no more claims; let running jobs finish within the grace period.
+        tracker.close();
+        let n = self.running.lock().expect("running lock").len();
+        if n > 0 {
+            tracing::info!(running = n, grace = ?self.cfg.shutdown_grace, "waiting for running jobs");
+        }
+        if tokio::time::timeout(self.cfg.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            let left: Vec<JobContext> = self
+                .running
+                .lock()
+                .expect("running lock")
+                .values()
+                .cloned()
+                .collect();
+            tracing::warn!(
+                jobs = left.len(),
+                "grace period over; releasing running jobs"
+            );
+            for ctx in left {
+                ctx.stop(StopCause::Shutdown);
+            }
+            if tokio::time::timeout(STOP_WAIT, tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::error!("jobs did not stop; their leases will expire and be rescued");
+            }
+        }
+        beat_stop.cancel();
+        let _ = beat.await;
+        let _ = self.store.flush().await;
+        tracing::info!(owner = %self.owner, "worker pool stopped");
+    }
+}
+
+async fn run_job(
+    ctx: JobContext,
+    store: Store,
+    executor: Arc<dyn Executor>,
+    cfg: PoolConfig,
+    running: Running,
+) {
+    let job: Job = ctx.job.clone();
+    let Some(lease) = job.lease() else {
+        tracing::error!(job = %job.id, "claimed job has no lease owner");
+        return;
+    };
+    let rerun = if job.attempt > 1 {
+        format!(" (re-run: attempt {} of {})", job.attempt, job.max_attempts)
+    } else {
+        String::new()
+    };
+    ctx.emit(
+        "started",
+        Some(format!("started by {}{}", lease.owner, rerun)),
+        Some(serde_json::json!({ "owner": lease.owner, "attempt": job.attempt })),
+    )
+    .await;
+
+    // The executor runs in its own task so a panic fails the attempt instead of the worker.
+    let exec_ctx = ctx.clone();
+    let outcome = match tokio::spawn(executor.run(exec_ctx)).await {
+        Ok(o) => o,
+        Err(e) => Outcome::Failed {
+            error: format!("executor panicked: {e}"),
+            retryable: true,
+        },
+    };
+    running.lock().expect("running lock").remove(&job.id);
+    finish(&ctx, &store, &cfg, &lease, outcome).await;
+}
+
+async fn finish(
+    ctx: &JobContext,
+    store: &Store,
+    cfg: &PoolConfig,
+    lease: &Lease,
+    outcome: Outcome,
+) {
+    let job = &ctx.job;
+    let cause = ctx.stop_cause();
+    let now = now_ms();
+    let released = || async {
+        let ok = store.job_release_if_running(lease, now).await;
+        if matches!(ok, Ok(true)) {
+            append(
+                store,
+                job,
+                "released",
+                "gorp shut down before the job finished; it runs again after restart",
+            )
+            .await;
+        }
+        ok
+    };
+    let result = match (outcome, cause) {
+        (Outcome::Succeeded { stop_reason }, _) => {
+            store.job_complete_if_running(lease, stop_reason, now).await
+        }
+        (_, Some(StopCause::Shutdown)) => released().await,
+        (_, Some(StopCause::LeaseLost)) => Ok(false),
+        (Outcome::Cancelled { reason }, _) => store.job_cancel_if_running(lease, reason, now).await,
+        (Outcome::Failed { error, retryable }, _) => {
+            let delay = retry_delay(cfg.retry_base, cfg.retry_max, job.attempt, &mut rand::rng());
+            let retry_at = retryable.then(|| now + delay.as_millis() as i64);
+            ctx.emit("error", Some(error.clone()), None).await;
+            match store.job_fail_if_running(lease, error, retry_at, now).await {
+                Ok(Some(JobState::Queued)) => {
+                    let at = retry_at.unwrap_or(now);
+                    append(
+                        store,
+                        job,
+                        "retry_scheduled",
+                        &format!(
+                            "attempt {} of {} failed; retry in {:.1}s",
+                            job.attempt,
+                            job.max_attempts,
+                            (at - now) as f64 / 1000.0
+                        ),
+                    )
+                    .await;
+                    Ok(true)
+                }
+                Ok(s) => Ok(s.is_some()),
+                Err(e) => Err(e),
+            }
+        }
+    };
+    match result {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(job = %job.id, attempt = job.attempt, "lease lost; another attempt owns the job")
+        }
+        Err(e) => {
+            tracing::error!(job = %job.id, error = %e, "cannot record job outcome; the rescuer will retry it")
+        }
+    }
+}
+
+async fn append(store: &Store, job: &Job, kind: &str, text: &str) {
+    let ev = NewEvent {
+        job_id: job.id.clone(),
+        attempt: job.attempt,
+        kind: kind.into(),
+        text: Some(text.into()),
+        data: None,
+        at: now_ms(),
+    };
+    let _ = store.job_events_append(vec![ev]).await;
+}
+
+async fn heartbeat_loop(
+    store: Store,
+    owner: String,
+    cfg: PoolConfig,
+    running: Running,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(cfg.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // Jobs registered before the heartbeat is sent were claimed before it commits, so a job
+        // of this snapshot that was not renewed has been taken over by another worker.
+        let before: Vec<(String, i64)> = running
+            .lock()
+            .expect("running lock")
+            .values()
+            .map(|c| (c.job.id.clone(), c.job.attempt))
+            .collect();
+        let renewed = match store
+            .job_heartbeat(&owner, now_ms(), cfg.lease.as_millis() as i64)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed");
+                continue;
+            }
+        };
+        let map = running.lock().expect("running lock");
+        for (id, attempt) in before {
+            let Some(ctx) = map.get(&id).filter(|c| c.job.attempt == attempt) else {
+                continue; // finished meanwhile
+            };
+            match renewed
+                .iter()
+                .find(|(rid, a, _)| *rid == id && *a == attempt)
+            {
+                Some((_, _, true)) => ctx.stop(StopCause::UserCancel),
+                Some(_) => {}
+                None => {
+                    tracing::warn!(job = %id, attempt, "lease taken over; stopping this attempt");
+                    ctx.stop(StopCause::LeaseLost)
+                }
+            }
+        }
+    }
+}

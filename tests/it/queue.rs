@@ -1,0 +1,811 @@
+//! The queue engine at the store level: state machine, fencing, rescue, retention,
+//! idempotency, cancel, and "bad input writes nothing". Time is passed in, never slept.
+
+use std::time::Duration;
+
+use gorp::store::{CancelOutcome, JobFilter, JobState, NewEvent, NewJob, Source, StoreError};
+use gorp::worker::retry_delay;
+use rand::SeedableRng;
+
+use crate::support::setup;
+
+const T0: i64 = 1_700_000_000_000;
+const LEASE: i64 = 30_000;
+
+fn job(channel_id: i64, prompt: &str) -> NewJob {
+    NewJob::new(channel_id, Source::Cli, prompt)
+}
+
+#[tokio::test]
+async fn job_runs_queued_to_running_to_succeeded() {
+    let s = setup().await;
+    let ch = s.channel("alpha").await;
+    let e = s.store.job_insert(job(ch.id, "hello"), T0).await.unwrap();
+    assert!(e.created);
+    let j = s.store.job_get(&e.job_id).await.unwrap().unwrap();
+    assert_eq!(
+        (j.state, j.attempt, j.channel.as_str()),
+        (JobState::Queued, 0, "alpha")
+    );
+
+    let claimed = s.store.job_claim_many("w1", 10, T0, LEASE).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    let c = &claimed[0];
+    assert_eq!((c.state, c.attempt), (JobState::Running, 1));
+    assert_eq!(c.lease_owner.as_deref(), Some("w1"));
+    assert_eq!(c.lease_expires_at, Some(T0 + LEASE));
+    assert_eq!(c.started_at, Some(T0));
+
+    let lease = c.lease().unwrap();
+    assert!(s
+        .store
+        .job_complete_if_running(&lease, Some("end_turn".into()), T0 + 5)
+        .await
+        .unwrap());
+    let j = s.store.job_get(&e.job_id).await.unwrap().unwrap();
+    assert_eq!(j.state, JobState::Succeeded);
+    assert_eq!(j.stop_reason.as_deref(), Some("end_turn"));
+    assert_eq!(j.finished_at, Some(T0 + 5));
+    assert_eq!(j.lease_owner, None);
+    // A second completion of the same attempt is refused.
+    assert!(!s
+        .store
+        .job_complete_if_running(&lease, None, T0 + 6)
+        .await
+        .unwrap());
+}
+
+#[tokio::test]
+async fn failed_attempt_is_retried_with_backoff_then_fails_when_attempts_are_spent() {
+    let s = setup().await;
+    let ch = s.channel("alpha").await;
+    let mut nj = job(ch.id, "flaky");
+    nj.max_attempts = 2;
+    let id = s.store.job_insert(nj, T0).await.unwrap().job_id;
+
+    let a1 = s
+        .store
+        .job_claim_many("w", 1, T0, LEASE)
+        .await
+        .unwrap()
+        .remove(0);
+    let st = s
+        .store
+        .job_fail_if_running(
+            &a1.lease().unwrap(),
+            "boom 1".into(),
+            Some(T0 + 10_000),
+            T0 + 1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(st, Some(JobState::Queued));
+    let j = s.store.job_get(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (j.state, j.run_at, j.error.as_deref()),
+        (JobState::Queued, T0 + 10_000, Some("boom 1"))
+    );
+    // Not due before its run_at.
+    assert!(s
+        .store
+        .job_claim_many("w", 1, T0 + 9_999, LEASE)
+        .await
+        .unwrap()
+        .is_empty());
+
+    let a2 = s
+        .store
+        .job_claim_many("w", 1, T0 + 10_000, LEASE)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(a2.attempt, 2);
+    let st = s
+        .store
+        .job_fail_if_running(
+            &a2.lease().unwrap(),
+            "boom 2".into(),
+            Some(T0 + 99_000),
+            T0 + 10_001,
+        )
+        .await
+        .unwrap();
+    assert_eq!(st, Some(JobState::Failed), "attempts spent");
+    let j = s.store.job_get(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (j.state, j.attempt, j.error.as_deref()),
+        (JobState::Failed, 2, Some("boom 2"))
+    );
+    assert_eq!(j.finished_at, Some(T0 + 10_001));
+}
+
+#[tokio::test]
+async fn non_retryable_failure_fails_at_once() {
+    let s = setup().await;
+    let ch = s.channel("alpha").await;
+    let id = s
+        .store
+        .job_insert(job(ch.id, "x"), T0)
+        .await
+        .unwrap()
+        .job_id;
+    let a = s
+        .store
+        .job_claim_many("w", 1, T0, LEASE)
+        .await
+        .unwrap()
+        .remove(0);
+    let st = s
+        .store
+        .job_fail_if_running(&a.lease().unwrap(), "bad".into(), None, T0)
+        .await
+        .unwrap();
+    assert_eq!(st, Some(JobState::Failed));
+    assert_eq!(s.store.job_get(&id).await.unwrap().unwrap().attempt, 1);
+}
+
+#[tokio::test]
+async fn stale_worker_loses_to_the_newer_attempt() {
+    let s = setup().await;
+    let ch = s.channel("alpha").await;
+    let id = s
+        .store
+        .job_insert(job(ch.id, "x"), T0)
+        .await
+        .unwrap()
+        .job_id;
+    let old = s
+        .store
+        .job_claim_many("old", 1, T0, 1_000)
+        .await
+        .unwrap()
+        .remove(0);
+    // Worker "old" stops heartbeating; the rescuer re-queues; "new" claims attempt 2.
+    let rescued = s.store.job_rescue_expired(T0 + 2_000).await.unwrap();
+    assert_eq!(rescued.len(), 1);
+    let new = s
+        .store
+        .job_claim_many("new", 1, T0 + 2_001, LEASE)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(new.attempt, 2);
+
+    let old_lease = old.lease().unwrap();
+    assert!(!s
+        .store
+        .job_complete_if_running(&old_lease, None, T0 + 3_000)
+        .await
+        .unwrap());
+    assert_eq!(
+        s.store
+            .job_fail_if_running(&old_lease, "late".into(), Some(T0), T0 + 3_000)
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(!s
+        .store
+        .job_cancel_if_running(&old_lease, "late".into(), T0 + 3_000)
+        .await
+        .unwrap());
+    assert!(!s
+        .store
+        .job_release_if_running(&old_lease, T0 + 3_000)
+        .await
+        .unwrap());
+    let j = s.store.job_get(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (j.state, j.attempt, j.lease_owner.as_deref()),
+        (JobState::Running, 2, Some("new"))
+    );
+
+    // Same attempt number but another owner is refused too.
+    let mut forged = new.lease().unwrap();
+    forged.owner = "old".into();
+    assert!(!s
+        .store
+        .job_complete_if_running(&forged, None, T0 + 3_000)
+        .await
+        .unwrap());
+
+    assert!(s
+        .store
+        .job_complete_if_running(&new.lease().unwrap(), None, T0 + 3_001)
+        .await
+        .unwrap());
+    assert_eq!(
+        s.store.job_get(&id).await.unwrap().unwrap().state,
+        JobState::Succeeded
+    );
+}
+
+#[tokio::test]
+async fn claim_takes_one_job_per_channel_in_priority_order() {
+    let s = setup().await;
+    let a = s.channel("a").await;
+    let b = s.channel("b").await;
+    let a1 = s
+        .store
+        .job_insert(job(a.id, "a1"), T0)
+        .await
+        .unwrap()
+        .job_id;
+    let mut urgent = job(a.id, "a2");
+    urgent.priority = 5;
+    let a2 = s.store.job_insert(urgent, T0 + 1).await.unwrap().job_id;
+    let b1 = s
+        .store
+        .job_insert(job(b.id, "b1"), T0 + 2)
+        .await
+        .unwrap()
+        .job_id;
+    let mut later = job(b.id, "later");
+    later.run_at = Some(T0 + 60_000);
+    s.store.job_insert(later, T0 + 3).await.unwrap();
+
+    let claimed = s
+        .store
+        .job_claim_many("w", 10, T0 + 10, LEASE)
+        .await
+        .unwrap();
+    let mut ids: Vec<_> = claimed.iter().map(|j| j.id.clone()).collect();
+    ids.sort();
+    let mut want = vec![a2.clone(), b1.clone()];
+    want.sort();
+    assert_eq!(ids, want, "one per channel, the higher priority first");
+    // Both channels busy: nothing more to claim although a1 is due.
+    assert!(s
+        .store
+        .job_claim_many("w", 10, T0 + 10, LEASE)
+        .await
+        .unwrap()
+        .is_empty());
+    let a2job = claimed.iter().find(|j| j.id == a2).unwrap();
+    s.store
+        .job_complete_if_running(&a2job.lease().unwrap(), None, T0 + 11)
+        .await
+        .unwrap();
+    let next = s
+        .store
+        .job_claim_many("w", 10, T0 + 12, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(
+        next.iter().map(|j| j.id.clone()).collect::<Vec<_>>(),
+        vec![a1]
+    );
+}
+
+#[tokio::test]
+async fn database_refuses_a_second_running_job_on_a_channel() {
+    let s = setup().await;
+    let a = s.channel("a").await;
+    s.store.job_insert(job(a.id, "1"), T0).await.unwrap();
+    let second = s.store.job_insert(job(a.id, "2"), T0).await.unwrap().job_id;
+    s.store.job_claim_many("w", 1, T0, LEASE).await.unwrap();
+    // Bypass the claim query: the partial unique index alone must refuse.
+    let w = s.other_store().await;
+    drop(w);
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", s.db.path.display()))
+        .await
+        .unwrap();
+    let err = sqlx::query(
+        "UPDATE jobs SET state = 'running', lease_owner = 'x', attempt = 1 WHERE id = ?1",
+    )
+    .bind(&second)
+    .execute(&mut conn)
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("UNIQUE"), "{err}");
+}
+
+use sqlx::Connection;
+
+#[tokio::test]
+async fn rescuer_requeues_expired_leases_and_fails_exhausted_ones() {
+    let s = setup().await;
+    let a = s.channel("a").await;
+    let b = s.channel("b").await;
+    let retry = s
+        .store
+        .job_insert(job(a.id, "again"), T0)
+        .await
+        .unwrap()
+        .job_id;
+    let mut once = job(b.id, "once");
+    once.max_attempts = 1;
+    let spent = s.store.job_insert(once, T0).await.unwrap().job_id;
+    s.store.job_claim_many("dead", 10, T0, 1_000).await.unwrap();
+
+    assert!(
+        s.store
+            .job_rescue_expired(T0 + 999)
+            .await
+            .unwrap()
+            .is_empty(),
+        "lease still valid"
+    );
+    let mut r = s.store.job_rescue_expired(T0 + 1_001).await.unwrap();
+    r.sort_by_key(|x| x.job_id == spent);
+    assert_eq!(r.len(), 2);
+    assert_eq!(
+        (r[0].job_id.as_str(), r[0].state),
+        (retry.as_str(), JobState::Queued)
+    );
+    assert_eq!(
+        (r[1].job_id.as_str(), r[1].state),
+        (spent.as_str(), JobState::Failed)
+    );
+
+    let j = s.store.job_get(&retry).await.unwrap().unwrap();
+    assert_eq!(
+        (j.state, j.attempt, j.lease_owner),
+        (JobState::Queued, 1, None)
+    );
+    assert!(j.error.unwrap().contains("lease expired"));
+    let f = s.store.job_get(&spent).await.unwrap().unwrap();
+    assert_eq!(
+        (f.state, f.finished_at),
+        (JobState::Failed, Some(T0 + 1_001))
+    );
+
+    let ev = s.store.job_events_list(&retry, 0, 100).await.unwrap();
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].kind, "rescued");
+    assert!(
+        ev[0].text.as_ref().unwrap().contains("will be re-run"),
+        "{:?}",
+        ev[0].text
+    );
+    // Rescued job runs again as attempt 2.
+    let again = s
+        .store
+        .job_claim_many("alive", 10, T0 + 1_002, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempt, 2);
+}
+
+#[tokio::test]
+async fn heartbeat_extends_leases_and_reports_cancel_requests() {
+    let s = setup().await;
+    let a = s.channel("a").await;
+    let id = s.store.job_insert(job(a.id, "x"), T0).await.unwrap().job_id;
+    s.store.job_claim_many("w", 1, T0, 1_000).await.unwrap();
+    let beats = s.store.job_heartbeat("w", T0 + 900, 1_000).await.unwrap();
+    assert_eq!(beats, vec![(id.clone(), 1, false)]);
+    assert!(
+        s.store
+            .job_rescue_expired(T0 + 1_500)
+            .await
+            .unwrap()
+            .is_empty(),
+        "renewed lease holds"
+    );
+    assert!(s
+        .store
+        .job_heartbeat("other", T0 + 900, 1_000)
+        .await
+        .unwrap()
+        .is_empty());
+
+    assert_eq!(
+        s.store.job_cancel(&id, T0 + 1_000).await.unwrap(),
+        CancelOutcome::Requested
+    );
+    let beats = s.store.job_heartbeat("w", T0 + 1_100, 1_000).await.unwrap();
+    assert_eq!(beats, vec![(id.clone(), 1, true)]);
+}
+
+#[test]
+fn backoff_grows_exponentially_and_is_capped() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let base = Duration::from_secs(5);
+    let max = Duration::from_secs(300);
+    let mut last = Duration::ZERO;
+    for attempt in 1..=6 {
+        let d = retry_delay(base, max, attempt, &mut rng);
+        let nominal = base * 2u32.pow(attempt as u32 - 1);
+        assert!(
+            d >= nominal.mul_f64(0.8) && d <= nominal.mul_f64(1.2),
+            "attempt {attempt}: {d:?}"
+        );
+        assert!(d > last, "attempt {attempt}: {d:?} after {last:?}");
+        last = d;
+    }
+    for attempt in [7, 20, 1000] {
+        assert!(retry_delay(base, max, attempt, &mut rng) <= max.mul_f64(1.2));
+    }
+}
+
+#[tokio::test]
+async fn idempotent_enqueue_returns_the_existing_job() {
+    let s = setup().await;
+    let a = s.channel("a").await;
+    let mut nj = job(a.id, "once");
+    nj.idempotency_key = Some("delivery-1".into());
+    let first = s.store.job_insert(nj.clone(), T0).await.unwrap();
+    let second = s.store.job_insert(nj.clone(), T0 + 1).await.unwrap();
+    assert!(first.created && !second.created);
+    assert_eq!(first.job_id, second.job_id);
+    // The key is unique per source: another source may use it.
+    let mut other = nj.clone();
+    other.source = Source::Webhook;
+    assert!(s.store.job_insert(other, T0).await.unwrap().created);
+
+    // Concurrent duplicates (one write group) still create exactly one job.
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let store = s.store.clone();
+        let mut nj = job(a.id, "dup");
+        nj.idempotency_key = Some("delivery-2".into());
+        tasks.push(tokio::spawn(async move {
+            store.job_insert(nj, T0).await.unwrap()
+        }));
+    }
+    let results: Vec<_> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(results.iter().filter(|r| r.created).count(), 1);
+    assert!(results.iter().all(|r| r.job_id == results[0].job_id));
+    assert_eq!(s.count("jobs").await, 3);
+}
+
+#[tokio::test]
+async fn concurrent_enqueues_are_all_committed() {
+    let s = setup().await;
+    let a = s.channel("a").await;
+    let tasks: Vec<_> = (0..500)
+        .map(|i| {
+            let store = s.store.clone();
+            tokio::spawn(async move {
+                store
+                    .job_insert(job(a.id, &format!("p{i}")), T0)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let ids: std::collections::HashSet<_> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().job_id)
+        .collect();
+    assert_eq!(ids.len(), 500);
+    assert_eq!(s.count("jobs").await, 500);
+    let many = s
+        .store
+        .job_insert_many((0..100).map(|i| job(a.id, &format!("m{i}"))).collect(), T0)
+        .await
+        .unwrap();
+    assert_eq!(many.len(), 100);
+    assert_eq!(s.count("jobs").await, 600);
+}
+
+#[tokio::test]
+async fn cancel_queued_is_immediate_and_running_sets_the_flag() {
+    let s = setup().await;
+    let a = s.channel("a").await;
+    let b = s.channel("b").await;
+    let queued = s.store.job_insert(job(a.id, "q"), T0).await.unwrap().job_id;
+    let mut later = job(b.id, "r");
+    later.priority = 1;
+    let running = s.store.job_insert(later, T0).await.unwrap().job_id;
+    let mut claimed = s.store.job_claim_many("w", 1, T0, LEASE).await.unwrap();
+    assert_eq!(claimed[0].id, running);
+
+    assert_eq!(
+        s.store.job_cancel(&queued, T0 + 1).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    let q = s.store.job_get(&queued).await.unwrap().unwrap();
+    assert_eq!(
+        (q.state, q.finished_at),
+        (JobState::Cancelled, Some(T0 + 1))
+    );
+    assert!(
+        s.store
+            .job_claim_many("w", 5, T0 + 2, LEASE)
+            .await
+            .unwrap()
+            .is_empty(),
+        "cancelled job never runs"
+    );
+
+    assert_eq!(
+        s.store.job_cancel(&running, T0 + 2).await.unwrap(),
+        CancelOutcome::Requested
+    );
+    let r = s.store.job_get(&running).await.unwrap().unwrap();
+    assert_eq!((r.state, r.cancel_requested), (JobState::Running, true));
+    assert!(s
+        .store
+        .job_cancel_if_running(
+            &claimed.remove(0).lease().unwrap(),
+            "cancelled by user".into(),
+            T0 + 3
+        )
+        .await
+        .unwrap());
+    assert_eq!(
+        s.store.job_get(&running).await.unwrap().unwrap().state,
+        JobState::Cancelled
+    );
+    assert_eq!(
+        s.store.job_cancel(&running, T0 + 4).await.unwrap(),
+        CancelOutcome::AlreadyFinished(JobState::Cancelled)
+    );
+    assert!(matches!(
+        s.store.job_cancel("nope", T0).await,
+        Err(StoreError::JobNotFound(_))
+    ));
+    let kinds: Vec<_> = s
+        .store
+        .job_events_list(&running, 0, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, vec!["cancel_requested"]);
+}
+
+#[tokio::test]
+async fn release_returns_the_job_without_counting_the_attempt() {
+    let s = setup().await;
+    let a = s.channel("a").await;
+    let id = s.store.job_insert(job(a.id, "x"), T0).await.unwrap().job_id;
+    let c = s
+        .store
+        .job_claim_many("w", 1, T0, LEASE)
+        .await
+        .unwrap()
+        .remove(0);
+    assert!(s
+        .store
+        .job_release_if_running(&c.lease().unwrap(), T0 + 1)
+        .await
+        .unwrap());
+    let j = s.store.job_get(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (j.state, j.attempt, j.lease_owner),
+        (JobState::Queued, 0, None)
+    );
+}
+
+#[tokio::test]
+async fn retention_deletes_old_finished_jobs_and_their_events_only() {
+    let s = setup().await;
+    let a = s.channel("a").await;
+    let b = s.channel("b").await;
+    let old = s
+        .store
+        .job_insert(job(a.id, "old"), T0)
+        .await
+        .unwrap()
+        .job_id;
+    let c = s
+        .store
+        .job_claim_many("w", 1, T0, LEASE)
+        .await
+        .unwrap()
+        .remove(0);
+    s.store
+        .job_events_append(vec![NewEvent {
+            job_id: old.clone(),
+            attempt: 1,
+            kind: "message".into(),
+            text: Some("hi".into()),
+            data: None,
+            at: T0,
+        }])
+        .await
+        .unwrap();
+    s.store
+        .job_complete_if_running(&c.lease().unwrap(), None, T0 + 1)
+        .await
+        .unwrap();
+    let recent = s
+        .store
+        .job_insert(job(b.id, "recent"), T0)
+        .await
+        .unwrap()
+        .job_id;
+    let c = s
+        .store
+        .job_claim_many("w", 1, T0, LEASE)
+        .await
+        .unwrap()
+        .remove(0);
+    s.store
+        .job_complete_if_running(&c.lease().unwrap(), None, T0 + 100_000)
+        .await
+        .unwrap();
+    let waiting = s
+        .store
+        .job_insert(job(a.id, "queued long ago"), T0 - 1_000_000)
+        .await
+        .unwrap()
+        .job_id;
+
+    let day = 86_400_000;
+    let cleaner = gorp::cleaner::Cleaner::new(
+        s.store.clone(),
+        Duration::from_millis(50_000),
+        Duration::from_secs(1),
+    );
+    assert_eq!(cleaner.run_once(T0 + 50_001 + 1).await.unwrap(), 1);
+    assert!(s.store.job_get(&old).await.unwrap().is_none());
+    assert!(s.store.job_get(&recent).await.unwrap().is_some());
+    assert!(
+        s.store.job_get(&waiting).await.unwrap().is_some(),
+        "unfinished jobs are kept"
+    );
+    assert_eq!(s.count("job_events").await, 0, "events go with their job");
+    // Zero retention keeps everything.
+    let keep = gorp::cleaner::Cleaner::new(s.store.clone(), Duration::ZERO, Duration::from_secs(1));
+    assert_eq!(keep.run_once(T0 + 1000 * day).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn bad_input_writes_nothing() {
+    let s = setup().await;
+    let a = s.channel("a").await;
+    for bad in [
+        job(a.id, "   "),
+        NewJob {
+            max_attempts: 0,
+            ..job(a.id, "x")
+        },
+        NewJob {
+            idempotency_key: Some(String::new()),
+            ..job(a.id, "x")
+        },
+        NewJob {
+            prompt: "x".repeat(gorp::store::MAX_PROMPT_BYTES + 1),
+            ..job(a.id, "")
+        },
+    ] {
+        assert!(matches!(
+            s.store.job_insert(bad, T0).await,
+            Err(StoreError::Invalid(_))
+        ));
+    }
+    // A channel that does not exist: refused by the database, nothing written.
+    assert!(s.store.job_insert(job(a.id + 99, "x"), T0).await.is_err());
+    assert_eq!(s.count("jobs").await, 0);
+    for name in ["", "../x", "a/b", "UPPER", "-x", &"x".repeat(65)] {
+        let r = s
+            .store
+            .channel_insert(
+                gorp::store::NewChannel {
+                    name: name.into(),
+                    ..Default::default()
+                },
+                T0,
+            )
+            .await;
+        assert!(matches!(r, Err(StoreError::Invalid(_))), "{name:?}");
+    }
+    assert!(matches!(
+        s.store
+            .channel_insert(
+                gorp::store::NewChannel {
+                    name: "a".into(),
+                    ..Default::default()
+                },
+                T0
+            )
+            .await,
+        Err(StoreError::ChannelExists(_))
+    ));
+    assert_eq!(s.count("channels").await, 1);
+}
+
+#[tokio::test]
+async fn job_list_filters_and_pages_newest_first() {
+    let s = setup().await;
+    let a = s.channel("a").await;
+    let b = s.channel("b").await;
+    for i in 0..5 {
+        s.store
+            .job_insert(job(a.id, &format!("a{i}")), T0 + i)
+            .await
+            .unwrap();
+        s.store
+            .job_insert(job(b.id, &format!("b{i}")), T0 + i)
+            .await
+            .unwrap();
+    }
+    let page1 = s
+        .store
+        .job_list(&JobFilter {
+            channel: Some("a".into()),
+            limit: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        page1.iter().map(|j| j.prompt.as_str()).collect::<Vec<_>>(),
+        ["a4", "a3", "a2"]
+    );
+    let page2 = s
+        .store
+        .job_list(&JobFilter {
+            channel: Some("a".into()),
+            limit: 3,
+            before: Some(page1[2].id.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        page2.iter().map(|j| j.prompt.as_str()).collect::<Vec<_>>(),
+        ["a1", "a0"]
+    );
+    let none = s
+        .store
+        .job_list(&JobFilter {
+            state: Some(JobState::Running),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+}
+
+#[tokio::test]
+async fn job_history_view_shows_readable_times_and_output() {
+    let s = setup().await;
+    let a = s.channel("a").await;
+    let id = s
+        .store
+        .job_insert(job(a.id, "say hi"), T0)
+        .await
+        .unwrap()
+        .job_id;
+    let c = s
+        .store
+        .job_claim_many("w", 1, T0, LEASE)
+        .await
+        .unwrap()
+        .remove(0);
+    let ev = |text: &str, kind: &str| NewEvent {
+        job_id: id.clone(),
+        attempt: 1,
+        kind: kind.into(),
+        text: Some(text.into()),
+        data: None,
+        at: T0,
+    };
+    s.store
+        .job_events_append(vec![
+            ev("Hel", "message"),
+            ev("thinking", "thought"),
+            ev("lo", "message"),
+        ])
+        .await
+        .unwrap();
+    s.store
+        .job_complete_if_running(&c.lease().unwrap(), Some("end_turn".into()), T0 + 1_500)
+        .await
+        .unwrap();
+    let row: (String, String, String, f64, String) = sqlx::query_as(
+        "SELECT channel, state, started, duration_secs, output FROM job_history WHERE id = ?1",
+    )
+    .bind(&id)
+    .fetch_one(s.store.read_pool())
+    .await
+    .unwrap();
+    assert_eq!(row.0, "a");
+    assert_eq!(row.1, "succeeded");
+    assert_eq!(row.2, "2023-11-14 22:13:20.000");
+    assert_eq!(row.3, 1.5);
+    assert_eq!(row.4, "Hello");
+    assert_eq!(s.store.job_output(&id).await.unwrap(), "Hello");
+}
