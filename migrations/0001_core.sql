@@ -49,7 +49,7 @@ CREATE UNIQUE INDEX jobs_one_running_per_channel ON jobs (channel_id) WHERE stat
 -- Idempotent enqueue: a key is unique per source.
 CREATE UNIQUE INDEX jobs_idempotency ON jobs (source, idempotency_key) WHERE idempotency_key IS NOT NULL;
 -- The claim reads only queued rows, so finished history does not slow it down.
-CREATE INDEX jobs_queued ON jobs (channel_id, priority DESC, run_at, created_at) WHERE state = 'queued';
+CREATE INDEX jobs_queued ON jobs (channel_id, priority DESC, run_at, created_at, id) WHERE state = 'queued';
 CREATE INDEX jobs_running_lease ON jobs (lease_expires_at) WHERE state = 'running';
 CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
 CREATE INDEX jobs_channel_created ON jobs (channel_id, created_at);

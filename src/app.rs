@@ -6,40 +6,76 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::acp::AcpExecutor;
 use crate::cleaner::Cleaner;
 use crate::config::Config;
 use crate::executor::Executor;
 use crate::rescuer::Rescuer;
 use crate::store::Store;
-use crate::worker::{PoolConfig, PoolHandle, WorkerPool};
+use crate::warm::WarmSessionManager;
+use crate::worker::{PoolConfig, WorkerPool};
 
 /// A unique id for this process start, used as the lease owner of its jobs:
 /// `host:pid:random`.
 pub fn instance_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into());
+    let host = hostname();
     let rand = uuid::Uuid::new_v4().simple().to_string();
     format!("{host}:{}:{}", std::process::id(), &rand[..8])
 }
 
-/// A running gorp: what the HTTP and Matrix front ends need to reach.
-#[derive(Clone)]
-pub struct App {
-    pub config: Arc<Config>,
-    pub store: Store,
-    pub pool: PoolHandle,
-    pub instance_id: String,
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
 }
 
-/// Runs gorp with `executor` until `shutdown` fires; returns after the pool has drained.
+/// True when `instance` (an [`instance_id`]) names a process on this host that no longer
+/// exists, so its leases can be taken over without waiting for them to expire.
+pub fn instance_is_dead(instance: &str) -> bool {
+    let mut parts = instance.split(':');
+    let (Some(host), Some(pid)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    let Ok(pid) = pid.parse::<i32>() else {
+        return false;
+    };
+    if host != hostname() || pid <= 0 || pid as u32 == std::process::id() {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+    let r = unsafe { libc::kill(pid, 0) };
+    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+}
+
+/// Runs gorp (ACP executor on warm sessions) until `shutdown` fires; returns after the pool
+/// has drained and the agents are stopped.
 pub async fn run(
     config: Config,
+    store: Store,
+    instance_id: String,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let warm = WarmSessionManager::new(store.clone(), config.clone(), instance_id.clone());
+    let executor = Arc::new(AcpExecutor::new(warm.clone()));
+    let keeper_stop = CancellationToken::new();
+    let keeper = tokio::spawn(warm.clone().run(keeper_stop.clone()));
+    run_with(&config, store, executor, instance_id, shutdown).await;
+    keeper_stop.cancel();
+    let _ = keeper.await;
+    warm.shutdown().await;
+    tracing::info!("gorp stopped");
+    Ok(())
+}
+
+/// Runs the worker pool with `executor` and the background services until `shutdown`.
+pub async fn run_with(
+    config: &Config,
     store: Store,
     executor: Arc<dyn Executor>,
     instance_id: String,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) {
     let w = &config.worker;
     let pool = WorkerPool::new(
         store.clone(),
@@ -60,9 +96,7 @@ pub async fn run(
     pool.run(shutdown).await;
     services.cancel();
     let _ = tokio::join!(r, c);
-    store.close().await;
-    tracing::info!("gorp stopped");
-    Ok(())
+    let _ = store.flush().await;
 }
 
 /// A token that fires on SIGINT or SIGTERM.

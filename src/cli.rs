@@ -3,7 +3,6 @@
 //! Exit codes (stable, for scripts): see the `EXIT_*` constants.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
@@ -11,7 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, ConfigError};
 use crate::store::{
     format_ms, now_ms, CancelOutcome, Channel, Event, Job, JobFilter, JobState, NewChannel, NewJob,
-    Source, Store, StoreError,
+    Source, Store, StoreError, WarmSession,
 };
 
 pub const EXIT_OK: i32 = 0;
@@ -107,6 +106,17 @@ pub enum Command {
     },
     /// Cancel a job (queued: at once; running: its worker stops the agent).
     Cancel { id: String },
+    /// Show the warm-session pool, or pre-warm a channel's agent now.
+    Warm {
+        /// Pre-warm this channel (the running gorp starts its agent).
+        channel: Option<String>,
+        /// Return at once instead of waiting for the agent to be warm.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds (exit code 6).
+        #[arg(long, default_value_t = 300, value_name = "SECS")]
+        timeout: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -251,10 +261,9 @@ async fn dispatch(cli: &Cli) -> CmdResult {
 async fn start(config: Config) -> CmdResult {
     let store = Store::open(&config.database).await?;
     let instance = crate::app::instance_id();
-    let executor =
-        crate::acp::AcpExecutor::new(Arc::new(config.clone()), store.clone(), instance.clone());
     let shutdown = crate::app::shutdown_on_signals();
-    crate::app::run(config, store, Arc::new(executor), instance, shutdown).await?;
+    crate::app::run(config, store.clone(), instance, shutdown).await?;
+    store.close().await;
     Ok(EXIT_OK)
 }
 
@@ -342,6 +351,11 @@ async fn data_command(cli: &Cli, cmd: &Command, config: &Config, store: &Store) 
             );
             Ok(EXIT_OK)
         }
+        Command::Warm {
+            channel,
+            no_wait,
+            timeout,
+        } => warm(cli, store, channel.as_deref(), *no_wait, *timeout).await,
         Command::Start | Command::Migrate | Command::Config { .. } => {
             unreachable!("handled by dispatch")
         }
@@ -396,6 +410,58 @@ async fn channels(cli: &Cli, cmd: &ChannelsCommand, config: &Config, store: &Sto
             });
             Ok(EXIT_OK)
         }
+    }
+}
+
+/// `gorp warm [channel]`: the pool, or a pre-warm request that the running gorp carries out.
+async fn warm(
+    cli: &Cli,
+    store: &Store,
+    channel: Option<&str>,
+    no_wait: bool,
+    timeout: u64,
+) -> CmdResult {
+    let Some(name) = channel else {
+        let rows = store.warm_list().await?;
+        out(cli, serde_json::json!(rows), || warm_table(&rows, now_ms()));
+        return Ok(EXIT_OK);
+    };
+    let ch = store
+        .channel_get(name)
+        .await?
+        .ok_or_else(|| StoreError::UnknownChannel(name.to_string()))?;
+    let asked = now_ms();
+    store.warm_request(ch.id, Some(asked), asked).await?;
+    if no_wait {
+        out(
+            cli,
+            serde_json::json!({ "channel": name, "requested": true }),
+            || format!("{name}: pre-warm requested; the running gorp starts the agent"),
+        );
+        return Ok(EXIT_OK);
+    }
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    loop {
+        let row = store.warm_get(ch.id).await?;
+        if let Some(r) = row.filter(|r| r.warm_at.is_none() && r.updated_at >= asked) {
+            let ok = r.state == "warm" || r.state == "busy";
+            out(cli, serde_json::json!(r), || match ok {
+                true => format!("{name}: warm (pid {})", r.pid.unwrap_or(0)),
+                false => format!(
+                    "{name}: {} {}",
+                    r.state,
+                    r.error.clone().unwrap_or_default()
+                ),
+            });
+            return Ok(if ok { EXIT_OK } else { EXIT_ERROR });
+        }
+        if Instant::now() >= deadline {
+            return Err(Failure::new(
+                EXIT_TIMEOUT,
+                format!("{name}: no running gorp warmed the agent within {timeout}s (is `gorp start` running?)"),
+            ));
+        }
+        tokio::time::sleep(POLL).await;
     }
 }
 
@@ -586,6 +652,33 @@ fn channels_table(list: &[Channel]) -> String {
         .collect();
     table(
         &["NAME", "WEBHOOK ID", "AGENT", "PERMISSIONS", "ACP SESSION"],
+        &rows,
+    )
+}
+
+fn warm_table(rows: &[WarmSession], now: i64) -> String {
+    let secs = |ms: i64| format!("{}s", ms / 1000);
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let live = matches!(r.state.as_str(), "warm" | "busy" | "starting");
+            vec![
+                r.channel.clone(),
+                r.state.clone(),
+                r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                r.last_used_at
+                    .map(|t| secs(now - t))
+                    .unwrap_or_else(|| "-".into()),
+                match (live, r.expires_at) {
+                    (true, Some(e)) => secs((e - now).max(0)),
+                    _ => "-".into(),
+                },
+                r.holder.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table(
+        &["CHANNEL", "STATE", "PID", "IDLE", "EXPIRES IN", "HOLDER"],
         &rows,
     )
 }

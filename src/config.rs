@@ -171,6 +171,8 @@ pub struct AcpConfig {
     pub prompt_timeout_secs: u64,
     /// Default permission policy for new channels: `allow` or `deny`.
     pub permission_policy: String,
+    /// Extra environment variables for agent processes (gorp's own environment is inherited).
+    pub env: BTreeMap<String, String>,
 }
 
 impl Default for AcpConfig {
@@ -185,6 +187,7 @@ impl Default for AcpConfig {
             session_timeout_secs: 180,
             prompt_timeout_secs: 3_600,
             permission_policy: "allow".into(),
+            env: BTreeMap::new(),
         }
     }
 }

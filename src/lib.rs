@@ -6,6 +6,8 @@
 //! - [`store`]: every SQL statement; the single writer task with group commit; read pool.
 //! - [`executor`]: the interface the worker runs jobs through, and the job context.
 //! - [`worker`]: the worker pool: claim, heartbeat, fenced outcomes, graceful shutdown.
+//! - [`acp`]: the ACP client, the scripted test agent, and the executor on warm sessions.
+//! - [`warm`]: `WarmSessionManager`: live agent processes driven by the `warm_sessions` table.
 //! - [`rescuer`]: returns jobs whose lease expired.
 //! - [`cleaner`]: deletes finished jobs past retention.
 //! - [`app`]: `gorp start`: wires the services together until shutdown.
@@ -19,4 +21,5 @@ pub mod config;
 pub mod executor;
 pub mod rescuer;
 pub mod store;
+pub mod warm;
 pub mod worker;

@@ -21,8 +21,15 @@ impl Rescuer {
         Rescuer { store, interval }
     }
 
-    /// One pass at time `now`.
+    /// One pass at time `now`. Jobs of a lease owner that died on this host are rescued at
+    /// once instead of after their lease runs out.
     pub async fn run_once(&self, now: Millis) -> Result<Vec<Rescued>, StoreError> {
+        for owner in self.store.job_lease_owners().await? {
+            if crate::app::instance_is_dead(&owner) {
+                tracing::warn!(owner = %owner, "lease owner died; rescuing its jobs now");
+                self.store.job_expire_owner(&owner, now).await?;
+            }
+        }
         self.store.job_rescue_expired(now).await
     }
 

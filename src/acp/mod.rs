@@ -1,22 +1,198 @@
-//! ACP executor (in progress).
-use crate::config::Config;
-use crate::executor::{Executor, JobContext, Outcome};
-use crate::store::Store;
-use futures::future::BoxFuture;
+//! ACP: gorp's agent client, the scripted test agent, and the executor that runs jobs on warm
+//! agent sessions.
+//!
+//! - [`client`]: one agent process and its ACP connection (spawn, initialize, sessions,
+//!   prompts, permission and file-system requests).
+//! - [`script_agent`]: `gorp-script-agent`, a real ACP agent scripted by its prompts.
+//! - [`AcpExecutor`]: runs a job's prompt on its channel's session from the
+//!   [`WarmSessionManager`](crate::warm::WarmSessionManager) and records every update as a job
+//!   event.
+
+pub mod client;
+pub mod script_agent;
+
 use std::sync::Arc;
-pub struct AcpExecutor;
+use std::time::Instant;
+
+use futures::future::BoxFuture;
+
+use crate::executor::{Executor, JobContext, Outcome, StopCause};
+use crate::store::RunFacts;
+use crate::warm::{WarmError, WarmSessionManager};
+use client::{AcpError, AgentEvent};
+
+/// Event kinds that count as the agent's first output.
+const OUTPUT_KINDS: &[&str] = &["message", "thought", "tool_call", "plan"];
+
+/// Runs jobs on warm ACP sessions.
+pub struct AcpExecutor {
+    warm: Arc<WarmSessionManager>,
+}
+
 impl AcpExecutor {
-    pub fn new(_c: Arc<Config>, _s: Store, _i: String) -> Self {
-        AcpExecutor
+    pub fn new(warm: Arc<WarmSessionManager>) -> Self {
+        AcpExecutor { warm }
     }
 }
+
 impl Executor for AcpExecutor {
-    fn run(&self, _ctx: JobContext) -> BoxFuture<'static, Outcome> {
-        Box::pin(async {
-            Outcome::Failed {
-                error: "ACP executor not built yet".into(),
-                retryable: false,
-            }
-        })
+    fn run(&self, ctx: JobContext) -> BoxFuture<'static, Outcome> {
+        let warm = self.warm.clone();
+        Box::pin(async move { run_job(warm, ctx).await })
     }
+}
+
+async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
+    let started = Instant::now();
+    let job = ctx.job.clone();
+    let channel = match ctx.store().channel_get_by_id(job.channel_id).await {
+        Ok(Some(c)) => c,
+        Ok(None) => return failed(format!("channel {} no longer exists", job.channel), false),
+        Err(e) => return failed(format!("cannot read channel: {e}"), true),
+    };
+
+    let session = match warm.acquire(&channel, ctx.cancel_token()).await {
+        Ok(s) => s,
+        Err(WarmError::Cancelled) => return cancelled(&ctx),
+        Err(e) => {
+            let retryable = !matches!(
+                e,
+                WarmError::Acp(
+                    AcpError::BinaryNotFound { .. }
+                        | AcpError::NotAcp { .. }
+                        | AcpError::InvalidSpec(_)
+                )
+            );
+            ctx.emit("error", Some(format!("agent could not start: {e}")), None)
+                .await;
+            return failed(format!("agent could not start: {e}"), retryable);
+        }
+    };
+    let live = session.live();
+    ctx.emit(
+        "session",
+        Some(format!(
+            "{} session {} (pid {}){}",
+            if session.warm { "warm" } else { "cold" },
+            live.session_id,
+            live.agent.pid(),
+            if !session.warm && live.resumed {
+                ", resumed with session/load"
+            } else {
+                ""
+            }
+        )),
+        Some(serde_json::json!({
+            "warm": session.warm,
+            "pid": live.agent.pid(),
+            "session_id": live.session_id,
+            "resumed": live.resumed,
+            "start_ms": session.start_time.as_millis() as u64,
+        })),
+    )
+    .await;
+
+    // Forward the agent's updates to the job's events in order, noting first output and usage.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<AgentEvent>();
+    let fwd_ctx = ctx.clone();
+    let forward = tokio::spawn(async move {
+        let mut facts = RunFacts::default();
+        while let Some(ev) = rx.recv().await {
+            if facts.first_output_ms.is_none() && OUTPUT_KINDS.contains(&ev.kind.as_str()) {
+                facts.first_output_ms = Some(started.elapsed().as_millis() as i64);
+            }
+            note_usage(&mut facts, &ev);
+            let data = (!ev.data.is_null()).then_some(ev.data);
+            fwd_ctx.emit(&ev.kind, ev.text, data).await;
+        }
+        facts
+    });
+    let result = live
+        .agent
+        .prompt(
+            &live.session_id,
+            &job.prompt,
+            tx,
+            ctx.cancel_token().clone(),
+        )
+        .await;
+    let mut facts = forward.await.unwrap_or_default();
+    facts.warm = Some(session.warm);
+    let _ = ctx
+        .store()
+        .job_record_run(&job.id, job.attempt, facts)
+        .await;
+    warm.release(channel.id, session).await;
+
+    match result {
+        Ok(stop) if stop == "cancelled" || ctx.stop_cause().is_some() => cancelled(&ctx),
+        Ok(stop) => Outcome::Succeeded {
+            stop_reason: Some(stop),
+        },
+        Err(AcpError::AgentExited {
+            status,
+            stderr_tail,
+        }) => failed(
+            format!(
+                "agent exited mid-prompt ({status}); stderr: {}",
+                tail_lines(&stderr_tail, 20)
+            ),
+            true,
+        ),
+        Err(e @ AcpError::Timeout { .. }) => failed(format!("{e}; session/cancel sent"), false),
+        Err(e) => failed(e.to_string(), true),
+    }
+}
+
+fn note_usage(facts: &mut RunFacts, ev: &AgentEvent) {
+    let d = &ev.data;
+    match ev.kind.as_str() {
+        "usage" => {
+            if let Some(c) = d.pointer("/cost/amount").and_then(|v| v.as_f64()) {
+                facts.cost_usd = Some(c);
+            }
+            let meta = d.get("_meta");
+            if let Some(i) = meta
+                .and_then(|m| m.get("inputTokens"))
+                .and_then(|v| v.as_i64())
+            {
+                facts.input_tokens = Some(i);
+            }
+            if let Some(o) = meta
+                .and_then(|m| m.get("outputTokens"))
+                .and_then(|v| v.as_i64())
+            {
+                facts.output_tokens = Some(o);
+            }
+        }
+        "turn_usage" => {
+            if let Some(i) = d.get("inputTokens").and_then(|v| v.as_i64()) {
+                facts.input_tokens = Some(i);
+            }
+            if let Some(o) = d.get("outputTokens").and_then(|v| v.as_i64()) {
+                facts.output_tokens = Some(o);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn cancelled(ctx: &JobContext) -> Outcome {
+    let reason = match ctx.stop_cause() {
+        Some(StopCause::UserCancel) | None => "cancelled by user",
+        Some(StopCause::Shutdown) => "gorp is shutting down",
+        Some(StopCause::LeaseLost) => "lease lost to another worker",
+    };
+    Outcome::Cancelled {
+        reason: reason.into(),
+    }
+}
+
+fn failed(error: String, retryable: bool) -> Outcome {
+    Outcome::Failed { error, retryable }
+}
+
+fn tail_lines(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }

@@ -11,6 +11,7 @@
 //! Every query takes `now` from its caller, so tests control time.
 
 mod types;
+mod warm;
 mod writer;
 
 use std::path::Path;
@@ -25,6 +26,7 @@ use sqlx::ConnectOptions;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 pub use types::*;
+pub use warm::WarmUpdate;
 use writer::Op;
 
 use crate::config::{DatabaseConfig, Synchronous};

@@ -346,3 +346,33 @@ pub struct Rescued {
     pub attempt: i64,
     pub state: JobState,
 }
+
+/// A row of the warm-session lease table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WarmSession {
+    pub channel_id: i64,
+    pub channel: String,
+    pub holder: Option<String>,
+    pub state: String,
+    pub acp_session_id: Option<String>,
+    pub pid: Option<i64>,
+    pub last_used_at: Option<Millis>,
+    pub expires_at: Option<Millis>,
+    pub warm_at: Option<Millis>,
+    pub lease_expires_at: Option<Millis>,
+    pub started_at: Option<Millis>,
+    pub error: Option<String>,
+    pub updated_at: Millis,
+}
+
+/// Facts about one attempt that `job_history` shows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RunFacts {
+    /// Whether the agent was already warm when the attempt started.
+    pub warm: Option<bool>,
+    /// Milliseconds from the start of the attempt to the agent's first output.
+    pub first_output_ms: Option<i64>,
+    pub input_tokens: Option<i64>,
+    pub output_tokens: Option<i64>,
+    pub cost_usd: Option<f64>,
+}

@@ -106,6 +106,58 @@ pub(super) enum Op {
         limit: i64,
         reply: Reply<u64>,
     },
+    /// A single-statement write answering with the number of rows it changed.
+    Write {
+        w: Write,
+        reply: Reply<u64>,
+    },
+}
+
+/// Small single-statement writes: warm-session leases and per-job facts.
+pub(super) enum Write {
+    WarmUpsert {
+        channel_id: i64,
+        holder: String,
+        state: &'static str,
+        pid: Option<i64>,
+        session: Option<String>,
+        now: Millis,
+        lease_until: Millis,
+        expires_at: Option<Millis>,
+        used: bool,
+    },
+    WarmStop {
+        channel_id: i64,
+        holder: String,
+        state: &'static str,
+        error: Option<String>,
+        now: Millis,
+    },
+    WarmRequest {
+        channel_id: i64,
+        at: Option<Millis>,
+        now: Millis,
+    },
+    WarmHeartbeat {
+        holder: String,
+        lease_until: Millis,
+    },
+    WarmReleaseLeases {
+        holder: String,
+        now: Millis,
+    },
+    WarmExpireOrphans {
+        now: Millis,
+    },
+    JobExpireOwner {
+        owner: String,
+        now: Millis,
+    },
+    JobRecordRun {
+        job_id: String,
+        attempt: i64,
+        facts: RunFacts,
+    },
 }
 
 /// What an operation produced, held until the commit.
@@ -130,7 +182,11 @@ impl Op {
     fn wakes_workers(&self) -> bool {
         !matches!(
             self,
-            Op::Flush(_) | Op::Events { .. } | Op::Heartbeat { .. } | Op::Claim { .. }
+            Op::Flush(_)
+                | Op::Events { .. }
+                | Op::Heartbeat { .. }
+                | Op::Claim { .. }
+                | Op::Write { .. }
         )
     }
 
@@ -195,7 +251,7 @@ impl Op {
                 Out::Rescued(v) => Some(v),
                 _ => None,
             }),
-            Op::Clean { reply, .. } => send(reply, res, |o| match o {
+            Op::Clean { reply, .. } | Op::Write { reply, .. } => send(reply, res, |o| match o {
                 Out::Count(n) => Some(n),
                 _ => None,
             }),
@@ -301,6 +357,7 @@ async fn apply_group(conn: &mut SqliteConnection, ops: &[Op]) -> Result<Vec<Appl
 
 async fn apply_one(conn: &mut SqliteConnection, op: &Op) -> Result<Applied, sqlx::Error> {
     Ok(match op {
+        Op::Write { w, .. } => Ok(Out::Count(apply_write(conn, w).await?)),
         Op::Flush(_) | Op::Events { .. } | Op::Enqueue { .. } | Op::EnqueueMany { .. } => {
             Ok(Out::Unit)
         }
@@ -580,20 +637,22 @@ async fn claim(
 ) -> Result<Vec<Job>, sqlx::Error> {
     sqlx::query_as!(
         Job,
-        r#"UPDATE jobs
+        r#"WITH heads AS (
+               -- The next due job of every channel that has no running job: one index probe
+               -- per channel, however long the queue or the history.
+               SELECT (SELECT q.id FROM jobs q
+                       WHERE q.channel_id = c.id AND q.state = 'queued' AND q.run_at <= ?3
+                       ORDER BY q.priority DESC, q.run_at, q.created_at, q.id
+                       LIMIT 1) AS id
+               FROM channels c
+               WHERE NOT EXISTS (SELECT 1 FROM jobs r
+                                 WHERE r.channel_id = c.id AND r.state = 'running'))
+           UPDATE jobs
            SET state = 'running', attempt = attempt + 1, lease_owner = ?1, lease_expires_at = ?2,
                started_at = ?3, cancel_requested = 0, stop_reason = NULL
            WHERE id IN (
-               SELECT id FROM (
-                   SELECT q.id, q.priority, q.run_at, q.created_at,
-                          row_number() OVER (PARTITION BY q.channel_id
-                                             ORDER BY q.priority DESC, q.run_at, q.created_at, q.id) AS rn
-                   FROM jobs q
-                   WHERE q.state = 'queued' AND q.run_at <= ?3
-                     AND NOT EXISTS (SELECT 1 FROM jobs r
-                                     WHERE r.channel_id = q.channel_id AND r.state = 'running'))
-               WHERE rn = 1
-               ORDER BY priority DESC, run_at, created_at, id
+               SELECT j.id FROM heads h JOIN jobs j ON j.id = h.id
+               ORDER BY j.priority DESC, j.run_at, j.created_at, j.id
                LIMIT ?4)
            RETURNING id AS "id!", channel_id,
                      (SELECT c.name FROM channels c WHERE c.id = jobs.channel_id) AS "channel!: String",
@@ -776,4 +835,154 @@ async fn rescue(conn: &mut SqliteConnection, now: Millis) -> Result<Vec<Rescued>
             state: r.state,
         })
         .collect())
+}
+
+async fn apply_write(conn: &mut SqliteConnection, w: &Write) -> Result<u64, sqlx::Error> {
+    let r = match w {
+        Write::WarmUpsert {
+            channel_id,
+            holder,
+            state,
+            pid,
+            session,
+            now,
+            lease_until,
+            expires_at,
+            used,
+        } => {
+            sqlx::query!(
+                r#"INSERT INTO warm_sessions (channel_id, holder, state, pid, acp_session_id,
+                                              lease_expires_at, expires_at, started_at,
+                                              last_used_at, updated_at)
+                   VALUES (?1, ?2, ?3, ?4, ?5, ?7, ?8, ?6, CASE WHEN ?9 THEN ?6 END, ?6)
+                   ON CONFLICT (channel_id) DO UPDATE SET
+                       holder = excluded.holder,
+                       state = excluded.state,
+                       pid = excluded.pid,
+                       acp_session_id = coalesce(excluded.acp_session_id, acp_session_id),
+                       lease_expires_at = excluded.lease_expires_at,
+                       expires_at = coalesce(excluded.expires_at, expires_at),
+                       started_at = CASE WHEN excluded.state = 'starting' THEN excluded.started_at
+                                         ELSE started_at END,
+                       last_used_at = coalesce(excluded.last_used_at, last_used_at),
+                       error = NULL,
+                       updated_at = excluded.updated_at"#,
+                channel_id,
+                holder,
+                state,
+                pid,
+                session,
+                now,
+                lease_until,
+                expires_at,
+                used
+            )
+            .execute(&mut *conn)
+            .await?
+        }
+        Write::WarmStop {
+            channel_id,
+            holder,
+            state,
+            error,
+            now,
+        } => {
+            sqlx::query!(
+                r#"UPDATE warm_sessions
+                   SET state = ?3, error = ?4, pid = NULL, lease_expires_at = NULL, updated_at = ?5
+                   WHERE channel_id = ?1 AND holder = ?2"#,
+                channel_id,
+                holder,
+                state,
+                error,
+                now
+            )
+            .execute(&mut *conn)
+            .await?
+        }
+        Write::WarmRequest {
+            channel_id,
+            at,
+            now,
+        } => {
+            sqlx::query!(
+                r#"INSERT INTO warm_sessions (channel_id, state, warm_at, updated_at)
+                   VALUES (?1, 'stopped', ?2, ?3)
+                   ON CONFLICT (channel_id) DO UPDATE SET warm_at = excluded.warm_at,
+                                                          updated_at = excluded.updated_at"#,
+                channel_id,
+                at,
+                now
+            )
+            .execute(&mut *conn)
+            .await?
+        }
+        Write::WarmHeartbeat {
+            holder,
+            lease_until,
+        } => {
+            sqlx::query!(
+                r#"UPDATE warm_sessions SET lease_expires_at = ?2
+                   WHERE holder = ?1 AND state IN ('starting', 'warm', 'busy')"#,
+                holder,
+                lease_until
+            )
+            .execute(&mut *conn)
+            .await?
+        }
+        Write::WarmReleaseLeases { holder, now } => {
+            // Rows stay warm (so the next gorp re-warms them) but anyone may take them over.
+            sqlx::query!(
+                r#"UPDATE warm_sessions SET lease_expires_at = ?2, pid = NULL, updated_at = ?2
+                   WHERE holder = ?1 AND state IN ('starting', 'warm', 'busy')"#,
+                holder,
+                now
+            )
+            .execute(&mut *conn)
+            .await?
+        }
+        Write::WarmExpireOrphans { now } => {
+            // Sessions nobody holds any more and whose keep-alive ran out.
+            sqlx::query!(
+                r#"UPDATE warm_sessions SET state = 'stopped', pid = NULL, updated_at = ?1
+                   WHERE state IN ('starting', 'warm', 'busy')
+                     AND (lease_expires_at IS NULL OR lease_expires_at < ?1)
+                     AND expires_at IS NOT NULL AND expires_at <= ?1"#,
+                now
+            )
+            .execute(&mut *conn)
+            .await?
+        }
+        Write::JobExpireOwner { owner, now } => {
+            sqlx::query!(
+                r#"UPDATE jobs SET lease_expires_at = ?2 - 1
+                   WHERE state = 'running' AND lease_owner = ?1"#,
+                owner,
+                now
+            )
+            .execute(&mut *conn)
+            .await?
+        }
+        Write::JobRecordRun {
+            job_id,
+            attempt,
+            facts,
+        } => {
+            sqlx::query!(
+                r#"UPDATE jobs SET warm = ?3, first_output_ms = ?4, input_tokens = ?5,
+                                   output_tokens = ?6, cost_usd = ?7
+                   WHERE id = ?1 AND attempt = ?2"#,
+                job_id,
+                attempt,
+                facts.warm,
+                facts.first_output_ms,
+                facts.input_tokens,
+                facts.output_tokens,
+                facts.cost_usd
+            )
+            .execute(&mut *conn)
+            .await?
+        }
+    };
+    Ok(r.rows_affected())
 }

@@ -2,6 +2,8 @@
 
 mod support;
 
+mod acp;
+mod agent_process;
 mod config;
 mod queue;
 mod worker;

@@ -1,0 +1,1288 @@
+//! gorp's side of ACP: one live agent process and its JSON-RPC connection.
+//!
+//! [`AgentProcess::spawn`] starts the agent binary in its own process group
+//! with piped stdio, connects an ACP v1 client over stdin/stdout, and runs
+//! `initialize` (advertising `fs.readTextFile` and `fs.writeTextFile`). The
+//! agent's stderr is read line by line: each line goes to `tracing` (target
+//! `gorp::acp::stderr`), into a bounded tail ([`AgentProcess::stderr_tail`]),
+//! and as a `"stderr"` [`AgentEvent`] to every prompt running at that moment.
+//!
+//! # Events
+//!
+//! During [`AgentProcess::prompt`] everything the agent sends for that
+//! prompt's session is delivered, in arrival order, as an [`AgentEvent`]:
+//!
+//! | kind | source | text | data |
+//! | --- | --- | --- | --- |
+//! | `message` | `agent_message_chunk` | chunk text | the update JSON |
+//! | `thought` | `agent_thought_chunk` | chunk text | the update JSON |
+//! | `user_message` | `user_message_chunk` | chunk text | the update JSON |
+//! | `tool_call` | `tool_call` | title | update JSON plus `id`, `title`, `kind`, `status` |
+//! | `tool_call_update` | `tool_call_update` | new title, if any | update JSON plus `id` and whichever of `title`, `kind`, `status` changed |
+//! | `plan` | `plan` | entries, one per line | the update JSON |
+//! | `commands` | `available_commands_update` | command names, space separated | the update JSON |
+//! | `mode` | `current_mode_update` | mode id | the update JSON |
+//! | `usage` | `usage_update` | — | the update JSON (`used`, `size`, `cost`, `_meta`) |
+//! | `config`, `session_info`, other | remaining update variants (kind = the wire tag for unknown ones) | — | the update JSON |
+//! | `turn_usage` | `usage` of the prompt response (unstable end-turn usage) | — | the usage JSON |
+//! | `permission` | `session/request_permission` | chosen option id, or `cancelled` | `policy`, `outcome`, `optionId`, `optionKind`, `options`, `toolCall` |
+//! | `fs_read` / `fs_write` | allowed `fs/read_text_file` / `fs/write_text_file` | path as requested | `path`, `resolved`, `bytes` (+ `line`, `limit`) |
+//! | `fs_denied` | refused fs request | reason | `op`, `path`, `reason` |
+//! | `fs_error` | allowed fs request that failed (missing file, I/O) | error | `op`, `path`, `resolved`, `error` |
+//! | `stderr` | a stderr line of the agent process | the line | `{}` |
+//!
+//! Updates for a session with no running prompt are not job output and are
+//! dropped (counted by [`AgentProcess::unrouted_updates`]); replayed history
+//! during [`AgentProcess::load_session`] is counted, not forwarded.
+//! `stderr` events are process-wide, so their order relative to protocol
+//! events is only approximate.
+//!
+//! # File-system confinement
+//!
+//! `fs/*` requests are confined to `fs_root` (canonicalised at spawn):
+//! * a path containing a `..` component is refused;
+//! * a relative path is resolved against `fs_root`; an absolute path is used
+//!   as is;
+//! * the deepest existing ancestor of the path is canonicalised (resolving
+//!   every symlink) and must lie inside `fs_root`; when the path itself exists
+//!   (including a dangling symlink) it is canonicalised too and must resolve
+//!   inside `fs_root`;
+//! * writes create missing parent directories (they are plain names under a
+//!   checked, existing directory).
+//!
+//! Refusals answer the agent with a JSON-RPC error (`-32602`, message
+//! `access denied: ...`) and emit `fs_denied`. The checks are path based; a
+//! process racing to swap directories for symlinks between the check and the
+//! access is out of scope.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Component, Path, PathBuf};
+use std::pin::pin;
+use std::process::Stdio as ProcStdio;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agent_client_protocol::schema::ProtocolVersion;
+use agent_client_protocol::v1::schema::{
+    CancelNotification, ClientCapabilities, ContentBlock, FileSystemCapabilities, Implementation,
+    InitializeRequest, InitializeResponse, LoadSessionRequest, NewSessionRequest,
+    PermissionOptionKind, PromptRequest, PromptResponse, ReadTextFileRequest, ReadTextFileResponse,
+    RequestPermissionOutcome, RequestPermissionRequest, RequestPermissionResponse,
+    SelectedPermissionOutcome, SessionId, SessionNotification, SessionUpdate, WriteTextFileRequest,
+    WriteTextFileResponse,
+};
+use agent_client_protocol::v1::{ConnectionTo, Responder};
+use agent_client_protocol::{
+    is_connection_terminated, is_incoming_transport_closed, Agent, ByteStreams, Client, ErrorCode,
+    JsonRpcRequest,
+};
+use serde_json::{json, Value};
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+use tokio_util::sync::CancellationToken;
+
+/// How to start an agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentSpec {
+    /// Program to run (looked up on `PATH` when it has no slash).
+    pub binary: String,
+    pub args: Vec<String>,
+    /// Working directory of the process, also the `cwd` of new/loaded sessions.
+    pub cwd: PathBuf,
+    /// Extra environment variables (the parent's environment is inherited).
+    pub env: Vec<(String, String)>,
+}
+
+/// Deadlines for the agent's answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub initialize: Duration,
+    pub new_session: Duration,
+    pub load_session: Duration,
+    /// Whole prompt turn; on expiry `session/cancel` is sent.
+    pub prompt: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            initialize: Duration::from_secs(30),
+            new_session: Duration::from_secs(30),
+            load_session: Duration::from_secs(60),
+            prompt: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+/// How long [`AgentProcess::prompt`] waits for the turn to end after sending
+/// `session/cancel` (unless changed with [`AgentProcess::set_cancel_grace`]).
+pub const DEFAULT_CANCEL_GRACE: Duration = Duration::from_secs(5);
+
+/// Number of stderr lines kept for [`AgentProcess::stderr_tail`].
+pub const STDERR_TAIL_LINES: usize = 100;
+const STDERR_LINE_MAX: usize = 4096;
+
+/// How permission requests are answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PermissionPolicy {
+    /// Pick an allow option (`allow_once`, else `allow_always`); cancel if none.
+    Allow,
+    /// Pick a reject option (`reject_once`, else `reject_always`); cancel if none.
+    Deny,
+}
+
+/// Everything the agent sends during a prompt, in order. `kind` is a short
+/// stable string (see the module docs for the list); `text` is the human text
+/// if any; `data` is JSON detail.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentEvent {
+    pub kind: String,
+    pub text: Option<String>,
+    pub data: Value,
+}
+
+impl AgentEvent {
+    fn new(kind: &str, text: Option<String>, data: Value) -> Self {
+        Self {
+            kind: kind.to_string(),
+            text,
+            data,
+        }
+    }
+}
+
+/// Errors of [`AgentProcess`].
+#[derive(Debug, thiserror::Error)]
+pub enum AcpError {
+    #[error("agent binary not found: {binary} (not on PATH, or a missing interpreter)")]
+    BinaryNotFound { binary: String },
+    #[error("cannot start agent {binary}: {source}")]
+    Spawn {
+        binary: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid agent spec: {0}")]
+    InvalidSpec(String),
+    /// The process ended before `initialize` was answered.
+    #[error(
+        "agent exited during startup ({status}); {}",
+        tail_display(stderr_tail)
+    )]
+    ExitedEarly { status: String, stderr_tail: String },
+    /// The process runs but does not answer `initialize` like an ACP agent
+    /// (no answer in time, an error, or garbage).
+    #[error("agent does not speak ACP: {reason}; {}", tail_display(stderr_tail))]
+    NotAcp { reason: String, stderr_tail: String },
+    #[error("{op} timed out after {after:?}")]
+    Timeout { op: String, after: Duration },
+    /// The agent process ended (or closed its stdout) while a request was
+    /// outstanding, or before it.
+    #[error("agent process exited ({status}); {}", tail_display(stderr_tail))]
+    AgentExited { status: String, stderr_tail: String },
+    /// The agent answered a request with a JSON-RPC error.
+    #[error("{op} failed: agent error {code}: {message}")]
+    Rpc {
+        op: String,
+        code: i32,
+        message: String,
+        data: Option<Value>,
+    },
+    #[error("agent does not support {0}")]
+    Unsupported(String),
+    #[error("session {0} already has a prompt running")]
+    Busy(String),
+}
+
+fn tail_display(tail: &str) -> String {
+    if tail.trim().is_empty() {
+        "no stderr output".to_string()
+    } else {
+        format!("stderr tail:\n{tail}")
+    }
+}
+
+enum Route {
+    Prompt(mpsc::UnboundedSender<AgentEvent>),
+    Load(Arc<AtomicUsize>),
+}
+
+struct Shared {
+    policy: PermissionPolicy,
+    fs_root: PathBuf,
+    routes: Mutex<HashMap<String, Route>>,
+    stderr: Mutex<VecDeque<String>>,
+    unrouted: AtomicU64,
+    pid: u32,
+}
+
+impl Shared {
+    /// Sends `event` to the prompt running on `session`; counts replayed
+    /// updates while `session` is loading. Returns whether it was routed.
+    fn route(&self, session: &str, event: impl FnOnce() -> AgentEvent) -> bool {
+        let routes = self.routes.lock().unwrap();
+        match routes.get(session) {
+            Some(Route::Prompt(tx)) => {
+                let _ = tx.send(event());
+                true
+            }
+            Some(Route::Load(count)) => {
+                count.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            None => {
+                self.unrouted.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    fn emit(&self, session: &str, event: AgentEvent) {
+        if !self.route(session, || event.clone()) {
+            tracing::debug!(pid = self.pid, session, kind = %event.kind, "agent event outside a prompt dropped");
+        }
+    }
+
+    fn stderr_line(&self, line: String) {
+        tracing::info!(target: "gorp::acp::stderr", pid = self.pid, "{line}");
+        {
+            let mut tail = self.stderr.lock().unwrap();
+            if tail.len() == STDERR_TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(line.clone());
+        }
+        let routes = self.routes.lock().unwrap();
+        for route in routes.values() {
+            if let Route::Prompt(tx) = route {
+                let _ = tx.send(AgentEvent::new("stderr", Some(line.clone()), json!({})));
+            }
+        }
+    }
+
+    fn stderr_tail(&self) -> String {
+        let tail = self.stderr.lock().unwrap();
+        tail.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+
+    fn on_update(&self, note: SessionNotification) {
+        let session = note.session_id.0.to_string();
+        self.route(&session, || update_event(&note.update));
+    }
+
+    fn decide_permission(&self, req: &RequestPermissionRequest) -> RequestPermissionResponse {
+        let preferred: &[PermissionOptionKind] = match self.policy {
+            PermissionPolicy::Allow => &[
+                PermissionOptionKind::AllowOnce,
+                PermissionOptionKind::AllowAlways,
+            ],
+            PermissionPolicy::Deny => &[
+                PermissionOptionKind::RejectOnce,
+                PermissionOptionKind::RejectAlways,
+            ],
+        };
+        let chosen = preferred
+            .iter()
+            .find_map(|kind| req.options.iter().find(|o| o.kind == *kind));
+        let options: Vec<Value> = req
+            .options
+            .iter()
+            .map(|o| json!({ "id": o.option_id.to_string(), "name": o.name, "kind": enum_str(&o.kind) }))
+            .collect();
+        let policy = match self.policy {
+            PermissionPolicy::Allow => "allow",
+            PermissionPolicy::Deny => "deny",
+        };
+        let tool_call = serde_json::to_value(&req.tool_call).unwrap_or(Value::Null);
+        let (event, response) = match chosen {
+            Some(option) => (
+                AgentEvent::new(
+                    "permission",
+                    Some(option.option_id.to_string()),
+                    json!({
+                        "policy": policy,
+                        "outcome": "selected",
+                        "optionId": option.option_id.to_string(),
+                        "optionKind": enum_str(&option.kind),
+                        "options": options,
+                        "toolCall": tool_call,
+                    }),
+                ),
+                RequestPermissionResponse::new(RequestPermissionOutcome::Selected(
+                    SelectedPermissionOutcome::new(option.option_id.clone()),
+                )),
+            ),
+            None => (
+                AgentEvent::new(
+                    "permission",
+                    Some("cancelled".to_string()),
+                    json!({
+                        "policy": policy,
+                        "outcome": "cancelled",
+                        "optionId": null,
+                        "optionKind": null,
+                        "options": options,
+                        "toolCall": tool_call,
+                    }),
+                ),
+                RequestPermissionResponse::new(RequestPermissionOutcome::Cancelled),
+            ),
+        };
+        self.emit(&req.session_id.0, event);
+        response
+    }
+
+    fn deny(
+        &self,
+        session: &str,
+        op: &str,
+        path: &Path,
+        reason: String,
+    ) -> agent_client_protocol::Error {
+        self.emit(
+            session,
+            AgentEvent::new(
+                "fs_denied",
+                Some(reason.clone()),
+                json!({ "op": op, "path": path.display().to_string(), "reason": reason }),
+            ),
+        );
+        agent_client_protocol::Error::new(
+            ErrorCode::INVALID_PARAMS,
+            format!("access denied: {reason}"),
+        )
+    }
+
+    fn fs_failed(
+        &self,
+        session: &str,
+        op: &str,
+        path: &Path,
+        resolved: &Path,
+        err: std::io::Error,
+    ) -> agent_client_protocol::Error {
+        let code = if err.kind() == std::io::ErrorKind::NotFound {
+            ErrorCode::RESOURCE_NOT_FOUND
+        } else {
+            ErrorCode::INTERNAL_ERROR
+        };
+        let message = format!("{op} {}: {err}", path.display());
+        self.emit(
+            session,
+            AgentEvent::new(
+                "fs_error",
+                Some(message.clone()),
+                json!({
+                    "op": op,
+                    "path": path.display().to_string(),
+                    "resolved": resolved.display().to_string(),
+                    "error": err.to_string(),
+                }),
+            ),
+        );
+        agent_client_protocol::Error::new(code, message)
+    }
+
+    async fn fs_read(
+        &self,
+        req: &ReadTextFileRequest,
+    ) -> Result<ReadTextFileResponse, agent_client_protocol::Error> {
+        let session = req.session_id.0.to_string();
+        let resolved = confine(&self.fs_root, &req.path)
+            .map_err(|reason| self.deny(&session, "read", &req.path, reason))?;
+        let content = tokio::fs::read_to_string(&resolved)
+            .await
+            .map_err(|e| self.fs_failed(&session, "read", &req.path, &resolved, e))?;
+        let content = select_lines(&content, req.line, req.limit);
+        self.emit(
+            &session,
+            AgentEvent::new(
+                "fs_read",
+                Some(req.path.display().to_string()),
+                json!({
+                    "path": req.path.display().to_string(),
+                    "resolved": resolved.display().to_string(),
+                    "bytes": content.len(),
+                    "line": req.line,
+                    "limit": req.limit,
+                }),
+            ),
+        );
+        Ok(ReadTextFileResponse::new(content))
+    }
+
+    async fn fs_write(
+        &self,
+        req: &WriteTextFileRequest,
+    ) -> Result<WriteTextFileResponse, agent_client_protocol::Error> {
+        let session = req.session_id.0.to_string();
+        let resolved = confine(&self.fs_root, &req.path)
+            .map_err(|reason| self.deny(&session, "write", &req.path, reason))?;
+        let result = async {
+            if let Some(parent) = resolved.parent() {
+                tokio::fs::create_dir_all(parent).await?;
+            }
+            tokio::fs::write(&resolved, req.content.as_bytes()).await
+        }
+        .await;
+        result.map_err(|e| self.fs_failed(&session, "write", &req.path, &resolved, e))?;
+        self.emit(
+            &session,
+            AgentEvent::new(
+                "fs_write",
+                Some(req.path.display().to_string()),
+                json!({
+                    "path": req.path.display().to_string(),
+                    "resolved": resolved.display().to_string(),
+                    "bytes": req.content.len(),
+                }),
+            ),
+        );
+        Ok(WriteTextFileResponse::new())
+    }
+}
+
+/// Serialises a unit enum to its wire string (`"allow_once"`).
+fn enum_str<T: serde::Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+fn block_text(block: &ContentBlock) -> Option<String> {
+    match block {
+        ContentBlock::Text(t) => Some(t.text.clone()),
+        ContentBlock::ResourceLink(l) => Some(l.uri.clone()),
+        _ => None,
+    }
+}
+
+/// Maps one `session/update` to an [`AgentEvent`].
+pub fn update_event(update: &SessionUpdate) -> AgentEvent {
+    let mut data = serde_json::to_value(update).unwrap_or(Value::Null);
+    let (kind, text): (String, Option<String>) = match update {
+        SessionUpdate::AgentMessageChunk(c) => ("message".into(), block_text(&c.content)),
+        SessionUpdate::AgentThoughtChunk(c) => ("thought".into(), block_text(&c.content)),
+        SessionUpdate::UserMessageChunk(c) => ("user_message".into(), block_text(&c.content)),
+        SessionUpdate::ToolCall(tc) => {
+            if let Value::Object(map) = &mut data {
+                map.insert("id".into(), tc.tool_call_id.to_string().into());
+                map.insert("title".into(), tc.title.clone().into());
+                map.insert("kind".into(), enum_str(&tc.kind));
+                map.insert("status".into(), enum_str(&tc.status));
+            }
+            ("tool_call".into(), Some(tc.title.clone()))
+        }
+        SessionUpdate::ToolCallUpdate(u) => {
+            if let Value::Object(map) = &mut data {
+                map.insert("id".into(), u.tool_call_id.to_string().into());
+                if let Some(title) = &u.fields.title {
+                    map.insert("title".into(), title.clone().into());
+                }
+                if let Some(kind) = &u.fields.kind {
+                    map.insert("kind".into(), enum_str(kind));
+                }
+                if let Some(status) = &u.fields.status {
+                    map.insert("status".into(), enum_str(status));
+                }
+            }
+            ("tool_call_update".into(), u.fields.title.clone())
+        }
+        SessionUpdate::Plan(p) => (
+            "plan".into(),
+            Some(
+                p.entries
+                    .iter()
+                    .map(|e| e.content.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            ),
+        ),
+        SessionUpdate::AvailableCommandsUpdate(c) => (
+            "commands".into(),
+            Some(
+                c.available_commands
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
+        ),
+        SessionUpdate::CurrentModeUpdate(m) => ("mode".into(), Some(m.current_mode_id.to_string())),
+        SessionUpdate::UsageUpdate(_) => ("usage".into(), None),
+        SessionUpdate::ConfigOptionUpdate(_) => ("config".into(), None),
+        SessionUpdate::SessionInfoUpdate(_) => ("session_info".into(), None),
+        _ => (
+            data.get("sessionUpdate")
+                .and_then(Value::as_str)
+                .unwrap_or("other")
+                .to_string(),
+            None,
+        ),
+    };
+    AgentEvent { kind, text, data }
+}
+
+/// Applies the 1-based `line` start and `limit` line count of a read request.
+fn select_lines(content: &str, line: Option<u32>, limit: Option<u32>) -> String {
+    if line.is_none() && limit.is_none() {
+        return content.to_string();
+    }
+    let skip = line.map(|l| l.saturating_sub(1) as usize).unwrap_or(0);
+    let take = limit.map(|l| l as usize).unwrap_or(usize::MAX);
+    content
+        .split_inclusive('\n')
+        .skip(skip)
+        .take(take)
+        .collect()
+}
+
+/// Resolves `requested` inside the canonical directory `root`, or says why
+/// not. See the module docs for the rules.
+pub fn confine(root: &Path, requested: &Path) -> Result<PathBuf, String> {
+    if requested
+        .components()
+        .any(|c| matches!(c, Component::ParentDir))
+    {
+        return Err(format!("{} contains '..'", requested.display()));
+    }
+    let joined = if requested.is_absolute() {
+        requested.to_path_buf()
+    } else {
+        root.join(requested)
+    };
+    // Split into the deepest existing ancestor and the missing tail.
+    let mut existing = joined.as_path();
+    let mut missing: Vec<std::ffi::OsString> = Vec::new();
+    while std::fs::symlink_metadata(existing).is_err() {
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => return Err(format!("{} has no existing ancestor", joined.display())),
+        }
+    }
+    let canonical = existing
+        .canonicalize()
+        .map_err(|e| format!("cannot resolve {}: {e}", existing.display()))?;
+    if !canonical.starts_with(root) {
+        return Err(format!(
+            "{} resolves to {}, outside {}",
+            requested.display(),
+            canonical.display(),
+            root.display()
+        ));
+    }
+    let mut resolved = canonical;
+    for name in missing.iter().rev() {
+        resolved.push(name);
+    }
+    Ok(resolved)
+}
+
+fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!("exit code {code}"),
+            (None, Some(sig)) => format!("killed by signal {sig}"),
+            _ => format!("{s}"),
+        },
+        Err(e) => format!("unknown exit status: {e}"),
+    }
+}
+
+fn stop_reason_str(resp: &PromptResponse) -> String {
+    match serde_json::to_value(resp.stop_reason) {
+        Ok(Value::String(s)) => s,
+        _ => format!("{:?}", resp.stop_reason),
+    }
+}
+
+/// Waits until the watched exit status is known.
+async fn exited(mut rx: watch::Receiver<Option<String>>) {
+    let _ = rx.wait_for(Option::is_some).await;
+}
+
+/// One live agent process and its ACP connection.
+pub struct AgentProcess {
+    pid: u32,
+    cx: ConnectionTo<Agent>,
+    shared: Arc<Shared>,
+    init: InitializeResponse,
+    timeouts: Timeouts,
+    cancel_grace: Duration,
+    cwd: PathBuf,
+    exit_rx: watch::Receiver<Option<String>>,
+    stderr_done: watch::Receiver<bool>,
+    stop: CancellationToken,
+    wait_task: Option<JoinHandle<()>>,
+    io_tasks: Vec<JoinHandle<()>>,
+    reaped: bool,
+}
+
+impl std::fmt::Debug for AgentProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentProcess")
+            .field("pid", &self.pid)
+            .field("cwd", &self.cwd)
+            .field("exited", &self.has_exited())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Removes a session route when dropped.
+struct RouteGuard<'a> {
+    shared: &'a Shared,
+    session: String,
+}
+
+impl Drop for RouteGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.routes.lock().unwrap().remove(&self.session);
+    }
+}
+
+enum Race<T> {
+    Done(Result<T, agent_client_protocol::Error>),
+    Cancelled,
+    TimedOut,
+    Exited,
+}
+
+impl AgentProcess {
+    /// Spawns the agent and runs `initialize`. Fails with
+    /// [`AcpError::BinaryNotFound`], [`AcpError::Spawn`],
+    /// [`AcpError::ExitedEarly`] (with the stderr tail) or
+    /// [`AcpError::NotAcp`] (no `initialize` answer within
+    /// `timeouts.initialize`, or a protocol error); the process group is
+    /// killed on failure.
+    pub async fn spawn(
+        spec: &AgentSpec,
+        timeouts: Timeouts,
+        policy: PermissionPolicy,
+        fs_root: PathBuf,
+    ) -> Result<Self, AcpError> {
+        let fs_root = fs_root
+            .canonicalize()
+            .map_err(|e| AcpError::InvalidSpec(format!("fs_root {}: {e}", fs_root.display())))?;
+        let cwd = spec
+            .cwd
+            .canonicalize()
+            .map_err(|e| AcpError::InvalidSpec(format!("cwd {}: {e}", spec.cwd.display())))?;
+        if !cwd.is_dir() {
+            return Err(AcpError::InvalidSpec(format!(
+                "cwd {} is not a directory",
+                cwd.display()
+            )));
+        }
+
+        let mut cmd = tokio::process::Command::new(&spec.binary);
+        cmd.args(&spec.args)
+            .current_dir(&cwd)
+            .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(ProcStdio::piped())
+            .stdout(ProcStdio::piped())
+            .stderr(ProcStdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        let mut child = cmd.spawn().map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => AcpError::BinaryNotFound {
+                binary: spec.binary.clone(),
+            },
+            _ => AcpError::Spawn {
+                binary: spec.binary.clone(),
+                source: e,
+            },
+        })?;
+        let pid = child.id().unwrap_or(0);
+        let stdin = child.stdin.take().expect("stdin is piped");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        tracing::debug!(pid, binary = %spec.binary, "agent process started");
+
+        let shared = Arc::new(Shared {
+            policy,
+            fs_root,
+            routes: Mutex::new(HashMap::new()),
+            stderr: Mutex::new(VecDeque::new()),
+            unrouted: AtomicU64::new(0),
+            pid,
+        });
+
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let wait_task = tokio::spawn(async move {
+            let status = describe_exit(child.wait().await);
+            tracing::debug!(pid, %status, "agent process exited");
+            let _ = exit_tx.send(Some(status));
+        });
+
+        let (stderr_tx, stderr_done) = watch::channel(false);
+        let stderr_shared = shared.clone();
+        let stderr_task = tokio::spawn(async move {
+            let mut reader = tokio::io::BufReader::new(stderr);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match reader.read_until(b'\n', &mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let mut line = String::from_utf8_lossy(&buf)
+                            .trim_end_matches(['\n', '\r'])
+                            .to_string();
+                        if line.len() > STDERR_LINE_MAX {
+                            let mut cut = STDERR_LINE_MAX;
+                            while !line.is_char_boundary(cut) {
+                                cut -= 1;
+                            }
+                            line.truncate(cut);
+                            line.push('…');
+                        }
+                        stderr_shared.stderr_line(line);
+                    }
+                }
+            }
+            let _ = stderr_tx.send(true);
+        });
+
+        let stop = CancellationToken::new();
+        let (cx_tx, cx_rx) = oneshot::channel();
+        let conn_task = tokio::spawn(run_connection(
+            shared.clone(),
+            stdin,
+            stdout,
+            stop.clone(),
+            cx_tx,
+            pid,
+        ));
+
+        let cx = match cx_rx.await {
+            Ok(cx) => cx,
+            Err(_) => {
+                // The connection ended before it started serving.
+                let proc = PartialProcess {
+                    pid,
+                    shared,
+                    exit_rx,
+                    stop,
+                    wait_task: Some(wait_task),
+                    io_tasks: vec![stderr_task, conn_task],
+                };
+                let err = AcpError::NotAcp {
+                    reason: "the ACP connection could not be established".into(),
+                    stderr_tail: proc.stderr_tail(),
+                };
+                proc.shutdown().await;
+                return Err(err);
+            }
+        };
+
+        let mut proc = Self {
+            pid,
+            cx,
+            shared,
+            init: InitializeResponse::new(ProtocolVersion::V1),
+            timeouts,
+            cancel_grace: DEFAULT_CANCEL_GRACE,
+            cwd,
+            exit_rx,
+            stderr_done,
+            stop,
+            wait_task: Some(wait_task),
+            io_tasks: vec![stderr_task, conn_task],
+            reaped: false,
+        };
+
+        let request = InitializeRequest::new(ProtocolVersion::V1)
+            .client_capabilities(
+                ClientCapabilities::new().fs(FileSystemCapabilities::new()
+                    .read_text_file(true)
+                    .write_text_file(true)),
+            )
+            .client_info(Implementation::new("gorp", env!("CARGO_PKG_VERSION")));
+        let outcome = proc.race(request, timeouts.initialize).await;
+        let error = match outcome {
+            Race::Done(Ok(resp)) => {
+                tracing::debug!(pid, agent = ?resp.agent_info, load_session = resp.agent_capabilities.load_session, "agent initialized");
+                proc.init = resp;
+                return Ok(proc);
+            }
+            Race::Done(Err(e)) if is_transport_end(&e) => proc.startup_exit_error().await,
+            Race::Exited => proc.startup_exit_error().await,
+            Race::Done(Err(e)) => {
+                if proc.wait_exit(Duration::from_millis(200)).await.is_some() {
+                    proc.startup_exit_error().await
+                } else {
+                    AcpError::NotAcp {
+                        reason: format!("initialize failed: {e}"),
+                        stderr_tail: proc.stderr_tail(),
+                    }
+                }
+            }
+            Race::TimedOut | Race::Cancelled => AcpError::NotAcp {
+                reason: format!("no answer to initialize within {:?}", timeouts.initialize),
+                stderr_tail: proc.stderr_tail(),
+            },
+        };
+        proc.shutdown().await;
+        Err(error)
+    }
+
+    /// Process id of the agent (also its process-group id).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Whether the agent advertised `loadSession`.
+    pub fn supports_load_session(&self) -> bool {
+        self.init.agent_capabilities.load_session
+    }
+
+    /// The agent's `initialize` answer (capabilities, agent info, auth methods).
+    pub fn initialize_response(&self) -> &InitializeResponse {
+        &self.init
+    }
+
+    /// Changes how long a cancelled or timed-out prompt waits for the agent
+    /// to finish the turn.
+    pub fn set_cancel_grace(&mut self, grace: Duration) {
+        self.cancel_grace = grace;
+    }
+
+    /// Number of `session/update`s received for sessions that had no prompt
+    /// (or load) running.
+    pub fn unrouted_updates(&self) -> u64 {
+        self.shared.unrouted.load(Ordering::Relaxed)
+    }
+
+    /// The last [`STDERR_TAIL_LINES`] stderr lines, newline separated.
+    pub fn stderr_tail(&self) -> String {
+        self.shared.stderr_tail()
+    }
+
+    /// Whether the agent process has exited (and been reaped).
+    pub fn has_exited(&self) -> bool {
+        self.exit_rx.borrow().is_some()
+    }
+
+    /// The exit status description once the process has exited.
+    pub fn exit_status(&self) -> Option<String> {
+        self.exit_rx.borrow().clone()
+    }
+
+    /// Creates a session with the spec's `cwd`; returns its id.
+    pub async fn new_session(&self) -> Result<String, AcpError> {
+        let resp = self
+            .request(
+                "session/new",
+                NewSessionRequest::new(self.cwd.clone()),
+                self.timeouts.new_session,
+            )
+            .await?;
+        Ok(resp.session_id.0.to_string())
+    }
+
+    /// Loads a session. The history the agent replays is not job output: it
+    /// is counted, not forwarded.
+    pub async fn load_session(&self, id: &str) -> Result<(), AcpError> {
+        self.load_session_counted(id).await.map(|_| ())
+    }
+
+    /// Like [`Self::load_session`], returning how many `session/update`s the
+    /// agent replayed.
+    pub async fn load_session_counted(&self, id: &str) -> Result<usize, AcpError> {
+        if !self.supports_load_session() {
+            return Err(AcpError::Unsupported("session/load".into()));
+        }
+        let count = Arc::new(AtomicUsize::new(0));
+        let _guard = self.register(id, Route::Load(count.clone()))?;
+        self.request(
+            "session/load",
+            LoadSessionRequest::new(SessionId::new(id), self.cwd.clone()),
+            self.timeouts.load_session,
+        )
+        .await?;
+        Ok(count.load(Ordering::Relaxed))
+    }
+
+    /// Sends `session/prompt`; each `session/update`, permission decision
+    /// and fs request of the session during it is delivered to `events` in
+    /// order. Cancelling `cancel` sends `session/cancel` and then waits (at
+    /// most the cancel grace) for the prompt to end. Returns the stop reason
+    /// (`"end_turn"`, `"cancelled"`, `"max_tokens"`, ...).
+    ///
+    /// Errors: [`AcpError::AgentExited`] if the process dies mid-prompt;
+    /// [`AcpError::Timeout`] (`op` = `session/prompt`) after
+    /// `timeouts.prompt`, having sent `session/cancel`; [`AcpError::Timeout`]
+    /// (`op` = `session/cancel`) if a cancelled turn does not end within the
+    /// grace; [`AcpError::Rpc`] if the agent answers with an error.
+    pub async fn prompt(
+        &self,
+        session_id: &str,
+        text: &str,
+        events: mpsc::UnboundedSender<AgentEvent>,
+        cancel: CancellationToken,
+    ) -> Result<String, AcpError> {
+        let _guard = self.register(session_id, Route::Prompt(events.clone()))?;
+        let request = PromptRequest::new(
+            SessionId::new(session_id),
+            vec![ContentBlock::from(text.to_string())],
+        );
+        let op = "session/prompt";
+        let mut fut = pin!(self.cx.send_request(request).block_task());
+        let race = tokio::select! {
+            biased;
+            r = &mut fut => Race::Done(r),
+            _ = exited(self.exit_rx.clone()) => Race::Exited,
+            _ = cancel.cancelled() => Race::Cancelled,
+            _ = tokio::time::sleep(self.timeouts.prompt) => Race::TimedOut,
+        };
+        let result = match race {
+            Race::Done(r) => r,
+            Race::Exited => {
+                match tokio::time::timeout(Duration::from_millis(200), &mut fut).await {
+                    Ok(r) => r,
+                    Err(_) => return Err(self.exited_error().await),
+                }
+            }
+            Race::Cancelled => {
+                self.send_cancel(session_id);
+                match tokio::time::timeout(self.cancel_grace, &mut fut).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        return Err(AcpError::Timeout {
+                            op: "session/cancel".into(),
+                            after: self.cancel_grace,
+                        })
+                    }
+                }
+            }
+            Race::TimedOut => {
+                self.send_cancel(session_id);
+                let _ = tokio::time::timeout(self.cancel_grace, &mut fut).await;
+                return Err(AcpError::Timeout {
+                    op: op.into(),
+                    after: self.timeouts.prompt,
+                });
+            }
+        };
+        match result {
+            Ok(resp) => {
+                if let Some(usage) = &resp.usage {
+                    let _ = events.send(AgentEvent::new(
+                        "turn_usage",
+                        None,
+                        serde_json::to_value(usage).unwrap_or(Value::Null),
+                    ));
+                }
+                Ok(stop_reason_str(&resp))
+            }
+            Err(e) => Err(self.map_error(op, e).await),
+        }
+    }
+
+    /// Kills the whole process group (SIGTERM, then SIGKILL after a short
+    /// grace) and reaps the process.
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        let group = self.pid as i32;
+        if group > 0 && !self.has_exited() {
+            // SAFETY: plain syscall on a process group this value created.
+            unsafe {
+                libc::killpg(group, libc::SIGTERM);
+            }
+            if self.wait_exit(Duration::from_millis(500)).await.is_none() {
+                // SAFETY: as above.
+                unsafe {
+                    libc::killpg(group, libc::SIGKILL);
+                }
+            }
+        }
+        if group > 0 {
+            // Stragglers that left the leader behind.
+            // SAFETY: as above; ESRCH when the group is already gone.
+            unsafe {
+                libc::killpg(group, libc::SIGKILL);
+            }
+        }
+        if let Some(task) = self.wait_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+        for mut task in self.io_tasks.drain(..) {
+            // stderr may be held open by a process that left the group.
+            if tokio::time::timeout(Duration::from_secs(1), &mut task)
+                .await
+                .is_err()
+            {
+                tracing::debug!(
+                    pid = self.pid,
+                    "agent I/O task still busy after kill; aborted"
+                );
+                task.abort();
+            }
+        }
+        self.reaped = true;
+    }
+
+    // -- internals --------------------------------------------------------
+
+    fn register(&self, session: &str, route: Route) -> Result<RouteGuard<'_>, AcpError> {
+        let mut routes = self.shared.routes.lock().unwrap();
+        if routes.contains_key(session) {
+            return Err(AcpError::Busy(session.to_string()));
+        }
+        routes.insert(session.to_string(), route);
+        Ok(RouteGuard {
+            shared: &self.shared,
+            session: session.to_string(),
+        })
+    }
+
+    fn send_cancel(&self, session_id: &str) {
+        if let Err(e) = self
+            .cx
+            .send_notification(CancelNotification::new(SessionId::new(session_id)))
+        {
+            tracing::debug!(pid = self.pid, "cannot send session/cancel: {e}");
+        }
+    }
+
+    /// Sends `req` and waits for the answer, the deadline or the process
+    /// exit, whichever comes first.
+    async fn race<Req: JsonRpcRequest>(&self, req: Req, limit: Duration) -> Race<Req::Response> {
+        let mut fut = pin!(self.cx.send_request(req).block_task());
+        let race = tokio::select! {
+            biased;
+            r = &mut fut => Race::Done(r),
+            _ = exited(self.exit_rx.clone()) => Race::Exited,
+            _ = tokio::time::sleep(limit) => Race::TimedOut,
+        };
+        if let Race::Exited = race {
+            // A last answer may already be in flight.
+            if let Ok(r) = tokio::time::timeout(Duration::from_millis(200), &mut fut).await {
+                return Race::Done(r);
+            }
+        }
+        race
+    }
+
+    async fn request<Req: JsonRpcRequest>(
+        &self,
+        op: &str,
+        req: Req,
+        limit: Duration,
+    ) -> Result<Req::Response, AcpError> {
+        match self.race(req, limit).await {
+            Race::Done(Ok(resp)) => Ok(resp),
+            Race::Done(Err(e)) => Err(self.map_error(op, e).await),
+            Race::Exited => Err(self.exited_error().await),
+            Race::TimedOut | Race::Cancelled => Err(AcpError::Timeout {
+                op: op.into(),
+                after: limit,
+            }),
+        }
+    }
+
+    async fn map_error(&self, op: &str, e: agent_client_protocol::Error) -> AcpError {
+        if is_transport_end(&e) || self.has_exited() {
+            return self.exited_error().await;
+        }
+        AcpError::Rpc {
+            op: op.into(),
+            code: e.code.value(),
+            message: e.message,
+            data: e.data,
+        }
+    }
+
+    async fn wait_exit(&self, limit: Duration) -> Option<String> {
+        let mut rx = self.exit_rx.clone();
+        let status = match tokio::time::timeout(limit, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(status)) => status.clone(),
+            _ => None,
+        };
+        status
+    }
+
+    /// Waits (bounded) for the exit status and the end of stderr, so the
+    /// tail holds the agent's last words.
+    async fn exit_details(&self) -> (String, String) {
+        let status = self
+            .wait_exit(Duration::from_secs(2))
+            .await
+            .unwrap_or_else(|| "stdout closed; process still running".to_string());
+        let mut done = self.stderr_done.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(1), done.wait_for(|d| *d)).await;
+        (status, self.stderr_tail())
+    }
+
+    async fn exited_error(&self) -> AcpError {
+        let (status, stderr_tail) = self.exit_details().await;
+        AcpError::AgentExited {
+            status,
+            stderr_tail,
+        }
+    }
+
+    async fn startup_exit_error(&self) -> AcpError {
+        let (status, stderr_tail) = self.exit_details().await;
+        AcpError::ExitedEarly {
+            status,
+            stderr_tail,
+        }
+    }
+}
+
+/// The pieces that exist when the connection failed to start.
+struct PartialProcess {
+    pid: u32,
+    shared: Arc<Shared>,
+    exit_rx: watch::Receiver<Option<String>>,
+    stop: CancellationToken,
+    wait_task: Option<JoinHandle<()>>,
+    io_tasks: Vec<JoinHandle<()>>,
+}
+
+impl PartialProcess {
+    fn stderr_tail(&self) -> String {
+        self.shared.stderr_tail()
+    }
+
+    async fn shutdown(mut self) {
+        self.stop.cancel();
+        let group = self.pid as i32;
+        if group > 0 && self.exit_rx.borrow().is_none() {
+            // SAFETY: plain syscall on the process group created at spawn.
+            unsafe {
+                libc::killpg(group, libc::SIGKILL);
+            }
+        }
+        if let Some(task) = self.wait_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+        for task in self.io_tasks.drain(..) {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if !self.reaped {
+            self.stop.cancel();
+            if self.pid > 0 && !self.has_exited() {
+                // SAFETY: plain syscall on the process group created at spawn.
+                unsafe {
+                    libc::killpg(self.pid as i32, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+fn is_transport_end(e: &agent_client_protocol::Error) -> bool {
+    is_incoming_transport_closed(e) || is_connection_terminated(e)
+}
+
+/// Drives the client side of the connection until `stop` or the agent's
+/// stdout closes.
+async fn run_connection(
+    shared: Arc<Shared>,
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::process::ChildStdout,
+    stop: CancellationToken,
+    cx_tx: oneshot::Sender<ConnectionTo<Agent>>,
+    pid: u32,
+) {
+    let on_update = shared.clone();
+    let on_permission = shared.clone();
+    let on_read = shared.clone();
+    let on_write = shared;
+    let transport = ByteStreams::new(stdin.compat_write(), stdout.compat());
+    let result = Client
+        .v1()
+        .name("gorp")
+        .on_receive_notification(
+            async move |note: SessionNotification, _cx: ConnectionTo<Agent>| {
+                on_update.on_update(note);
+                Ok(())
+            },
+            agent_client_protocol::on_receive_notification!(),
+        )
+        .on_receive_request(
+            async move |req: RequestPermissionRequest,
+                        responder: Responder<RequestPermissionResponse>,
+                        _cx: ConnectionTo<Agent>| {
+                let resp = on_permission.decide_permission(&req);
+                responder.respond(resp)
+            },
+            agent_client_protocol::on_receive_request!(),
+        )
+        .on_receive_request(
+            async move |req: ReadTextFileRequest,
+                        responder: Responder<ReadTextFileResponse>,
+                        _cx: ConnectionTo<Agent>| {
+                responder.respond_with_result(on_read.fs_read(&req).await)
+            },
+            agent_client_protocol::on_receive_request!(),
+        )
+        .on_receive_request(
+            async move |req: WriteTextFileRequest,
+                        responder: Responder<WriteTextFileResponse>,
+                        _cx: ConnectionTo<Agent>| {
+                responder.respond_with_result(on_write.fs_write(&req).await)
+            },
+            agent_client_protocol::on_receive_request!(),
+        )
+        .connect_with(transport, async move |cx: ConnectionTo<Agent>| {
+            let _ = cx_tx.send(cx.clone());
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = cx.incoming_closed() => {}
+            }
+            Ok(())
+        })
+        .await;
+    match result {
+        Ok(()) => tracing::debug!(pid, "agent connection closed"),
+        Err(e) => tracing::debug!(pid, "agent connection ended with error: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confine_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        std::fs::create_dir(root.join("sub")).unwrap();
+        std::fs::write(root.join("sub/a.txt"), "x").unwrap();
+        assert_eq!(
+            confine(&root, Path::new("sub/a.txt")).unwrap(),
+            root.join("sub/a.txt")
+        );
+        assert_eq!(
+            confine(&root, &root.join("new/dir/b.txt")).unwrap(),
+            root.join("new/dir/b.txt")
+        );
+        assert!(confine(&root, Path::new("../x")).is_err());
+        assert!(confine(&root, Path::new("sub/../../x")).is_err());
+        assert!(confine(&root, Path::new("/etc/passwd")).is_err());
+        std::os::unix::fs::symlink("/etc", root.join("esc")).unwrap();
+        assert!(confine(&root, Path::new("esc/passwd")).is_err());
+        std::os::unix::fs::symlink("/nonexistent/zzz", root.join("dangling")).unwrap();
+        assert!(confine(&root, Path::new("dangling")).is_err());
+    }
+
+    #[test]
+    fn line_selection() {
+        let text = "a\nb\nc\n";
+        assert_eq!(select_lines(text, None, None), text);
+        assert_eq!(select_lines(text, Some(2), None), "b\nc\n");
+        assert_eq!(select_lines(text, Some(1), Some(2)), "a\nb\n");
+    }
+}

@@ -1,0 +1,1064 @@
+//! `gorp-script-agent`: a real ACP agent that speaks JSON-RPC over stdio and
+//! whose behaviour is scripted by the prompt text.
+//!
+//! It is meant for tests and demos of ACP clients: every observable thing a
+//! real agent does (streaming chunks, thoughts, tool calls, permission
+//! requests, client file-system calls, usage reports, crashes, hangs,
+//! failures) can be triggered deterministically from a prompt.
+//!
+//! # Protocol surface
+//!
+//! * `initialize`: advertises `loadSession: true`. With `--startup-delay-ms N`
+//!   the answer is delayed by `N` ms (to make cold starts measurable).
+//! * `session/new`, `session/load`, `session/prompt`, `session/cancel`.
+//! * Sessions are persisted as one JSON file per session,
+//!   `<state-dir>/<session-id>.json` (`--state-dir DIR`, default
+//!   `$TMPDIR/gorp-script-agent`), so a later process can `session/load` a
+//!   session created by an earlier one. Loading replays the stored history as
+//!   `session/update` notifications (a `user_message_chunk` per prompt
+//!   followed by the recorded `agent_message_chunk` / `agent_thought_chunk`
+//!   replies) before answering the request.
+//! * Every prompt is appended to the session's history file when it starts
+//!   (so `@history` and crashes see it) and rewritten with its replies and
+//!   stop reason when it ends.
+//!
+//! # Directives
+//!
+//! The prompt text (all text content blocks joined with newlines) is read line
+//! by line. A line whose first non-blank word is one of the directives below
+//! is executed; directives run in order. Every other line, including lines
+//! starting with an unknown `@word`, is ignored. A prompt without any
+//! directive is answered with a single message `echo: <prompt text>`.
+//!
+//! | directive | effect |
+//! | --- | --- |
+//! | `@reply TEXT` | send `TEXT` as agent message chunk(s) |
+//! | `@chunks N` | later `@reply`s are split into `N` chunks (default 1; a text shorter than `N` characters gets one chunk per character) |
+//! | `@delay-ms N` | wait `N` ms between the chunks of a reply (default 0) |
+//! | `@sleep-ms N` | wait `N` ms (cancellable) |
+//! | `@thought TEXT` | send `TEXT` as an agent thought chunk |
+//! | `@tool-call NAME` | send `tool_call` (id `call-K`, title `NAME`, status `in_progress`), then a `tool_call_update` with status `completed` |
+//! | `@permission [TITLE]` | send `session/request_permission` with options `allow` (allow_once), `allow-always` (allow_always), `reject` (reject_once); then reply `permission: <option id>` or `permission: cancelled` |
+//! | `@read PATH` | call the client's `fs/read_text_file`; reply `read ok: <content>` or `read error: <message>` |
+//! | `@write PATH CONTENT` | call the client's `fs/write_text_file` (`\n` in `CONTENT` is a newline, `\\` a backslash); reply `write ok: <path>` or `write error: <message>` |
+//! | `@usage in=N out=N [cost=F] [size=N]` | send a `usage_update` (`used` = in+out, `size` default 200000, `cost` in USD, `_meta` = `{"inputTokens","outputTokens"}`); the prompt response also carries `usage` (unstable end-turn usage) with the summed tokens |
+//! | `@plan A \| B \| C` | send a `plan` update with those entries (medium priority, pending) |
+//! | `@mode ID` | send a `current_mode_update` |
+//! | `@commands A B C` | send an `available_commands_update` |
+//! | `@stderr TEXT` | write `TEXT` as one line to stderr |
+//! | `@pid` | reply with this process id (decimal) |
+//! | `@history` | reply with the number of prompts this session has seen, the current one included (decimal) |
+//! | `@stop REASON` | end the turn now with stop reason `end_turn`, `max_tokens`, `max_turn_requests`, `refusal` or `cancelled` |
+//! | `@fail MESSAGE` | end the turn now with a JSON-RPC error (code -32603, message `MESSAGE`) |
+//! | `@hang` | wait until the turn is cancelled (`session/cancel` or `$/cancel_request`), then stop with `cancelled` |
+//! | `@crash` | print a line to stderr and exit the process with code 3 |
+//!
+//! Whenever the turn is cancelled (`session/cancel` for the session, or
+//! `$/cancel_request` for the prompt request), the running directive stops at
+//! its next wait and the prompt answers with stop reason `cancelled`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agent_client_protocol::schema::ProtocolVersion;
+use agent_client_protocol::v1::schema::{
+    AgentCapabilities, AvailableCommand, AvailableCommandsUpdate, CancelNotification, ContentBlock,
+    ContentChunk, Cost, CurrentModeUpdate, Implementation, InitializeRequest, InitializeResponse,
+    LoadSessionRequest, LoadSessionResponse, NewSessionRequest, NewSessionResponse,
+    PermissionOption, PermissionOptionKind, Plan, PlanEntry, PlanEntryPriority, PlanEntryStatus,
+    PromptRequest, PromptResponse, ReadTextFileRequest, RequestPermissionOutcome,
+    RequestPermissionRequest, SessionId, SessionNotification, SessionUpdate, StopReason, ToolCall,
+    ToolCallStatus, ToolCallUpdate, ToolCallUpdateFields, ToolKind, Usage, UsageUpdate,
+    WriteTextFileRequest,
+};
+use agent_client_protocol::v1::{ConnectionTo, Responder};
+use agent_client_protocol::{Agent, Client, Error, ErrorCode, Stdio};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+/// Exit code used by `@crash`.
+pub const CRASH_EXIT_CODE: i32 = 3;
+
+/// Default context-window size reported by `@usage` when `size=` is absent.
+pub const DEFAULT_USAGE_SIZE: u64 = 200_000;
+
+/// Command-line configuration of the script agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScriptAgentConfig {
+    /// Delay before answering `initialize`.
+    pub startup_delay: Duration,
+    /// Directory holding one `<session-id>.json` file per session.
+    pub state_dir: PathBuf,
+}
+
+impl Default for ScriptAgentConfig {
+    fn default() -> Self {
+        Self {
+            startup_delay: Duration::ZERO,
+            state_dir: default_state_dir(),
+        }
+    }
+}
+
+/// `$TMPDIR/gorp-script-agent`.
+pub fn default_state_dir() -> PathBuf {
+    std::env::temp_dir().join("gorp-script-agent")
+}
+
+/// Usage text of the binary.
+pub const USAGE: &str = "usage: gorp-script-agent [--startup-delay-ms N] [--state-dir DIR]\n\
+Speaks ACP over stdio; see the gorp::acp::script_agent docs for the prompt directives.";
+
+impl ScriptAgentConfig {
+    /// Parses the command-line arguments (without the program name).
+    /// Accepts `--flag value` and `--flag=value`.
+    pub fn from_args<I: IntoIterator<Item = String>>(args: I) -> Result<Self, String> {
+        let mut config = Self::default();
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+                _ => (arg.clone(), None),
+            };
+            let mut value = |name: &str| -> Result<String, String> {
+                match inline.clone() {
+                    Some(v) => Ok(v),
+                    None => args.next().ok_or_else(|| format!("{name} needs a value")),
+                }
+            };
+            match flag.as_str() {
+                "--startup-delay-ms" => {
+                    let v = value("--startup-delay-ms")?;
+                    let ms: u64 = v
+                        .parse()
+                        .map_err(|_| format!("--startup-delay-ms: not a number: {v}"))?;
+                    config.startup_delay = Duration::from_millis(ms);
+                }
+                "--state-dir" => config.state_dir = PathBuf::from(value("--state-dir")?),
+                "-h" | "--help" => return Err(USAGE.to_string()),
+                other => return Err(format!("unknown argument: {other}\n{USAGE}")),
+            }
+        }
+        Ok(config)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Directives
+// ---------------------------------------------------------------------------
+
+/// One parsed prompt directive. See the module documentation for semantics.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Directive {
+    Reply(String),
+    Chunks(usize),
+    DelayMs(u64),
+    SleepMs(u64),
+    Thought(String),
+    ToolCall(String),
+    Permission(String),
+    Read(String),
+    Write {
+        path: String,
+        content: String,
+    },
+    Usage {
+        input: u64,
+        output: u64,
+        cost: Option<f64>,
+        size: u64,
+    },
+    Plan(Vec<String>),
+    Mode(String),
+    Commands(Vec<String>),
+    Stderr(String),
+    Pid,
+    History,
+    Stop(String),
+    Fail(String),
+    Hang,
+    Crash,
+}
+
+/// Parses the directives of a prompt, in order. A line that names a directive
+/// but has a malformed argument (`@chunks x`) becomes an error reply
+/// (`Directive::Reply("directive error: ...")`) so scripting mistakes are
+/// visible in the transcript.
+pub fn parse_directives(text: &str) -> Vec<Directive> {
+    text.lines().filter_map(parse_line).collect()
+}
+
+fn parse_line(line: &str) -> Option<Directive> {
+    let line = line.trim();
+    if !line.starts_with('@') {
+        return None;
+    }
+    let (word, rest) = match line.split_once(char::is_whitespace) {
+        Some((w, r)) => (w, r.trim()),
+        None => (line, ""),
+    };
+    let num = |what: &str| -> Result<u64, String> {
+        rest.parse::<u64>()
+            .map_err(|_| format!("{what} needs a non-negative integer, got {rest:?}"))
+    };
+    let parsed: Result<Directive, String> = match word {
+        "@reply" => Ok(Directive::Reply(rest.to_string())),
+        "@chunks" => num("@chunks").map(|n| Directive::Chunks(n.max(1) as usize)),
+        "@delay-ms" => num("@delay-ms").map(Directive::DelayMs),
+        "@sleep-ms" => num("@sleep-ms").map(Directive::SleepMs),
+        "@thought" => Ok(Directive::Thought(rest.to_string())),
+        "@tool-call" => Ok(Directive::ToolCall(if rest.is_empty() {
+            "tool".to_string()
+        } else {
+            rest.to_string()
+        })),
+        "@permission" => Ok(Directive::Permission(if rest.is_empty() {
+            "scripted action".to_string()
+        } else {
+            rest.to_string()
+        })),
+        "@read" => {
+            if rest.is_empty() {
+                Err("@read needs a path".to_string())
+            } else {
+                Ok(Directive::Read(rest.to_string()))
+            }
+        }
+        "@write" => match rest.split_once(char::is_whitespace) {
+            Some((path, content)) => Ok(Directive::Write {
+                path: path.to_string(),
+                content: unescape(content.trim_start()),
+            }),
+            None if !rest.is_empty() => Ok(Directive::Write {
+                path: rest.to_string(),
+                content: String::new(),
+            }),
+            None => Err("@write needs a path".to_string()),
+        },
+        "@usage" => parse_usage(rest),
+        "@plan" => Ok(Directive::Plan(
+            rest.split('|')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect(),
+        )),
+        "@mode" => Ok(Directive::Mode(rest.to_string())),
+        "@commands" => Ok(Directive::Commands(
+            rest.split_whitespace().map(str::to_string).collect(),
+        )),
+        "@stderr" => Ok(Directive::Stderr(rest.to_string())),
+        "@pid" => Ok(Directive::Pid),
+        "@history" => Ok(Directive::History),
+        "@stop" => Ok(Directive::Stop(rest.to_string())),
+        "@fail" => Ok(Directive::Fail(if rest.is_empty() {
+            "scripted failure".to_string()
+        } else {
+            rest.to_string()
+        })),
+        "@hang" => Ok(Directive::Hang),
+        "@crash" => Ok(Directive::Crash),
+        _ => return None,
+    };
+    Some(parsed.unwrap_or_else(|e| Directive::Reply(format!("directive error: {e}"))))
+}
+
+fn parse_usage(rest: &str) -> Result<Directive, String> {
+    let mut input = 0;
+    let mut output = 0;
+    let mut cost = None;
+    let mut size = DEFAULT_USAGE_SIZE;
+    for field in rest.split_whitespace() {
+        let (k, v) = field
+            .split_once('=')
+            .ok_or_else(|| format!("@usage field {field:?} is not key=value"))?;
+        let bad = || format!("@usage: bad value for {k}: {v:?}");
+        match k {
+            "in" => input = v.parse().map_err(|_| bad())?,
+            "out" => output = v.parse().map_err(|_| bad())?,
+            "cost" => cost = Some(v.parse().map_err(|_| bad())?),
+            "size" => size = v.parse().map_err(|_| bad())?,
+            _ => return Err(format!("@usage: unknown key {k:?}")),
+        }
+    }
+    Ok(Directive::Usage {
+        input,
+        output,
+        cost,
+        size,
+    })
+}
+
+fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            match chars.next() {
+                Some('n') => out.push('\n'),
+                Some('t') => out.push('\t'),
+                Some('\\') => out.push('\\'),
+                Some(other) => {
+                    out.push('\\');
+                    out.push(other);
+                }
+                None => out.push('\\'),
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Splits `text` into `n` pieces of nearly equal character counts (fewer when
+/// the text has fewer than `n` characters; one empty piece for empty text).
+pub fn split_chunks(text: &str, n: usize) -> Vec<String> {
+    let chars: Vec<char> = text.chars().collect();
+    if chars.is_empty() {
+        return vec![String::new()];
+    }
+    let n = n.clamp(1, chars.len());
+    let base = chars.len() / n;
+    let extra = chars.len() % n;
+    let mut out = Vec::with_capacity(n);
+    let mut pos = 0;
+    for i in 0..n {
+        let len = base + usize::from(i < extra);
+        out.push(chars[pos..pos + len].iter().collect());
+        pos += len;
+    }
+    out
+}
+
+fn parse_stop_reason(s: &str) -> Option<StopReason> {
+    serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+}
+
+// ---------------------------------------------------------------------------
+// Session state
+// ---------------------------------------------------------------------------
+
+/// One recorded agent output of a turn.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Reply {
+    /// `"message"` or `"thought"`.
+    pub kind: String,
+    pub text: String,
+}
+
+/// One prompt turn of a session.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Turn {
+    pub prompt: String,
+    #[serde(default)]
+    pub replies: Vec<Reply>,
+    /// `None` while the turn runs (or when the process died during it).
+    #[serde(default)]
+    pub stop_reason: Option<String>,
+}
+
+/// The on-disk form of a session: `<state-dir>/<session-id>.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionFile {
+    pub session_id: String,
+    pub cwd: PathBuf,
+    #[serde(default)]
+    pub turns: Vec<Turn>,
+}
+
+struct Session {
+    file: SessionFile,
+    /// Cancellation of the running turn, if any.
+    cancel: Option<CancellationToken>,
+}
+
+struct AgentState {
+    config: ScriptAgentConfig,
+    client_can_read: AtomicBool,
+    client_can_write: AtomicBool,
+    sessions: Mutex<HashMap<String, Arc<Mutex<Session>>>>,
+    counter: AtomicU64,
+}
+
+fn valid_session_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn session_path(state_dir: &Path, id: &str) -> PathBuf {
+    state_dir.join(format!("{id}.json"))
+}
+
+fn persist(state_dir: &Path, file: &SessionFile) -> std::io::Result<()> {
+    std::fs::create_dir_all(state_dir)?;
+    let path = session_path(state_dir, &file.session_id);
+    let tmp = path.with_extension(format!("json.tmp{}", std::process::id()));
+    let json = serde_json::to_vec_pretty(file).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, json)?;
+    std::fs::rename(&tmp, &path)
+}
+
+impl AgentState {
+    fn session(&self, id: &str) -> Option<Arc<Mutex<Session>>> {
+        self.sessions.lock().unwrap().get(id).cloned()
+    }
+
+    fn new_session_id(&self) -> String {
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros())
+            .unwrap_or(0);
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        format!("gsa-{}-{micros}-{n}", std::process::id())
+    }
+
+    fn save(&self, session: &Mutex<Session>) {
+        let file = session.lock().unwrap().file.clone();
+        if let Err(e) = persist(&self.config.state_dir, &file) {
+            eprintln!(
+                "gorp-script-agent: cannot persist session {}: {e}",
+                file.session_id
+            );
+        }
+    }
+}
+
+fn rpc_error(code: ErrorCode, message: impl Into<String>) -> Error {
+    Error::new(code, message)
+}
+
+// ---------------------------------------------------------------------------
+// The agent
+// ---------------------------------------------------------------------------
+
+/// Serves the script agent on this process's stdin/stdout until stdin closes.
+pub async fn run_stdio(config: ScriptAgentConfig) -> Result<(), Error> {
+    let state = Arc::new(AgentState {
+        config,
+        client_can_read: AtomicBool::new(false),
+        client_can_write: AtomicBool::new(false),
+        sessions: Mutex::new(HashMap::new()),
+        counter: AtomicU64::new(0),
+    });
+
+    let s_init = state.clone();
+    let s_new = state.clone();
+    let s_load = state.clone();
+    let s_prompt = state.clone();
+    let s_cancel = state;
+
+    Agent
+        .v1()
+        .name("gorp-script-agent")
+        .on_receive_request(
+            async move |req: InitializeRequest, responder: Responder<InitializeResponse>, _cx| {
+                // Deliberately inline: the delay models a slow cold start.
+                if !s_init.config.startup_delay.is_zero() {
+                    tokio::time::sleep(s_init.config.startup_delay).await;
+                }
+                let fs = &req.client_capabilities.fs;
+                s_init
+                    .client_can_read
+                    .store(fs.read_text_file, Ordering::SeqCst);
+                s_init
+                    .client_can_write
+                    .store(fs.write_text_file, Ordering::SeqCst);
+                responder.respond(
+                    InitializeResponse::new(ProtocolVersion::V1)
+                        .agent_capabilities(AgentCapabilities::new().load_session(true))
+                        .agent_info(Implementation::new(
+                            "gorp-script-agent",
+                            env!("CARGO_PKG_VERSION"),
+                        )),
+                )
+            },
+            agent_client_protocol::on_receive_request!(),
+        )
+        .on_receive_request(
+            async move |req: NewSessionRequest, responder: Responder<NewSessionResponse>, _cx| {
+                let id = s_new.new_session_id();
+                let file = SessionFile {
+                    session_id: id.clone(),
+                    cwd: req.cwd.clone(),
+                    turns: Vec::new(),
+                };
+                if let Err(e) = persist(&s_new.config.state_dir, &file) {
+                    return responder.respond_with_error(rpc_error(
+                        ErrorCode::INTERNAL_ERROR,
+                        format!("cannot write session state: {e}"),
+                    ));
+                }
+                s_new.sessions.lock().unwrap().insert(
+                    id.clone(),
+                    Arc::new(Mutex::new(Session { file, cancel: None })),
+                );
+                responder.respond(NewSessionResponse::new(id))
+            },
+            agent_client_protocol::on_receive_request!(),
+        )
+        .on_receive_request(
+            async move |req: LoadSessionRequest,
+                        responder: Responder<LoadSessionResponse>,
+                        cx: ConnectionTo<Client>| {
+                handle_load(&s_load, req, responder, &cx)
+            },
+            agent_client_protocol::on_receive_request!(),
+        )
+        .on_receive_request(
+            async move |req: PromptRequest,
+                        responder: Responder<PromptResponse>,
+                        cx: ConnectionTo<Client>| {
+                let state = s_prompt.clone();
+                let task_cx = cx.clone();
+                // The turn's cancellation is installed here, inside the
+                // dispatch loop, so a session/cancel that follows the prompt
+                // on the wire always finds it.
+                let token = CancellationToken::new();
+                let session = state.session(&req.session_id.0);
+                if let Some(session) = &session {
+                    session.lock().unwrap().cancel = Some(token.clone());
+                }
+                // Run the turn outside the dispatch loop: it sends requests to
+                // the client and waits for session/cancel.
+                cx.spawn(async move {
+                    run_prompt(state, session, token, req, responder, task_cx).await;
+                    Ok(())
+                })
+            },
+            agent_client_protocol::on_receive_request!(),
+        )
+        .on_receive_notification(
+            async move |note: CancelNotification, _cx: ConnectionTo<Client>| {
+                if let Some(session) = s_cancel.session(&note.session_id.0) {
+                    if let Some(token) = session.lock().unwrap().cancel.as_ref() {
+                        token.cancel();
+                    }
+                }
+                Ok(())
+            },
+            agent_client_protocol::on_receive_notification!(),
+        )
+        .connect_to(Stdio::new())
+        .await
+}
+
+fn handle_load(
+    state: &AgentState,
+    req: LoadSessionRequest,
+    responder: Responder<LoadSessionResponse>,
+    cx: &ConnectionTo<Client>,
+) -> Result<(), Error> {
+    let id = req.session_id.0.to_string();
+    if !valid_session_id(&id) {
+        return responder.respond_with_error(rpc_error(
+            ErrorCode::INVALID_PARAMS,
+            format!("malformed session id {id:?}"),
+        ));
+    }
+    let session = match state.session(&id) {
+        Some(s) => s,
+        None => {
+            let path = session_path(&state.config.state_dir, &id);
+            let file: SessionFile = match std::fs::read(&path) {
+                Ok(bytes) => match serde_json::from_slice(&bytes) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        return responder.respond_with_error(rpc_error(
+                            ErrorCode::INTERNAL_ERROR,
+                            format!("corrupt session file {}: {e}", path.display()),
+                        ))
+                    }
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return responder.respond_with_error(rpc_error(
+                        ErrorCode::RESOURCE_NOT_FOUND,
+                        format!("session {id} not found"),
+                    ))
+                }
+                Err(e) => {
+                    return responder.respond_with_error(rpc_error(
+                        ErrorCode::INTERNAL_ERROR,
+                        format!("cannot read {}: {e}", path.display()),
+                    ))
+                }
+            };
+            let session = Arc::new(Mutex::new(Session { file, cancel: None }));
+            state
+                .sessions
+                .lock()
+                .unwrap()
+                .entry(id.clone())
+                .or_insert(session)
+                .clone()
+        }
+    };
+    let turns = session.lock().unwrap().file.turns.clone();
+    let sid = req.session_id.clone();
+    for turn in turns {
+        cx.send_notification(SessionNotification::new(
+            sid.clone(),
+            SessionUpdate::UserMessageChunk(ContentChunk::new(ContentBlock::from(turn.prompt))),
+        ))?;
+        for reply in turn.replies {
+            let chunk = ContentChunk::new(ContentBlock::from(reply.text));
+            let update = if reply.kind == "thought" {
+                SessionUpdate::AgentThoughtChunk(chunk)
+            } else {
+                SessionUpdate::AgentMessageChunk(chunk)
+            };
+            cx.send_notification(SessionNotification::new(sid.clone(), update))?;
+        }
+    }
+    responder.respond(LoadSessionResponse::new())
+}
+
+fn prompt_text(blocks: &[ContentBlock]) -> String {
+    let mut parts = Vec::new();
+    for block in blocks {
+        match block {
+            ContentBlock::Text(t) => parts.push(t.text.clone()),
+            ContentBlock::ResourceLink(link) => parts.push(format!("[resource {}]", link.uri)),
+            _ => {}
+        }
+    }
+    parts.join("\n")
+}
+
+/// What ended a turn early.
+enum Halt {
+    Stop(StopReason),
+    Fail(Error),
+}
+
+struct TurnRunner<'a> {
+    state: &'a AgentState,
+    session: &'a Arc<Mutex<Session>>,
+    cx: &'a ConnectionTo<Client>,
+    sid: SessionId,
+    token: CancellationToken,
+    chunks: usize,
+    delay: Duration,
+    replies: Vec<Reply>,
+    usage: Option<(u64, u64)>,
+}
+
+impl TurnRunner<'_> {
+    fn send(&self, update: SessionUpdate) -> Result<(), Halt> {
+        self.cx
+            .send_notification(SessionNotification::new(self.sid.clone(), update))
+            .map_err(Halt::Fail)
+    }
+
+    fn check_cancelled(&self) -> Result<(), Halt> {
+        if self.token.is_cancelled() {
+            Err(Halt::Stop(StopReason::Cancelled))
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn sleep(&self, d: Duration) -> Result<(), Halt> {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => Ok(()),
+            _ = self.token.cancelled() => Err(Halt::Stop(StopReason::Cancelled)),
+        }
+    }
+
+    async fn message(&mut self, text: &str) -> Result<(), Halt> {
+        let pieces = split_chunks(text, self.chunks);
+        let mut sent = String::new();
+        for (i, piece) in pieces.iter().enumerate() {
+            if i > 0 && !self.delay.is_zero() {
+                if let Err(h) = self.sleep(self.delay).await {
+                    self.record("message", &sent);
+                    return Err(h);
+                }
+            }
+            self.send(SessionUpdate::AgentMessageChunk(ContentChunk::new(
+                ContentBlock::from(piece.clone()),
+            )))?;
+            sent.push_str(piece);
+        }
+        self.record("message", &sent);
+        Ok(())
+    }
+
+    /// A single-chunk message regardless of `@chunks`.
+    fn note(&mut self, text: String) -> Result<(), Halt> {
+        self.send(SessionUpdate::AgentMessageChunk(ContentChunk::new(
+            ContentBlock::from(text.clone()),
+        )))?;
+        self.record("message", &text);
+        Ok(())
+    }
+
+    fn record(&mut self, kind: &str, text: &str) {
+        if !text.is_empty() {
+            self.replies.push(Reply {
+                kind: kind.to_string(),
+                text: text.to_string(),
+            });
+        }
+    }
+
+    fn next_call_id(&self) -> String {
+        format!(
+            "call-{}",
+            self.state.counter.fetch_add(1, Ordering::Relaxed) + 1
+        )
+    }
+
+    /// Runs one directive.
+    async fn run(&mut self, directive: Directive) -> Result<(), Halt> {
+        self.check_cancelled()?;
+        match directive {
+            Directive::Reply(text) => self.message(&text).await?,
+            Directive::Chunks(n) => self.chunks = n,
+            Directive::DelayMs(ms) => self.delay = Duration::from_millis(ms),
+            Directive::SleepMs(ms) => self.sleep(Duration::from_millis(ms)).await?,
+            Directive::Thought(text) => {
+                self.send(SessionUpdate::AgentThoughtChunk(ContentChunk::new(
+                    ContentBlock::from(text.clone()),
+                )))?;
+                self.record("thought", &text);
+            }
+            Directive::ToolCall(name) => {
+                let id = self.next_call_id();
+                self.send(SessionUpdate::ToolCall(
+                    ToolCall::new(id.clone(), name.clone())
+                        .kind(ToolKind::Other)
+                        .status(ToolCallStatus::InProgress)
+                        .raw_input(serde_json::json!({ "name": name })),
+                ))?;
+                self.send(SessionUpdate::ToolCallUpdate(ToolCallUpdate::new(
+                    id,
+                    ToolCallUpdateFields::new()
+                        .status(ToolCallStatus::Completed)
+                        .raw_output(serde_json::json!({ "ok": true })),
+                )))?;
+            }
+            Directive::Permission(title) => {
+                let id = self.next_call_id();
+                let request = RequestPermissionRequest::new(
+                    self.sid.clone(),
+                    ToolCallUpdate::new(id, ToolCallUpdateFields::new().title(title)),
+                    vec![
+                        PermissionOption::new("allow", "Allow", PermissionOptionKind::AllowOnce),
+                        PermissionOption::new(
+                            "allow-always",
+                            "Always allow",
+                            PermissionOptionKind::AllowAlways,
+                        ),
+                        PermissionOption::new("reject", "Reject", PermissionOptionKind::RejectOnce),
+                    ],
+                );
+                let sent = self.cx.send_request(request).block_task();
+                let outcome = tokio::select! {
+                    r = sent => r,
+                    _ = self.token.cancelled() => return Err(Halt::Stop(StopReason::Cancelled)),
+                };
+                let text = match outcome {
+                    Ok(resp) => match resp.outcome {
+                        RequestPermissionOutcome::Selected(sel) => {
+                            format!("permission: {}", sel.option_id)
+                        }
+                        RequestPermissionOutcome::Cancelled => "permission: cancelled".to_string(),
+                        _ => "permission: unknown outcome".to_string(),
+                    },
+                    Err(e) => format!("permission: error: {}", e.message),
+                };
+                self.note(text)?;
+            }
+            Directive::Read(path) => {
+                let text = if !self.state.client_can_read.load(Ordering::SeqCst) {
+                    "read error: client does not support fs/read_text_file".to_string()
+                } else {
+                    let sent = self
+                        .cx
+                        .send_request(ReadTextFileRequest::new(self.sid.clone(), path))
+                        .block_task();
+                    let r = tokio::select! {
+                        r = sent => r,
+                        _ = self.token.cancelled() => return Err(Halt::Stop(StopReason::Cancelled)),
+                    };
+                    match r {
+                        Ok(resp) => format!("read ok: {}", resp.content),
+                        Err(e) => format!("read error: {}", e.message),
+                    }
+                };
+                self.note(text)?;
+            }
+            Directive::Write { path, content } => {
+                let text = if !self.state.client_can_write.load(Ordering::SeqCst) {
+                    "write error: client does not support fs/write_text_file".to_string()
+                } else {
+                    let sent = self
+                        .cx
+                        .send_request(WriteTextFileRequest::new(
+                            self.sid.clone(),
+                            path.clone(),
+                            content,
+                        ))
+                        .block_task();
+                    let r = tokio::select! {
+                        r = sent => r,
+                        _ = self.token.cancelled() => return Err(Halt::Stop(StopReason::Cancelled)),
+                    };
+                    match r {
+                        Ok(_) => format!("write ok: {path}"),
+                        Err(e) => format!("write error: {}", e.message),
+                    }
+                };
+                self.note(text)?;
+            }
+            Directive::Usage {
+                input,
+                output,
+                cost,
+                size,
+            } => {
+                let mut meta = serde_json::Map::new();
+                meta.insert("inputTokens".into(), input.into());
+                meta.insert("outputTokens".into(), output.into());
+                let mut update = UsageUpdate::new(input + output, size).meta(meta);
+                if let Some(amount) = cost {
+                    update = update.cost(Cost::new(amount, "USD"));
+                }
+                self.send(SessionUpdate::UsageUpdate(update))?;
+                let (i, o) = self.usage.unwrap_or((0, 0));
+                self.usage = Some((i + input, o + output));
+            }
+            Directive::Plan(entries) => {
+                self.send(SessionUpdate::Plan(Plan::new(
+                    entries
+                        .into_iter()
+                        .map(|e| {
+                            PlanEntry::new(e, PlanEntryPriority::Medium, PlanEntryStatus::Pending)
+                        })
+                        .collect(),
+                )))?;
+            }
+            Directive::Mode(id) => {
+                self.send(SessionUpdate::CurrentModeUpdate(CurrentModeUpdate::new(id)))?;
+            }
+            Directive::Commands(names) => {
+                self.send(SessionUpdate::AvailableCommandsUpdate(
+                    AvailableCommandsUpdate::new(
+                        names
+                            .into_iter()
+                            .map(|n| {
+                                let d = format!("the {n} command");
+                                AvailableCommand::new(n, d)
+                            })
+                            .collect(),
+                    ),
+                ))?;
+            }
+            Directive::Stderr(text) => eprintln!("{text}"),
+            Directive::Pid => self.note(std::process::id().to_string())?,
+            Directive::History => {
+                let n = self.session.lock().unwrap().file.turns.len();
+                self.note(n.to_string())?;
+            }
+            Directive::Stop(reason) => {
+                return match parse_stop_reason(&reason) {
+                    Some(r) => Err(Halt::Stop(r)),
+                    None => Err(Halt::Fail(rpc_error(
+                        ErrorCode::INVALID_PARAMS,
+                        format!("@stop: unknown stop reason {reason:?}"),
+                    ))),
+                };
+            }
+            Directive::Fail(message) => {
+                return Err(Halt::Fail(rpc_error(ErrorCode::INTERNAL_ERROR, message)));
+            }
+            Directive::Hang => {
+                self.token.cancelled().await;
+                return Err(Halt::Stop(StopReason::Cancelled));
+            }
+            Directive::Crash => {
+                self.finish_turn(None);
+                eprintln!(
+                    "gorp-script-agent: @crash: exiting with code {CRASH_EXIT_CODE} (pid {})",
+                    std::process::id()
+                );
+                std::process::exit(CRASH_EXIT_CODE);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores the replies (and stop reason) of the running turn.
+    fn finish_turn(&self, stop_reason: Option<&str>) {
+        {
+            let mut s = self.session.lock().unwrap();
+            if let Some(turn) = s.file.turns.last_mut() {
+                turn.replies = self.replies.clone();
+                turn.stop_reason = stop_reason.map(str::to_string);
+            }
+        }
+        self.state.save(self.session);
+    }
+}
+
+async fn run_prompt(
+    state: Arc<AgentState>,
+    session: Option<Arc<Mutex<Session>>>,
+    token: CancellationToken,
+    req: PromptRequest,
+    responder: Responder<PromptResponse>,
+    cx: ConnectionTo<Client>,
+) {
+    let id = req.session_id.0.to_string();
+    let Some(session) = session else {
+        let _ = responder.respond_with_error(rpc_error(
+            ErrorCode::RESOURCE_NOT_FOUND,
+            format!("session {id} is not open in this process (use session/new or session/load)"),
+        ));
+        return;
+    };
+    let text = prompt_text(&req.prompt);
+    {
+        let mut s = session.lock().unwrap();
+        s.file.turns.push(Turn {
+            prompt: text.clone(),
+            replies: Vec::new(),
+            stop_reason: None,
+        });
+    }
+    state.save(&session);
+
+    // `$/cancel_request` for this prompt cancels the turn like session/cancel.
+    let request_cancel = responder.cancellation();
+    let watcher_token = token.clone();
+    let watcher = tokio::spawn(async move {
+        request_cancel.cancelled().await;
+        watcher_token.cancel();
+    });
+
+    let mut turn = TurnRunner {
+        state: &state,
+        session: &session,
+        cx: &cx,
+        sid: req.session_id.clone(),
+        token: token.clone(),
+        chunks: 1,
+        delay: Duration::ZERO,
+        replies: Vec::new(),
+        usage: None,
+    };
+
+    let directives = parse_directives(&text);
+    let outcome: Result<(), Halt> = if directives.is_empty() {
+        turn.note(format!("echo: {text}"))
+    } else {
+        let mut result = Ok(());
+        for d in directives {
+            result = turn.run(d).await;
+            if result.is_err() {
+                break;
+            }
+        }
+        result
+    };
+    let result = match outcome {
+        Ok(()) => Ok(StopReason::EndTurn),
+        Err(Halt::Stop(r)) => Ok(r),
+        Err(Halt::Fail(e)) => Err(e),
+    };
+    let reason_text = match &result {
+        Ok(r) => serde_json::to_value(r)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_else(|| format!("{r:?}")),
+        Err(e) => format!("error: {}", e.message),
+    };
+    turn.finish_turn(Some(&reason_text));
+    let usage = turn.usage;
+    drop(turn);
+    watcher.abort();
+    session.lock().unwrap().cancel = None;
+
+    let _ = match result {
+        Ok(reason) => {
+            let mut resp = PromptResponse::new(reason);
+            if let Some((i, o)) = usage {
+                resp = resp.usage(Usage::new(i + o, i, o));
+            }
+            responder.respond(resp)
+        }
+        Err(e) => responder.respond_with_error(e),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_directives_in_order() {
+        let d = parse_directives(
+            "hello\n@chunks 3\n  @reply hi there\n@usage in=10 out=20 cost=0.01\n@unknown x\n@write /a b\\nc\n@plan a | b",
+        );
+        assert_eq!(
+            d,
+            vec![
+                Directive::Chunks(3),
+                Directive::Reply("hi there".into()),
+                Directive::Usage {
+                    input: 10,
+                    output: 20,
+                    cost: Some(0.01),
+                    size: DEFAULT_USAGE_SIZE
+                },
+                Directive::Write {
+                    path: "/a".into(),
+                    content: "b\nc".into()
+                },
+                Directive::Plan(vec!["a".into(), "b".into()]),
+            ]
+        );
+        assert!(parse_directives("just text").is_empty());
+        assert_eq!(
+            parse_directives("@chunks x"),
+            vec![Directive::Reply(
+                "directive error: @chunks needs a non-negative integer, got \"x\"".into()
+            )]
+        );
+    }
+
+    #[test]
+    fn splits_into_exact_chunks() {
+        let c = split_chunks("hello world", 5);
+        assert_eq!(c.len(), 5);
+        assert_eq!(c.concat(), "hello world");
+        assert_eq!(split_chunks("ab", 5), vec!["a", "b"]);
+        assert_eq!(split_chunks("", 3), vec![""]);
+    }
+
+    #[test]
+    fn parses_flags() {
+        let c = ScriptAgentConfig::from_args(
+            ["--startup-delay-ms", "250", "--state-dir=/x"].map(String::from),
+        )
+        .unwrap();
+        assert_eq!(c.startup_delay, Duration::from_millis(250));
+        assert_eq!(c.state_dir, PathBuf::from("/x"));
+        assert!(ScriptAgentConfig::from_args(["--bogus".to_string()]).is_err());
+    }
+
+    #[test]
+    fn stop_reasons_parse() {
+        assert_eq!(parse_stop_reason("max_tokens"), Some(StopReason::MaxTokens));
+        assert_eq!(parse_stop_reason("nope"), None);
+    }
+}

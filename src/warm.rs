@@ -1,0 +1,628 @@
+//! Warm agent sessions: live agent processes per channel, driven by the `warm_sessions` table.
+//!
+//! [`WarmSessionManager`] owns this process's agent processes. A job takes its channel's
+//! session with [`WarmSessionManager::acquire`]: the live process when there is one (warm),
+//! else a new one (cold) that resumes the channel's stored ACP session with `session/load` when
+//! the agent supports it. Every change is written to the channel's `warm_sessions` row, which is
+//! a lease held by this instance and renewed by the keeper.
+//!
+//! The keeper ([`WarmSessionManager::run_once`]) works from the table, never from in-memory
+//! timers alone:
+//! - a session idle past `expires_at` is shut down;
+//! - a row whose `warm_at` has come is warmed (pre-warm, `gorp warm <channel>`);
+//! - a row that is warm and unexpired but whose holder is gone (lease expired, or the holder
+//!   process died on this host) is taken over and warmed again — this is how warm sessions
+//!   survive restarts;
+//! - a session whose row another instance took over is shut down here;
+//! - a session whose process died while idle is dropped and its row marked failed.
+//!
+//! At most `max_warm_sessions` processes live at once; a cold start evicts the least recently
+//! used idle session first.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::OwnedMutexGuard;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::acp::client::{AcpError, AgentProcess, AgentSpec, PermissionPolicy, Timeouts};
+use crate::config::Config;
+use crate::store::{now_ms, Channel, Millis, Store, WarmSession, WarmUpdate};
+
+/// How often the keeper runs.
+pub const KEEPER_INTERVAL: Duration = Duration::from_secs(1);
+/// A warm-session lease lasts this long unless renewed by the keeper.
+pub const LEASE: Duration = Duration::from_secs(30);
+
+/// A live agent with its open ACP session.
+pub struct Live {
+    pub agent: AgentProcess,
+    pub session_id: String,
+    /// The session was resumed with `session/load` (rather than created).
+    pub resumed: bool,
+}
+
+struct Slot {
+    channel_id: i64,
+    live: Arc<tokio::sync::Mutex<Option<Live>>>,
+    last_used: AtomicI64,
+}
+
+/// A channel's session, held by one job (or a pre-warm) at a time.
+pub struct SessionGuard {
+    guard: OwnedMutexGuard<Option<Live>>,
+    /// The agent was already running when the guard was taken.
+    pub warm: bool,
+    /// How long the cold start took (zero when warm).
+    pub start_time: Duration,
+}
+
+impl SessionGuard {
+    pub fn live(&self) -> &Live {
+        self.guard
+            .as_ref()
+            .expect("a guard always holds a live session")
+    }
+}
+
+/// Why a session could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum WarmError {
+    #[error(transparent)]
+    Acp(#[from] AcpError),
+    #[error("database: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("cancelled while the agent was starting")]
+    Cancelled,
+    #[error("cannot prepare the workspace {path}: {error}")]
+    Workspace {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+}
+
+/// See the module docs.
+pub struct WarmSessionManager {
+    store: Store,
+    config: Arc<Config>,
+    instance: String,
+    slots: Mutex<HashMap<i64, Arc<Slot>>>,
+    /// Channels being warmed in the background by the keeper.
+    warming: Mutex<std::collections::HashSet<i64>>,
+    tasks: TaskTracker,
+}
+
+impl WarmSessionManager {
+    pub fn new(store: Store, config: Arc<Config>, instance: String) -> Arc<Self> {
+        Arc::new(WarmSessionManager {
+            store,
+            config,
+            instance,
+            slots: Mutex::new(HashMap::new()),
+            warming: Mutex::new(Default::default()),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    fn keep_alive_ms(&self) -> i64 {
+        (self.config.acp.keep_alive_secs * 1000) as i64
+    }
+
+    fn lease_until(now: Millis) -> Millis {
+        now + LEASE.as_millis() as i64
+    }
+
+    fn slot(&self, channel_id: i64) -> Arc<Slot> {
+        self.slots
+            .lock()
+            .expect("slots lock")
+            .entry(channel_id)
+            .or_insert_with(|| {
+                Arc::new(Slot {
+                    channel_id,
+                    live: Arc::new(tokio::sync::Mutex::new(None)),
+                    last_used: AtomicI64::new(0),
+                })
+            })
+            .clone()
+    }
+
+    /// The pid of the channel's live agent here, if any (for tests and `gorp warm`).
+    pub fn live_pid(&self, channel_id: i64) -> Option<u32> {
+        let slot = self
+            .slots
+            .lock()
+            .expect("slots lock")
+            .get(&channel_id)
+            .cloned()?;
+        let guard = slot.live.try_lock().ok()?;
+        guard.as_ref().map(|l| l.agent.pid())
+    }
+
+    /// Number of live agent processes.
+    pub fn live_count(&self) -> usize {
+        let slots: Vec<Arc<Slot>> = self
+            .slots
+            .lock()
+            .expect("slots lock")
+            .values()
+            .cloned()
+            .collect();
+        slots
+            .iter()
+            .filter(|s| s.live.try_lock().map(|g| g.is_some()).unwrap_or(true))
+            .count()
+    }
+
+    /// Takes the channel's session for one job, starting the agent if it is not warm.
+    pub async fn acquire(
+        &self,
+        channel: &Channel,
+        cancel: &CancellationToken,
+    ) -> Result<SessionGuard, WarmError> {
+        let slot = self.slot(channel.id);
+        let mut guard = tokio::select! {
+            g = slot.live.clone().lock_owned() => g,
+            _ = cancel.cancelled() => return Err(WarmError::Cancelled),
+        };
+        let now = now_ms();
+        slot.last_used.store(now, Ordering::Relaxed);
+        if let Some(live) = guard.as_ref() {
+            if !live.agent.has_exited() {
+                let pid = live.agent.pid() as i64;
+                self.store
+                    .warm_upsert(
+                        channel.id,
+                        &self.instance,
+                        WarmUpdate {
+                            state: "busy",
+                            pid: Some(pid),
+                            session: Some(live.session_id.clone()),
+                            lease_until: Self::lease_until(now),
+                            expires_at: None,
+                            used: true,
+                        },
+                        now,
+                    )
+                    .await?;
+                return Ok(SessionGuard {
+                    guard,
+                    warm: true,
+                    start_time: Duration::ZERO,
+                });
+            }
+            // The process died while idle: start over.
+            if let Some(dead) = guard.take() {
+                dead.agent.shutdown().await;
+            }
+        }
+        self.evict_for_new(channel.id).await;
+        let started = Instant::now();
+        let live = tokio::select! {
+            r = self.start(channel, "busy") => r?,
+            _ = cancel.cancelled() => {
+                let _ = self.store.warm_stop(channel.id, &self.instance, false, None, now_ms()).await;
+                return Err(WarmError::Cancelled);
+            }
+        };
+        *guard = Some(live);
+        Ok(SessionGuard {
+            guard,
+            warm: false,
+            start_time: started.elapsed(),
+        })
+    }
+
+    /// Gives the session back after a job. A dead agent is dropped so the next job starts a
+    /// fresh one.
+    pub async fn release(&self, channel_id: i64, mut guard: SessionGuard) {
+        let now = now_ms();
+        let alive = guard.guard.as_ref().is_some_and(|l| !l.agent.has_exited());
+        if alive {
+            let live = guard.live();
+            let update = WarmUpdate {
+                state: "warm",
+                pid: Some(live.agent.pid() as i64),
+                session: Some(live.session_id.clone()),
+                lease_until: Self::lease_until(now),
+                expires_at: Some(now + self.keep_alive_ms()),
+                used: true,
+            };
+            if let Err(e) = self
+                .store
+                .warm_upsert(channel_id, &self.instance, update, now)
+                .await
+            {
+                tracing::warn!(channel_id, error = %e, "cannot record warm session");
+            }
+        } else {
+            let tail = guard
+                .guard
+                .as_ref()
+                .map(|l| l.agent.stderr_tail())
+                .unwrap_or_default();
+            if let Some(dead) = guard.guard.take() {
+                dead.agent.shutdown().await;
+            }
+            let msg = format!("agent exited; {}", last_lines(&tail, 5));
+            let _ = self
+                .store
+                .warm_stop(channel_id, &self.instance, true, Some(msg), now)
+                .await;
+        }
+        self.slot(channel_id)
+            .last_used
+            .store(now, Ordering::Relaxed);
+    }
+
+    /// Starts the channel's agent now (if it is not running) and leaves it warm.
+    pub async fn pre_warm(&self, channel: &Channel) -> Result<bool, WarmError> {
+        let never = CancellationToken::new();
+        let g = self.acquire(channel, &never).await?;
+        let was_warm = g.warm;
+        self.release(channel.id, g).await;
+        Ok(was_warm)
+    }
+
+    /// Spawns the agent, opens (or resumes) the ACP session and records the row.
+    async fn start(&self, channel: &Channel, state: &'static str) -> Result<Live, WarmError> {
+        let now = now_ms();
+        self.store
+            .warm_upsert(
+                channel.id,
+                &self.instance,
+                WarmUpdate {
+                    state: "starting",
+                    pid: None,
+                    session: None,
+                    lease_until: Self::lease_until(now),
+                    expires_at: None,
+                    used: false,
+                },
+                now,
+            )
+            .await?;
+        match self.spawn_session(channel).await {
+            Ok(live) => {
+                let now = now_ms();
+                self.store
+                    .warm_upsert(
+                        channel.id,
+                        &self.instance,
+                        WarmUpdate {
+                            state,
+                            pid: Some(live.agent.pid() as i64),
+                            session: Some(live.session_id.clone()),
+                            lease_until: Self::lease_until(now),
+                            expires_at: Some(now + self.keep_alive_ms()),
+                            used: state == "busy",
+                        },
+                        now,
+                    )
+                    .await?;
+                if channel.acp_session_id.as_deref() != Some(live.session_id.as_str()) {
+                    self.store
+                        .channel_set_acp_session(channel.id, Some(live.session_id.clone()))
+                        .await?;
+                }
+                Ok(live)
+            }
+            Err(e) => {
+                let _ = self
+                    .store
+                    .warm_stop(
+                        channel.id,
+                        &self.instance,
+                        true,
+                        Some(e.to_string()),
+                        now_ms(),
+                    )
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn spawn_session(&self, channel: &Channel) -> Result<Live, WarmError> {
+        let acp = &self.config.acp;
+        let dir = self.config.channel_dir(&channel.name);
+        std::fs::create_dir_all(&dir).map_err(|error| WarmError::Workspace {
+            path: dir.clone(),
+            error,
+        })?;
+        // The configured arguments belong to the configured binary: a channel that names its
+        // own binary gets only its own arguments.
+        let args: Vec<String> = match (&channel.agent_args, &channel.agent_binary) {
+            (Some(json), _) => serde_json::from_str(json).unwrap_or_default(),
+            (None, Some(_)) => Vec::new(),
+            (None, None) => acp.agent_args.clone(),
+        };
+        let spec = AgentSpec {
+            binary: channel
+                .agent_binary
+                .clone()
+                .unwrap_or_else(|| acp.agent_binary.clone()),
+            args,
+            cwd: dir.clone(),
+            env: acp
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        };
+        let timeouts = Timeouts {
+            initialize: Duration::from_secs(acp.initialize_timeout_secs),
+            new_session: Duration::from_secs(acp.session_timeout_secs),
+            load_session: Duration::from_secs(acp.session_timeout_secs),
+            prompt: Duration::from_secs(acp.prompt_timeout_secs),
+        };
+        let policy = if channel.permission_policy == "deny" {
+            PermissionPolicy::Deny
+        } else {
+            PermissionPolicy::Allow
+        };
+        let agent = AgentProcess::spawn(&spec, timeouts, policy, dir).await?;
+        let mut resumed = false;
+        let session_id = match &channel.acp_session_id {
+            Some(id) if agent.supports_load_session() => match agent.load_session(id).await {
+                Ok(()) => {
+                    resumed = true;
+                    id.clone()
+                }
+                Err(e) => {
+                    tracing::warn!(channel = %channel.name, session = %id, error = %e, "cannot resume the stored session; starting a new one");
+                    new_session(&agent).await?
+                }
+            },
+            _ => new_session(&agent).await?,
+        };
+        tracing::info!(channel = %channel.name, pid = agent.pid(), session = %session_id, resumed, "agent started");
+        Ok(Live {
+            agent,
+            session_id,
+            resumed,
+        })
+    }
+
+    /// Makes room for one more process by shutting down the least recently used idle one.
+    async fn evict_for_new(&self, except: i64) {
+        let max = self.config.acp.max_warm_sessions as usize;
+        loop {
+            let mut idle: Vec<Arc<Slot>> = self
+                .slots
+                .lock()
+                .expect("slots lock")
+                .values()
+                .filter(|s| s.channel_id != except)
+                .cloned()
+                .collect();
+            let live = idle
+                .iter()
+                .filter(|s| s.live.try_lock().map(|g| g.is_some()).unwrap_or(true))
+                .count();
+            if live < max {
+                return;
+            }
+            idle.sort_by_key(|s| s.last_used.load(Ordering::Relaxed));
+            let mut evicted = false;
+            for s in idle {
+                if let Ok(mut g) = s.live.clone().try_lock_owned() {
+                    if let Some(l) = g.take() {
+                        tracing::info!(
+                            channel_id = s.channel_id,
+                            "evicting least recently used warm session"
+                        );
+                        l.agent.shutdown().await;
+                        let _ = self
+                            .store
+                            .warm_stop(
+                                s.channel_id,
+                                &self.instance,
+                                false,
+                                Some("evicted: too many warm sessions".into()),
+                                now_ms(),
+                            )
+                            .await;
+                        evicted = true;
+                        break;
+                    }
+                }
+            }
+            if !evicted {
+                return; // every other session is busy: allow one over the cap
+            }
+        }
+    }
+
+    /// One keeper pass at time `now` (see the module docs). Warm-ups it starts run in the
+    /// background; [`WarmSessionManager::settle`] waits for them.
+    pub async fn run_once(
+        self: &Arc<Self>,
+        now: Millis,
+    ) -> Result<KeeperReport, crate::store::StoreError> {
+        let mut report = KeeperReport::default();
+        let rows = self.store.warm_list().await?;
+        let by_channel: HashMap<i64, &WarmSession> =
+            rows.iter().map(|r| (r.channel_id, r)).collect();
+
+        // Live sessions here: expire, hand over, or drop dead ones.
+        let slots: Vec<Arc<Slot>> = self
+            .slots
+            .lock()
+            .expect("slots lock")
+            .values()
+            .cloned()
+            .collect();
+        for slot in slots {
+            let Ok(mut g) = slot.live.clone().try_lock_owned() else {
+                continue; // busy with a job
+            };
+            let Some(live) = g.as_ref() else { continue };
+            let row = by_channel.get(&slot.channel_id);
+            let mine = row.is_some_and(|r| r.holder.as_deref() == Some(self.instance.as_str()));
+            let expired = row.and_then(|r| r.expires_at).is_some_and(|e| e <= now);
+            let dead = live.agent.has_exited();
+            if !mine || expired || dead {
+                let l = g.take().expect("checked above");
+                let tail = l.agent.stderr_tail();
+                l.agent.shutdown().await;
+                if mine {
+                    let note = if dead {
+                        Some(format!("agent exited while idle; {}", last_lines(&tail, 5)))
+                    } else if expired {
+                        Some("keep-alive expired".to_string())
+                    } else {
+                        None
+                    };
+                    self.store
+                        .warm_stop(slot.channel_id, &self.instance, dead, note, now)
+                        .await?;
+                }
+                report.stopped += 1;
+            }
+        }
+
+        // Rows to warm here: requested (warm_at due), or warm but orphaned (restart/takeover).
+        for row in &rows {
+            if self.live_pid(row.channel_id).is_some() {
+                continue;
+            }
+            let requested = row.warm_at.is_some_and(|t| t <= now);
+            let orphaned = matches!(row.state.as_str(), "warm" | "busy" | "starting")
+                && row.expires_at.is_some_and(|e| e > now)
+                && row.holder.as_deref() != Some(self.instance.as_str())
+                && (row.lease_expires_at.is_none_or(|l| l < now)
+                    || row
+                        .holder
+                        .as_deref()
+                        .is_some_and(crate::app::instance_is_dead));
+            if !(requested || orphaned) {
+                continue;
+            }
+            if !self
+                .warming
+                .lock()
+                .expect("warming lock")
+                .insert(row.channel_id)
+            {
+                continue; // already warming
+            }
+            report.warming += 1;
+            let me = self.clone();
+            let channel_id = row.channel_id;
+            self.tasks.spawn(async move {
+                me.warm_in_background(channel_id, requested).await;
+                me.warming.lock().expect("warming lock").remove(&channel_id);
+            });
+        }
+
+        self.store.warm_expire_orphans(now).await?;
+        self.store
+            .warm_heartbeat(&self.instance, Self::lease_until(now))
+            .await?;
+        Ok(report)
+    }
+
+    async fn warm_in_background(&self, channel_id: i64, clear_request: bool) {
+        let channel = match self.store.channel_get_by_id(channel_id).await {
+            Ok(Some(c)) => c,
+            _ => return,
+        };
+        match self.pre_warm(&channel).await {
+            Ok(_) => tracing::info!(channel = %channel.name, "pre-warmed agent"),
+            Err(e) => tracing::warn!(channel = %channel.name, error = %e, "pre-warm failed"),
+        }
+        if clear_request {
+            let _ = self.store.warm_request(channel_id, None, now_ms()).await;
+        }
+    }
+
+    /// Waits until the warm-ups started by the keeper have finished.
+    pub async fn settle(&self) {
+        loop {
+            if self.warming.lock().expect("warming lock").is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Runs the keeper every [`KEEPER_INTERVAL`] until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(KEEPER_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self.run_once(now_ms()).await {
+                Ok(r) if r.stopped + r.warming > 0 => {
+                    tracing::info!(
+                        stopped = r.stopped,
+                        warming = r.warming,
+                        "warm-session keeper"
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "warm-session keeper pass failed"),
+            }
+        }
+    }
+
+    /// Shuts every agent down. The rows stay warm with released leases, so the next gorp
+    /// warms them again.
+    pub async fn shutdown(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+        let slots: Vec<Arc<Slot>> = self
+            .slots
+            .lock()
+            .expect("slots lock")
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
+        for slot in slots {
+            if let Some(l) = slot.live.lock().await.take() {
+                l.agent.shutdown().await;
+            }
+        }
+        if let Err(e) = self
+            .store
+            .warm_release_leases(&self.instance, now_ms())
+            .await
+        {
+            tracing::warn!(error = %e, "cannot release warm-session leases");
+        }
+    }
+}
+
+/// What one keeper pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct KeeperReport {
+    pub stopped: usize,
+    pub warming: usize,
+}
+
+async fn new_session(agent: &AgentProcess) -> Result<String, AcpError> {
+    agent.new_session().await
+}
+
+fn last_lines(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    let tail = lines[start..].join(" | ");
+    if tail.is_empty() {
+        "no stderr output".into()
+    } else {
+        format!("stderr: {tail}")
+    }
+}

@@ -1,0 +1,543 @@
+//! Jobs on warm ACP sessions, end to end with the real `gorp-script-agent` over stdio:
+//! warm reuse, expiry, restart re-warm, crash, timeout, cancel, permissions, fs confinement,
+//! usage facts, and agents that are missing or do not speak ACP.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gorp::acp::AcpExecutor;
+use gorp::config::Config;
+use gorp::store::{now_ms, Job, JobState, NewChannel, NewJob, Source, Store};
+use gorp::warm::WarmSessionManager;
+use gorp::worker::{PoolConfig, PoolHandle, WorkerPool};
+use tempfile::TempDir;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::eventually;
+
+pub const SCRIPT_AGENT: &str = env!("CARGO_BIN_EXE_gorp-script-agent");
+const WAIT: Duration = Duration::from_secs(30);
+
+/// gorp with the ACP executor on a fresh database and workspace; the script agent keeps its
+/// sessions under `state/` so a new agent process can load them.
+pub struct Gorp {
+    pub dir: TempDir,
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub warm: Arc<WarmSessionManager>,
+    pub pool: PoolHandle,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+pub fn config_in(dir: &std::path::Path, tweak: impl FnOnce(&mut Config)) -> Config {
+    let mut c = Config::default();
+    c.database.path = dir.join("gorp.db");
+    c.workspace.path = dir.join("workspace");
+    c.acp.agent_binary = SCRIPT_AGENT.into();
+    c.acp.agent_args = vec![
+        "--state-dir".into(),
+        dir.join("agent-state").display().to_string(),
+    ];
+    c.acp.initialize_timeout_secs = 10;
+    c.acp.session_timeout_secs = 10;
+    c.worker.max_attempts = 1;
+    tweak(&mut c);
+    c
+}
+
+fn pool_config() -> PoolConfig {
+    PoolConfig {
+        concurrency: 4,
+        lease: Duration::from_secs(30),
+        heartbeat: Duration::from_millis(100),
+        poll_interval: Duration::from_millis(50),
+        retry_base: Duration::from_millis(10),
+        retry_max: Duration::from_millis(50),
+        shutdown_grace: Duration::from_secs(5),
+    }
+}
+
+impl Gorp {
+    pub async fn start(tweak: impl FnOnce(&mut Config)) -> Gorp {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config_in(dir.path(), tweak);
+        Self::start_on(dir, config, "gorp-a").await
+    }
+
+    /// Starts a gorp instance (a new "process") on an existing directory and config.
+    pub async fn start_on(dir: TempDir, config: Config, instance: &str) -> Gorp {
+        let config = Arc::new(config);
+        let store = Store::open(&config.database).await.unwrap();
+        let warm = WarmSessionManager::new(store.clone(), config.clone(), instance.to_string());
+        let pool = WorkerPool::new(
+            store.clone(),
+            Arc::new(AcpExecutor::new(warm.clone())),
+            pool_config(),
+            instance.to_string(),
+        );
+        let handle = pool.handle();
+        let stop = CancellationToken::new();
+        let task = Some(tokio::spawn(pool.run(stop.clone())));
+        Gorp {
+            dir,
+            config,
+            store,
+            warm,
+            pool: handle,
+            stop,
+            task,
+        }
+    }
+
+    /// Graceful stop: drains the pool, shuts the agents down, releases the leases. Returns
+    /// the directory so another instance can start on it.
+    pub async fn stop(mut self) -> (TempDir, Config) {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            t.await.unwrap();
+        }
+        self.warm.shutdown().await;
+        self.store.clone().close().await;
+        (self.dir, (*self.config).clone())
+    }
+
+    pub async fn channel(&self, name: &str, tweak: impl FnOnce(&mut NewChannel)) -> i64 {
+        let mut nc = NewChannel {
+            name: name.into(),
+            ..Default::default()
+        };
+        tweak(&mut nc);
+        self.store.channel_insert(nc, now_ms()).await.unwrap().id
+    }
+
+    pub async fn enqueue(&self, channel_id: i64, prompt: &str) -> String {
+        self.store
+            .job_insert(NewJob::new(channel_id, Source::Cli, prompt), now_ms())
+            .await
+            .unwrap()
+            .job_id
+    }
+
+    pub async fn wait_done(&self, id: &str) -> Job {
+        eventually(WAIT, &format!("job {id} to finish"), || async {
+            self.store
+                .job_get(id)
+                .await
+                .unwrap()
+                .filter(|j| j.state.is_terminal())
+        })
+        .await
+    }
+
+    #[allow(dead_code)]
+    pub async fn wait_state(&self, id: &str, state: JobState) -> Job {
+        eventually(WAIT, &format!("job {id} to be {state}"), || async {
+            self.store
+                .job_get(id)
+                .await
+                .unwrap()
+                .filter(|j| j.state == state)
+        })
+        .await
+    }
+
+    /// Enqueues, waits for the end, returns the job and its output.
+    pub async fn run(&self, channel_id: i64, prompt: &str) -> (Job, String) {
+        let id = self.enqueue(channel_id, prompt).await;
+        let job = self.wait_done(&id).await;
+        let out = self.store.job_output(&id).await.unwrap();
+        (job, out)
+    }
+
+    pub async fn event_kinds(&self, id: &str) -> Vec<String> {
+        self.store
+            .job_events_list(id, 0, 10_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect()
+    }
+
+    pub async fn history_session(&self, id: &str) -> Option<String> {
+        sqlx::query_scalar("SELECT session FROM job_history WHERE id = ?1")
+            .bind(id)
+            .fetch_one(self.store.read_pool())
+            .await
+            .unwrap()
+    }
+}
+
+async fn raw_conn(path: &std::path::Path) -> sqlx::SqliteConnection {
+    <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap()
+}
+
+fn pid_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[tokio::test]
+async fn warm_session_is_reused_for_the_next_job() {
+    let g = Gorp::start(|_| {}).await;
+    let ch = g.channel("alpha", |_| {}).await;
+    let (j1, pid1) = g.run(ch, "@pid").await;
+    let (j2, pid2) = g.run(ch, "@pid").await;
+    assert_eq!(
+        (j1.state, j2.state),
+        (JobState::Succeeded, JobState::Succeeded)
+    );
+    assert_eq!(pid1, pid2, "same agent process");
+    assert_eq!(g.history_session(&j1.id).await.as_deref(), Some("cold"));
+    assert_eq!(g.history_session(&j2.id).await.as_deref(), Some("warm"));
+    let row = g.store.warm_get(ch).await.unwrap().unwrap();
+    assert_eq!(row.state, "warm");
+    assert_eq!(row.pid.map(|p| p.to_string()), Some(pid1.clone()));
+    assert_eq!(row.holder.as_deref(), Some("gorp-a"));
+    let expires = row.expires_at.unwrap() - row.last_used_at.unwrap();
+    assert_eq!(expires, 3_600_000, "keep_alive_secs defaults to an hour");
+    // The channel remembers its ACP session for later processes.
+    let channel = g.store.channel_get("alpha").await.unwrap().unwrap();
+    assert_eq!(channel.acp_session_id, row.acp_session_id);
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn expired_session_is_shut_down_and_the_next_job_resumes_the_conversation() {
+    let g = Gorp::start(|_| {}).await;
+    let ch = g.channel("alpha", |_| {}).await;
+    let (_, first) = g.run(ch, "@history").await;
+    assert_eq!(first, "1");
+    let pid = g.warm.live_pid(ch).expect("agent is warm");
+
+    // Nothing happens before expiry; everything after it, computed from the table.
+    let row = g.store.warm_get(ch).await.unwrap().unwrap();
+    let report = g.warm.run_once(row.expires_at.unwrap() - 1).await.unwrap();
+    assert_eq!(report.stopped, 0);
+    assert!(g.warm.live_pid(ch).is_some());
+    let report = g.warm.run_once(row.expires_at.unwrap() + 1).await.unwrap();
+    assert_eq!(report.stopped, 1);
+    assert_eq!(g.warm.live_pid(ch), None);
+    assert_eq!(
+        g.store.warm_get(ch).await.unwrap().unwrap().state,
+        "stopped"
+    );
+    eventually(WAIT, "agent process to exit", || async {
+        (!pid_alive(pid)).then_some(())
+    })
+    .await;
+
+    let (j2, second) = g.run(ch, "@history").await;
+    assert_eq!(
+        second, "2",
+        "the conversation continued through session/load"
+    );
+    assert_eq!(g.history_session(&j2.id).await.as_deref(), Some("cold"));
+    let ev = g.store.job_events_list(&j2.id, 0, 100).await.unwrap();
+    let session = ev.iter().find(|e| e.kind == "session").unwrap();
+    assert_eq!(session.data.as_ref().unwrap()["resumed"], true);
+    assert_ne!(g.warm.live_pid(ch), Some(pid));
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn restart_rewarms_sessions_from_the_table() {
+    let a = Gorp::start(|_| {}).await;
+    let ch = a.channel("alpha", |_| {}).await;
+    let (_, n) = a.run(ch, "@history").await;
+    assert_eq!(n, "1");
+    let old_pid = a.warm.live_pid(ch).unwrap();
+    let (dir, config) = a.stop().await;
+    assert!(
+        !pid_alive(old_pid) || {
+            eventually(WAIT, "old agent to exit", || async {
+                (!pid_alive(old_pid)).then_some(())
+            })
+            .await;
+            true
+        }
+    );
+
+    // A new gorp on the same database: the keeper warms the channel before any job arrives.
+    let b = Gorp::start_on(dir, config, "gorp-b").await;
+    let report = b.warm.run_once(now_ms()).await.unwrap();
+    assert_eq!(report.warming, 1);
+    b.warm.settle().await;
+    let new_pid = b.warm.live_pid(ch).expect("re-warmed at start");
+    assert_ne!(new_pid, old_pid);
+    let row = b.store.warm_get(ch).await.unwrap().unwrap();
+    assert_eq!(
+        (row.state.as_str(), row.holder.as_deref()),
+        ("warm", Some("gorp-b"))
+    );
+
+    let (job, n) = b.run(ch, "@history").await;
+    assert_eq!(n, "2", "the re-warmed agent resumed the stored session");
+    assert_eq!(b.history_session(&job.id).await.as_deref(), Some("warm"));
+    assert_eq!(b.warm.live_pid(ch), Some(new_pid));
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn lease_of_a_dead_holder_is_taken_over() {
+    let g = Gorp::start(|_| {}).await;
+    let ch = g.channel("alpha", |_| {}).await;
+    // A row left by a gorp that died on this host moments ago: lease still "valid".
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let mut dead = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = dead.id();
+    dead.wait().unwrap();
+    let holder = format!("{}:{}:deadbeef", host.trim(), dead_pid);
+    let now = now_ms();
+    sqlx::query(
+        "INSERT INTO warm_sessions (channel_id, holder, state, lease_expires_at, expires_at, updated_at)
+         VALUES (?1, ?2, 'warm', ?3, ?4, ?3)",
+    )
+    .bind(ch)
+    .bind(&holder)
+    .bind(now + 60_000)
+    .bind(now + 3_600_000)
+    .execute(&mut raw_conn(&g.config.database.path).await)
+    .await
+    .unwrap();
+    let report = g.warm.run_once(now).await.unwrap();
+    assert_eq!(report.warming, 1);
+    g.warm.settle().await;
+    assert!(g.warm.live_pid(ch).is_some());
+    assert_eq!(
+        g.store
+            .warm_get(ch)
+            .await
+            .unwrap()
+            .unwrap()
+            .holder
+            .as_deref(),
+        Some("gorp-a")
+    );
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn agent_crash_mid_prompt_fails_the_attempt_and_the_next_job_gets_a_fresh_process() {
+    let g = Gorp::start(|_| {}).await;
+    let ch = g.channel("alpha", |_| {}).await;
+    let (_, pid1) = g.run(ch, "@pid").await;
+    let (crashed, _) = g.run(ch, "@reply partial\n@crash").await;
+    assert_eq!(crashed.state, JobState::Failed);
+    let err = crashed.error.unwrap();
+    assert!(err.contains("agent exited mid-prompt"), "{err}");
+    assert!(err.contains("crash"), "stderr tail is in the error: {err}");
+    let (next, pid2) = g.run(ch, "@pid").await;
+    assert_eq!(next.state, JobState::Succeeded);
+    assert_ne!(pid1, pid2, "a fresh agent process");
+    assert_eq!(g.history_session(&next.id).await.as_deref(), Some("cold"));
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn hung_prompt_times_out_and_sends_session_cancel() {
+    let g = Gorp::start(|c| c.acp.prompt_timeout_secs = 1).await;
+    let ch = g.channel("alpha", |_| {}).await;
+    let (_, pid1) = g.run(ch, "@pid").await;
+    let (job, _) = g.run(ch, "@hang").await;
+    assert_eq!(job.state, JobState::Failed);
+    let err = job.error.unwrap();
+    assert!(
+        err.contains("timed out") && err.contains("session/cancel"),
+        "{err}"
+    );
+    // The agent honoured session/cancel and stays usable (warm).
+    let (next, pid2) = g.run(ch, "@pid").await;
+    assert_eq!(next.state, JobState::Succeeded);
+    assert_eq!(pid1, pid2);
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn user_cancel_stops_a_running_prompt_and_keeps_the_session() {
+    let g = Gorp::start(|_| {}).await;
+    let ch = g.channel("alpha", |_| {}).await;
+    let id = g.enqueue(ch, "@reply working\n@hang").await;
+    eventually(WAIT, "first output", || async {
+        let out = g.store.job_output(&id).await.unwrap();
+        (out == "working").then_some(())
+    })
+    .await;
+    let t = std::time::Instant::now();
+    assert_eq!(
+        g.store.job_cancel(&id, now_ms()).await.unwrap(),
+        gorp::store::CancelOutcome::Requested
+    );
+    assert!(g.pool.cancel_local(&id));
+    let job = g.wait_done(&id).await;
+    assert_eq!(job.state, JobState::Cancelled);
+    assert_eq!(job.stop_reason.as_deref(), Some("cancelled"));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "cancel is prompt: {:?}",
+        t.elapsed()
+    );
+    let (next, _) = g.run(ch, "@history").await;
+    assert_eq!(next.state, JobState::Succeeded);
+    assert_eq!(g.history_session(&next.id).await.as_deref(), Some("warm"));
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn permission_decisions_follow_the_channel_policy_and_are_recorded() {
+    let g = Gorp::start(|_| {}).await;
+    let allow = g.channel("allow", |_| {}).await;
+    let deny = g
+        .channel("deny", |c| c.permission_policy = Some("deny".into()))
+        .await;
+    for (ch, want) in [(allow, "allow"), (deny, "reject")] {
+        let (job, out) = g.run(ch, "@permission Run rm -rf build").await;
+        assert_eq!(job.state, JobState::Succeeded);
+        assert!(
+            out.starts_with("permission: ") && out.contains(want),
+            "{out}"
+        );
+        let ev = g.store.job_events_list(&job.id, 0, 100).await.unwrap();
+        let p = ev
+            .iter()
+            .find(|e| e.kind == "permission")
+            .expect("permission event");
+        let data = p.data.as_ref().unwrap();
+        assert!(
+            data["optionKind"].as_str().unwrap().starts_with(want),
+            "{data}"
+        );
+    }
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn file_access_outside_the_workspace_is_refused_and_recorded() {
+    let g = Gorp::start(|_| {}).await;
+    let ch = g.channel("alpha", |_| {}).await;
+    let ws = g.config.channel_dir("alpha");
+    std::fs::create_dir_all(&ws).unwrap();
+    std::fs::write(g.dir.path().join("secret.txt"), "top secret").unwrap();
+    std::os::unix::fs::symlink(g.dir.path().join("secret.txt"), ws.join("link.txt")).unwrap();
+    std::fs::write(ws.join("notes.txt"), "inside").unwrap();
+
+    let (job, out) = g
+        .run(
+            ch,
+            "@read notes.txt\n@read ../secret.txt\n@read link.txt\n@write ../escape.txt x",
+        )
+        .await;
+    assert_eq!(job.state, JobState::Succeeded);
+    assert!(out.contains("read ok: inside"), "{out}");
+    assert!(!out.contains("top secret"), "{out}");
+    let kinds = g.event_kinds(&job.id).await;
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "fs_denied").count(),
+        3,
+        "{kinds:?}"
+    );
+    assert!(kinds.contains(&"fs_read".to_string()));
+    assert!(!g.dir.path().join("escape.txt").exists());
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn usage_and_first_output_are_recorded_in_job_history() {
+    let g = Gorp::start(|_| {}).await;
+    let ch = g.channel("alpha", |_| {}).await;
+    let (job, out) = g
+        .run(
+            ch,
+            "@thought planning\n@tool-call Read\n@usage in=10 out=20 cost=0.01\n@reply done",
+        )
+        .await;
+    assert_eq!((job.state, out.as_str()), (JobState::Succeeded, "done"));
+    type Facts = (
+        Option<i64>,
+        Option<i64>,
+        Option<i64>,
+        Option<f64>,
+        Option<String>,
+    );
+    let row: Facts = sqlx::query_as(
+        "SELECT first_output_ms, input_tokens, output_tokens, cost_usd, session FROM job_history WHERE id = ?1",
+    )
+    .bind(&job.id)
+    .fetch_one(g.store.read_pool())
+    .await
+    .unwrap();
+    assert!(row.0.is_some());
+    assert_eq!((row.1, row.2, row.3), (Some(10), Some(20), Some(0.01)));
+    assert_eq!(row.4.as_deref(), Some("cold"));
+    let kinds = g.event_kinds(&job.id).await;
+    for k in [
+        "started",
+        "session",
+        "thought",
+        "tool_call",
+        "tool_call_update",
+        "usage",
+        "message",
+    ] {
+        assert!(kinds.contains(&k.to_string()), "{k} in {kinds:?}");
+    }
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn missing_or_non_acp_agents_fail_fast_with_a_clear_error() {
+    let g = Gorp::start(|c| c.acp.initialize_timeout_secs = 5).await;
+    let cat = g
+        .channel("cat", |c| c.agent_binary = Some("/bin/cat".into()))
+        .await;
+    let missing = g
+        .channel("missing", |c| {
+            c.agent_binary = Some("/nonexistent/agent".into())
+        })
+        .await;
+    let t = std::time::Instant::now();
+    let (job, _) = g.run(cat, "hello").await;
+    assert_eq!(job.state, JobState::Failed);
+    assert!(
+        job.error.as_ref().unwrap().contains("does not speak ACP"),
+        "{:?}",
+        job.error
+    );
+    let (job, _) = g.run(missing, "hello").await;
+    assert_eq!(job.state, JobState::Failed);
+    assert!(
+        job.error.as_ref().unwrap().contains("not found"),
+        "{:?}",
+        job.error
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "no hang: {:?}",
+        t.elapsed()
+    );
+    let row = g.store.warm_get(cat).await.unwrap().unwrap();
+    assert_eq!(row.state, "failed");
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn least_recently_used_session_is_evicted_at_the_cap() {
+    let g = Gorp::start(|c| c.acp.max_warm_sessions = 2).await;
+    let a = g.channel("a", |_| {}).await;
+    let b = g.channel("b", |_| {}).await;
+    let c = g.channel("c", |_| {}).await;
+    g.run(a, "@pid").await;
+    g.run(b, "@pid").await;
+    g.run(a, "@pid").await; // b is now the least recently used
+    g.run(c, "@pid").await;
+    assert!(g.warm.live_pid(a).is_some());
+    assert!(g.warm.live_pid(b).is_none(), "b evicted");
+    assert!(g.warm.live_pid(c).is_some());
+    assert_eq!(g.store.warm_get(b).await.unwrap().unwrap().state, "stopped");
+    g.stop().await;
+}
