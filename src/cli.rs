@@ -225,9 +225,8 @@ async fn dispatch(cli: &Cli) -> CmdResult {
             command: ConfigCommand::Check,
         } => {
             if cli.json {
-                let mut v = serde_json::to_value(&config)
+                let v = serde_json::to_value(config.masked())
                     .map_err(|e| Failure::new(EXIT_ERROR, e.to_string()))?;
-                mask_json(&mut v);
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
                 print!("{}", config.to_masked_toml());
@@ -547,25 +546,6 @@ fn out(cli: &Cli, json: serde_json::Value, human: impl FnOnce() -> String) {
         } else {
             println!("{s}");
         }
-    }
-}
-
-fn mask_json(v: &mut serde_json::Value) {
-    match v {
-        serde_json::Value::Object(m) => {
-            for (k, val) in m.iter_mut() {
-                if matches!(
-                    k.as_str(),
-                    "password" | "access_token" | "tokens" | "secret" | "passphrase"
-                ) {
-                    *val = serde_json::json!("********");
-                } else {
-                    mask_json(val);
-                }
-            }
-        }
-        serde_json::Value::Array(a) => a.iter_mut().for_each(mask_json),
-        _ => {}
     }
 }
 

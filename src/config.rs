@@ -26,8 +26,16 @@ const SECTIONS: &[&str] = &[
     "scheduler",
 ];
 
-/// Keys whose values are secrets: masked by `gorp config check` and in `Debug` output.
-const SECRET_KEYS: &[&str] = &["password", "access_token", "token", "secret", "passphrase"];
+/// Parts of key names whose values are secrets, masked by `gorp config check`.
+const SECRET_WORDS: &[&str] = &[
+    "password",
+    "token",
+    "secret",
+    "passphrase",
+    "api_key",
+    "apikey",
+    "access_key",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -427,10 +435,16 @@ impl Config {
         Ok(())
     }
 
-    /// The effective configuration as TOML, secrets masked.
-    pub fn to_masked_toml(&self) -> String {
+    /// The effective configuration with every secret replaced by `********`.
+    pub fn masked(&self) -> toml::Value {
         let mut value = toml::Value::try_from(self).expect("config serialises");
         mask_secrets(&mut value);
+        value
+    }
+
+    /// The effective configuration as TOML, secrets masked.
+    pub fn to_masked_toml(&self) -> String {
+        let value = self.masked();
         let mut out = format!("# effective configuration (source: {})\n", self.source);
         if let toml::Value::Table(t) = value {
             for section in SECTIONS {
@@ -469,11 +483,8 @@ fn mask_secrets(value: &mut toml::Value) {
     match value {
         toml::Value::Table(t) => {
             for (k, v) in t.iter_mut() {
-                if SECRET_KEYS
-                    .iter()
-                    .any(|s| k == s || k.ends_with(&format!("_{s}")))
-                    || k == "tokens"
-                {
+                let lower = k.to_ascii_lowercase();
+                if SECRET_WORDS.iter().any(|w| lower.contains(w)) {
                     *v = match v {
                         toml::Value::Array(a) => toml::Value::Array(
                             a.iter()

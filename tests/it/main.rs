@@ -4,6 +4,7 @@ mod support;
 
 mod acp;
 mod agent_process;
+mod cli;
 mod config;
 mod queue;
 mod worker;
