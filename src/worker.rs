@@ -373,13 +373,34 @@ async fn heartbeat_loop(
     running: Running,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(cfg.heartbeat);
+    // Cancel requests are read every poll interval (a cheap read); leases are renewed every
+    // heartbeat (a write).
+    let mut tick = tokio::time::interval(cfg.poll_interval.min(cfg.heartbeat));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_beat = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
+        if last_beat.elapsed() < cfg.heartbeat {
+            if running.lock().expect("running lock").is_empty() {
+                continue;
+            }
+            match store.job_cancel_requests(&owner).await {
+                Ok(ids) => {
+                    let map = running.lock().expect("running lock");
+                    for (id, attempt) in ids {
+                        if let Some(ctx) = map.get(&id).filter(|c| c.job.attempt == attempt) {
+                            ctx.stop(StopCause::UserCancel);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read cancel requests"),
+            }
+            continue;
+        }
+        last_beat = tokio::time::Instant::now();
         // Jobs registered before the heartbeat is sent were claimed before it commits, so a job
         // of this snapshot that was not renewed has been taken over by another worker.
         let before: Vec<(String, i64)> = running

@@ -480,6 +480,18 @@ impl Store {
         Ok((r.due, r.next))
     }
 
+    /// Running jobs of `owner` whose cancel was requested: (job id, attempt).
+    pub async fn job_cancel_requests(&self, owner: &str) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query!(
+            r#"SELECT id AS "id!", attempt FROM jobs
+               WHERE state = 'running' AND lease_owner = ?1 AND cancel_requested = 1"#,
+            owner
+        )
+        .fetch_all(&self.read)
+        .await?;
+        Ok(rows.into_iter().map(|r| (r.id, r.attempt)).collect())
+    }
+
     /// Job counts by state (for `gorp jobs` summaries and metrics).
     pub async fn job_count_by_state(&self) -> Result<Vec<(JobState, i64)>> {
         let rows = sqlx::query!(

@@ -1,0 +1,441 @@
+//! ACP benchmark: jobs on warm agent sessions with the real `gorp-script-agent` over stdio.
+//! Run with `cargo bench --bench acp`. Every figure is reported beside a baseline measured in the
+//! same run. Results and how to read them: BENCHMARKS.md.
+//!
+//! - cold ÷ warm time to first output (the agent started with a 2 s startup delay);
+//! - warm overhead: enqueue → first output row committed, p50/p99, minus the agent's own time
+//!   to its first chunk (measured by driving the same agent directly, without gorp);
+//! - end-to-end jobs/s across 64 warm channels ÷ the raw-SQLite claim+complete baseline;
+//! - job event rows persisted per second;
+//! - gorp's own resident memory per warm channel (agent processes excluded).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gorp::acp::client::{AgentProcess, AgentSpec, PermissionPolicy, Timeouts};
+use gorp::acp::AcpExecutor;
+use gorp::config::Config;
+use gorp::store::{now_ms, JobState, NewChannel, NewEvent, NewJob, Source, Store};
+use gorp::warm::WarmSessionManager;
+use gorp::worker::{PoolConfig, WorkerPool};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{ConnectOptions, Connection};
+use tokio_util::sync::CancellationToken;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_gorp-script-agent");
+
+struct Rig {
+    store: Store,
+    warm: Arc<WarmSessionManager>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn config(dir: &Path, name: &str, agent_args: Vec<String>) -> Config {
+    let mut c = Config::default();
+    c.database.path = dir.join(format!("{name}.db"));
+    c.workspace.path = dir.join(format!("{name}-ws"));
+    c.acp.agent_binary = AGENT.into();
+    c.acp.agent_args = agent_args;
+    c.acp.max_warm_sessions = 128;
+    c.worker.max_attempts = 1;
+    c
+}
+
+async fn rig(config: Config, concurrency: usize) -> Rig {
+    let config = Arc::new(config);
+    let store = Store::open(&config.database).await.expect("open");
+    let warm = WarmSessionManager::new(store.clone(), config.clone(), "bench".into());
+    let pool = WorkerPool::new(
+        store.clone(),
+        Arc::new(AcpExecutor::new(warm.clone())),
+        PoolConfig {
+            concurrency,
+            lease: Duration::from_secs(60),
+            heartbeat: Duration::from_secs(20),
+            poll_interval: Duration::from_millis(500),
+            retry_base: Duration::from_secs(1),
+            retry_max: Duration::from_secs(1),
+            shutdown_grace: Duration::from_secs(5),
+        },
+        "bench".into(),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(pool.run(stop.clone()));
+    Rig {
+        store,
+        warm,
+        stop,
+        task,
+    }
+}
+
+impl Rig {
+    async fn channel(&self, name: &str) -> i64 {
+        self.store
+            .channel_insert(
+                NewChannel {
+                    name: name.into(),
+                    ..Default::default()
+                },
+                now_ms(),
+            )
+            .await
+            .expect("channel")
+            .id
+    }
+
+    async fn run(&self, ch: i64, prompt: &str) -> String {
+        let id = self
+            .store
+            .job_insert(NewJob::new(ch, Source::Cli, prompt), now_ms())
+            .await
+            .expect("enqueue")
+            .job_id;
+        loop {
+            let j = self.store.job_get(&id).await.expect("get").expect("job");
+            if j.state.is_terminal() {
+                assert_eq!(j.state, JobState::Succeeded, "{:?}", j.error);
+                return id;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    async fn first_output_ms(&self, id: &str) -> i64 {
+        let v: Option<i64> = sqlx::query_scalar("SELECT first_output_ms FROM jobs WHERE id = ?1")
+            .bind(id)
+            .fetch_one(self.store.read_pool())
+            .await
+            .expect("facts");
+        v.expect("first output recorded")
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.ok();
+        self.warm.shutdown().await;
+        self.store.close().await;
+    }
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// Cold ÷ warm time to first output with a 2 s agent startup delay.
+async fn cold_vs_warm(dir: &Path) -> (f64, f64) {
+    let state = dir.join("state-cold");
+    let args = vec![
+        "--state-dir".into(),
+        state.display().to_string(),
+        "--startup-delay-ms".into(),
+        "2000".into(),
+    ];
+    let r = rig(config(dir, "cold", args), 4).await;
+    let ch = r.channel("c").await;
+    let cold = r.run(ch, "@reply hi").await;
+    let mut warm = Vec::new();
+    for _ in 0..20 {
+        let id = r.run(ch, "@reply hi").await;
+        warm.push(r.first_output_ms(&id).await as f64);
+    }
+    let cold_ms = r.first_output_ms(&cold).await as f64;
+    r.stop().await;
+    (cold_ms, pct(&mut warm, 0.5))
+}
+
+/// The agent's own prompt → first chunk time, driving it directly.
+async fn agent_alone(dir: &Path, samples: usize) -> Vec<f64> {
+    let ws = dir.join("alone");
+    std::fs::create_dir_all(&ws).expect("dir");
+    let spec = AgentSpec {
+        binary: AGENT.into(),
+        args: vec![
+            "--state-dir".into(),
+            dir.join("state-alone").display().to_string(),
+        ],
+        cwd: ws.clone(),
+        env: Vec::new(),
+    };
+    let agent = AgentProcess::spawn(&spec, Timeouts::default(), PermissionPolicy::Allow, ws)
+        .await
+        .expect("spawn");
+    let session = agent.new_session().await.expect("session");
+    let mut out = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let t = Instant::now();
+        let fut = agent.prompt(&session, "@reply hi", tx, CancellationToken::new());
+        tokio::pin!(fut);
+        let mut first = None;
+        loop {
+            tokio::select! {
+                ev = rx.recv(), if first.is_none() => {
+                    if let Some(ev) = ev {
+                        if ev.kind == "message" {
+                            first = Some(t.elapsed());
+                        }
+                    }
+                }
+                r = &mut fut => { r.expect("prompt"); break; }
+            }
+        }
+        out.push(first.expect("a message chunk").as_secs_f64() * 1e3);
+    }
+    agent.shutdown().await;
+    out
+}
+
+/// Enqueue → first message row committed, on a warm channel (ms).
+async fn warm_overhead(dir: &Path, samples: usize) -> Vec<f64> {
+    let args = vec![
+        "--state-dir".into(),
+        dir.join("state-ovh").display().to_string(),
+    ];
+    let r = rig(config(dir, "overhead", args), 4).await;
+    let ch = r.channel("o").await;
+    r.run(ch, "@reply warm-up").await;
+    let mut conn = SqliteConnectOptions::new()
+        .filename(dir.join("overhead.db"))
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .disable_statement_logging()
+        .connect()
+        .await
+        .expect("reader");
+    let mut lat = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let t = Instant::now();
+        let id = r
+            .store
+            .job_insert(NewJob::new(ch, Source::Cli, "@reply hi"), now_ms())
+            .await
+            .expect("enqueue")
+            .job_id;
+        loop {
+            let seen: Option<i64> = sqlx::query_scalar(
+                "SELECT seq FROM job_events WHERE job_id = ?1 AND kind = 'message' LIMIT 1",
+            )
+            .bind(&id)
+            .fetch_optional(&mut conn)
+            .await
+            .expect("poll");
+            if seen.is_some() {
+                break;
+            }
+        }
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+        loop {
+            let j = r.store.job_get(&id).await.expect("get").expect("job");
+            if j.state.is_terminal() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+    conn.close().await.ok();
+    r.stop().await;
+    lat
+}
+
+/// No-op jobs per second across 64 warm channels, and gorp's RSS per warm channel.
+async fn throughput(dir: &Path, jobs: usize) -> (f64, f64) {
+    let args = vec![
+        "--state-dir".into(),
+        dir.join("state-tp").display().to_string(),
+    ];
+    let r = rig(config(dir, "throughput", args), 64).await;
+    let mut chs = Vec::new();
+    for i in 0..64 {
+        chs.push(r.channel(&format!("t{i}")).await);
+    }
+    let before = rss_kb();
+    let mut warmups = Vec::new();
+    for ch in &chs {
+        let store = r.store.clone();
+        let ch = *ch;
+        warmups.push(
+            store
+                .job_insert(NewJob::new(ch, Source::Cli, "@reply warm"), now_ms())
+                .await
+                .expect("enqueue")
+                .job_id,
+        );
+    }
+    for id in &warmups {
+        loop {
+            let j = r.store.job_get(id).await.expect("get").expect("job");
+            if j.state.is_terminal() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let after = rss_kb();
+    let per_channel = (after.saturating_sub(before)) as f64 / 64.0;
+
+    let rows: Vec<NewJob> = (0..jobs)
+        .map(|i| NewJob::new(chs[i % 64], Source::Cli, "@reply x"))
+        .collect();
+    let t = Instant::now();
+    r.store
+        .job_insert_many(rows, now_ms())
+        .await
+        .expect("enqueue");
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state = 'succeeded'")
+            .fetch_one(r.store.read_pool())
+            .await
+            .expect("count");
+        if n as usize >= jobs + 64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rate = jobs as f64 / t.elapsed().as_secs_f64();
+    r.stop().await;
+    (rate, per_channel)
+}
+
+/// Raw SQLite claim + complete, one at a time (the queue benchmark's baseline).
+async fn baseline(dir: &Path, jobs: usize) -> f64 {
+    let cfg = config(dir, "baseline", vec![]);
+    let store = Store::open(&cfg.database).await.expect("open");
+    let ch = store
+        .channel_insert(
+            NewChannel {
+                name: "b".into(),
+                ..Default::default()
+            },
+            now_ms(),
+        )
+        .await
+        .expect("channel")
+        .id;
+    let rows: Vec<NewJob> = (0..jobs)
+        .map(|_| NewJob::new(ch, Source::Cli, "x"))
+        .collect();
+    store.job_insert_many(rows, now_ms()).await.expect("insert");
+    store.close().await;
+    let mut conn = SqliteConnectOptions::new()
+        .filename(&cfg.database.path)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .disable_statement_logging()
+        .connect()
+        .await
+        .expect("raw");
+    let t = Instant::now();
+    for _ in 0..jobs {
+        let id: String = sqlx::query_scalar(
+            "UPDATE jobs SET state = 'running', attempt = attempt + 1, lease_owner = 'b'
+             WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY priority DESC, run_at, id LIMIT 1)
+             RETURNING id",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .expect("claim");
+        sqlx::query("UPDATE jobs SET state = 'succeeded', lease_owner = NULL WHERE id = ?1")
+            .bind(&id)
+            .execute(&mut conn)
+            .await
+            .expect("complete");
+    }
+    jobs as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Job event rows committed per second through the store's writer.
+async fn event_rate(dir: &Path, rows: usize) -> f64 {
+    let cfg = config(dir, "events", vec![]);
+    let store = Store::open(&cfg.database).await.expect("open");
+    let ch = store
+        .channel_insert(
+            NewChannel {
+                name: "e".into(),
+                ..Default::default()
+            },
+            now_ms(),
+        )
+        .await
+        .expect("channel")
+        .id;
+    let id = store
+        .job_insert(NewJob::new(ch, Source::Cli, "x"), now_ms())
+        .await
+        .expect("job")
+        .job_id;
+    let t = Instant::now();
+    for i in 0..rows {
+        store
+            .job_events_append(vec![NewEvent {
+                job_id: id.clone(),
+                attempt: 1,
+                kind: "message".into(),
+                text: Some(format!("chunk {i} of streamed agent output ")),
+                data: None,
+                at: now_ms(),
+            }])
+            .await
+            .expect("append");
+    }
+    store.flush().await.expect("flush");
+    let rate = rows as f64 / t.elapsed().as_secs_f64();
+    store.close().await;
+    rate
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        println!("gorp ACP benchmark (gorp-script-agent over stdio)");
+
+        let (cold, warm) = cold_vs_warm(d).await;
+        println!("\n| time to first output | ms |\n|---|---:|");
+        println!("| cold (agent startup delay 2000 ms) | {cold:.1} |");
+        println!("| warm (p50 of 20) | {warm:.1} |");
+        println!("| cold ÷ warm | {:.0} |", cold / warm.max(0.001));
+
+        let mut alone = agent_alone(d, 300).await;
+        let mut ovh = warm_overhead(d, 300).await;
+        let (a50, a99) = (pct(&mut alone, 0.5), pct(&mut alone, 0.99));
+        let (o50, o99) = (pct(&mut ovh, 0.5), pct(&mut ovh, 0.99));
+        println!("\n| warm path | p50 ms | p99 ms |\n|---|---:|---:|");
+        println!("| agent alone: prompt → first chunk | {a50:.2} | {a99:.2} |");
+        println!("| gorp: enqueue → first output row committed | {o50:.2} | {o99:.2} |");
+        println!(
+            "| warm overhead (difference) | {:.2} | {:.2} |",
+            o50 - a50,
+            o99 - a99
+        );
+
+        let base = baseline(d, 5_000).await;
+        let (rate, rss) = throughput(d, 5_000).await;
+        println!("\n| end to end | value |\n|---|---:|");
+        println!("| raw SQLite claim+complete baseline (jobs/s) | {base:.0} |");
+        println!("| gorp jobs/s across 64 warm channels (`@reply x`) | {rate:.0} |");
+        println!("| ratio | {:.2} |", rate / base);
+        println!("| gorp RSS per warm channel (KB, agents excluded) | {rss:.0} |");
+
+        let ev = event_rate(d, 200_000).await;
+        println!("| job event rows persisted per second | {ev:.0} |");
+    });
+}
