@@ -103,8 +103,8 @@ impl Rig {
         }
     }
 
-    async fn first_output_ms(&self, id: &str) -> i64 {
-        let v: Option<i64> = sqlx::query_scalar("SELECT first_output_ms FROM jobs WHERE id = ?1")
+    async fn first_output_ms(&self, id: &str) -> f64 {
+        let v: Option<f64> = sqlx::query_scalar("SELECT first_output_ms FROM jobs WHERE id = ?1")
             .bind(id)
             .fetch_one(self.store.read_pool())
             .await
@@ -151,9 +151,9 @@ async fn cold_vs_warm(dir: &Path) -> (f64, f64) {
     let mut warm = Vec::new();
     for _ in 0..20 {
         let id = r.run(ch, "@reply hi").await;
-        warm.push(r.first_output_ms(&id).await as f64);
+        warm.push(r.first_output_ms(&id).await);
     }
-    let cold_ms = r.first_output_ms(&cold).await as f64;
+    let cold_ms = r.first_output_ms(&cold).await;
     r.stop().await;
     (cold_ms, pct(&mut warm, 0.5))
 }
@@ -177,23 +177,22 @@ async fn agent_alone(dir: &Path, samples: usize) -> Vec<f64> {
     let session = agent.new_session().await.expect("session");
     let mut out = Vec::with_capacity(samples);
     for _ in 0..samples {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<gorp::acp::client::AgentEvent>();
         let t = Instant::now();
-        let fut = agent.prompt(&session, "@reply hi", tx, CancellationToken::new());
-        tokio::pin!(fut);
-        let mut first = None;
-        loop {
-            tokio::select! {
-                ev = rx.recv(), if first.is_none() => {
-                    if let Some(ev) = ev {
-                        if ev.kind == "message" {
-                            first = Some(t.elapsed());
-                        }
-                    }
+        let reader = tokio::spawn(async move {
+            let mut first = None;
+            while let Some(ev) = rx.recv().await {
+                if first.is_none() && ev.kind == "message" {
+                    first = Some(t.elapsed());
                 }
-                r = &mut fut => { r.expect("prompt"); break; }
             }
-        }
+            first
+        });
+        agent
+            .prompt(&session, "@reply hi", tx, CancellationToken::new())
+            .await
+            .expect("prompt");
+        let first = reader.await.expect("reader");
         out.push(first.expect("a message chunk").as_secs_f64() * 1e3);
     }
     agent.shutdown().await;
@@ -411,7 +410,7 @@ fn main() {
         let (cold, warm) = cold_vs_warm(d).await;
         println!("\n| time to first output | ms |\n|---|---:|");
         println!("| cold (agent startup delay 2000 ms) | {cold:.1} |");
-        println!("| warm (p50 of 20) | {warm:.1} |");
+        println!("| warm (p50 of 20) | {warm:.2} |");
         println!("| cold ÷ warm | {:.0} |", cold / warm.max(0.001));
 
         let mut alone = agent_alone(d, 300).await;

@@ -23,7 +23,7 @@ CREATE TABLE warm_sessions (
 CREATE INDEX warm_sessions_warm_at ON warm_sessions (warm_at) WHERE warm_at IS NOT NULL;
 
 ALTER TABLE jobs ADD COLUMN warm INTEGER;              -- 1: ran on a warm agent, 0: cold start
-ALTER TABLE jobs ADD COLUMN first_output_ms INTEGER;   -- start of attempt → first agent output
+ALTER TABLE jobs ADD COLUMN first_output_ms REAL;      -- start of attempt → first agent output
 ALTER TABLE jobs ADD COLUMN input_tokens INTEGER;
 ALTER TABLE jobs ADD COLUMN output_tokens INTEGER;
 ALTER TABLE jobs ADD COLUMN cost_usd REAL;

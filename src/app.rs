@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::acp::AcpExecutor;
 use crate::cleaner::Cleaner;
 use crate::config::Config;
-use crate::executor::Executor;
+use crate::http::HttpState;
 use crate::rescuer::Rescuer;
 use crate::store::Store;
 use crate::warm::WarmSessionManager;
@@ -56,11 +56,39 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let config = Arc::new(config);
+    let addr = format!("{}:{}", config.webhook.bind, config.webhook.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     let warm = WarmSessionManager::new(store.clone(), config.clone(), instance_id.clone());
     let executor = Arc::new(AcpExecutor::new(warm.clone()));
+    let pool = WorkerPool::new(
+        store.clone(),
+        executor,
+        PoolConfig::from(&config.worker),
+        instance_id.clone(),
+    );
+    let http_state = HttpState::new(
+        store.clone(),
+        config.clone(),
+        Some(pool.handle()),
+        Some(warm.clone()),
+    );
+    let http_stop = CancellationToken::new();
+    let http = tokio::spawn(crate::http::serve(listener, http_state, http_stop.clone()));
     let keeper_stop = CancellationToken::new();
     let keeper = tokio::spawn(warm.clone().run(keeper_stop.clone()));
-    run_with(&config, store, executor, instance_id, shutdown).await;
+
+    run_pool(&config, store, pool, shutdown).await;
+
+    // In-flight requests get the grace period too; open event streams end with it.
+    http_stop.cancel();
+    let grace = Duration::from_secs(config.worker.shutdown_grace_secs.max(1));
+    match tokio::time::timeout(grace, http).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server error"),
+        Err(_) => tracing::warn!("HTTP requests still open after the grace period; closing them"),
+        _ => {}
+    }
     keeper_stop.cancel();
     let _ = keeper.await;
     warm.shutdown().await;
@@ -68,21 +96,14 @@ pub async fn run(
     Ok(())
 }
 
-/// Runs the worker pool with `executor` and the background services until `shutdown`.
-pub async fn run_with(
+/// Runs `pool` and the background services (rescuer, cleaner) until `shutdown`.
+pub async fn run_pool(
     config: &Config,
     store: Store,
-    executor: Arc<dyn Executor>,
-    instance_id: String,
+    pool: WorkerPool,
     shutdown: CancellationToken,
 ) {
     let w = &config.worker;
-    let pool = WorkerPool::new(
-        store.clone(),
-        executor,
-        PoolConfig::from(w),
-        instance_id.clone(),
-    );
     let services = CancellationToken::new();
     let rescuer = Rescuer::new(store.clone(), Duration::from_secs(w.rescue_interval_secs));
     let cleaner = Cleaner::new(
@@ -92,7 +113,7 @@ pub async fn run_with(
     );
     let r = tokio::spawn(rescuer.run(services.clone()));
     let c = tokio::spawn(cleaner.run(services.clone()));
-    tracing::info!(instance = %instance_id, db = %config.database.path.display(), "gorp started");
+    tracing::info!(instance = %pool.handle().owner(), db = %config.database.path.display(), "gorp started");
     pool.run(shutdown).await;
     services.cancel();
     let _ = tokio::join!(r, c);

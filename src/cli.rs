@@ -139,6 +139,12 @@ pub enum ChannelsCommand {
         /// Permission policy: allow or deny.
         #[arg(long)]
         permission: Option<String>,
+        /// Secret for GitHub-style X-Hub-Signature-256 webhook deliveries.
+        #[arg(long)]
+        webhook_secret: Option<String>,
+        /// Prompt template for GitHub deliveries ({event}, {action}, {repository}, {delivery}, {payload}).
+        #[arg(long)]
+        webhook_template: Option<String>,
     },
     /// List channels.
     List,
@@ -368,7 +374,10 @@ async fn channels(cli: &Cli, cmd: &ChannelsCommand, config: &Config, store: &Sto
             agent_binary,
             agent_args,
             permission,
+            webhook_secret,
+            webhook_template,
         } => {
+            let token = crate::auth::new_token();
             let ch = store
                 .channel_insert(
                     NewChannel {
@@ -379,6 +388,9 @@ async fn channels(cli: &Cli, cmd: &ChannelsCommand, config: &Config, store: &Sto
                             .clone()
                             .or_else(|| Some(config.acp.permission_policy.clone())),
                         matrix_room_id: None,
+                        webhook_token: Some(token.clone()),
+                        webhook_secret: webhook_secret.clone(),
+                        webhook_template: webhook_template.clone(),
                     },
                     now_ms(),
                 )
@@ -387,14 +399,18 @@ async fn channels(cli: &Cli, cmd: &ChannelsCommand, config: &Config, store: &Sto
             std::fs::create_dir_all(&dir).map_err(|e| {
                 Failure::new(EXIT_ERROR, format!("cannot create {}: {e}", dir.display()))
             })?;
-            out(cli, serde_json::json!(ch), || {
-                format!(
-                    "channel {} created\n  workspace: {}\n  webhook:   POST /webhook/session/{}",
-                    ch.name,
-                    dir.display(),
-                    ch.webhook_id
-                )
-            });
+            let url = format!("/webhook/session/{}", ch.webhook_id);
+            out(
+                cli,
+                serde_json::json!({ "channel": ch, "webhook_url": url, "webhook_token": token }),
+                || {
+                    format!(
+                        "channel {} created\n  workspace:     {}\n  webhook:       POST {url}\n  webhook token: {token}  (shown once; only its hash is stored)",
+                        ch.name,
+                        dir.display(),
+                    )
+                },
+            );
             Ok(EXIT_OK)
         }
         ChannelsCommand::List => {

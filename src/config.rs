@@ -179,8 +179,12 @@ pub struct AcpConfig {
     pub prompt_timeout_secs: u64,
     /// Default permission policy for new channels: `allow` or `deny`.
     pub permission_policy: String,
-    /// Extra environment variables for agent processes (gorp's own environment is inherited).
+    /// Extra environment variables for agent processes (gorp's own environment is inherited,
+    /// except its `GORP_*` variables).
     pub env: BTreeMap<String, String>,
+    /// After a cancelled prompt, restart the agent and resume its session with `session/load`
+    /// (some agents answer the prompt after a cancel out of turn).
+    pub recycle_after_cancel: bool,
 }
 
 impl Default for AcpConfig {
@@ -196,6 +200,7 @@ impl Default for AcpConfig {
             prompt_timeout_secs: 3_600,
             permission_policy: "allow".into(),
             env: BTreeMap::new(),
+            recycle_after_cancel: true,
         }
     }
 }
@@ -210,6 +215,12 @@ pub struct WebhookConfig {
     pub tokens: Vec<String>,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Requests per minute per token (or per channel secret); 0 means no limit.
+    pub rate_limit_per_minute: u32,
+    /// Longest `?wait=` a webhook may ask for.
+    pub max_wait_secs: u64,
+    /// GitHub payloads are cut to this size in the job's prompt.
+    pub github_payload_max_bytes: usize,
 }
 
 impl Default for WebhookConfig {
@@ -219,6 +230,9 @@ impl Default for WebhookConfig {
             bind: "127.0.0.1".into(),
             tokens: Vec::new(),
             max_body_bytes: 256 * 1024,
+            rate_limit_per_minute: 0,
+            max_wait_secs: 600,
+            github_payload_max_bytes: 64 * 1024,
         }
     }
 }

@@ -10,15 +10,21 @@
 //! - [`warm`]: `WarmSessionManager`: live agent processes driven by the `warm_sessions` table.
 //! - [`rescuer`]: returns jobs whose lease expired.
 //! - [`cleaner`]: deletes finished jobs past retention.
+//! - [`http`]: webhooks, the JSON/SSE API, health, metrics, OpenAPI (axum).
+//! - [`auth`]: bearer tokens and GitHub signatures, compared in constant time.
+//! - [`metrics`]: Prometheus metrics.
 //! - [`app`]: `gorp start`: wires the services together until shutdown.
 //! - [`cli`]: the `gorp` command line.
 
 pub mod acp;
 pub mod app;
+pub mod auth;
 pub mod cleaner;
 pub mod cli;
 pub mod config;
 pub mod executor;
+pub mod http;
+pub mod metrics;
 pub mod rescuer;
 pub mod store;
 pub mod warm;

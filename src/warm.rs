@@ -214,6 +214,8 @@ impl WarmSessionManager {
             }
         };
         *guard = Some(live);
+        metrics::histogram!(crate::metrics::AGENT_COLD_START_SECONDS)
+            .record(started.elapsed().as_secs_f64());
         Ok(SessionGuard {
             guard,
             warm: false,
@@ -261,6 +263,26 @@ impl WarmSessionManager {
         self.slot(channel_id)
             .last_used
             .store(now, Ordering::Relaxed);
+    }
+
+    /// Gives the session back after a cancelled prompt: the agent is restarted (the keeper
+    /// warms it again within a second, resuming the session with `session/load`), because
+    /// some agents answer the prompt after a cancel out of turn.
+    pub async fn recycle(&self, channel_id: i64, mut guard: SessionGuard) {
+        if let Some(l) = guard.guard.take() {
+            l.agent.shutdown().await;
+        }
+        let now = now_ms();
+        let note = Some("restarted after a cancelled prompt".to_string());
+        let _ = self
+            .store
+            .warm_stop(channel_id, &self.instance, false, note, now)
+            .await;
+        let _ = self.store.warm_request(channel_id, Some(now), now).await;
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// Starts the channel's agent now (if it is not running) and leaves it warm.

@@ -162,7 +162,8 @@ impl WorkerPool {
                     }
                 }
                 if due {
-                    match self
+                    let claim_started = std::time::Instant::now();
+                    let claimed = self
                         .store
                         .job_claim_many(
                             &self.owner,
@@ -170,8 +171,10 @@ impl WorkerPool {
                             now,
                             self.cfg.lease.as_millis() as i64,
                         )
-                        .await
-                    {
+                        .await;
+                    metrics::histogram!(crate::metrics::CLAIM_SECONDS)
+                        .record(claim_started.elapsed().as_secs_f64());
+                    match claimed {
                         Ok(jobs) => {
                             for job in jobs {
                                 let permit = slots.clone().try_acquire_owned().expect("idle slot");
@@ -310,6 +313,13 @@ async fn finish(
         }
         ok
     };
+    let label = match (&outcome, cause) {
+        (Outcome::Succeeded { .. }, _) => "succeeded",
+        (_, Some(StopCause::Shutdown)) => "released",
+        (_, Some(StopCause::LeaseLost)) => "lease_lost",
+        (Outcome::Cancelled { .. }, _) => "cancelled",
+        (Outcome::Failed { .. }, _) => "failed_attempt",
+    };
     let result = match (outcome, cause) {
         (Outcome::Succeeded { stop_reason }, _) => {
             store.job_complete_if_running(lease, stop_reason, now).await
@@ -344,7 +354,9 @@ async fn finish(
         }
     };
     match result {
-        Ok(true) => {}
+        Ok(true) => {
+            metrics::counter!(crate::metrics::JOBS_FINISHED, "outcome" => label).increment(1)
+        }
         Ok(false) => {
             tracing::warn!(job = %job.id, attempt = job.attempt, "lease lost; another attempt owns the job")
         }

@@ -24,12 +24,20 @@
 //! | `mode` | `current_mode_update` | mode id | the update JSON |
 //! | `usage` | `usage_update` | — | the update JSON (`used`, `size`, `cost`, `_meta`) |
 //! | `config`, `session_info`, other | remaining update variants (kind = the wire tag for unknown ones) | — | the update JSON |
+//! | same kinds | an update that does not match the ACP schema (e.g. `usage_update` with `"used": null`) | `content.text` or `title` if any | the raw update JSON plus `parseError` (counted by [`AgentProcess::unparsed_updates`]) |
 //! | `turn_usage` | `usage` of the prompt response (unstable end-turn usage) | — | the usage JSON |
 //! | `permission` | `session/request_permission` | chosen option id, or `cancelled` | `policy`, `outcome`, `optionId`, `optionKind`, `options`, `toolCall` |
 //! | `fs_read` / `fs_write` | allowed `fs/read_text_file` / `fs/write_text_file` | path as requested | `path`, `resolved`, `bytes` (+ `line`, `limit`) |
 //! | `fs_denied` | refused fs request | reason | `op`, `path`, `reason` |
 //! | `fs_error` | allowed fs request that failed (missing file, I/O) | error | `op`, `path`, `resolved`, `error` |
 //! | `stderr` | a stderr line of the agent process | the line | `{}` |
+//!
+//! # Shutdown
+//!
+//! [`AgentProcess::shutdown`] sends SIGTERM to the process group and waits
+//! until no live member is left (bounded by the shutdown grace) before
+//! SIGKILL; dropping an [`AgentProcess`] without `shutdown` sends SIGKILL to
+//! the group at once.
 //!
 //! Updates for a session with no running prompt are not job output and are
 //! dropped (counted by [`AgentProcess::unrouted_updates`]); replayed history
@@ -75,7 +83,7 @@ use agent_client_protocol::v1::schema::{
 use agent_client_protocol::v1::{ConnectionTo, Responder};
 use agent_client_protocol::{
     is_connection_terminated, is_incoming_transport_closed, Agent, ByteStreams, Client, ErrorCode,
-    JsonRpcRequest,
+    JsonRpcMessage, JsonRpcNotification, JsonRpcRequest, UntypedMessage,
 };
 use serde_json::{json, Value};
 use tokio::io::AsyncBufReadExt;
@@ -120,6 +128,14 @@ impl Default for Timeouts {
 /// How long [`AgentProcess::prompt`] waits for the turn to end after sending
 /// `session/cancel` (unless changed with [`AgentProcess::set_cancel_grace`]).
 pub const DEFAULT_CANCEL_GRACE: Duration = Duration::from_secs(5);
+
+/// How long [`AgentProcess::shutdown`] lets the process group exit after
+/// SIGTERM before it sends SIGKILL (unless changed with
+/// [`AgentProcess::set_shutdown_grace`]). Claude Code needs about 1-2 s.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Poll interval while waiting for a process group to disappear.
+const GROUP_POLL: Duration = Duration::from_millis(20);
 
 /// Number of stderr lines kept for [`AgentProcess::stderr_tail`].
 pub const STDERR_TAIL_LINES: usize = 100;
@@ -216,6 +232,7 @@ struct Shared {
     routes: Mutex<HashMap<String, Route>>,
     stderr: Mutex<VecDeque<String>>,
     unrouted: AtomicU64,
+    unparsed: AtomicU64,
     pid: u32,
 }
 
@@ -268,7 +285,33 @@ impl Shared {
         tail.iter().cloned().collect::<Vec<_>>().join("\n")
     }
 
-    fn on_update(&self, note: SessionNotification) {
+    /// Routes one `session/update`. Params that do not parse as a
+    /// [`SessionNotification`] (e.g. `usage_update` with `"used": null`)
+    /// are still routed, as an event built from the raw JSON with a
+    /// `parseError` field, and counted.
+    fn on_update(&self, params: Value) {
+        let note = match serde_json::from_value::<SessionNotification>(params.clone()) {
+            Ok(note) => note,
+            Err(e) => {
+                self.unparsed.fetch_add(1, Ordering::Relaxed);
+                let Some(session) = params.get("sessionId").and_then(Value::as_str) else {
+                    tracing::warn!(
+                        pid = self.pid,
+                        "session/update without a sessionId dropped: {e}"
+                    );
+                    return;
+                };
+                tracing::warn!(
+                    pid = self.pid,
+                    session,
+                    "session/update does not match the schema: {e}"
+                );
+                self.route(session, || {
+                    raw_update_event(&params["update"], &e.to_string())
+                });
+                return;
+            }
+        };
         let session = note.session_id.0.to_string();
         self.route(&session, || update_event(&note.update));
     }
@@ -458,6 +501,76 @@ fn block_text(block: &ContentBlock) -> Option<String> {
     }
 }
 
+/// `session/update` with its params kept as JSON. The SDK's typed
+/// `SessionNotification` handler drops a notification whose params fail to
+/// deserialise (with only a trace-level log); this type always parses, and
+/// [`Shared::on_update`] does the typed parse itself.
+#[derive(Debug, Clone)]
+struct RawSessionUpdate(Value);
+
+const SESSION_UPDATE: &str = "session/update";
+
+impl JsonRpcMessage for RawSessionUpdate {
+    fn matches_method(method: &str) -> bool {
+        method == SESSION_UPDATE
+    }
+
+    fn method(&self) -> &str {
+        SESSION_UPDATE
+    }
+
+    fn to_untyped_message(&self) -> Result<UntypedMessage, agent_client_protocol::Error> {
+        UntypedMessage::new(SESSION_UPDATE, &self.0)
+    }
+
+    fn parse_message(method: &str, params: &Value) -> Result<Self, agent_client_protocol::Error> {
+        if method != SESSION_UPDATE {
+            return Err(agent_client_protocol::Error::method_not_found());
+        }
+        Ok(Self(params.clone()))
+    }
+}
+
+impl JsonRpcNotification for RawSessionUpdate {}
+
+/// The event kind for a `sessionUpdate` wire tag (the tag itself when unknown).
+fn kind_for_tag(tag: &str) -> &str {
+    match tag {
+        "agent_message_chunk" => "message",
+        "agent_thought_chunk" => "thought",
+        "user_message_chunk" => "user_message",
+        "available_commands_update" => "commands",
+        "current_mode_update" => "mode",
+        "usage_update" => "usage",
+        "config_option_update" => "config",
+        "session_info_update" => "session_info",
+        other => other,
+    }
+}
+
+/// Maps the raw JSON of an update that failed schema parsing to an
+/// [`AgentEvent`]: kind from the `sessionUpdate` tag, text from
+/// `content.text` or `title` when present, data = the update plus
+/// `parseError`.
+pub fn raw_update_event(update: &Value, error: &str) -> AgentEvent {
+    let tag = update
+        .get("sessionUpdate")
+        .and_then(Value::as_str)
+        .unwrap_or("other");
+    let text = update
+        .pointer("/content/text")
+        .or_else(|| update.get("title"))
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let mut data = update.clone();
+    if let Value::Object(map) = &mut data {
+        map.insert("parseError".into(), error.into());
+    } else {
+        data = json!({ "update": update, "parseError": error });
+    }
+    AgentEvent::new(kind_for_tag(tag), text, data)
+}
+
 /// Maps one `session/update` to an [`AgentEvent`].
 pub fn update_event(update: &SessionUpdate) -> AgentEvent {
     let mut data = serde_json::to_value(update).unwrap_or(Value::Null);
@@ -614,6 +727,7 @@ pub struct AgentProcess {
     init: InitializeResponse,
     timeouts: Timeouts,
     cancel_grace: Duration,
+    shutdown_grace: Duration,
     cwd: PathBuf,
     exit_rx: watch::Receiver<Option<String>>,
     stderr_done: watch::Receiver<bool>,
@@ -680,6 +794,12 @@ impl AgentProcess {
         }
 
         let mut cmd = tokio::process::Command::new(&spec.binary);
+        // gorp's own settings (tokens, secrets) are not the agent's business.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with(crate::config::ENV_PREFIX) {
+                cmd.env_remove(&key);
+            }
+        }
         cmd.args(&spec.args)
             .current_dir(&cwd)
             .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -709,6 +829,7 @@ impl AgentProcess {
             routes: Mutex::new(HashMap::new()),
             stderr: Mutex::new(VecDeque::new()),
             unrouted: AtomicU64::new(0),
+            unparsed: AtomicU64::new(0),
             pid,
         });
 
@@ -786,6 +907,7 @@ impl AgentProcess {
             init: InitializeResponse::new(ProtocolVersion::V1),
             timeouts,
             cancel_grace: DEFAULT_CANCEL_GRACE,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             cwd,
             exit_rx,
             stderr_done,
@@ -851,10 +973,22 @@ impl AgentProcess {
         self.cancel_grace = grace;
     }
 
+    /// Changes how long [`Self::shutdown`] waits for the process group to
+    /// exit after SIGTERM before it sends SIGKILL.
+    pub fn set_shutdown_grace(&mut self, grace: Duration) {
+        self.shutdown_grace = grace;
+    }
+
     /// Number of `session/update`s received for sessions that had no prompt
     /// (or load) running.
     pub fn unrouted_updates(&self) -> u64 {
         self.shared.unrouted.load(Ordering::Relaxed)
+    }
+
+    /// Number of `session/update`s whose params did not match the ACP schema
+    /// (delivered anyway, with a `parseError` in the event data).
+    pub fn unparsed_updates(&self) -> u64 {
+        self.shared.unparsed.load(Ordering::Relaxed)
     }
 
     /// The last [`STDERR_TAIL_LINES`] stderr lines, newline separated.
@@ -983,26 +1117,35 @@ impl AgentProcess {
         }
     }
 
-    /// Kills the whole process group (SIGTERM, then SIGKILL after a short
-    /// grace) and reaps the process.
+    /// Stops the agent: SIGTERM to the whole process group, then waits (at
+    /// most the shutdown grace, see [`Self::set_shutdown_grace`]) until every
+    /// live member of the group has exited, then SIGKILL to whatever is left;
+    /// reaps the process.
+    ///
+    /// Waiting for the whole group, not just the leader, matters for agents
+    /// that run a worker process: claude-agent-acp exits within milliseconds
+    /// of SIGTERM while its Claude Code child is still writing the session
+    /// transcript that a later `session/load` needs.
     pub async fn shutdown(mut self) {
         self.stop.cancel();
         let group = self.pid as i32;
-        if group > 0 && !self.has_exited() {
-            // SAFETY: plain syscall on a process group this value created.
+        if group > 0 {
+            // SAFETY: plain syscall on a process group this value created;
+            // ESRCH when the group is already gone.
             unsafe {
                 libc::killpg(group, libc::SIGTERM);
             }
-            if self.wait_exit(Duration::from_millis(500)).await.is_none() {
-                // SAFETY: as above.
-                unsafe {
-                    libc::killpg(group, libc::SIGKILL);
-                }
+            let deadline = tokio::time::Instant::now() + self.shutdown_grace;
+            let _ =
+                tokio::time::timeout_at(deadline, self.exit_rx.clone().wait_for(Option::is_some))
+                    .await;
+            while group_alive(group) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(GROUP_POLL).await;
             }
-        }
-        if group > 0 {
-            // Stragglers that left the leader behind.
-            // SAFETY: as above; ESRCH when the group is already gone.
+            if group_alive(group) {
+                tracing::debug!(pid = self.pid, grace = ?self.shutdown_grace, "agent process group outlived the shutdown grace; killed");
+            }
+            // SAFETY: as above.
             unsafe {
                 libc::killpg(group, libc::SIGKILL);
             }
@@ -1172,14 +1315,54 @@ impl Drop for AgentProcess {
     fn drop(&mut self) {
         if !self.reaped {
             self.stop.cancel();
-            if self.pid > 0 && !self.has_exited() {
-                // SAFETY: plain syscall on the process group created at spawn.
+            // Also when the leader has exited: a worker process (Claude
+            // Code under claude-agent-acp) may outlive it.
+            if self.pid > 0 {
+                // SAFETY: plain syscall on the process group created at spawn;
+                // ESRCH when the group is gone.
                 unsafe {
                     libc::killpg(self.pid as i32, libc::SIGKILL);
                 }
             }
         }
     }
+}
+
+/// Whether process group `group` still has a member that is not a zombie.
+/// Zombies count as gone: an orphaned member is reparented to init (or to
+/// a subreaper, possibly this process) and may stay unreaped.
+fn group_alive(group: i32) -> bool {
+    // SAFETY: signal 0 only checks that the group exists.
+    if unsafe { libc::killpg(group, 0) } != 0 {
+        return std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
+    }
+    match std::fs::read_dir("/proc") {
+        Ok(entries) => entries
+            .flatten()
+            .any(|entry| live_member_of(&entry.path().join("stat"), group)),
+        Err(_) => true,
+    }
+}
+
+/// Whether the `/proc/<pid>/stat` file at `stat` names a live (not zombie or
+/// dead) process in process group `group`.
+fn live_member_of(stat: &Path, group: i32) -> bool {
+    let Ok(text) = std::fs::read_to_string(stat) else {
+        return false;
+    };
+    stat_is_live_member(&text, group)
+}
+
+/// Parses the fields after the `comm` field of a `/proc/<pid>/stat` line:
+/// `state ppid pgrp ...`.
+fn stat_is_live_member(stat: &str, group: i32) -> bool {
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return false;
+    };
+    let mut fields = rest.split_whitespace();
+    let state = fields.next().unwrap_or("Z");
+    let pgrp = fields.nth(1).and_then(|f| f.parse::<i32>().ok());
+    pgrp == Some(group) && !matches!(state, "Z" | "X" | "x")
 }
 
 fn is_transport_end(e: &agent_client_protocol::Error) -> bool {
@@ -1205,8 +1388,8 @@ async fn run_connection(
         .v1()
         .name("gorp")
         .on_receive_notification(
-            async move |note: SessionNotification, _cx: ConnectionTo<Agent>| {
-                on_update.on_update(note);
+            async move |note: RawSessionUpdate, _cx: ConnectionTo<Agent>| {
+                on_update.on_update(note.0);
                 Ok(())
             },
             agent_client_protocol::on_receive_notification!(),
@@ -1276,6 +1459,52 @@ mod tests {
         assert!(confine(&root, Path::new("esc/passwd")).is_err());
         std::os::unix::fs::symlink("/nonexistent/zzz", root.join("dangling")).unwrap();
         assert!(confine(&root, Path::new("dangling")).is_err());
+    }
+
+    #[test]
+    fn update_outside_the_schema_becomes_a_raw_event() {
+        let params = json!({
+            "sessionId": "s1",
+            "update": {
+                "sessionUpdate": "usage_update",
+                "used": null,
+                "size": 200000,
+                "cost": { "amount": 0.01, "currency": "USD" },
+            },
+        });
+        let err = serde_json::from_value::<SessionNotification>(params.clone()).unwrap_err();
+        let event = raw_update_event(&params["update"], &err.to_string());
+        assert_eq!(event.kind, "usage");
+        assert_eq!(event.text, None);
+        assert!(event.data["used"].is_null());
+        assert_eq!(event.data["size"], 200000);
+        assert!(event.data["parseError"].as_str().unwrap().contains("null"));
+
+        let chunk = json!({
+            "sessionUpdate": "agent_message_chunk",
+            "content": { "type": "text", "text": "hi" },
+            "extra": 1,
+        });
+        let event = raw_update_event(&chunk, "bad");
+        assert_eq!(
+            (event.kind.as_str(), event.text.as_deref()),
+            ("message", Some("hi"))
+        );
+        let event = raw_update_event(&json!({ "sessionUpdate": "brand_new" }), "bad");
+        assert_eq!(event.kind, "brand_new");
+    }
+
+    #[test]
+    fn proc_stat_parsing() {
+        let live = "4242 (node (worker)) S 1 4200 4200 0 -1 4194560 0 0";
+        assert!(stat_is_live_member(live, 4200));
+        assert!(!stat_is_live_member(live, 4242));
+        let zombie = "4243 (claude) Z 1 4200 4200 0 -1 4194560 0 0";
+        assert!(!stat_is_live_member(zombie, 4200));
+        assert!(!stat_is_live_member("garbage", 4200));
+        // This process is alive, in its own group.
+        let own = unsafe { libc::getpgrp() };
+        assert!(group_alive(own));
     }
 
     #[test]

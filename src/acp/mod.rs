@@ -99,7 +99,7 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
         let mut facts = RunFacts::default();
         while let Some(ev) = rx.recv().await {
             if facts.first_output_ms.is_none() && OUTPUT_KINDS.contains(&ev.kind.as_str()) {
-                facts.first_output_ms = Some(started.elapsed().as_millis() as i64);
+                facts.first_output_ms = Some(started.elapsed().as_secs_f64() * 1e3);
             }
             note_usage(&mut facts, &ev);
             let data = (!ev.data.is_null()).then_some(ev.data);
@@ -122,7 +122,13 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
         .store()
         .job_record_run(&job.id, job.attempt, facts)
         .await;
-    warm.release(channel.id, session).await;
+    let was_cancelled =
+        matches!(&result, Ok(stop) if stop == "cancelled") || ctx.stop_cause().is_some();
+    if was_cancelled && warm.config().acp.recycle_after_cancel {
+        warm.recycle(channel.id, session).await;
+    } else {
+        warm.release(channel.id, session).await;
+    }
 
     match result {
         Ok(stop) if stop == "cancelled" || ctx.stop_cause().is_some() => cancelled(&ctx),

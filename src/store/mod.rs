@@ -23,7 +23,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::ConnectOptions;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 pub use types::*;
 pub use warm::WarmUpdate;
@@ -73,6 +73,8 @@ pub struct Store {
     read: SqlitePool,
     /// Woken whenever a job is inserted (or becomes claimable) in this process.
     jobs_changed: Arc<Notify>,
+    /// Counts this process's commits; readers wait on it for new rows.
+    commits: watch::Sender<u64>,
 }
 
 impl Store {
@@ -93,11 +95,18 @@ impl Store {
             .await?;
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let jobs_changed = Arc::new(Notify::new());
-        tokio::spawn(writer::run(write_conn, rx, jobs_changed.clone()));
+        let (commits, _) = watch::channel(0);
+        tokio::spawn(writer::run(
+            write_conn,
+            rx,
+            jobs_changed.clone(),
+            commits.clone(),
+        ));
         Ok(Store {
             writer: tx,
             read,
             jobs_changed,
+            commits,
         })
     }
 
@@ -121,6 +130,12 @@ impl Store {
     /// Notified when jobs are inserted or become claimable in this process.
     pub fn jobs_changed(&self) -> Arc<Notify> {
         self.jobs_changed.clone()
+    }
+
+    /// Changes after every commit this process makes (jobs, events, transitions), so readers
+    /// can wait for new rows instead of polling. Other processes' writes do not show here.
+    pub fn subscribe_commits(&self) -> watch::Receiver<u64> {
+        self.commits.subscribe()
     }
 
     /// Waits until every write sent so far is committed, then stops the writer.
@@ -173,7 +188,8 @@ impl Store {
         Ok(sqlx::query_as!(
             Channel,
             r#"SELECT id AS "id!", name, webhook_id, agent_binary, agent_args, permission_policy,
-                      matrix_room_id, acp_session_id, created_at
+                      matrix_room_id, acp_session_id, created_at, webhook_token_sha256,
+                      webhook_secret, webhook_template
                FROM channels WHERE name = ?1"#,
             name
         )
@@ -185,7 +201,8 @@ impl Store {
         Ok(sqlx::query_as!(
             Channel,
             r#"SELECT id AS "id!", name, webhook_id, agent_binary, agent_args, permission_policy,
-                      matrix_room_id, acp_session_id, created_at
+                      matrix_room_id, acp_session_id, created_at, webhook_token_sha256,
+                      webhook_secret, webhook_template
                FROM channels WHERE webhook_id = ?1"#,
             webhook_id
         )
@@ -197,7 +214,8 @@ impl Store {
         Ok(sqlx::query_as!(
             Channel,
             r#"SELECT id AS "id!", name, webhook_id, agent_binary, agent_args, permission_policy,
-                      matrix_room_id, acp_session_id, created_at
+                      matrix_room_id, acp_session_id, created_at, webhook_token_sha256,
+                      webhook_secret, webhook_template
                FROM channels ORDER BY name"#
         )
         .fetch_all(&self.read)

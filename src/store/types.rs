@@ -32,7 +32,9 @@ pub fn format_ms(ms: Millis) -> String {
 ///    │      release        │
 ///    └─────────────────────┘ cancel ────► cancelled  (queued: at once; running: by its worker)
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 #[sqlx(type_name = "TEXT", rename_all = "lowercase")]
 pub enum JobState {
@@ -89,7 +91,9 @@ impl std::str::FromStr for JobState {
 }
 
 /// Where a job came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 #[sqlx(type_name = "TEXT", rename_all = "lowercase")]
 pub enum Source {
@@ -136,7 +140,7 @@ impl std::str::FromStr for Source {
 }
 
 /// A named conversation with one agent.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Channel {
     pub id: i64,
     pub name: String,
@@ -148,6 +152,22 @@ pub struct Channel {
     pub matrix_room_id: Option<String>,
     pub acp_session_id: Option<String>,
     pub created_at: Millis,
+    /// SHA-256 of the channel's own webhook bearer token (never serialised).
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub webhook_token_sha256: Option<String>,
+    /// HMAC secret for `X-Hub-Signature-256` (never serialised).
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub webhook_secret: Option<String>,
+    pub webhook_template: Option<String>,
+}
+
+impl Channel {
+    /// Whether the channel has webhook credentials of its own.
+    pub fn has_webhook_credentials(&self) -> bool {
+        self.webhook_token_sha256.is_some() || self.webhook_secret.is_some()
+    }
 }
 
 /// What `channel_insert` needs.
@@ -158,6 +178,12 @@ pub struct NewChannel {
     pub agent_args: Option<Vec<String>>,
     pub permission_policy: Option<String>,
     pub matrix_room_id: Option<String>,
+    /// The channel's own webhook bearer token; only its SHA-256 is stored.
+    pub webhook_token: Option<String>,
+    /// Secret for GitHub-style signatures.
+    pub webhook_secret: Option<String>,
+    /// Prompt template for GitHub deliveries.
+    pub webhook_template: Option<String>,
 }
 
 /// Channel names: `[a-z0-9][a-z0-9_-]{0,63}`, so a name is always a safe directory name.
@@ -181,7 +207,7 @@ pub fn validate_channel_name(name: &str) -> Result<(), String> {
 }
 
 /// A job row.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Job {
     pub id: String,
     pub channel_id: i64,
@@ -305,7 +331,7 @@ pub struct NewEvent {
 }
 
 /// A stored job event.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Event {
     pub seq: i64,
     pub job_id: String,
@@ -317,7 +343,7 @@ pub struct Event {
 }
 
 /// What a cancel request did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CancelOutcome {
     /// The job was queued and is now cancelled.
@@ -348,7 +374,7 @@ pub struct Rescued {
 }
 
 /// A row of the warm-session lease table.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WarmSession {
     pub channel_id: i64,
     pub channel: String,
@@ -371,7 +397,7 @@ pub struct RunFacts {
     /// Whether the agent was already warm when the attempt started.
     pub warm: Option<bool>,
     /// Milliseconds from the start of the attempt to the agent's first output.
-    pub first_output_ms: Option<i64>,
+    pub first_output_ms: Option<f64>,
     pub input_tokens: Option<i64>,
     pub output_tokens: Option<i64>,
     pub cost_usd: Option<f64>,

@@ -148,7 +148,8 @@ impl Store {
         Ok(sqlx::query_as!(
             Channel,
             r#"SELECT id AS "id!", name, webhook_id, agent_binary, agent_args, permission_policy,
-                      matrix_room_id, acp_session_id, created_at
+                      matrix_room_id, acp_session_id, created_at, webhook_token_sha256,
+                      webhook_secret, webhook_template
                FROM channels WHERE id = ?1"#,
             id
         )

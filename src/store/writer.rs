@@ -19,6 +19,7 @@ use sqlx::{Connection, SqliteConnection};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::*;
+use crate::auth::sha256_hex;
 
 /// Most operations applied in one transaction.
 const MAX_GROUP: usize = 1024;
@@ -259,7 +260,12 @@ impl Op {
     }
 }
 
-pub(super) async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Op>, wake: Arc<Notify>) {
+pub(super) async fn run(
+    mut conn: SqliteConnection,
+    mut rx: mpsc::Receiver<Op>,
+    wake: Arc<Notify>,
+    commits: tokio::sync::watch::Sender<u64>,
+) {
     let mut group: Vec<Op> = Vec::with_capacity(MAX_GROUP);
     while rx.recv_many(&mut group, MAX_GROUP).await > 0 {
         let wakes = group.iter().any(Op::wakes_workers);
@@ -284,6 +290,7 @@ pub(super) async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Op>, 
                 }
             }
         }
+        commits.send_modify(|n| *n = n.wrapping_add(1));
         if wakes {
             wake.notify_one();
         }
@@ -684,20 +691,26 @@ async fn channel_insert(
         .permission_policy
         .clone()
         .unwrap_or_else(|| "allow".into());
+    let token_hash = ch.webhook_token.as_deref().map(sha256_hex);
     let c = sqlx::query_as!(
         Channel,
         r#"INSERT INTO channels (name, webhook_id, agent_binary, agent_args, permission_policy,
-                                 matrix_room_id, created_at)
-           VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                                 matrix_room_id, created_at, webhook_token_sha256,
+                                 webhook_secret, webhook_template)
+           VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
            RETURNING id AS "id!", name, webhook_id, agent_binary, agent_args, permission_policy,
-                     matrix_room_id, acp_session_id, created_at"#,
+                     matrix_room_id, acp_session_id, created_at, webhook_token_sha256,
+                     webhook_secret, webhook_template"#,
         ch.name,
         webhook_id,
         ch.agent_binary,
         args,
         policy,
         ch.matrix_room_id,
-        now
+        now,
+        token_hash,
+        ch.webhook_secret,
+        ch.webhook_template
     )
     .fetch_one(&mut *conn)
     .await;

@@ -359,7 +359,7 @@ async fn hung_prompt_times_out_and_sends_session_cancel() {
 }
 
 #[tokio::test]
-async fn user_cancel_stops_a_running_prompt_and_keeps_the_session() {
+async fn user_cancel_stops_a_running_prompt_and_the_session_resumes_in_a_fresh_agent() {
     let g = Gorp::start(|_| {}).await;
     let ch = g.channel("alpha", |_| {}).await;
     let id = g.enqueue(ch, "@reply working\n@hang").await;
@@ -382,9 +382,26 @@ async fn user_cancel_stops_a_running_prompt_and_keeps_the_session() {
         "cancel is prompt: {:?}",
         t.elapsed()
     );
-    let (next, _) = g.run(ch, "@history").await;
+    // The agent is recycled: the keeper's warm-up request is recorded, and the next job
+    // resumes the same ACP session in a new process.
+    let row = g.store.warm_get(ch).await.unwrap().unwrap();
+    assert!(row.warm_at.is_some(), "re-warm requested");
+    assert_eq!(g.warm.live_pid(ch), None);
+    let (next, _) = g.run(ch, "@pid").await;
     assert_eq!(next.state, JobState::Succeeded);
-    assert_eq!(g.history_session(&next.id).await.as_deref(), Some("warm"));
+    let ev = g.store.job_events_list(&next.id, 0, 100).await.unwrap();
+    let session = ev
+        .iter()
+        .find(|e| e.kind == "session")
+        .unwrap()
+        .data
+        .clone()
+        .unwrap();
+    assert_eq!(session["resumed"], true);
+    assert_eq!(
+        session["session_id"].as_str(),
+        row.acp_session_id.as_deref()
+    );
     g.stop().await;
 }
 
@@ -458,7 +475,7 @@ async fn usage_and_first_output_are_recorded_in_job_history() {
         .await;
     assert_eq!((job.state, out.as_str()), (JobState::Succeeded, "done"));
     type Facts = (
-        Option<i64>,
+        Option<f64>,
         Option<i64>,
         Option<i64>,
         Option<f64>,

@@ -44,6 +44,9 @@ poll_interval_ms = 100
 shutdown_grace_secs = 1
 max_attempts = 3
 
+[webhook]
+port = 0
+
 [acp]
 agent_binary = "{agent}"
 agent_args = ["--state-dir", "{state}"]

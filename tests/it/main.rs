@@ -4,7 +4,10 @@ mod support;
 
 mod acp;
 mod agent_process;
+mod claude;
+mod claude_agent;
 mod cli;
 mod config;
+mod http;
 mod queue;
 mod worker;

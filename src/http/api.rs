@@ -1,0 +1,360 @@
+//! `/api/*`: jobs, their events (JSON, or SSE resumable with `Last-Event-ID`), cancel,
+//! channels and the warm pool. Every route needs `Authorization: Bearer` with one of the global
+//! tokens (`[webhook] tokens`); with none configured the API refuses every request.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::stream::{self, Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::error::{ApiError, ApiResult, ErrorBody};
+use super::HttpState;
+use crate::auth;
+use crate::store::{
+    now_ms, CancelOutcome, Channel, Event, Job, JobFilter, JobState, NewChannel, Source,
+    WarmSession,
+};
+
+/// Most events in one JSON page or SSE batch.
+const EVENT_PAGE: i64 = 500;
+
+pub(super) fn routes() -> OpenApiRouter<HttpState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_jobs))
+        .routes(routes!(get_job))
+        .routes(routes!(job_events))
+        .routes(routes!(cancel_job))
+        .routes(routes!(list_channels, create_channel))
+        .routes(routes!(warm_pool))
+}
+
+/// Proof that the request carried a valid API token.
+pub struct ApiAuth;
+
+impl FromRequestParts<HttpState> for ApiAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, st: &HttpState) -> Result<Self, ApiError> {
+        let tokens = &st.config.webhook.tokens;
+        if tokens.is_empty() {
+            return Err(ApiError::Unauthorized(
+                "the API is disabled: no tokens are configured in [webhook] tokens".into(),
+            ));
+        }
+        match super::webhook::bearer(&parts.headers) {
+            Some(t) if auth::token_in(t, tokens) => {
+                if st.allow(&format!("token:{}", auth::sha256_hex(t))) {
+                    Ok(ApiAuth)
+                } else {
+                    Err(ApiError::TooManyRequests("rate limit exceeded".into()))
+                }
+            }
+            Some(_) => Err(ApiError::Unauthorized("invalid bearer token".into())),
+            None => Err(ApiError::Unauthorized(
+                "missing Authorization: Bearer <token>".into(),
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct JobsQuery {
+    pub state: Option<JobState>,
+    pub channel: Option<String>,
+    pub source: Option<Source>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// Page size (1-1000, default 50).
+    pub limit: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JobPage {
+    pub jobs: Vec<Job>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Jobs, newest first.
+#[utoipa::path(get, path = "/api/jobs", tag = "jobs", params(JobsQuery),
+    responses((status = 200, body = JobPage), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn list_jobs(
+    _auth: ApiAuth,
+    State(st): State<HttpState>,
+    q: Result<Query<JobsQuery>, QueryRejection>,
+) -> ApiResult<Json<JobPage>> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(format!("bad query: {e}")))?;
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::BadRequest(
+            "limit must be between 1 and 1000".into(),
+        ));
+    }
+    let jobs = st
+        .store
+        .job_list(&JobFilter {
+            state: q.state,
+            channel: q.channel,
+            source: q.source,
+            before: q.cursor,
+            limit,
+        })
+        .await?;
+    let next_cursor = (jobs.len() as i64 == limit)
+        .then(|| jobs.last().map(|j| j.id.clone()))
+        .flatten();
+    Ok(Json(JobPage { jobs, next_cursor }))
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JobDetail {
+    #[serde(flatten)]
+    pub job: Job,
+    /// The agent's answer so far: the latest attempt's message events joined.
+    pub output: String,
+}
+
+/// One job with its output.
+#[utoipa::path(get, path = "/api/jobs/{id}", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, body = JobDetail), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn get_job(
+    _auth: ApiAuth,
+    State(st): State<HttpState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobDetail>> {
+    let job = st
+        .store
+        .job_get(&id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
+    let output = st.store.job_output(&id).await?;
+    Ok(Json(JobDetail { job, output }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct EventsQuery {
+    /// Only events with a larger seq (`Last-Event-ID` takes precedence).
+    pub after: Option<i64>,
+}
+
+/// A job's events. JSON by default; with `Accept: text/event-stream` an SSE stream (event id =
+/// seq, event name = kind) that follows the job until it ends, resumable with `Last-Event-ID`.
+#[utoipa::path(get, path = "/api/jobs/{id}/events", tag = "jobs", params(("id" = String, Path), EventsQuery),
+    responses((status = 200, body = [Event], description = "JSON, or text/event-stream"),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn job_events(
+    _auth: ApiAuth,
+    State(st): State<HttpState>,
+    Path(id): Path<String>,
+    q: Result<Query<EventsQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(format!("bad query: {e}")))?;
+    if st.store.job_get(&id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("no job {id}")));
+    }
+    let last_event_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.trim()
+                .parse::<i64>()
+                .map_err(|_| ApiError::BadRequest("Last-Event-ID must be an event seq".into()))
+        })
+        .transpose()?;
+    let after = last_event_id.or(q.after).unwrap_or(0);
+    let wants_sse = headers
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream"));
+    if !wants_sse {
+        let events = st.store.job_events_list(&id, after, EVENT_PAGE).await?;
+        return Ok(Json(events).into_response());
+    }
+    Ok(Sse::new(event_stream(st, id, after))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+/// Follows a job's events from `after` until the job has ended and every event was sent.
+fn event_stream(
+    st: HttpState,
+    id: String,
+    after: i64,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let commits = st.store.subscribe_commits();
+    stream::unfold(Some((st, id, after, commits)), |state| async move {
+        let (st, id, mut after, mut commits) = state?;
+        loop {
+            commits.borrow_and_update();
+            // The state is read before the events: events commit before the terminal state,
+            // so a terminal state here means the read below sees every event.
+            let job = match st.store.job_get(&id).await {
+                Ok(Some(j)) => j,
+                _ => return None,
+            };
+            let events = match st.store.job_events_list(&id, after, EVENT_PAGE).await {
+                Ok(e) => e,
+                Err(_) => return None,
+            };
+            if let Some(last) = events.last() {
+                after = last.seq;
+                let batch: Vec<Result<SseEvent, Infallible>> = events.iter().map(|e| Ok(sse_event(e))).collect();
+                return Some((stream::iter(batch), Some((st, id, after, commits))));
+            }
+            if job.state.is_terminal() {
+                let end = SseEvent::default()
+                    .event("end")
+                    .json_data(serde_json::json!({ "state": job.state, "stop_reason": job.stop_reason, "error": job.error }))
+                    .unwrap_or_default();
+                return Some((stream::iter(vec![Ok(end)]), None));
+            }
+            // Woken by this process's commits; other processes' rows are seen within a second.
+            tokio::select! {
+                _ = tokio::time::timeout(Duration::from_secs(1), commits.changed()) => {}
+                _ = st.shutdown.cancelled() => return None,
+            }
+        }
+    })
+    .flatten()
+}
+
+fn sse_event(e: &Event) -> SseEvent {
+    SseEvent::default()
+        .id(e.seq.to_string())
+        .event(e.kind.clone())
+        .json_data(e)
+        .unwrap_or_default()
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CancelResult {
+    pub job_id: String,
+    pub outcome: CancelOutcome,
+}
+
+/// Cancel a job: queued jobs at once; running jobs are stopped by their worker.
+#[utoipa::path(post, path = "/api/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, body = CancelResult), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn cancel_job(
+    _auth: ApiAuth,
+    State(st): State<HttpState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<CancelResult>> {
+    let outcome = st.store.job_cancel(&id, now_ms()).await?;
+    if outcome == CancelOutcome::Requested {
+        if let Some(pool) = &st.pool {
+            pool.cancel_local(&id);
+        }
+    }
+    Ok(Json(CancelResult {
+        job_id: id,
+        outcome,
+    }))
+}
+
+/// Channels.
+#[utoipa::path(get, path = "/api/channels", tag = "channels",
+    responses((status = 200, body = [Channel]), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn list_channels(
+    _auth: ApiAuth,
+    State(st): State<HttpState>,
+) -> ApiResult<Json<Vec<Channel>>> {
+    Ok(Json(st.store.channel_list().await?))
+}
+
+/// A new channel.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateChannel {
+    /// `[a-z0-9][a-z0-9_-]{0,63}`; also the workspace directory name.
+    pub name: String,
+    pub agent_binary: Option<String>,
+    pub agent_args: Option<Vec<String>>,
+    /// `allow` or `deny` (default: `[acp] permission_policy`).
+    pub permission_policy: Option<String>,
+    /// Secret for GitHub `X-Hub-Signature-256` deliveries.
+    pub webhook_secret: Option<String>,
+    /// Prompt template for GitHub deliveries: `{event}`, `{action}`, `{repository}`,
+    /// `{delivery}`, `{payload}`.
+    pub webhook_template: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CreatedChannel {
+    pub channel: Channel,
+    pub webhook_url: String,
+    /// The channel's own webhook bearer token. Shown only here: only its hash is stored.
+    pub webhook_token: String,
+}
+
+/// Create a channel (and its workspace directory).
+#[utoipa::path(post, path = "/api/channels", tag = "channels", request_body = CreateChannel,
+    responses((status = 201, body = CreatedChannel), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn create_channel(
+    _auth: ApiAuth,
+    State(st): State<HttpState>,
+    body: Result<Json<CreateChannel>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<(StatusCode, Json<CreatedChannel>)> {
+    let Json(req) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let token = auth::new_token();
+    let channel = st
+        .store
+        .channel_insert(
+            NewChannel {
+                name: req.name,
+                agent_binary: req.agent_binary,
+                agent_args: req.agent_args,
+                permission_policy: req
+                    .permission_policy
+                    .or_else(|| Some(st.config.acp.permission_policy.clone())),
+                matrix_room_id: None,
+                webhook_token: Some(token.clone()),
+                webhook_secret: req.webhook_secret,
+                webhook_template: req.webhook_template,
+            },
+            now_ms(),
+        )
+        .await?;
+    let dir = st.config.channel_dir(&channel.name);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| ApiError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+    let webhook_url = format!("/webhook/session/{}", channel.webhook_id);
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedChannel {
+            channel,
+            webhook_url,
+            webhook_token: token,
+        }),
+    ))
+}
+
+/// The warm-session pool, one row per channel with a lease.
+#[utoipa::path(get, path = "/api/warm", tag = "warm",
+    responses((status = 200, body = [WarmSession]), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn warm_pool(
+    _auth: ApiAuth,
+    State(st): State<HttpState>,
+) -> ApiResult<Json<Vec<WarmSession>>> {
+    Ok(Json(st.store.warm_list().await?))
+}

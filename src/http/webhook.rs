@@ -1,0 +1,373 @@
+//! `POST /webhook/session/{id}`: a prompt for a channel, from anything that can send HTTP.
+//!
+//! Checks, in order, each answered with a JSON error and no row written: unknown webhook id
+//! (404), body over the limit (413), credentials (401: `Authorization: Bearer` with a global or
+//! the channel's token, or `X-Hub-Signature-256` with the channel's secret), the token's rate
+//! limit (429), content type (415), UTF-8 and JSON (400), a prompt (400). Then the job is
+//! enqueued and `202` is sent only after its row is committed.
+//!
+//! A GitHub delivery (`X-GitHub-Event`, `X-GitHub-Delivery`) whose body has no `prompt` becomes
+//! a job whose prompt carries the event and its payload (truncated to
+//! `[webhook] github_payload_max_bytes`, or rendered through the channel's template),
+//! de-duplicated by delivery id. `ping` deliveries are answered and write nothing.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::error::{ApiError, ApiResult, ErrorBody};
+use super::HttpState;
+use crate::auth;
+use crate::store::{now_ms, Channel, JobState, NewJob, Source};
+
+pub(super) fn routes() -> OpenApiRouter<HttpState> {
+    OpenApiRouter::new().routes(routes!(webhook))
+}
+
+/// A prompt sent to a channel's webhook.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookRequest {
+    /// What to ask the agent.
+    pub prompt: String,
+    /// Sending the same key again returns the first job instead of a new one.
+    pub idempotency_key: Option<String>,
+    /// Higher runs first (-1000..=1000).
+    pub priority: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct WaitQuery {
+    /// Answer when the job ends (or after this many seconds) instead of at once.
+    pub wait: Option<u64>,
+}
+
+/// The job was committed.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Accepted {
+    pub job_id: String,
+    /// False when the idempotency key (or GitHub delivery id) named an existing job.
+    pub created: bool,
+    pub status_url: String,
+    pub events_url: String,
+    /// With `?wait`: the state when the wait ran out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<JobState>,
+}
+
+/// The job ended (with `?wait`).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Finished {
+    pub job_id: String,
+    pub created: bool,
+    pub state: JobState,
+    pub stop_reason: Option<String>,
+    pub error: Option<String>,
+    /// The agent's answer: the job's message events joined.
+    pub output: String,
+    pub status_url: String,
+    pub events_url: String,
+}
+
+/// Queue a prompt for the channel whose webhook id is `id`.
+#[utoipa::path(
+    post,
+    path = "/webhook/session/{id}",
+    tag = "webhook",
+    params(("id" = String, Path, description = "The channel's stable webhook id"), WaitQuery),
+    request_body(content = WebhookRequest, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Committed", body = Accepted),
+        (status = 200, description = "Finished (with ?wait)", body = Finished),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 415, body = ErrorBody), (status = 429, body = ErrorBody)
+    ),
+    security(("bearer" = []))
+)]
+async fn webhook(
+    State(st): State<HttpState>,
+    Path(id): Path<String>,
+    query: Result<Query<WaitQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let started = std::time::Instant::now();
+    let Query(query) = query.map_err(|e| ApiError::BadRequest(format!("bad query: {e}")))?;
+    let channel = st
+        .store
+        .channel_get_by_webhook_id(&id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("no channel has this webhook id".into()))?;
+
+    let limit = st.config.webhook.max_body_bytes;
+    let declared = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large(limit));
+    }
+    let body = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| too_large(limit))?;
+
+    let key = authenticate(&st, &channel, &headers, &body)?;
+    if !st.allow(&key) {
+        return Err(ApiError::TooManyRequests(format!(
+            "rate limit of {} requests per minute exceeded",
+            st.config.webhook.rate_limit_per_minute
+        )));
+    }
+    require_json(&headers)?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::BadRequest("body is not valid UTF-8".into()))?;
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| ApiError::BadRequest(format!("body is not valid JSON: {e}")))?;
+
+    let github = github_headers(&headers);
+    let mut job = match (&github, value.get("prompt")) {
+        (Some((event, _)), None) if event == "ping" => {
+            return Ok((StatusCode::OK, Json(serde_json::json!({ "pong": true }))).into_response());
+        }
+        (Some((event, delivery)), None) => {
+            let mut job = NewJob::new(
+                channel.id,
+                Source::Webhook,
+                github_prompt(&st, &channel, event, delivery, &value),
+            );
+            job.idempotency_key = Some(format!("github:{delivery}"));
+            job
+        }
+        _ => {
+            let req: WebhookRequest = serde_json::from_value(value)
+                .map_err(|e| ApiError::BadRequest(format!("invalid request: {e}")))?;
+            if req.prompt.trim().is_empty() {
+                return Err(ApiError::BadRequest("prompt is empty".into()));
+            }
+            let mut job = NewJob::new(channel.id, Source::Webhook, req.prompt);
+            job.priority = req.priority.unwrap_or(0);
+            job.idempotency_key = req.idempotency_key.or_else(|| {
+                headers
+                    .get("idempotency-key")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            });
+            job
+        }
+    };
+    job.max_attempts = i64::from(st.config.worker.max_attempts);
+    let enq = st.store.job_insert(job, now_ms()).await?;
+    metrics::histogram!(crate::metrics::ENQUEUE_SECONDS, "source" => "webhook")
+        .record(started.elapsed().as_secs_f64());
+    if enq.created {
+        metrics::counter!(crate::metrics::JOBS_ENQUEUED, "source" => "webhook").increment(1);
+    }
+    let status_url = format!("/api/jobs/{}", enq.job_id);
+    let events_url = format!("/api/jobs/{}/events", enq.job_id);
+
+    let Some(wait) = query.wait.filter(|w| *w > 0) else {
+        let body = Accepted {
+            job_id: enq.job_id,
+            created: enq.created,
+            status_url,
+            events_url,
+            state: None,
+        };
+        return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
+    };
+    let wait = Duration::from_secs(wait.min(st.config.webhook.max_wait_secs));
+    match wait_for_end(&st, &enq.job_id, wait).await? {
+        Some(state) => {
+            let job = st
+                .store
+                .job_get(&enq.job_id)
+                .await?
+                .ok_or_else(|| ApiError::NotFound("job vanished".into()))?;
+            let output = st.store.job_output(&enq.job_id).await?;
+            let body = Finished {
+                job_id: enq.job_id,
+                created: enq.created,
+                state,
+                stop_reason: job.stop_reason,
+                error: job.error,
+                output,
+                status_url,
+                events_url,
+            };
+            Ok((StatusCode::OK, Json(body)).into_response())
+        }
+        None => {
+            let state = st.store.job_get(&enq.job_id).await?.map(|j| j.state);
+            let body = Accepted {
+                job_id: enq.job_id,
+                created: enq.created,
+                status_url,
+                events_url,
+                state,
+            };
+            Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+        }
+    }
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::PayloadTooLarge(format!("body is larger than {limit} bytes"))
+}
+
+/// Checks the request's credentials; returns the key its rate limit is counted under.
+fn authenticate(
+    st: &HttpState,
+    channel: &Channel,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> ApiResult<String> {
+    if let Some(sig) = headers
+        .get("x-hub-signature-256")
+        .and_then(|v| v.to_str().ok())
+    {
+        return match &channel.webhook_secret {
+            Some(secret) if auth::verify_github_signature(secret, body, sig) => {
+                Ok(format!("secret:{}", channel.id))
+            }
+            Some(_) => Err(ApiError::Unauthorized(
+                "X-Hub-Signature-256 does not match the body".into(),
+            )),
+            None => Err(ApiError::Unauthorized(
+                "this channel has no webhook secret; signatures cannot be checked".into(),
+            )),
+        };
+    }
+    let Some(token) = bearer(headers) else {
+        return Err(ApiError::Unauthorized(
+            "missing credentials: send Authorization: Bearer <token> or X-Hub-Signature-256".into(),
+        ));
+    };
+    let channel_ok = channel
+        .webhook_token_sha256
+        .as_deref()
+        .is_some_and(|h| auth::token_matches_hash(token, h));
+    let global_ok = auth::token_in(token, &st.config.webhook.tokens);
+    if channel_ok || global_ok {
+        Ok(format!("token:{}", auth::sha256_hex(token)))
+    } else {
+        Err(ApiError::Unauthorized("invalid bearer token".into()))
+    }
+}
+
+/// The bearer token of a request, if any.
+pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get("authorization")?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+fn require_json(headers: &HeaderMap) -> ApiResult<()> {
+    let ct = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json")) {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType(format!(
+            "expected Content-Type: application/json, got {:?}",
+            if ct.is_empty() { "(none)" } else { ct }
+        )))
+    }
+}
+
+fn github_headers(headers: &HeaderMap) -> Option<(String, String)> {
+    let event = headers.get("x-github-event")?.to_str().ok()?.to_string();
+    let delivery = headers.get("x-github-delivery")?.to_str().ok()?.to_string();
+    Some((event, delivery))
+}
+
+/// The prompt for a GitHub delivery: the channel's template, or a default that names the
+/// event and carries the (size-limited) payload.
+fn github_prompt(
+    st: &HttpState,
+    channel: &Channel,
+    event: &str,
+    delivery: &str,
+    payload: &serde_json::Value,
+) -> String {
+    let max = st.config.webhook.github_payload_max_bytes;
+    let mut json = serde_json::to_string_pretty(payload).unwrap_or_default();
+    if json.len() > max {
+        let mut cut = max;
+        while !json.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        json.truncate(cut);
+        json.push_str("\n… (payload truncated)");
+    }
+    let action = payload.get("action").and_then(|v| v.as_str()).unwrap_or("");
+    let repo = payload
+        .pointer("/repository/full_name")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    let template = channel
+        .webhook_template
+        .as_deref()
+        .unwrap_or(DEFAULT_GITHUB_TEMPLATE);
+    template
+        .replace("{event}", event)
+        .replace("{action}", action)
+        .replace("{repository}", repo)
+        .replace("{delivery}", delivery)
+        .replace("{payload}", &json)
+}
+
+/// Used when a channel has no template of its own.
+pub const DEFAULT_GITHUB_TEMPLATE: &str =
+    "GitHub sent a `{event}` event ({action}) for {repository} (delivery {delivery}).\n\nPayload:\n```json\n{payload}\n```";
+
+/// Waits until the job is in a terminal state (returned) or `max` passes (`None`). Woken by
+/// commits in this process; rows written by other processes are seen within a second.
+pub async fn wait_for_end(
+    st: &HttpState,
+    job_id: &str,
+    max: Duration,
+) -> ApiResult<Option<JobState>> {
+    let store = &st.store;
+    let deadline = tokio::time::Instant::now() + max;
+    let mut commits = store.subscribe_commits();
+    loop {
+        commits.borrow_and_update();
+        let job = store
+            .job_get(job_id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no job {job_id}")))?;
+        if job.state.is_terminal() {
+            return Ok(Some(job.state));
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Ok(None);
+        }
+        let step = (deadline - now).min(Duration::from_secs(1));
+        tokio::select! {
+            _ = tokio::time::timeout(step, commits.changed()) => {}
+            _ = st.shutdown.cancelled() => return Ok(None),
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! Prometheus metrics. Counters and histograms are recorded where things happen; gauges that
+//! describe the database (jobs by state, warm sessions by state) are read from it when
+//! `/metrics` is scraped, so they are right even when other processes write.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::store::{JobState, Store};
+
+pub const JOBS_ENQUEUED: &str = "gorp_jobs_enqueued_total";
+pub const JOBS_FINISHED: &str = "gorp_jobs_finished_total";
+pub const JOBS: &str = "gorp_jobs";
+pub const ENQUEUE_SECONDS: &str = "gorp_enqueue_seconds";
+pub const CLAIM_SECONDS: &str = "gorp_claim_seconds";
+pub const WARM_SESSIONS: &str = "gorp_warm_sessions";
+pub const AGENT_COLD_START_SECONDS: &str = "gorp_agent_cold_start_seconds";
+pub const WEBHOOK_RESPONSES: &str = "gorp_webhook_responses_total";
+pub const HTTP_REQUESTS: &str = "gorp_http_requests_total";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn handle() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Suffix("_seconds".into()),
+                &[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0, 60.0, 120.0,
+                ],
+            )
+            .expect("valid buckets");
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may already be installed (tests); then this one only renders.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// Renders the metrics, refreshing the gauges read from the database first.
+pub async fn render(store: &Store) -> String {
+    let h = handle();
+    if let Ok(counts) = store.job_count_by_state().await {
+        for st in JobState::ALL {
+            let n = counts
+                .iter()
+                .find(|(s, _)| *s == st)
+                .map(|(_, n)| *n)
+                .unwrap_or(0);
+            metrics::gauge!(JOBS, "state" => st.as_str()).set(n as f64);
+        }
+    }
+    if let Ok(rows) = store.warm_list().await {
+        for st in ["starting", "warm", "busy", "stopped", "failed"] {
+            let n = rows.iter().filter(|r| r.state == st).count();
+            metrics::gauge!(WARM_SESSIONS, "state" => st).set(n as f64);
+        }
+    }
+    h.render()
+}
