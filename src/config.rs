@@ -125,7 +125,8 @@ impl Default for WorkspaceConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkerConfig {
-    /// Jobs run at once (each on a different channel).
+    /// Jobs run at once (each on a different channel). 0: this process accepts jobs (webhooks,
+    /// API) but runs none; another gorp on the same database runs them.
     pub concurrency: u32,
     /// Attempts before a job is `failed` (webhooks and CLI may ask for fewer or more).
     pub max_attempts: u32,
@@ -378,8 +379,8 @@ impl Config {
         if self.database.read_connections == 0 {
             return bad("database.read_connections", "expected at least 1");
         }
-        if self.worker.concurrency == 0 {
-            return bad("worker.concurrency", "expected at least 1");
+        if self.worker.concurrency > 1024 {
+            return bad("worker.concurrency", "expected at most 1024");
         }
         if self.worker.max_attempts == 0 {
             return bad("worker.max_attempts", "expected at least 1");

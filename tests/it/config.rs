@@ -128,8 +128,8 @@ fn wrong_type_names_key_and_expectation() {
 #[test]
 fn bad_values_are_refused() {
     assert_err(
-        "[worker]\nconcurrency = 0\n",
-        &["worker.concurrency", "at least 1"],
+        "[worker]\nconcurrency = 5000\n",
+        &["worker.concurrency", "at most 1024"],
     );
     assert_err(
         "[scheduler]\ntimezone = \"Mars Standard\"\n",
