@@ -7,7 +7,8 @@ CREATE TABLE warm_sessions (
     channel_id       INTEGER PRIMARY KEY REFERENCES channels (id) ON DELETE CASCADE,
     holder           TEXT,
     state            TEXT NOT NULL
-                     CHECK (state IN ('starting', 'warm', 'busy', 'stopped', 'failed')),
+                     -- Readers show a warm row as 'busy' while its channel has a running job.
+                     CHECK (state IN ('starting', 'warm', 'stopped', 'failed')),
     acp_session_id   TEXT,
     pid              INTEGER,
     -- When the agent was last used by a job; it stays warm until expires_at.
@@ -60,7 +61,9 @@ FROM jobs j JOIN channels c ON c.id = j.channel_id;
 CREATE VIEW warm_pool AS
 SELECT
     c.name AS channel,
-    w.state,
+    CASE WHEN w.state = 'warm' AND EXISTS (
+             SELECT 1 FROM jobs j WHERE j.channel_id = w.channel_id AND j.state = 'running')
+         THEN 'busy' ELSE w.state END AS state,
     w.holder,
     w.pid,
     w.acp_session_id,

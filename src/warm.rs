@@ -176,23 +176,9 @@ impl WarmSessionManager {
         let now = now_ms();
         slot.last_used.store(now, Ordering::Relaxed);
         if let Some(live) = guard.as_ref() {
+            // Warm: nothing to write. The row says `warm`; readers show it `busy` while the
+            // channel has a running job, and `release` records the use.
             if !live.agent.has_exited() {
-                let pid = live.agent.pid() as i64;
-                self.store
-                    .warm_upsert(
-                        channel.id,
-                        &self.instance,
-                        WarmUpdate {
-                            state: "busy",
-                            pid: Some(pid),
-                            session: Some(live.session_id.clone()),
-                            lease_until: Self::lease_until(now),
-                            expires_at: None,
-                            used: true,
-                        },
-                        now,
-                    )
-                    .await?;
                 return Ok(SessionGuard {
                     guard,
                     warm: true,
@@ -207,7 +193,7 @@ impl WarmSessionManager {
         self.evict_for_new(channel.id).await;
         let started = Instant::now();
         let live = tokio::select! {
-            r = self.start(channel, "busy") => r?,
+            r = self.start(channel) => r?,
             _ = cancel.cancelled() => {
                 let _ = self.store.warm_stop(channel.id, &self.instance, false, None, now_ms()).await;
                 return Err(WarmError::Cancelled);
@@ -295,7 +281,7 @@ impl WarmSessionManager {
     }
 
     /// Spawns the agent, opens (or resumes) the ACP session and records the row.
-    async fn start(&self, channel: &Channel, state: &'static str) -> Result<Live, WarmError> {
+    async fn start(&self, channel: &Channel) -> Result<Live, WarmError> {
         let now = now_ms();
         self.store
             .warm_upsert(
@@ -320,12 +306,12 @@ impl WarmSessionManager {
                         channel.id,
                         &self.instance,
                         WarmUpdate {
-                            state,
+                            state: "warm",
                             pid: Some(live.agent.pid() as i64),
                             session: Some(live.session_id.clone()),
                             lease_until: Self::lease_until(now),
                             expires_at: Some(now + self.keep_alive_ms()),
-                            used: state == "busy",
+                            used: false,
                         },
                         now,
                     )

@@ -11,8 +11,8 @@
 //! * `initialize`: advertises `loadSession: true`. With `--startup-delay-ms N`
 //!   the answer is delayed by `N` ms (to make cold starts measurable).
 //! * `session/new`, `session/load`, `session/prompt`, `session/cancel`.
-//! * Sessions are persisted as one JSON file per session,
-//!   `<state-dir>/<session-id>.json` (`--state-dir DIR`, default
+//! * Sessions are persisted as one append-only journal per session,
+//!   `<state-dir>/<session-id>.jsonl` (`--state-dir DIR`, default
 //!   `$TMPDIR/gorp-script-agent`), so a later process can `session/load` a
 //!   session created by an earlier one. Loading replays the stored history as
 //!   `session/update` notifications (a `user_message_chunk` per prompt
@@ -90,7 +90,7 @@ pub const DEFAULT_USAGE_SIZE: u64 = 200_000;
 pub struct ScriptAgentConfig {
     /// Delay before answering `initialize`.
     pub startup_delay: Duration,
-    /// Directory holding one `<session-id>.json` file per session.
+    /// Directory holding one `<session-id>.jsonl` journal per session.
     pub state_dir: PathBuf,
 }
 
@@ -362,7 +362,7 @@ pub struct Turn {
     pub stop_reason: Option<String>,
 }
 
-/// The on-disk form of a session: `<state-dir>/<session-id>.json`.
+/// A session as loaded: the first line of `<state-dir>/<session-id>.jsonl`, plus its turns.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionFile {
@@ -394,17 +394,83 @@ fn valid_session_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// A session is a journal: a first line with the session (no turns), then one line per
+/// change of a turn, the last line for a turn index winning. Appending keeps saves cheap when
+/// many agents run at once (no new file per save).
 fn session_path(state_dir: &Path, id: &str) -> PathBuf {
-    state_dir.join(format!("{id}.json"))
+    state_dir.join(format!("{id}.jsonl"))
 }
 
+/// One journal line after the first.
+#[derive(Serialize, Deserialize)]
+struct TurnRecord {
+    turn: usize,
+    #[serde(flatten)]
+    body: Turn,
+}
+
+/// Writes a new journal for `file` (its turns included).
 fn persist(state_dir: &Path, file: &SessionFile) -> std::io::Result<()> {
     std::fs::create_dir_all(state_dir)?;
+    let head = SessionFile {
+        session_id: file.session_id.clone(),
+        cwd: file.cwd.clone(),
+        turns: Vec::new(),
+    };
+    let mut out = serde_json::to_vec(&head).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    for (turn, body) in file.turns.iter().enumerate() {
+        let rec = TurnRecord {
+            turn,
+            body: body.clone(),
+        };
+        out.extend(serde_json::to_vec(&rec).map_err(std::io::Error::other)?);
+        out.push(b'\n');
+    }
     let path = session_path(state_dir, &file.session_id);
-    let tmp = path.with_extension(format!("json.tmp{}", std::process::id()));
-    let json = serde_json::to_vec_pretty(file).map_err(std::io::Error::other)?;
-    std::fs::write(&tmp, json)?;
+    let tmp = path.with_extension(format!("jsonl.tmp{}", std::process::id()));
+    std::fs::write(&tmp, out)?;
     std::fs::rename(&tmp, &path)
+}
+
+/// Appends the current state of the last turn.
+fn append_last_turn(state_dir: &Path, file: &SessionFile) -> std::io::Result<()> {
+    use std::io::Write;
+    let Some(body) = file.turns.last() else {
+        return Ok(());
+    };
+    let rec = TurnRecord {
+        turn: file.turns.len() - 1,
+        body: body.clone(),
+    };
+    let mut line = serde_json::to_vec(&rec).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(session_path(state_dir, &file.session_id))?
+        .write_all(&line)
+}
+
+/// Reads a journal back.
+fn read_session(bytes: &[u8]) -> Result<SessionFile, String> {
+    let mut lines = bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty());
+    let head = lines.next().ok_or("empty session file")?;
+    let mut file: SessionFile = serde_json::from_slice(head).map_err(|e| e.to_string())?;
+    for line in lines {
+        let rec: TurnRecord = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+        if rec.turn < file.turns.len() {
+            file.turns[rec.turn] = rec.body;
+        } else if rec.turn == file.turns.len() {
+            file.turns.push(rec.body);
+        } else {
+            return Err(format!(
+                "turn {} recorded before turn {}",
+                rec.turn,
+                file.turns.len()
+            ));
+        }
+    }
+    Ok(file)
 }
 
 impl AgentState {
@@ -423,7 +489,7 @@ impl AgentState {
 
     fn save(&self, session: &Mutex<Session>) {
         let file = session.lock().unwrap().file.clone();
-        if let Err(e) = persist(&self.config.state_dir, &file) {
+        if let Err(e) = append_last_turn(&self.config.state_dir, &file) {
             eprintln!(
                 "gorp-script-agent: cannot persist session {}: {e}",
                 file.session_id
@@ -569,7 +635,7 @@ fn handle_load(
         None => {
             let path = session_path(&state.config.state_dir, &id);
             let file: SessionFile = match std::fs::read(&path) {
-                Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(bytes) => match read_session(&bytes) {
                     Ok(f) => f,
                     Err(e) => {
                         return responder.respond_with_error(rpc_error(
@@ -1054,6 +1120,28 @@ mod tests {
         assert_eq!(c.startup_delay, Duration::from_millis(250));
         assert_eq!(c.state_dir, PathBuf::from("/x"));
         assert!(ScriptAgentConfig::from_args(["--bogus".to_string()]).is_err());
+    }
+
+    #[test]
+    fn session_journal_replays_to_the_latest_turn_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut file = SessionFile {
+            session_id: "s1".into(),
+            cwd: "/w".into(),
+            turns: Vec::new(),
+        };
+        persist(dir.path(), &file).unwrap();
+        file.turns.push(Turn {
+            prompt: "one".into(),
+            replies: Vec::new(),
+            stop_reason: None,
+        });
+        append_last_turn(dir.path(), &file).unwrap();
+        file.turns[0].stop_reason = Some("end_turn".into());
+        append_last_turn(dir.path(), &file).unwrap();
+        let bytes = std::fs::read(session_path(dir.path(), "s1")).unwrap();
+        assert_eq!(read_session(&bytes).unwrap(), file);
+        assert!(read_session(b"").is_err());
     }
 
     #[test]

@@ -108,7 +108,10 @@ impl Store {
     pub async fn warm_list(&self) -> Result<Vec<WarmSession>> {
         Ok(sqlx::query_as!(
             WarmSession,
-            r#"SELECT w.channel_id AS "channel_id!", c.name AS channel, w.holder, w.state,
+            r#"SELECT w.channel_id AS "channel_id!", c.name AS channel, w.holder,
+                      CASE WHEN w.state = 'warm' AND EXISTS (
+                               SELECT 1 FROM jobs j WHERE j.channel_id = w.channel_id AND j.state = 'running')
+                           THEN 'busy' ELSE w.state END AS "state!: String",
                       w.acp_session_id, w.pid, w.last_used_at, w.expires_at, w.warm_at,
                       w.lease_expires_at, w.started_at, w.error, w.updated_at
                FROM warm_sessions w JOIN channels c ON c.id = w.channel_id
@@ -121,7 +124,10 @@ impl Store {
     pub async fn warm_get(&self, channel_id: i64) -> Result<Option<WarmSession>> {
         Ok(sqlx::query_as!(
             WarmSession,
-            r#"SELECT w.channel_id AS "channel_id!", c.name AS channel, w.holder, w.state,
+            r#"SELECT w.channel_id AS "channel_id!", c.name AS channel, w.holder,
+                      CASE WHEN w.state = 'warm' AND EXISTS (
+                               SELECT 1 FROM jobs j WHERE j.channel_id = w.channel_id AND j.state = 'running')
+                           THEN 'busy' ELSE w.state END AS "state!: String",
                       w.acp_session_id, w.pid, w.last_used_at, w.expires_at, w.warm_at,
                       w.lease_expires_at, w.started_at, w.error, w.updated_at
                FROM warm_sessions w JOIN channels c ON c.id = w.channel_id
