@@ -25,6 +25,12 @@ use tokio_util::sync::CancellationToken;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_gorp-script-agent");
 
+#[path = "../tests/it/support/fake_anthropic.rs"]
+mod fake_anthropic;
+
+#[path = "../tests/it/support/claude_env.rs"]
+mod claude_env;
+
 struct Rig {
     store: Store,
     warm: Arc<WarmSessionManager>,
@@ -166,6 +172,32 @@ async fn cold_vs_warm(dir: &Path) -> (f64, f64) {
         warm.push(r.first_output_ms(&id).await);
     }
     let cold_ms = r.first_output_ms(&cold).await;
+    r.stop().await;
+    (cold_ms, pct(&mut warm, 0.5))
+}
+
+/// Cold ÷ warm time to first output with the real Claude Code agent on the fake API.
+async fn claude_cold_vs_warm(dir: &Path) -> (f64, f64) {
+    let fake = fake_anthropic::FakeAnthropic::start().await;
+    fake.set_default_reply(fake_anthropic::Reply::text("Hello from the fake model."));
+    let home = dir.join("claude-home");
+    std::fs::create_dir_all(&home).expect("home");
+    let home = home.canonicalize().expect("home");
+    claude_env::seed_plugin_blocklist(&home);
+    let mut c = config(dir, "claude", vec![]);
+    c.acp.agent_binary = claude_env::agent_binary().display().to_string();
+    c.acp.env = claude_env::claude_env(&fake.base_url(), &home)
+        .into_iter()
+        .collect();
+    let r = rig(c, 2).await;
+    let ch = r.channel("claude").await;
+    let cold = r.run(ch, "hello").await;
+    let cold_ms = r.first_output_ms(&cold).await;
+    let mut warm = Vec::new();
+    for _ in 0..10 {
+        let id = r.run(ch, "hello again").await;
+        warm.push(r.first_output_ms(&id).await);
+    }
     r.stop().await;
     (cold_ms, pct(&mut warm, 0.5))
 }
@@ -442,6 +474,13 @@ fn main() {
         println!("| cold (agent startup delay 2000 ms) | {cold:.1} |");
         println!("| warm (p50 of 20) | {warm:.2} |");
         println!("| cold ÷ warm | {:.0} |", cold / warm.max(0.001));
+        let (ccold, cwarm) = claude_cold_vs_warm(d).await;
+        println!("| Claude Code (claude-agent-acp, fake API): cold | {ccold:.1} |");
+        println!("| Claude Code: warm (p50 of 10) | {cwarm:.1} |");
+        println!(
+            "| Claude Code: cold ÷ warm | {:.1} |",
+            ccold / cwarm.max(0.001)
+        );
 
         let mut alone = agent_alone(d, 300).await;
         let mut ovh = warm_overhead(d, 300).await;

@@ -11,7 +11,7 @@ use gorp::store::{now_ms, JobState};
 use serde_json::json;
 
 use crate::acp::{config_in, Gorp};
-use crate::claude_agent::{agent_binary, claude_env, seed_plugin_blocklist};
+use crate::support::claude_env::{agent_binary, claude_env, seed_plugin_blocklist};
 use crate::support::eventually;
 use crate::support::fake_anthropic::{FakeAnthropic, Reply, RequestKind};
 

@@ -8,9 +8,10 @@
 //! `<crate>/target/claude-agent-acp/node_modules/.bin/claude-agent-acp`.
 //! When it is missing every test fails and says how to install it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::support::claude_env::{agent_binary, claude_env, seed_plugin_blocklist};
 use crate::support::fake_anthropic::{chunks, FakeAnthropic, RecordedRequest, Reply, RequestKind};
 use gorp::acp::client::{
     AcpError, AgentEvent, AgentProcess, AgentSpec, PermissionPolicy, Timeouts,
@@ -22,65 +23,6 @@ use tokio_util::sync::CancellationToken;
 
 /// Upper bound for waiting on something the agent does in response to us.
 const WAIT: Duration = Duration::from_secs(60);
-
-/// The environment that keeps Claude Code offline: its API is the fake at `base`, any other
-/// host goes to the fake too (which records and refuses it), and its home is `home`.
-pub fn claude_env(base: &str, home: &Path) -> Vec<(String, String)> {
-    let home = home.display().to_string();
-    let claude_dir = format!("{home}/.claude");
-    let env = [
-        ("ANTHROPIC_BASE_URL", base),
-        ("ANTHROPIC_API_KEY", "dummy-key"),
-        ("IS_SANDBOX", "1"),
-        ("HOME", home.as_str()),
-        ("CLAUDE_CONFIG_DIR", claude_dir.as_str()),
-        ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"),
-        ("DISABLE_TELEMETRY", "1"),
-        ("DISABLE_AUTOUPDATER", "1"),
-        ("DISABLE_ERROR_REPORTING", "1"),
-        ("HTTPS_PROXY", base),
-        ("HTTP_PROXY", base),
-        ("https_proxy", base),
-        ("http_proxy", base),
-        ("NO_PROXY", "127.0.0.1,localhost"),
-        ("no_proxy", "127.0.0.1,localhost"),
-    ];
-    env.iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-/// Claude Code fetches a plugin blocklist from GitHub unless its cache under `home` is less
-/// than an hour old, even with non-essential traffic disabled.
-pub fn seed_plugin_blocklist(home: &Path) {
-    let dir = home.join(".claude/plugins");
-    std::fs::create_dir_all(&dir).unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let cache = json!({ "fetchedAt": iso8601(now), "plugins": [] });
-    std::fs::write(dir.join("blocklist.json"), cache.to_string()).unwrap();
-}
-
-pub fn agent_binary() -> PathBuf {
-    let bin = match std::env::var_os("CLAUDE_AGENT_BIN") {
-        Some(bin) => PathBuf::from(bin),
-        None => std::env::var_os("CLAUDE_AGENT_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("target/claude-agent-acp")
-            })
-            .join("node_modules/.bin/claude-agent-acp"),
-    };
-    assert!(
-        bin.exists(),
-        "the Claude Code ACP agent is not installed at {}: run scripts/setup-claude-agent \
-         (it installs @zed-industries/claude-agent-acp from npm into target/claude-agent-acp)",
-        bin.display()
-    );
-    bin
-}
 
 fn timeouts() -> Timeouts {
     Timeouts {
@@ -153,28 +95,6 @@ impl ClaudeLab {
             outbound.iter().map(|r| &r.path).collect::<Vec<_>>()
         );
     }
-}
-
-/// `YYYY-MM-DDTHH:MM:SS.000Z` for a Unix time (proleptic Gregorian, UTC).
-fn iso8601(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil-from-days (H. Hinnant).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.000Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
 }
 
 /// Stops the agent and reports how long Claude Code took to exit.
@@ -728,13 +648,6 @@ async fn session_load_in_a_new_process_resumes_the_conversation() {
     }
     shutdown(second).await;
     lab.assert_no_outbound();
-}
-
-#[test]
-fn iso8601_formats_utc() {
-    assert_eq!(iso8601(0), "1970-01-01T00:00:00.000Z");
-    assert_eq!(iso8601(951_782_400), "2000-02-29T00:00:00.000Z");
-    assert_eq!(iso8601(1_700_000_000), "2023-11-14T22:13:20.000Z");
 }
 
 /// One HTTP/1.1 exchange over a fresh connection (`connection: close`);

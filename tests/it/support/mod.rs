@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod claude_env;
 pub mod fake_anthropic;
 
 use std::future::Future;
