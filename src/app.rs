@@ -78,6 +78,8 @@ pub async fn run(
     let http = tokio::spawn(crate::http::serve(listener, http_state, http_stop.clone()));
     let keeper_stop = CancellationToken::new();
     let keeper = tokio::spawn(warm.clone().run(keeper_stop.clone()));
+    let scheduler = crate::scheduler::Scheduler::new(store.clone(), config.clone());
+    let scheduler = tokio::spawn(scheduler.run(keeper_stop.clone()));
 
     run_pool(&config, store, pool, shutdown).await;
 
@@ -90,7 +92,7 @@ pub async fn run(
         _ => {}
     }
     keeper_stop.cancel();
-    let _ = keeper.await;
+    let _ = tokio::join!(keeper, scheduler);
     warm.shutdown().await;
     tracing::info!("gorp stopped");
     Ok(())

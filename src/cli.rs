@@ -106,6 +106,11 @@ pub enum Command {
     },
     /// Cancel a job (queued: at once; running: its worker stops the agent).
     Cancel { id: String },
+    /// Cron schedules and one-offs.
+    Schedule {
+        #[command(subcommand)]
+        command: ScheduleCommand,
+    },
     /// Show the warm-session pool, or pre-warm a channel's agent now.
     Warm {
         /// Pre-warm this channel (the running gorp starts its agent).
@@ -116,6 +121,42 @@ pub enum Command {
         /// Give up waiting after this many seconds (exit code 6).
         #[arg(long, default_value_t = 300, value_name = "SECS")]
         timeout: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ScheduleCommand {
+    /// Add a schedule: WHEN is a cron expression ("0 9 * * 1-5", "@daily"), "in 30m" / "in 2h",
+    /// or an RFC 3339 time for a one-off.
+    Add {
+        channel: String,
+        when: String,
+        prompt: String,
+        /// IANA time zone (default: [scheduler] timezone, else the system's, else UTC).
+        #[arg(long)]
+        tz: Option<String>,
+        /// Missed slots while gorp was down: skip, once (default) or all.
+        #[arg(long)]
+        catch_up: Option<String>,
+        /// When the previous run is still queued or running: skip (default) or queue.
+        #[arg(long)]
+        overlap: Option<String>,
+    },
+    /// List schedules.
+    List,
+    /// Pause a schedule.
+    Pause { id: i64 },
+    /// Resume a schedule from its next slot.
+    Resume { id: i64 },
+    /// Delete a schedule (its past jobs stay).
+    Rm { id: i64 },
+    /// Print the next fire times of a cron expression.
+    Next {
+        cron: String,
+        #[arg(long)]
+        tz: Option<String>,
+        #[arg(short = 'n', default_value_t = 5)]
+        count: usize,
     },
 }
 
@@ -361,6 +402,7 @@ async fn data_command(cli: &Cli, cmd: &Command, config: &Config, store: &Store) 
             no_wait,
             timeout,
         } => warm(cli, store, channel.as_deref(), *no_wait, *timeout).await,
+        Command::Schedule { command } => schedule(cli, command, config, store).await,
         Command::Start | Command::Migrate | Command::Config { .. } => {
             unreachable!("handled by dispatch")
         }
@@ -426,6 +468,146 @@ async fn channels(cli: &Cli, cmd: &ChannelsCommand, config: &Config, store: &Sto
             Ok(EXIT_OK)
         }
     }
+}
+
+async fn schedule(cli: &Cli, cmd: &ScheduleCommand, config: &Config, store: &Store) -> CmdResult {
+    use crate::scheduler::{self, AddSchedule, ScheduleError};
+    let invalid = |e: ScheduleError| match e {
+        ScheduleError::Invalid(m) => Failure::new(EXIT_USAGE, m),
+        ScheduleError::Store(e) => Failure::from(e),
+    };
+    let not_found = |id: i64| Failure::new(EXIT_NOT_FOUND, format!("no schedule {id}"));
+    match cmd {
+        ScheduleCommand::Add {
+            channel,
+            when,
+            prompt,
+            tz,
+            catch_up,
+            overlap,
+        } => {
+            let user = std::env::var("USER").unwrap_or_else(|_| "cli".into());
+            let s = scheduler::add(
+                store,
+                config,
+                AddSchedule {
+                    channel: channel.clone(),
+                    when: when.clone(),
+                    prompt: prompt.clone(),
+                    timezone: tz.clone(),
+                    catch_up: catch_up.clone(),
+                    overlap: overlap.clone(),
+                    created_by: format!("cli:{user}"),
+                },
+                now_ms(),
+            )
+            .await
+            .map_err(invalid)?;
+            out(cli, serde_json::json!(s), || {
+                format!(
+                    "schedule {} added: {} ({}), next run {} UTC",
+                    s.id,
+                    s.cron.clone().unwrap_or_else(|| "once".into()),
+                    s.timezone,
+                    s.next_run_at.map(format_ms).unwrap_or_else(|| "-".into())
+                )
+            });
+            Ok(EXIT_OK)
+        }
+        ScheduleCommand::List => {
+            let list = store.schedule_list().await?;
+            out(cli, serde_json::json!(list), || schedules_table(&list));
+            Ok(EXIT_OK)
+        }
+        ScheduleCommand::Pause { id } => {
+            if !store.schedule_set_enabled(*id, false, None).await? {
+                return Err(not_found(*id));
+            }
+            out(
+                cli,
+                serde_json::json!({ "id": id, "enabled": false }),
+                || format!("schedule {id} paused"),
+            );
+            Ok(EXIT_OK)
+        }
+        ScheduleCommand::Resume { id } => {
+            if !scheduler::resume(store, *id, now_ms())
+                .await
+                .map_err(invalid)?
+            {
+                return Err(not_found(*id));
+            }
+            out(
+                cli,
+                serde_json::json!({ "id": id, "enabled": true }),
+                || format!("schedule {id} resumed"),
+            );
+            Ok(EXIT_OK)
+        }
+        ScheduleCommand::Rm { id } => {
+            if !store.schedule_delete(*id).await? {
+                return Err(not_found(*id));
+            }
+            out(cli, serde_json::json!({ "deleted": id }), || {
+                format!("schedule {id} deleted")
+            });
+            Ok(EXIT_OK)
+        }
+        ScheduleCommand::Next { cron, tz, count } => {
+            let tz_name = tz
+                .clone()
+                .unwrap_or_else(|| scheduler::default_timezone(config));
+            let zone = scheduler::parse_tz(&tz_name).map_err(invalid)?;
+            let parsed = scheduler::parse_cron(cron).map_err(invalid)?;
+            let times = scheduler::upcoming(&parsed, zone, now_ms(), (*count).clamp(1, 100));
+            let list: Vec<String> = times.iter().map(|t| t.to_rfc3339()).collect();
+            out(
+                cli,
+                serde_json::json!({ "cron": cron, "timezone": tz_name, "next": list }),
+                || list.join("\n"),
+            );
+            Ok(EXIT_OK)
+        }
+    }
+}
+
+fn schedules_table(list: &[crate::store::Schedule]) -> String {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|s| {
+            vec![
+                s.id.to_string(),
+                s.channel.clone(),
+                s.cron.clone().unwrap_or_else(|| "once".into()),
+                s.timezone.clone(),
+                if s.done {
+                    "done".into()
+                } else if s.enabled {
+                    "active".into()
+                } else {
+                    "paused".into()
+                },
+                s.next_run_at.map(format_ms).unwrap_or_else(|| "-".into()),
+                s.catch_up.clone(),
+                s.skipped.to_string(),
+                short(&s.prompt, 30),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "CHANNEL",
+            "WHEN",
+            "TZ",
+            "STATUS",
+            "NEXT (UTC)",
+            "CATCH-UP",
+            "SKIPPED",
+            "PROMPT",
+        ],
+        &rows,
+    )
 }
 
 /// `gorp warm [channel]`: the pool, or a pre-warm request that the running gorp carries out.

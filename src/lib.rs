@@ -8,6 +8,7 @@
 //! - [`worker`]: the worker pool: claim, heartbeat, fenced outcomes, graceful shutdown.
 //! - [`acp`]: the ACP client, the scripted test agent, and the executor on warm sessions.
 //! - [`warm`]: `WarmSessionManager`: live agent processes driven by the `warm_sessions` table.
+//! - [`scheduler`]: cron schedules (croner) that fire exactly once per slot; pre-warm.
 //! - [`rescuer`]: returns jobs whose lease expired.
 //! - [`cleaner`]: deletes finished jobs past retention.
 //! - [`http`]: webhooks, the JSON/SSE API, health, metrics, OpenAPI (axum).
@@ -26,6 +27,7 @@ pub mod executor;
 pub mod http;
 pub mod metrics;
 pub mod rescuer;
+pub mod scheduler;
 pub mod store;
 pub mod warm;
 pub mod worker;

@@ -501,6 +501,10 @@ impl WarmSessionManager {
         // Rows to warm here: requested (warm_at due), or warm but orphaned (restart/takeover).
         for row in &rows {
             if self.live_pid(row.channel_id).is_some() {
+                if row.warm_at.is_some_and(|t| t <= now) {
+                    // Asked for and already warm here.
+                    self.store.warm_request(row.channel_id, None, now).await?;
+                }
                 continue;
             }
             let requested = row.warm_at.is_some_and(|t| t <= now);

@@ -22,7 +22,7 @@ use super::error::{ApiError, ApiResult, ErrorBody};
 use super::HttpState;
 use crate::auth;
 use crate::store::{
-    now_ms, CancelOutcome, Channel, Event, Job, JobFilter, JobState, NewChannel, Source,
+    now_ms, CancelOutcome, Channel, Event, Job, JobFilter, JobState, NewChannel, Schedule, Source,
     WarmSession,
 };
 
@@ -37,6 +37,10 @@ pub(super) fn routes() -> OpenApiRouter<HttpState> {
         .routes(routes!(cancel_job))
         .routes(routes!(list_channels, create_channel))
         .routes(routes!(warm_pool))
+        .routes(routes!(list_schedules, create_schedule))
+        .routes(routes!(delete_schedule))
+        .routes(routes!(pause_schedule))
+        .routes(routes!(resume_schedule))
 }
 
 /// Proof that the request carried a valid API token.
@@ -357,4 +361,125 @@ async fn warm_pool(
     State(st): State<HttpState>,
 ) -> ApiResult<Json<Vec<WarmSession>>> {
     Ok(Json(st.store.warm_list().await?))
+}
+
+/// A new schedule.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSchedule {
+    pub channel: String,
+    /// A cron expression (`0 9 * * 1-5`, `@daily`), `in 30m` / `in 2h`, or an RFC 3339 time.
+    pub when: String,
+    pub prompt: String,
+    /// IANA time zone (default: `[scheduler] timezone`, else the system's, else UTC).
+    pub timezone: Option<String>,
+    /// `skip`, `once` (default) or `all`.
+    pub catch_up: Option<String>,
+    /// `skip` (default) or `queue`.
+    pub overlap: Option<String>,
+}
+
+fn schedule_error(e: crate::scheduler::ScheduleError) -> ApiError {
+    match e {
+        crate::scheduler::ScheduleError::Invalid(m) => ApiError::BadRequest(m),
+        crate::scheduler::ScheduleError::Store(e) => e.into(),
+    }
+}
+
+/// Schedules.
+#[utoipa::path(get, path = "/api/schedules", tag = "schedules",
+    responses((status = 200, body = [Schedule]), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn list_schedules(
+    _auth: ApiAuth,
+    State(st): State<HttpState>,
+) -> ApiResult<Json<Vec<Schedule>>> {
+    Ok(Json(st.store.schedule_list().await?))
+}
+
+/// Add a schedule; invalid expressions and unknown zones are refused and nothing is written.
+#[utoipa::path(post, path = "/api/schedules", tag = "schedules", request_body = CreateSchedule,
+    responses((status = 201, body = Schedule), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn create_schedule(
+    _auth: ApiAuth,
+    State(st): State<HttpState>,
+    body: Result<Json<CreateSchedule>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Schedule>)> {
+    let Json(req) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let s = crate::scheduler::add(
+        &st.store,
+        &st.config,
+        crate::scheduler::AddSchedule {
+            channel: req.channel,
+            when: req.when,
+            prompt: req.prompt,
+            timezone: req.timezone,
+            catch_up: req.catch_up,
+            overlap: req.overlap,
+            created_by: "api".into(),
+        },
+        now_ms(),
+    )
+    .await
+    .map_err(schedule_error)?;
+    Ok((StatusCode::CREATED, Json(s)))
+}
+
+/// Delete a schedule (its past jobs stay).
+#[utoipa::path(delete, path = "/api/schedules/{id}", tag = "schedules", params(("id" = i64, Path)),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn delete_schedule(
+    _auth: ApiAuth,
+    State(st): State<HttpState>,
+    Path(id): Path<i64>,
+) -> ApiResult<StatusCode> {
+    if st.store.schedule_delete(id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound(format!("no schedule {id}")))
+    }
+}
+
+/// Pause a schedule.
+#[utoipa::path(post, path = "/api/schedules/{id}/pause", tag = "schedules", params(("id" = i64, Path)),
+    responses((status = 200, body = Schedule), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn pause_schedule(
+    _auth: ApiAuth,
+    State(st): State<HttpState>,
+    Path(id): Path<i64>,
+) -> ApiResult<Json<Schedule>> {
+    if !st.store.schedule_set_enabled(id, false, None).await? {
+        return Err(ApiError::NotFound(format!("no active schedule {id}")));
+    }
+    schedule_json(&st, id).await
+}
+
+/// Resume a schedule from its next slot (paused slots are not caught up).
+#[utoipa::path(post, path = "/api/schedules/{id}/resume", tag = "schedules", params(("id" = i64, Path)),
+    responses((status = 200, body = Schedule), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn resume_schedule(
+    _auth: ApiAuth,
+    State(st): State<HttpState>,
+    Path(id): Path<i64>,
+) -> ApiResult<Json<Schedule>> {
+    if !crate::scheduler::resume(&st.store, id, now_ms())
+        .await
+        .map_err(schedule_error)?
+    {
+        return Err(ApiError::NotFound(format!("no schedule {id}")));
+    }
+    schedule_json(&st, id).await
+}
+
+async fn schedule_json(st: &HttpState, id: i64) -> ApiResult<Json<Schedule>> {
+    st.store
+        .schedule_get(id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no schedule {id}")))
 }

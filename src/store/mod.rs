@@ -10,6 +10,7 @@
 //!
 //! Every query takes `now` from its caller, so tests control time.
 
+mod schedules;
 mod types;
 mod warm;
 mod writer;
@@ -402,7 +403,7 @@ impl Store {
                       j.priority, j.attempt, j.max_attempts, j.run_at, j.lease_owner,
                       j.lease_expires_at, j.cancel_requested AS "cancel_requested: bool",
                       j.idempotency_key, j.reply_target, j.stop_reason, j.error, j.created_at,
-                      j.started_at, j.finished_at
+                      j.started_at, j.finished_at, j.schedule_id, j.scheduled_for
                FROM jobs j JOIN channels c ON c.id = j.channel_id
                WHERE j.id = ?1"#,
             id
@@ -423,7 +424,7 @@ impl Store {
                       j.priority, j.attempt, j.max_attempts, j.run_at, j.lease_owner,
                       j.lease_expires_at, j.cancel_requested AS "cancel_requested: bool",
                       j.idempotency_key, j.reply_target, j.stop_reason, j.error, j.created_at,
-                      j.started_at, j.finished_at
+                      j.started_at, j.finished_at, j.schedule_id, j.scheduled_for
                FROM jobs j JOIN channels c ON c.id = j.channel_id
                WHERE (?1 IS NULL OR j.state = ?1)
                  AND (?2 IS NULL OR c.name = ?2)

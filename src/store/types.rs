@@ -229,6 +229,8 @@ pub struct Job {
     pub created_at: Millis,
     pub started_at: Option<Millis>,
     pub finished_at: Option<Millis>,
+    pub schedule_id: Option<i64>,
+    pub scheduled_for: Option<Millis>,
 }
 
 impl Job {
@@ -263,6 +265,9 @@ pub struct NewJob {
     pub run_at: Option<Millis>,
     pub idempotency_key: Option<String>,
     pub reply_target: Option<String>,
+    /// The schedule and slot this job fires (source `schedule`).
+    pub schedule_id: Option<i64>,
+    pub scheduled_for: Option<Millis>,
 }
 
 impl NewJob {
@@ -276,6 +281,8 @@ impl NewJob {
             run_at: None,
             idempotency_key: None,
             reply_target: None,
+            schedule_id: None,
+            scheduled_for: None,
         }
     }
 }
@@ -401,4 +408,62 @@ pub struct RunFacts {
     pub input_tokens: Option<i64>,
     pub output_tokens: Option<i64>,
     pub cost_usd: Option<f64>,
+}
+
+/// A schedule row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Schedule {
+    pub id: i64,
+    pub channel_id: i64,
+    pub channel: String,
+    /// The cron expression; `None` for a one-off.
+    pub cron: Option<String>,
+    pub timezone: String,
+    pub prompt: String,
+    pub enabled: bool,
+    pub catch_up: String,
+    pub overlap: String,
+    pub next_run_at: Option<Millis>,
+    pub last_fired_at: Option<Millis>,
+    pub done: bool,
+    pub skipped: i64,
+    pub last_skip: Option<String>,
+    pub created_by: String,
+    pub created_at: Millis,
+}
+
+/// What `schedule_insert` needs (already validated by the scheduler module).
+#[derive(Debug, Clone)]
+pub struct NewSchedule {
+    pub channel_id: i64,
+    pub cron: Option<String>,
+    pub timezone: String,
+    pub prompt: String,
+    pub catch_up: String,
+    pub overlap: String,
+    pub next_run_at: Millis,
+    pub created_by: String,
+}
+
+/// One firing decided by the scheduler: move `next_run_at` from `old_next` to `new_next` and
+/// insert one job per slot, in one transaction guarded by `old_next`.
+#[derive(Debug, Clone)]
+pub struct Firing {
+    pub schedule_id: i64,
+    pub old_next: Millis,
+    pub new_next: Option<Millis>,
+    pub slots: Vec<Millis>,
+    /// Slots passed over (catch-up `skip`), for the record.
+    pub skipped_slots: usize,
+    pub max_attempts: i64,
+}
+
+/// What a firing did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fired {
+    /// False when another scheduler had already advanced the schedule.
+    pub won: bool,
+    pub job_ids: Vec<String>,
+    /// Why no job was inserted for a slot (overlap `skip`).
+    pub skipped: Option<String>,
 }

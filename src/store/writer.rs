@@ -107,6 +107,16 @@ pub(super) enum Op {
         limit: i64,
         reply: Reply<u64>,
     },
+    ScheduleInsert {
+        s: NewSchedule,
+        now: Millis,
+        reply: Reply<i64>,
+    },
+    ScheduleFire {
+        f: Firing,
+        now: Millis,
+        reply: Reply<Fired>,
+    },
     /// A single-statement write answering with the number of rows it changed.
     Write {
         w: Write,
@@ -154,6 +164,14 @@ pub(super) enum Write {
         owner: String,
         now: Millis,
     },
+    ScheduleSetEnabled {
+        id: i64,
+        enabled: bool,
+        next_run_at: Option<Millis>,
+    },
+    ScheduleDelete {
+        id: i64,
+    },
     JobRecordRun {
         job_id: String,
         attempt: i64,
@@ -173,6 +191,8 @@ enum Out {
     Cancel(CancelOutcome),
     Rescued(Vec<Rescued>),
     Count(u64),
+    Id(i64),
+    Fired(Fired),
 }
 
 /// The logical result of one operation; a `sqlx::Error` around it aborts the group.
@@ -242,6 +262,14 @@ impl Op {
             }),
             Op::Fail { reply, .. } => send(reply, res, |o| match o {
                 Out::State(s) => Some(s),
+                _ => None,
+            }),
+            Op::ScheduleInsert { reply, .. } => send(reply, res, |o| match o {
+                Out::Id(id) => Some(id),
+                _ => None,
+            }),
+            Op::ScheduleFire { reply, .. } => send(reply, res, |o| match o {
+                Out::Fired(f) => Some(f),
                 _ => None,
             }),
             Op::Cancel { reply, .. } => send(reply, res, |o| match o {
@@ -365,6 +393,27 @@ async fn apply_group(conn: &mut SqliteConnection, ops: &[Op]) -> Result<Vec<Appl
 async fn apply_one(conn: &mut SqliteConnection, op: &Op) -> Result<Applied, sqlx::Error> {
     Ok(match op {
         Op::Write { w, .. } => Ok(Out::Count(apply_write(conn, w).await?)),
+        Op::ScheduleInsert { s, now, .. } => {
+            let id = sqlx::query_scalar!(
+                r#"INSERT INTO schedules (channel_id, cron, timezone, prompt, catch_up, overlap,
+                                          next_run_at, created_by, created_at)
+                   VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                   RETURNING id AS "id!""#,
+                s.channel_id,
+                s.cron,
+                s.timezone,
+                s.prompt,
+                s.catch_up,
+                s.overlap,
+                s.next_run_at,
+                s.created_by,
+                now
+            )
+            .fetch_one(&mut *conn)
+            .await?;
+            Ok(Out::Id(id))
+        }
+        Op::ScheduleFire { f, now, .. } => Ok(Out::Fired(schedule_fire(conn, f, *now).await?)),
         Op::Flush(_) | Op::Events { .. } | Op::Enqueue { .. } | Op::EnqueueMany { .. } => {
             Ok(Out::Unit)
         }
@@ -528,6 +577,8 @@ struct JobRow<'a> {
     idempotency_key: Option<&'a str>,
     reply_target: Option<&'a str>,
     created_at: Millis,
+    schedule_id: Option<i64>,
+    scheduled_for: Option<Millis>,
 }
 
 impl<'a> JobRow<'a> {
@@ -543,6 +594,8 @@ impl<'a> JobRow<'a> {
             idempotency_key: j.idempotency_key.as_deref(),
             reply_target: j.reply_target.as_deref(),
             created_at: now,
+            schedule_id: j.schedule_id,
+            scheduled_for: j.scheduled_for,
         }
     }
 }
@@ -556,10 +609,12 @@ async fn insert_jobs(
         let json = serde_json::to_string(chunk).expect("job rows serialise");
         let ids = sqlx::query_scalar!(
             r#"INSERT INTO jobs (id, channel_id, source, prompt, priority, max_attempts, run_at,
-                                 idempotency_key, reply_target, created_at)
+                                 idempotency_key, reply_target, created_at, schedule_id,
+                                 scheduled_for)
                SELECT value ->> 'id', value ->> 'channel_id', value ->> 'source', value ->> 'prompt',
                       value ->> 'priority', value ->> 'max_attempts', value ->> 'run_at',
-                      value ->> 'idempotency_key', value ->> 'reply_target', value ->> 'created_at'
+                      value ->> 'idempotency_key', value ->> 'reply_target', value ->> 'created_at',
+                      value ->> 'schedule_id', value ->> 'scheduled_for'
                FROM json_each(?1) WHERE true
                ON CONFLICT (source, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                RETURNING id AS "id!""#,
@@ -667,7 +722,7 @@ async fn claim(
                      priority, attempt, max_attempts, run_at, lease_owner,
                      lease_expires_at, cancel_requested AS "cancel_requested: bool",
                      idempotency_key, reply_target, stop_reason, error, created_at,
-                     started_at, finished_at"#,
+                     started_at, finished_at, schedule_id, scheduled_for"#,
         owner,
         lease_until,
         now,
@@ -976,6 +1031,26 @@ async fn apply_write(conn: &mut SqliteConnection, w: &Write) -> Result<u64, sqlx
             .execute(&mut *conn)
             .await?
         }
+        Write::ScheduleSetEnabled {
+            id,
+            enabled,
+            next_run_at,
+        } => {
+            sqlx::query!(
+                r#"UPDATE schedules SET enabled = ?2, next_run_at = coalesce(?3, next_run_at)
+                   WHERE id = ?1 AND done = 0"#,
+                id,
+                enabled,
+                next_run_at
+            )
+            .execute(&mut *conn)
+            .await?
+        }
+        Write::ScheduleDelete { id } => {
+            sqlx::query!("DELETE FROM schedules WHERE id = ?1", id)
+                .execute(&mut *conn)
+                .await?
+        }
         Write::JobRecordRun {
             job_id,
             attempt,
@@ -998,4 +1073,79 @@ async fn apply_write(conn: &mut SqliteConnection, w: &Write) -> Result<u64, sqlx
         }
     };
     Ok(r.rows_affected())
+}
+
+/// Advances the schedule from `f.old_next` (the guard: another scheduler that got there first
+/// makes this a no-op) and inserts one job per slot, unless the overlap policy skips them.
+async fn schedule_fire(
+    conn: &mut SqliteConnection,
+    f: &Firing,
+    now: Millis,
+) -> Result<Fired, sqlx::Error> {
+    let Some(s) = sqlx::query!(
+        r#"SELECT channel_id, prompt, overlap,
+                  (SELECT j.id FROM jobs j WHERE j.schedule_id = schedules.id
+                     AND j.state IN ('queued', 'running') LIMIT 1) AS "busy_job?: String"
+           FROM schedules WHERE id = ?1 AND next_run_at = ?2 AND enabled = 1 AND done = 0"#,
+        f.schedule_id,
+        f.old_next
+    )
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(Fired::default());
+    };
+    let mut skip = None;
+    if f.skipped_slots > 0 {
+        skip = Some(format!(
+            "{} missed slot(s) skipped (catch_up = skip)",
+            f.skipped_slots
+        ));
+    }
+    let slots: &[Millis] = match (&s.busy_job, s.overlap.as_str()) {
+        (Some(busy), "skip") if !f.slots.is_empty() => {
+            skip = Some(format!(
+                "{} slot(s) skipped: the previous run {busy} is still queued or running",
+                f.slots.len()
+            ));
+            &[]
+        }
+        _ => &f.slots,
+    };
+    let skipped = i64::from(skip.is_some());
+    let done = f.new_next.is_none();
+    sqlx::query!(
+        r#"UPDATE schedules
+           SET next_run_at = ?2, last_fired_at = coalesce(?3, last_fired_at), done = ?4,
+               skipped = skipped + ?5, last_skip = coalesce(?6, last_skip)
+           WHERE id = ?1"#,
+        f.schedule_id,
+        f.new_next,
+        slots.last().copied(),
+        done,
+        skipped,
+        skip
+    )
+    .execute(&mut *conn)
+    .await?;
+    let jobs: Vec<NewJob> = slots
+        .iter()
+        .map(|slot| NewJob {
+            max_attempts: f.max_attempts,
+            schedule_id: Some(f.schedule_id),
+            scheduled_for: Some(*slot),
+            ..NewJob::new(s.channel_id, Source::Schedule, s.prompt.clone())
+        })
+        .collect();
+    let rows: Vec<JobRow> = jobs.iter().map(|j| JobRow::new(j, now)).collect();
+    let job_ids = insert_jobs(conn, &rows)
+        .await?
+        .into_iter()
+        .map(|e| e.job_id)
+        .collect();
+    Ok(Fired {
+        won: true,
+        job_ids,
+        skipped: skip,
+    })
 }

@@ -463,3 +463,63 @@ async fn graceful_shutdown_releases_the_running_job_for_the_next_start() {
     assert!(server.wait().success());
     store.close().await;
 }
+
+#[tokio::test]
+async fn schedule_commands_add_list_pause_resume_rm_and_next() {
+    let env = Env::new();
+    env.ok(&["channels", "add", "alpha"]);
+    let out = env.ok(&[
+        "schedule",
+        "next",
+        "0 9 * * 1-5",
+        "--tz",
+        "Europe/Berlin",
+        "-n",
+        "3",
+    ]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines.iter().all(|l| l.contains("T09:00:00+0")), "{out}");
+    let out = env.run(&["schedule", "next", "every day"]);
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("invalid cron expression"));
+    let out = env.run(&[
+        "schedule",
+        "add",
+        "alpha",
+        "0 9 * * *",
+        "hi",
+        "--tz",
+        "Mars/Base",
+    ]);
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("unknown time zone"));
+
+    let added: serde_json::Value = serde_json::from_str(&env.ok(&[
+        "--json",
+        "schedule",
+        "add",
+        "alpha",
+        "@daily",
+        "daily digest",
+        "--tz",
+        "UTC",
+        "--catch-up",
+        "all",
+    ]))
+    .unwrap();
+    let id = added["id"].as_i64().unwrap().to_string();
+    assert_eq!(added["catch_up"], "all");
+    env.ok(&["schedule", "add", "alpha", "in 30m", "one-off"]);
+    let list = env.ok(&["schedule", "list"]);
+    assert!(
+        list.contains("@daily") && list.contains("once") && list.contains("active"),
+        "{list}"
+    );
+    env.ok(&["schedule", "pause", &id]);
+    assert!(env.ok(&["schedule", "list"]).contains("paused"));
+    env.ok(&["schedule", "resume", &id]);
+    env.ok(&["schedule", "rm", &id]);
+    let out = env.run(&["schedule", "rm", &id]);
+    assert_eq!(code(&out), 3);
+}

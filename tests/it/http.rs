@@ -809,6 +809,11 @@ async fn openapi_document_matches_the_routes() {
         ("GET", "/api/channels"),
         ("POST", "/api/channels"),
         ("GET", "/api/warm"),
+        ("GET", "/api/schedules"),
+        ("POST", "/api/schedules"),
+        ("DELETE", "/api/schedules/{id}"),
+        ("POST", "/api/schedules/{id}/pause"),
+        ("POST", "/api/schedules/{id}/resume"),
         ("GET", "/healthz"),
         ("GET", "/readyz"),
         ("GET", "/metrics"),
@@ -819,7 +824,12 @@ async fn openapi_document_matches_the_routes() {
     assert_eq!(documented, expected);
     // Every documented operation is served (never 404/405 from the router itself).
     for (method, path) in &documented {
-        let url = format!("{}{}", r.base, path.replace("{id}", "does-not-exist"));
+        let id = if path.contains("schedules") {
+            "999"
+        } else {
+            "does-not-exist"
+        };
+        let url = format!("{}{}", r.base, path.replace("{id}", id));
         let resp = r
             .http
             .request(method.parse().unwrap(), url)
@@ -839,4 +849,91 @@ async fn openapi_document_matches_the_routes() {
             assert_eq!(body["error"], "not_found", "{method} {path}");
         }
     }
+}
+
+#[tokio::test]
+async fn api_manages_schedules_and_refuses_bad_ones_without_writing() {
+    let r = Rig::new(|_| {}).await;
+    let post = |body: Value| {
+        r.http
+            .post(format!("{}/api/schedules", r.base))
+            .bearer_auth(API_TOKEN)
+            .json(&body)
+            .send()
+    };
+    for (body, want) in [
+        (
+            json!({ "channel": "alpha", "when": "61 * * * *", "prompt": "x" }),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({ "channel": "alpha", "when": "0 9 * * *", "prompt": "x", "timezone": "Nowhere/Land" }),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({ "channel": "ghost", "when": "0 9 * * *", "prompt": "x" }),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            json!({ "channel": "alpha", "when": "0 9 * * *" }),
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let (status, body) = error_of(post(body).await.unwrap()).await;
+        assert_eq!(status, want, "{body}");
+    }
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM schedules")
+        .fetch_one(r.store.read_pool())
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+    let resp = post(json!({ "channel": "alpha", "when": "0 9 * * 1-5", "prompt": "standup notes", "timezone": "Europe/Berlin" }))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let s: Value = resp.json().await.unwrap();
+    let id = s["id"].as_i64().unwrap();
+    assert_eq!(
+        (s["cron"].as_str(), s["timezone"].as_str()),
+        (Some("0 9 * * 1-5"), Some("Europe/Berlin"))
+    );
+    let paused: Value = r
+        .http
+        .post(format!("{}/api/schedules/{id}/pause", r.base))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(paused["enabled"], false);
+    let resumed: Value = r
+        .http
+        .post(format!("{}/api/schedules/{id}/resume", r.base))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(resumed["enabled"], true);
+    let list: Vec<Value> = r
+        .api("/api/schedules")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list.len(), 1);
+    let del = r
+        .http
+        .delete(format!("{}/api/schedules/{id}", r.base))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), StatusCode::NO_CONTENT);
 }

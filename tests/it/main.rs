@@ -10,4 +10,5 @@ mod cli;
 mod config;
 mod http;
 mod queue;
+mod schedule;
 mod worker;

@@ -1,0 +1,446 @@
+//! The scheduler: exactly one job per slot under racing schedulers, catch-up policies across a
+//! restart, DST days, one-offs, overlap, failed runs, pre-warm, and invalid input. Time is
+//! passed in (`run_once(now)`), never slept.
+
+use std::sync::Arc;
+
+use chrono::{TimeZone, Utc};
+use gorp::config::Config;
+use gorp::scheduler::{self, AddSchedule, ScheduleError, Scheduler, When};
+use gorp::store::{now_ms, JobState, Millis, Store};
+
+use crate::acp::Gorp;
+use crate::support::{setup, Setup};
+
+fn utc(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> Millis {
+    Utc.with_ymd_and_hms(y, mo, d, h, mi, 0)
+        .unwrap()
+        .timestamp_millis()
+}
+
+const HOUR: Millis = 3_600_000;
+
+fn add_req(channel: &str, when: &str, tz: &str, catch_up: &str) -> AddSchedule {
+    AddSchedule {
+        channel: channel.into(),
+        when: when.into(),
+        prompt: format!("scheduled: {when}"),
+        timezone: Some(tz.into()),
+        catch_up: Some(catch_up.into()),
+        overlap: Some("queue".into()),
+        created_by: "test".into(),
+    }
+}
+
+async fn add(s: &Setup, req: AddSchedule, now: Millis) -> gorp::store::Schedule {
+    scheduler::add(&s.store, &Config::default(), req, now)
+        .await
+        .unwrap()
+}
+
+async fn slots_of(store: &Store, schedule_id: i64) -> Vec<Millis> {
+    sqlx::query_scalar(
+        "SELECT scheduled_for FROM jobs WHERE schedule_id = ?1 ORDER BY scheduled_for",
+    )
+    .bind(schedule_id)
+    .fetch_all(store.read_pool())
+    .await
+    .unwrap()
+}
+
+fn sched(store: &Store) -> Scheduler {
+    Scheduler::new(store.clone(), Arc::new(Config::default()))
+}
+
+#[tokio::test]
+async fn racing_schedulers_fire_each_slot_exactly_once() {
+    let s = setup().await;
+    s.channel("alpha").await;
+    let t0 = utc(2026, 1, 5, 8, 0);
+    let sc = add(&s, add_req("alpha", "* * * * *", "UTC", "once"), t0).await;
+    let other = s.other_store().await;
+    let (a, b) = (sched(&s.store), sched(&other));
+    // 30 minutes of ticks, each tick run by both schedulers at once.
+    for minute in 1..=30 {
+        let now = t0 + minute * 60_000 + 500;
+        let (ra, rb) = tokio::join!(a.run_once(now), b.run_once(now));
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        assert_eq!(ra.jobs + rb.jobs, 1, "minute {minute}: {ra:?} {rb:?}");
+    }
+    let slots = slots_of(&s.store, sc.id).await;
+    let want: Vec<Millis> = (1..=30).map(|m| t0 + m * 60_000).collect();
+    assert_eq!(slots, want);
+    let job = s
+        .store
+        .job_list(&Default::default())
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(job.source, gorp::store::Source::Schedule);
+    assert_eq!(job.schedule_id, Some(sc.id));
+}
+
+#[tokio::test]
+async fn missed_slots_follow_each_catch_up_policy() {
+    let s = setup().await;
+    s.channel("alpha").await;
+    let t0 = utc(2026, 1, 5, 8, 30);
+    let skip = add(&s, add_req("alpha", "0 * * * *", "UTC", "skip"), t0).await;
+    let once = add(&s, add_req("alpha", "0 * * * *", "UTC", "once"), t0).await;
+    let all = add(&s, add_req("alpha", "0 * * * *", "UTC", "all"), t0).await;
+    assert_eq!(skip.next_run_at, Some(utc(2026, 1, 5, 9, 0)));
+    // gorp was down from 08:30 to 12:05: slots 09:00, 10:00, 11:00 and 12:00 were missed.
+    let now = utc(2026, 1, 5, 12, 5);
+    let report = sched(&s.store).run_once(now).await.unwrap();
+    assert_eq!(report.fired, 3);
+    assert!(slots_of(&s.store, skip.id).await.is_empty());
+    assert_eq!(
+        slots_of(&s.store, once.id).await,
+        vec![utc(2026, 1, 5, 12, 0)]
+    );
+    let hours: Vec<Millis> = (9..=12).map(|h| utc(2026, 1, 5, h, 0)).collect();
+    assert_eq!(slots_of(&s.store, all.id).await, hours);
+    for id in [skip.id, once.id, all.id] {
+        let row = s.store.schedule_get(id).await.unwrap().unwrap();
+        assert_eq!(row.next_run_at, Some(utc(2026, 1, 5, 13, 0)));
+    }
+    let skipped = s.store.schedule_get(skip.id).await.unwrap().unwrap();
+    assert_eq!(skipped.skipped, 1);
+    assert!(skipped
+        .last_skip
+        .unwrap()
+        .contains("4 missed slot(s) skipped"));
+    // On time again: each policy fires the 13:00 slot normally.
+    sched(&s.store)
+        .run_once(utc(2026, 1, 5, 13, 0) + 200)
+        .await
+        .unwrap();
+    assert_eq!(
+        slots_of(&s.store, skip.id).await,
+        vec![utc(2026, 1, 5, 13, 0)]
+    );
+}
+
+#[tokio::test]
+async fn catch_up_all_is_bounded() {
+    let s = setup().await;
+    s.channel("alpha").await;
+    let t0 = utc(2026, 1, 5, 0, 0);
+    let all = add(&s, add_req("alpha", "*/5 * * * *", "UTC", "all"), t0).await;
+    sched(&s.store).run_once(t0 + 10 * HOUR).await.unwrap();
+    let slots = slots_of(&s.store, all.id).await;
+    assert_eq!(slots.len(), scheduler::MAX_CATCH_UP);
+    assert_eq!(*slots.last().unwrap(), t0 + 10 * HOUR);
+}
+
+/// Europe/Berlin: 2026-03-29 02:00 → 03:00 (spring forward), 2026-10-25 03:00 → 02:00 (fall
+/// back). croner's rule: a fixed-time job whose time falls in the gap runs at the first valid
+/// time after it (03:00 CEST = 01:00 UTC); in the repeated hour it runs once, at the first
+/// 02:30 (CEST, 00:30 UTC).
+#[tokio::test]
+async fn daily_0230_job_on_dst_days_runs_as_croner_defines() {
+    let s = setup().await;
+    s.channel("alpha").await;
+    let sc = add(
+        &s,
+        add_req("alpha", "30 2 * * *", "Europe/Berlin", "all"),
+        utc(2026, 3, 27, 12, 0),
+    )
+    .await;
+    assert_eq!(
+        sc.next_run_at,
+        Some(utc(2026, 3, 28, 1, 30)),
+        "02:30 CET = 01:30 UTC"
+    );
+    let cron = scheduler::parse_cron("30 2 * * *").unwrap();
+    let tz = scheduler::parse_tz("Europe/Berlin").unwrap();
+    let spring = scheduler::next_after(&cron, tz, utc(2026, 3, 28, 12, 0)).unwrap();
+    assert_eq!(
+        spring,
+        utc(2026, 3, 29, 1, 0),
+        "no 02:30 on spring-forward day: runs at 03:00 CEST"
+    );
+    let after = scheduler::next_after(&cron, tz, spring).unwrap();
+    assert_eq!(after, utc(2026, 3, 30, 0, 30), "then 02:30 CEST");
+    let fall = scheduler::next_after(&cron, tz, utc(2026, 10, 24, 12, 0)).unwrap();
+    assert_eq!(fall, utc(2026, 10, 25, 0, 30), "first 02:30 (CEST)");
+    let next = scheduler::next_after(&cron, tz, fall).unwrap();
+    assert_eq!(
+        next,
+        utc(2026, 10, 26, 1, 30),
+        "not again at the second 02:30; next day 02:30 CET"
+    );
+
+    // Fired through the scheduler across the spring-forward night: one job, at 01:00 UTC.
+    let first = sc.next_run_at.unwrap();
+    sched(&s.store).run_once(first + 100).await.unwrap();
+    sched(&s.store).run_once(spring + 100).await.unwrap();
+    assert_eq!(slots_of(&s.store, sc.id).await, vec![first, spring]);
+}
+
+#[tokio::test]
+async fn one_off_fires_once_and_is_marked_done() {
+    let s = setup().await;
+    s.channel("alpha").await;
+    let t0 = utc(2026, 1, 5, 8, 0);
+    let once = add(&s, add_req("alpha", "in 30m", "UTC", "once"), t0).await;
+    assert_eq!(
+        (once.cron.as_deref(), once.next_run_at),
+        (None, Some(t0 + 30 * 60_000))
+    );
+    let at = add(
+        &s,
+        add_req("alpha", "2026-01-05T10:00:00+01:00", "UTC", "once"),
+        t0,
+    )
+    .await;
+    assert_eq!(at.next_run_at, Some(utc(2026, 1, 5, 9, 0)));
+    assert_eq!(
+        sched(&s.store)
+            .run_once(t0 + 29 * 60_000)
+            .await
+            .unwrap()
+            .fired,
+        0
+    );
+    sched(&s.store)
+        .run_once(t0 + 30 * 60_000 + 10)
+        .await
+        .unwrap();
+    sched(&s.store).run_once(t0 + 2 * HOUR).await.unwrap();
+    sched(&s.store).run_once(t0 + 3 * HOUR).await.unwrap();
+    assert_eq!(slots_of(&s.store, once.id).await, vec![t0 + 30 * 60_000]);
+    assert_eq!(slots_of(&s.store, at.id).await, vec![utc(2026, 1, 5, 9, 0)]);
+    let row = s.store.schedule_get(once.id).await.unwrap().unwrap();
+    assert!(row.done);
+    assert_eq!(row.next_run_at, None);
+    assert_eq!(
+        s.store.schedule_list().await.unwrap().len(),
+        2,
+        "done, not deleted"
+    );
+}
+
+#[tokio::test]
+async fn overlap_skip_records_the_skip_and_queue_queues() {
+    let s = setup().await;
+    s.channel("alpha").await;
+    let t0 = utc(2026, 1, 5, 8, 0);
+    let mut req = add_req("alpha", "* * * * *", "UTC", "once");
+    req.overlap = Some("skip".into());
+    let skip = add(&s, req, t0).await;
+    let queue = add(&s, add_req("alpha", "* * * * *", "UTC", "once"), t0).await;
+    let sc = sched(&s.store);
+    sc.run_once(t0 + 60_000 + 10).await.unwrap();
+    // Nothing runs the jobs, so the next slot finds the previous run still queued.
+    let report = sc.run_once(t0 + 120_000 + 10).await.unwrap();
+    assert_eq!(report.skipped, 1);
+    assert_eq!(slots_of(&s.store, skip.id).await, vec![t0 + 60_000]);
+    assert_eq!(
+        slots_of(&s.store, queue.id).await,
+        vec![t0 + 60_000, t0 + 120_000]
+    );
+    let row = s.store.schedule_get(skip.id).await.unwrap().unwrap();
+    assert_eq!(row.skipped, 1);
+    assert!(row.last_skip.unwrap().contains("still queued or running"));
+    assert_eq!(row.next_run_at, Some(t0 + 180_000), "the schedule moves on");
+}
+
+#[tokio::test]
+async fn invalid_schedules_are_refused_and_write_nothing() {
+    let s = setup().await;
+    s.channel("alpha").await;
+    let now = utc(2026, 1, 5, 8, 0);
+    for (req, needle) in [
+        (
+            add_req("alpha", "61 * * * *", "UTC", "once"),
+            "invalid cron expression",
+        ),
+        (
+            add_req("alpha", "every day", "UTC", "once"),
+            "invalid cron expression",
+        ),
+        (
+            add_req("alpha", "0 9 * * *", "Mars/Olympus", "once"),
+            "unknown time zone",
+        ),
+        (
+            add_req("alpha", "0 9 * * *", "UTC", "sometimes"),
+            "invalid catch-up policy",
+        ),
+        (
+            add_req("alpha", "in 30 fortnights", "UTC", "once"),
+            "invalid delay unit",
+        ),
+        (add_req("alpha", "in -5m", "UTC", "once"), "invalid delay"),
+        (
+            add_req("alpha", "2020-01-01T00:00:00Z", "UTC", "once"),
+            "in the past",
+        ),
+        (
+            add_req("nope", "0 9 * * *", "UTC", "once"),
+            "unknown channel",
+        ),
+    ] {
+        let err = scheduler::add(&s.store, &Config::default(), req, now)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains(needle),
+            "{err} should say {needle}"
+        );
+        if needle != "unknown channel" {
+            assert!(matches!(err, ScheduleError::Invalid(_)));
+        }
+    }
+    assert_eq!(s.count("schedules").await, 0);
+    assert!(matches!(
+        scheduler::parse_when("@daily", now).unwrap(),
+        When::Cron { .. }
+    ));
+    assert!(
+        matches!(
+            scheduler::parse_when("0 */5 * * * *", now).unwrap(),
+            When::Cron { .. }
+        ),
+        "6 fields"
+    );
+}
+
+#[tokio::test]
+async fn pause_and_resume_skip_the_paused_slots() {
+    let s = setup().await;
+    s.channel("alpha").await;
+    let t0 = utc(2026, 1, 5, 8, 30);
+    let sc = add(&s, add_req("alpha", "0 * * * *", "UTC", "all"), t0).await;
+    assert!(s
+        .store
+        .schedule_set_enabled(sc.id, false, None)
+        .await
+        .unwrap());
+    assert_eq!(
+        sched(&s.store)
+            .run_once(utc(2026, 1, 5, 11, 0))
+            .await
+            .unwrap()
+            .fired,
+        0
+    );
+    assert!(scheduler::resume(&s.store, sc.id, utc(2026, 1, 5, 11, 10))
+        .await
+        .unwrap());
+    let row = s.store.schedule_get(sc.id).await.unwrap().unwrap();
+    assert_eq!(row.next_run_at, Some(utc(2026, 1, 5, 12, 0)));
+    assert!(s.store.schedule_delete(sc.id).await.unwrap());
+    assert!(!s.store.schedule_delete(sc.id).await.unwrap());
+}
+
+#[tokio::test]
+async fn failed_run_does_not_disable_the_schedule() {
+    let g = Gorp::start(|_| {}).await;
+    let ch = g.channel("alpha", |_| {}).await;
+    let _ = ch;
+    let now = now_ms();
+    let sc = scheduler::add(
+        &g.store,
+        &g.config,
+        AddSchedule {
+            prompt: "@fail upstream is down".into(),
+            ..add_req("alpha", "* * * * *", "UTC", "once")
+        },
+        now,
+    )
+    .await
+    .unwrap();
+    let s = Scheduler::new(g.store.clone(), g.config.clone());
+    let first = sc.next_run_at.unwrap();
+    s.run_once(first + 10).await.unwrap();
+    let job = g
+        .store
+        .job_list(&Default::default())
+        .await
+        .unwrap()
+        .remove(0);
+    let job = g.wait_done(&job.id).await;
+    assert_eq!(job.state, JobState::Failed);
+    assert!(job.error.unwrap().contains("upstream is down"));
+    let row = g.store.schedule_get(sc.id).await.unwrap().unwrap();
+    assert!(row.enabled && !row.done);
+    let report = s.run_once(first + 60_000 + 10).await.unwrap();
+    assert_eq!(report.jobs, 1, "the next slot fires");
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn pre_warm_starts_the_agent_before_the_slot_so_the_job_runs_warm() {
+    // The agent takes 1.5 s to start; a pre-warmed slot must not pay it.
+    let g = Gorp::start(|c| {
+        c.acp
+            .agent_args
+            .extend(["--startup-delay-ms".to_string(), "1500".to_string()]);
+        c.acp.pre_warm_secs = 300;
+    })
+    .await;
+    g.channel("alpha", |_| {}).await;
+    let ch = g.store.channel_get("alpha").await.unwrap().unwrap();
+    let now = now_ms();
+    let sc = scheduler::add(
+        &g.store,
+        &g.config,
+        add_req("alpha", "in 2m", "UTC", "once"),
+        now,
+    )
+    .await
+    .unwrap();
+    let s = Scheduler::new(g.store.clone(), g.config.clone());
+    let report = s.run_once(now).await.unwrap();
+    assert_eq!((report.fired, report.prewarmed), (0, 1));
+    assert!(g
+        .store
+        .warm_get(ch.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .warm_at
+        .is_some());
+    // The keeper warms the channel ahead of the slot.
+    g.warm.run_once(now).await.unwrap();
+    g.warm.settle().await;
+    assert!(g.warm.live_pid(ch.id).is_some());
+    assert_eq!(
+        s.run_once(now + 1000).await.unwrap().prewarmed,
+        0,
+        "already warm: asked once"
+    );
+    // The slot arrives (moved to now, so the pool, which runs on the real clock, takes it).
+    let slot = now_ms();
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
+        "sqlite://{}",
+        g.config.database.path.display()
+    ))
+    .await
+    .unwrap();
+    sqlx::query("UPDATE schedules SET next_run_at = ?1 WHERE id = ?2")
+        .bind(slot)
+        .bind(sc.id)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(s.run_once(slot + 10).await.unwrap().jobs, 1);
+    let job = g
+        .store
+        .job_list(&Default::default())
+        .await
+        .unwrap()
+        .remove(0);
+    let job = g.wait_done(&job.id).await;
+    assert_eq!(job.state, JobState::Succeeded);
+    assert_eq!(g.history_session(&job.id).await.as_deref(), Some("warm"));
+    let first_output: f64 = sqlx::query_scalar("SELECT first_output_ms FROM jobs WHERE id = ?1")
+        .bind(&job.id)
+        .fetch_one(g.store.read_pool())
+        .await
+        .unwrap();
+    assert!(first_output < 1500.0, "no cold start: {first_output} ms");
+    g.stop().await;
+}
