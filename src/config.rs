@@ -438,7 +438,9 @@ impl Config {
                 ));
             }
         }
-        if !self.scheduler.timezone.is_empty() && !is_plausible_tz(&self.scheduler.timezone) {
+        if !self.scheduler.timezone.is_empty()
+            && self.scheduler.timezone.parse::<chrono_tz::Tz>().is_err()
+        {
             return Err((
                 "scheduler.timezone".into(),
                 format!(
@@ -482,16 +484,6 @@ impl Config {
 
 fn is_matrix_user_id(s: &str) -> bool {
     s.starts_with('@') && s.len() > 3 && s[1..].contains(':')
-}
-
-/// Time zone names are checked against the zone database by the scheduler; here only their
-/// shape (an alias like `UTC`, or `Area/Location`).
-fn is_plausible_tz(s: &str) -> bool {
-    s == "UTC"
-        || s == "GMT"
-        || (s.contains('/')
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '-' | '+')))
 }
 
 fn mask_secrets(value: &mut toml::Value) {

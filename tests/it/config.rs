@@ -135,6 +135,10 @@ fn bad_values_are_refused() {
         "[scheduler]\ntimezone = \"Mars Standard\"\n",
         &["scheduler.timezone", "IANA"],
     );
+    assert_err(
+        "[scheduler]\ntimezone = \"Mars/Olympus\"\n",
+        &["scheduler.timezone", "IANA"],
+    );
     assert_err("[webhook]\nbind = \"localhost:80\"\n", &["webhook.bind"]);
     assert_err(
         "[acp]\npermission_policy = \"maybe\"\n",
