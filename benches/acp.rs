@@ -31,6 +31,9 @@ mod fake_anthropic;
 #[path = "../tests/it/support/claude_env.rs"]
 mod claude_env;
 
+#[path = "support/baseline.rs"]
+mod baseline;
+
 struct Rig {
     store: Store,
     warm: Arc<WarmSessionManager>,
@@ -363,53 +366,6 @@ async fn throughput(dir: &Path, jobs: usize) -> (f64, f64) {
     (rate, per_channel)
 }
 
-/// Raw SQLite claim + complete, one at a time (the queue benchmark's baseline).
-async fn baseline(dir: &Path, jobs: usize) -> f64 {
-    let cfg = config(dir, "baseline", vec![]);
-    let store = Store::open(&cfg.database).await.expect("open");
-    let ch = store
-        .channel_insert(
-            NewChannel {
-                name: "b".into(),
-                ..Default::default()
-            },
-            now_ms(),
-        )
-        .await
-        .expect("channel")
-        .id;
-    let rows: Vec<NewJob> = (0..jobs)
-        .map(|_| NewJob::new(ch, Source::Cli, "x"))
-        .collect();
-    store.job_insert_many(rows, now_ms()).await.expect("insert");
-    store.close().await;
-    let mut conn = SqliteConnectOptions::new()
-        .filename(&cfg.database.path)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Normal)
-        .disable_statement_logging()
-        .connect()
-        .await
-        .expect("raw");
-    let t = Instant::now();
-    for _ in 0..jobs {
-        let id: String = sqlx::query_scalar(
-            "UPDATE jobs SET state = 'running', attempt = attempt + 1, lease_owner = 'b'
-             WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY priority DESC, run_at, id LIMIT 1)
-             RETURNING id",
-        )
-        .fetch_one(&mut conn)
-        .await
-        .expect("claim");
-        sqlx::query("UPDATE jobs SET state = 'succeeded', lease_owner = NULL WHERE id = ?1")
-            .bind(&id)
-            .execute(&mut conn)
-            .await
-            .expect("complete");
-    }
-    jobs as f64 / t.elapsed().as_secs_f64()
-}
-
 /// Job event rows committed per second through the store's writer.
 async fn event_rate(dir: &Path, rows: usize) -> f64 {
     let cfg = config(dir, "events", vec![]);
@@ -459,7 +415,7 @@ fn main() {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
         if std::env::args().any(|a| a == "--throughput-only") {
-            let base = baseline(d, 5_000).await;
+            let base = baseline::claim_complete_per_sec(d, "baseline.db", 5_000).await;
             let (rate, _) = throughput(d, 5_000).await;
             println!(
                 "baseline {base:.0} jobs/s, gorp {rate:.0} jobs/s, ratio {:.2}",
@@ -495,7 +451,7 @@ fn main() {
             o99 - a99
         );
 
-        let base = baseline(d, 5_000).await;
+        let base = baseline::claim_complete_per_sec(d, "baseline.db", 5_000).await;
         let (rate, rss) = throughput(d, 5_000).await;
         println!("\n| end to end | value |\n|---|---:|");
         println!("| raw SQLite claim+complete baseline (jobs/s) | {base:.0} |");

@@ -183,12 +183,13 @@ impl WorkerPool {
                                     .lock()
                                     .expect("running lock")
                                     .insert(ctx.job.id.clone(), ctx.clone());
-                                let run = run_job(
+                                let run = run_jobs(
                                     ctx,
                                     self.store.clone(),
                                     self.executor.clone(),
                                     self.cfg.clone(),
                                     self.running.clone(),
+                                    shutdown.clone(),
                                 );
                                 tracker.spawn(async move {
                                     run.await;
@@ -253,17 +254,43 @@ impl WorkerPool {
     }
 }
 
-async fn run_job(
+/// Runs a claimed job in its slot; when it succeeds, the next due job is claimed in the same
+/// transaction as the completion and run in the same slot (one write instead of two).
+async fn run_jobs(
     ctx: JobContext,
     store: Store,
     executor: Arc<dyn Executor>,
     cfg: PoolConfig,
     running: Running,
+    shutdown: CancellationToken,
 ) {
+    let mut next = Some(ctx);
+    while let Some(ctx) = next.take() {
+        let claim_next = !shutdown.is_cancelled();
+        if let Some(job) = run_job(&ctx, &store, &executor, &cfg, &running, claim_next).await {
+            let ctx = JobContext::new(job, store.clone());
+            running
+                .lock()
+                .expect("running lock")
+                .insert(ctx.job.id.clone(), ctx.clone());
+            next = Some(ctx);
+        }
+    }
+}
+
+/// Runs one attempt; returns the next job when `claim_next` and one was claimed.
+async fn run_job(
+    ctx: &JobContext,
+    store: &Store,
+    executor: &Arc<dyn Executor>,
+    cfg: &PoolConfig,
+    running: &Running,
+    claim_next: bool,
+) -> Option<Job> {
     let job: Job = ctx.job.clone();
     let Some(lease) = job.lease() else {
         tracing::error!(job = %job.id, "claimed job has no lease owner");
-        return;
+        return None;
     };
     let rerun = if job.attempt > 1 {
         format!(" (re-run: attempt {} of {})", job.attempt, job.max_attempts)
@@ -287,7 +314,7 @@ async fn run_job(
         },
     };
     running.lock().expect("running lock").remove(&job.id);
-    finish(&ctx, &store, &cfg, &lease, outcome).await;
+    finish(ctx, store, cfg, &lease, outcome, claim_next).await
 }
 
 async fn finish(
@@ -296,7 +323,8 @@ async fn finish(
     cfg: &PoolConfig,
     lease: &Lease,
     outcome: Outcome,
-) {
+    claim_next: bool,
+) -> Option<Job> {
     let job = &ctx.job;
     let cause = ctx.stop_cause();
     let now = now_ms();
@@ -320,7 +348,21 @@ async fn finish(
         (Outcome::Cancelled { .. }, _) => "cancelled",
         (Outcome::Failed { .. }, _) => "failed_attempt",
     };
+    let mut next = None;
     let result = match (outcome, cause) {
+        (Outcome::Succeeded { stop_reason }, _) if claim_next => {
+            let lease_ms = cfg.lease.as_millis() as i64;
+            match store
+                .job_complete_and_claim(lease, stop_reason, now, lease_ms)
+                .await
+            {
+                Ok((won, job)) => {
+                    next = job;
+                    Ok(won)
+                }
+                Err(e) => Err(e),
+            }
+        }
         (Outcome::Succeeded { stop_reason }, _) => {
             store.job_complete_if_running(lease, stop_reason, now).await
         }
@@ -364,6 +406,7 @@ async fn finish(
             tracing::error!(job = %job.id, error = %e, "cannot record job outcome; the rescuer will retry it")
         }
     }
+    next
 }
 
 async fn append(store: &Store, job: &Job, kind: &str, text: &str) {

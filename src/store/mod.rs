@@ -316,6 +316,27 @@ impl Store {
         .await
     }
 
+    /// `running → succeeded`, and in the same transaction claims the next due job for the same
+    /// owner (at most one per channel, as `job_claim_many`). Returns whether the fence held and
+    /// the claimed job.
+    pub async fn job_complete_and_claim(
+        &self,
+        lease: &Lease,
+        stop_reason: Option<String>,
+        now: Millis,
+        lease_ms: i64,
+    ) -> Result<(bool, Option<Job>)> {
+        let lease = lease.clone();
+        self.call(|reply| Op::CompleteClaim {
+            lease,
+            stop_reason,
+            now,
+            lease_until: now + lease_ms,
+            reply,
+        })
+        .await
+    }
+
     /// `running → queued` (retry at `retry_at`, when given and attempts are left) or
     /// `running → failed`. Returns the new state, or `None` when the fence did not hold.
     pub async fn job_fail_if_running(

@@ -75,6 +75,13 @@ pub(super) enum Op {
         now: Millis,
         reply: Reply<bool>,
     },
+    CompleteClaim {
+        lease: Lease,
+        stop_reason: Option<String>,
+        now: Millis,
+        lease_until: Millis,
+        reply: Reply<(bool, Option<Job>)>,
+    },
     Fail {
         lease: Lease,
         error: String,
@@ -193,6 +200,7 @@ enum Out {
     Count(u64),
     Id(i64),
     Fired(Fired),
+    CompletedNext(bool, Option<Box<Job>>),
 }
 
 /// The logical result of one operation; a `sqlx::Error` around it aborts the group.
@@ -262,6 +270,10 @@ impl Op {
             }),
             Op::Fail { reply, .. } => send(reply, res, |o| match o {
                 Out::State(s) => Some(s),
+                _ => None,
+            }),
+            Op::CompleteClaim { reply, .. } => send(reply, res, |o| match o {
+                Out::CompletedNext(won, job) => Some((won, job.map(|j| *j))),
                 _ => None,
             }),
             Op::ScheduleInsert { reply, .. } => send(reply, res, |o| match o {
@@ -465,21 +477,23 @@ async fn apply_one(conn: &mut SqliteConnection, op: &Op) -> Result<Applied, sqlx
             stop_reason,
             now,
             ..
+        } => Ok(Out::Bool(complete(conn, lease, stop_reason, *now).await?)),
+        Op::CompleteClaim {
+            lease,
+            stop_reason,
+            now,
+            lease_until,
+            ..
         } => {
-            let r = sqlx::query!(
-                r#"UPDATE jobs
-                   SET state = 'succeeded', stop_reason = ?4, finished_at = ?5,
-                       lease_owner = NULL, lease_expires_at = NULL
-                   WHERE id = ?1 AND state = 'running' AND attempt = ?2 AND lease_owner = ?3"#,
-                lease.job_id,
-                lease.attempt,
-                lease.owner,
-                stop_reason,
-                now
-            )
-            .execute(&mut *conn)
-            .await?;
-            Ok(Out::Bool(r.rows_affected() == 1))
+            let won = complete(conn, lease, stop_reason, *now).await?;
+            let next = if won {
+                claim(conn, &lease.owner, 1, *now, *lease_until)
+                    .await?
+                    .pop()
+            } else {
+                None
+            };
+            Ok(Out::CompletedNext(won, next.map(Box::new)))
         }
         Op::Fail {
             lease,
@@ -688,6 +702,29 @@ pub(super) async fn insert_events(
         .await?;
     }
     Ok(())
+}
+
+/// The fenced `running → succeeded`.
+async fn complete(
+    conn: &mut SqliteConnection,
+    lease: &Lease,
+    stop_reason: &Option<String>,
+    now: Millis,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query!(
+        r#"UPDATE jobs
+           SET state = 'succeeded', stop_reason = ?4, finished_at = ?5,
+               lease_owner = NULL, lease_expires_at = NULL
+           WHERE id = ?1 AND state = 'running' AND attempt = ?2 AND lease_owner = ?3"#,
+        lease.job_id,
+        lease.attempt,
+        lease.owner,
+        stop_reason,
+        now
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
 }
 
 async fn claim(

@@ -809,3 +809,54 @@ async fn job_history_view_shows_readable_times_and_output() {
     assert_eq!(row.4, "Hello");
     assert_eq!(s.store.job_output(&id).await.unwrap(), "Hello");
 }
+
+#[tokio::test]
+async fn completing_claims_the_next_job_in_the_same_transaction() {
+    let s = setup().await;
+    let a = s.channel("a").await;
+    let first = s.store.job_insert(job(a.id, "1"), T0).await.unwrap().job_id;
+    let second = s
+        .store
+        .job_insert(job(a.id, "2"), T0 + 1)
+        .await
+        .unwrap()
+        .job_id;
+    let c = s
+        .store
+        .job_claim_many("w", 1, T0 + 2, LEASE)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(c.id, first);
+    // A stale fence completes nothing and claims nothing.
+    let mut stale = c.lease().unwrap();
+    stale.attempt += 1;
+    assert_eq!(
+        s.store
+            .job_complete_and_claim(&stale, None, T0 + 3, LEASE)
+            .await
+            .unwrap(),
+        (false, None)
+    );
+    let (won, next) = s
+        .store
+        .job_complete_and_claim(&c.lease().unwrap(), None, T0 + 3, LEASE)
+        .await
+        .unwrap();
+    assert!(won);
+    let next = next.expect("the channel's next job");
+    assert_eq!(
+        (next.id.as_str(), next.state, next.lease_owner.as_deref()),
+        (second.as_str(), JobState::Running, Some("w"))
+    );
+    assert_eq!(
+        s.store.job_get(&first).await.unwrap().unwrap().state,
+        JobState::Succeeded
+    );
+    let (won, none) = s
+        .store
+        .job_complete_and_claim(&next.lease().unwrap(), None, T0 + 4, LEASE)
+        .await
+        .unwrap();
+    assert!(won && none.is_none(), "nothing left to claim");
+}

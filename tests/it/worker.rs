@@ -110,13 +110,13 @@ async fn racing_pools_never_run_two_jobs_of_one_channel_at_once() {
     let (stop1, h1, _) = spawn_pool(
         &s.store,
         Arc::new(ExclusiveExec(exec.clone())),
-        pool_config(4),
+        pool_config(2), // two slots each over four channels: neither pool can hold them all
         "pool-1",
     );
     let (stop2, h2, _) = spawn_pool(
         &other,
         Arc::new(ExclusiveExec(exec.clone())),
-        pool_config(4),
+        pool_config(2),
         "pool-2",
     );
 

@@ -1,0 +1,72 @@
+//! The raw-SQLite baseline every gorp benchmark is compared with: the minimal claim + complete
+//! of a job, one job at a time, autocommit, through one sqlx connection on a database with
+//! gorp's schema and file settings (WAL, synchronous=NORMAL). The claim reads the same
+//! partial index gorp's does.
+
+use std::path::Path;
+use std::time::Instant;
+
+use gorp::config::DatabaseConfig;
+use gorp::store::{now_ms, NewChannel, NewJob, Source, Store};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{ConnectOptions, Connection, SqliteConnection};
+
+/// A plain connection with the store's file settings.
+pub async fn raw_conn(path: &Path) -> SqliteConnection {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .foreign_keys(true)
+        .disable_statement_logging()
+        .connect()
+        .await
+        .expect("raw connection")
+}
+
+/// Claim + complete per second over `jobs` queued jobs of one channel in `dir/<name>`.
+pub async fn claim_complete_per_sec(dir: &Path, name: &str, jobs: usize) -> f64 {
+    let cfg = DatabaseConfig {
+        path: dir.join(name),
+        ..DatabaseConfig::default()
+    };
+    let store = Store::open(&cfg).await.expect("open");
+    let ch = store
+        .channel_insert(
+            NewChannel {
+                name: "baseline".into(),
+                ..Default::default()
+            },
+            now_ms(),
+        )
+        .await
+        .expect("channel")
+        .id;
+    let rows: Vec<NewJob> = (0..jobs)
+        .map(|i| NewJob::new(ch, Source::Cli, format!("p{i}")))
+        .collect();
+    store.job_insert_many(rows, now_ms()).await.expect("insert");
+    store.close().await;
+    let mut conn = raw_conn(&cfg.path).await;
+    let start = Instant::now();
+    for _ in 0..jobs {
+        let id: String = sqlx::query_scalar(
+            "UPDATE jobs SET state = 'running', attempt = attempt + 1, lease_owner = 'b'
+             WHERE id = (SELECT id FROM jobs WHERE channel_id = ?1 AND state = 'queued'
+                         ORDER BY priority DESC, run_at, created_at, id LIMIT 1)
+             RETURNING id",
+        )
+        .bind(ch)
+        .fetch_one(&mut conn)
+        .await
+        .expect("claim");
+        sqlx::query("UPDATE jobs SET state = 'succeeded', lease_owner = NULL WHERE id = ?1 AND state = 'running'")
+            .bind(&id)
+            .execute(&mut conn)
+            .await
+            .expect("complete");
+    }
+    let rate = jobs as f64 / start.elapsed().as_secs_f64();
+    conn.close().await.ok();
+    rate
+}
