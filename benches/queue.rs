@@ -1,6 +1,10 @@
 //! Queue benchmark: gorp's engine beside a raw-SQLite baseline measured in the same run, so the
 //! ratios hold on a noisy machine. Run with `cargo bench --bench queue` (add `-- --jobs N` to
 //! change the size). Results and how to read them: BENCHMARKS.md.
+//!
+//! `-- --raw-insert [--inserts N]` runs only the raw single-row INSERT baseline (one row per
+//! autocommit transaction, one connection, the store's file settings) and prints
+//! `raw_insert_per_sec <N>`; `benches/webhook.sh` divides the webhook rate by it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,9 +14,11 @@ use gorp::config::DatabaseConfig;
 use gorp::executor::{Executor, JobContext, Outcome};
 use gorp::store::{now_ms, JobState, NewChannel, NewJob, Source, Store};
 use gorp::worker::{PoolConfig, WorkerPool};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
-use sqlx::{ConnectOptions, Connection, SqliteConnection};
+use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
+
+#[path = "support/baseline.rs"]
+mod baseline;
 
 struct NoOp;
 
@@ -27,19 +33,6 @@ fn db_config(dir: &std::path::Path, name: &str) -> DatabaseConfig {
         path: dir.join(name),
         ..DatabaseConfig::default()
     }
-}
-
-/// A plain connection with the store's file settings (WAL, synchronous=NORMAL).
-async fn raw_conn(path: &std::path::Path) -> SqliteConnection {
-    SqliteConnectOptions::new()
-        .filename(path)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Normal)
-        .foreign_keys(true)
-        .disable_statement_logging()
-        .connect()
-        .await
-        .expect("raw connection")
 }
 
 async fn channels(store: &Store, n: usize) -> Vec<i64> {
@@ -58,38 +51,6 @@ async fn channels(store: &Store, n: usize) -> Vec<i64> {
         ids.push(c.id);
     }
     ids
-}
-
-/// The minimal claim + complete, one job at a time, autocommit: what any SQLite queue must do.
-async fn baseline(dir: &std::path::Path, jobs: usize) -> f64 {
-    let cfg = db_config(dir, "baseline.db");
-    let store = Store::open(&cfg).await.expect("open");
-    let ch = channels(&store, 1).await[0];
-    let rows: Vec<NewJob> = (0..jobs)
-        .map(|i| NewJob::new(ch, Source::Cli, format!("p{i}")))
-        .collect();
-    store.job_insert_many(rows, now_ms()).await.expect("insert");
-    store.close().await;
-    let mut conn = raw_conn(&cfg.path).await;
-    let start = Instant::now();
-    for _ in 0..jobs {
-        let id: String = sqlx::query_scalar(
-            "UPDATE jobs SET state = 'running', attempt = attempt + 1, lease_owner = 'b'
-             WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY priority DESC, run_at, id LIMIT 1)
-             RETURNING id",
-        )
-        .fetch_one(&mut conn)
-        .await
-        .expect("claim");
-        sqlx::query("UPDATE jobs SET state = 'succeeded', lease_owner = NULL WHERE id = ?1 AND state = 'running'")
-            .bind(&id)
-            .execute(&mut conn)
-            .await
-            .expect("complete");
-    }
-    let secs = start.elapsed().as_secs_f64();
-    conn.close().await.ok();
-    jobs as f64 / secs
 }
 
 /// Enqueue → claim → complete through gorp's store and worker pool, no-op executor.
@@ -180,7 +141,7 @@ async fn claim_latency(dir: &std::path::Path, history: usize, samples: usize) ->
     let store = Store::open(&cfg).await.expect("open");
     let chs = channels(&store, 16).await;
     store.close().await;
-    let mut conn = raw_conn(&cfg.path).await;
+    let mut conn = baseline::raw_conn(&cfg.path).await;
     sqlx::query(
         "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1)
          INSERT INTO jobs (id, channel_id, source, prompt, state, attempt, run_at, created_at, started_at, finished_at)
@@ -221,6 +182,41 @@ async fn claim_latency(dir: &std::path::Path, history: usize, samples: usize) ->
     (lat[lat.len() / 2], lat[lat.len() * 99 / 100])
 }
 
+/// Raw SQLite single-row INSERT rate: `inserts` rows into a `jobs` table created by
+/// `Store::open` (then closed), one plain connection with the store's file settings, each row
+/// its own autocommit transaction. The floor any durable-before-ack enqueue must beat by batching.
+async fn raw_insert(dir: &std::path::Path, inserts: usize) -> f64 {
+    let cfg = db_config(dir, "raw-insert.db");
+    let store = Store::open(&cfg).await.expect("open");
+    let ch = channels(&store, 1).await[0];
+    store.close().await;
+    let mut conn = baseline::raw_conn(&cfg.path).await;
+    let start = Instant::now();
+    for _ in 0..inserts {
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO jobs (id, channel_id, source, prompt, priority, max_attempts, run_at,
+                               idempotency_key, reply_target, created_at)
+             VALUES (?1, ?2, 'webhook', ?3, 0, 3, ?4, NULL, NULL, ?4)",
+        )
+        .bind(uuid::Uuid::now_v7().to_string())
+        .bind(ch)
+        .bind("benchmark prompt")
+        .bind(now)
+        .execute(&mut conn)
+        .await
+        .expect("insert");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(&mut conn)
+        .await
+        .expect("count");
+    assert_eq!(rows as usize, inserts, "every insert committed a row");
+    conn.close().await.ok();
+    inserts as f64 / secs
+}
+
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
@@ -237,6 +233,16 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    if std::env::args().any(|a| a == "--raw-insert") {
+        let inserts = arg("--inserts", 50_000);
+        rt.block_on(async {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let rate = raw_insert(dir.path(), inserts).await;
+            println!("raw_insert_rows {inserts}");
+            println!("raw_insert_per_sec {rate:.0}");
+        });
+        return;
+    }
     rt.block_on(async {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
@@ -247,7 +253,7 @@ fn main() {
                 .unwrap_or(1)
         );
 
-        let base = baseline(d, jobs).await;
+        let base = baseline::claim_complete_per_sec(d, "baseline.db", jobs).await;
         let eng1 = engine(d, jobs, 1, 8).await;
         let eng64 = engine(d, jobs, 64, 32).await;
         println!("\n| claim+complete | jobs/s | ÷ baseline |\n|---|---:|---:|");

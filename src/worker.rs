@@ -254,8 +254,9 @@ impl WorkerPool {
     }
 }
 
-/// Runs a claimed job in its slot; when it succeeds, the next due job is claimed in the same
-/// transaction as the completion and run in the same slot (one write instead of two).
+/// Runs a claimed job in its slot; when it succeeds, the channel's next due job is claimed in
+/// the same transaction as the completion and run in the same slot (one write instead of two,
+/// and a channel's queue drains without waiting for the dispatcher).
 async fn run_jobs(
     ctx: JobContext,
     store: Store,

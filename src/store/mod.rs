@@ -316,9 +316,8 @@ impl Store {
         .await
     }
 
-    /// `running → succeeded`, and in the same transaction claims the next due job for the same
-    /// owner (at most one per channel, as `job_claim_many`). Returns whether the fence held and
-    /// the claimed job.
+    /// `running → succeeded`, and in the same transaction claims the same channel's next due
+    /// job for the same owner. Returns whether the fence held and the claimed job.
     pub async fn job_complete_and_claim(
         &self,
         lease: &Lease,

@@ -487,9 +487,7 @@ async fn apply_one(conn: &mut SqliteConnection, op: &Op) -> Result<Applied, sqlx
         } => {
             let won = complete(conn, lease, stop_reason, *now).await?;
             let next = if won {
-                claim(conn, &lease.owner, 1, *now, *lease_until)
-                    .await?
-                    .pop()
+                claim_same_channel(conn, lease, *now, *lease_until).await?
             } else {
                 None
             };
@@ -725,6 +723,41 @@ async fn complete(
     .execute(&mut *conn)
     .await?;
     Ok(r.rows_affected() == 1)
+}
+
+/// Claims the next due job of the channel whose job `lease` just completed (in the same
+/// transaction, so the channel has no running job): one index probe.
+async fn claim_same_channel(
+    conn: &mut SqliteConnection,
+    lease: &Lease,
+    now: Millis,
+    lease_until: Millis,
+) -> Result<Option<Job>, sqlx::Error> {
+    sqlx::query_as!(
+        Job,
+        r#"UPDATE jobs
+           SET state = 'running', attempt = attempt + 1, lease_owner = ?2, lease_expires_at = ?3,
+               started_at = ?4, cancel_requested = 0, stop_reason = NULL
+           WHERE id = (
+               SELECT q.id FROM jobs q
+               WHERE q.channel_id = (SELECT channel_id FROM jobs WHERE id = ?1)
+                 AND q.state = 'queued' AND q.run_at <= ?4
+               ORDER BY q.priority DESC, q.run_at, q.created_at, q.id
+               LIMIT 1)
+           RETURNING id AS "id!", channel_id,
+                     (SELECT c.name FROM channels c WHERE c.id = jobs.channel_id) AS "channel!: String",
+                     source AS "source: Source", prompt, state AS "state: JobState",
+                     priority, attempt, max_attempts, run_at, lease_owner,
+                     lease_expires_at, cancel_requested AS "cancel_requested: bool",
+                     idempotency_key, reply_target, stop_reason, error, created_at,
+                     started_at, finished_at, schedule_id, scheduled_for"#,
+        lease.job_id,
+        lease.owner,
+        lease_until,
+        now
+    )
+    .fetch_optional(&mut *conn)
+    .await
 }
 
 async fn claim(
