@@ -855,7 +855,10 @@ async fn completing_claims_the_next_job_in_the_same_transaction() {
     );
     // Other channels are the dispatcher's business: only this channel's queue is chained.
     let b = s.channel("b").await;
-    s.store.job_insert(job(b.id, "elsewhere"), T0).await.unwrap();
+    s.store
+        .job_insert(job(b.id, "elsewhere"), T0)
+        .await
+        .unwrap();
     let (won, none) = s
         .store
         .job_complete_and_claim(&next.lease().unwrap(), None, T0 + 4, LEASE)
