@@ -937,3 +937,40 @@ async fn api_manages_schedules_and_refuses_bad_ones_without_writing() {
         .unwrap();
     assert_eq!(del.status(), StatusCode::NO_CONTENT);
 }
+
+#[tokio::test]
+async fn concurrent_duplicate_github_deliveries_create_one_job() {
+    let r = Rig::new(|_| {}).await;
+    let body =
+        serde_json::to_vec(&json!({ "action": "created", "comment": { "body": "please fix" } }))
+            .unwrap();
+    let sig = auth::github_signature(SECRET, &body);
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let req = r
+                .http
+                .post(&r.webhook)
+                .header("content-type", "application/json")
+                .header("x-github-event", "issue_comment")
+                .header("x-github-delivery", "dup-delivery-7")
+                .header("x-hub-signature-256", sig.clone())
+                .body(body.clone());
+            tokio::spawn(async move {
+                let resp = req.send().await.unwrap();
+                assert_eq!(resp.status(), StatusCode::ACCEPTED);
+                resp.json::<Value>().await.unwrap()
+            })
+        })
+        .collect();
+    let bodies: Vec<Value> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|b| b.unwrap())
+        .collect();
+    assert!(
+        bodies.iter().all(|b| b["job_id"] == bodies[0]["job_id"]),
+        "{bodies:?}"
+    );
+    assert_eq!(bodies.iter().filter(|b| b["created"] == true).count(), 1);
+    assert_eq!(r.jobs().await, 1);
+}
