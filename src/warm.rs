@@ -50,7 +50,13 @@ struct Slot {
     channel_id: i64,
     live: Arc<tokio::sync::Mutex<Option<Live>>>,
     last_used: AtomicI64,
+    /// When a release last wrote the row (0: the next release must write).
+    recorded: AtomicI64,
 }
+
+/// A release within this long of the previous recorded one skips its write: under a stream of
+/// jobs the row's `last_used_at`/`expires_at` then lag by at most this much.
+const RECORD_EVERY_MS: i64 = 1_000;
 
 /// A channel's session, held by one job (or a pre-warm) at a time.
 pub struct SessionGuard {
@@ -130,6 +136,7 @@ impl WarmSessionManager {
                     channel_id,
                     live: Arc::new(tokio::sync::Mutex::new(None)),
                     last_used: AtomicI64::new(0),
+                    recorded: AtomicI64::new(0),
                 })
             })
             .clone()
@@ -160,6 +167,34 @@ impl WarmSessionManager {
             .iter()
             .filter(|s| s.live.try_lock().map(|g| g.is_some()).unwrap_or(true))
             .count()
+    }
+
+    /// The channel's session if its agent is warm here, without reading the channel.
+    pub async fn acquire_if_warm(
+        &self,
+        channel_id: i64,
+        cancel: &CancellationToken,
+    ) -> Option<SessionGuard> {
+        let slot = self
+            .slots
+            .lock()
+            .expect("slots lock")
+            .get(&channel_id)
+            .cloned()?;
+        let guard = tokio::select! {
+            g = slot.live.clone().lock_owned() => g,
+            _ = cancel.cancelled() => return None,
+        };
+        let alive = guard.as_ref().is_some_and(|l| !l.agent.has_exited());
+        if !alive {
+            return None;
+        }
+        slot.last_used.store(now_ms(), Ordering::Relaxed);
+        Some(SessionGuard {
+            guard,
+            warm: true,
+            start_time: Duration::ZERO,
+        })
     }
 
     /// Takes the channel's session for one job, starting the agent if it is not warm.
@@ -213,8 +248,14 @@ impl WarmSessionManager {
     /// fresh one.
     pub async fn release(&self, channel_id: i64, mut guard: SessionGuard) {
         let now = now_ms();
+        let slot = self.slot(channel_id);
         let alive = guard.guard.as_ref().is_some_and(|l| !l.agent.has_exited());
+        if alive && guard.warm && now - slot.recorded.load(Ordering::Relaxed) < RECORD_EVERY_MS {
+            slot.last_used.store(now, Ordering::Relaxed);
+            return;
+        }
         if alive {
+            slot.recorded.store(now, Ordering::Relaxed);
             let live = guard.live();
             let update = WarmUpdate {
                 state: "warm",

@@ -45,13 +45,24 @@ impl Executor for AcpExecutor {
 async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
     let started = Instant::now();
     let job = ctx.job.clone();
-    let channel = match ctx.store().channel_get_by_id(job.channel_id).await {
-        Ok(Some(c)) => c,
-        Ok(None) => return failed(format!("channel {} no longer exists", job.channel), false),
-        Err(e) => return failed(format!("cannot read channel: {e}"), true),
+    // A warm agent needs nothing from the channel row; a cold start reads it.
+    let acquired = match warm
+        .acquire_if_warm(job.channel_id, ctx.cancel_token())
+        .await
+    {
+        Some(s) => Ok(s),
+        None => {
+            let channel = match ctx.store().channel_get_by_id(job.channel_id).await {
+                Ok(Some(c)) => c,
+                Ok(None) => {
+                    return failed(format!("channel {} no longer exists", job.channel), false)
+                }
+                Err(e) => return failed(format!("cannot read channel: {e}"), true),
+            };
+            warm.acquire(&channel, ctx.cancel_token()).await
+        }
     };
-
-    let session = match warm.acquire(&channel, ctx.cancel_token()).await {
+    let session = match acquired {
         Ok(s) => s,
         Err(WarmError::Cancelled) => return cancelled(&ctx),
         Err(e) => {
@@ -125,9 +136,9 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
     let was_cancelled =
         matches!(&result, Ok(stop) if stop == "cancelled") || ctx.stop_cause().is_some();
     if was_cancelled && warm.config().acp.recycle_after_cancel {
-        warm.recycle(channel.id, session).await;
+        warm.recycle(job.channel_id, session).await;
     } else {
-        warm.release(channel.id, session).await;
+        warm.release(job.channel_id, session).await;
     }
 
     match result {
