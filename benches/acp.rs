@@ -415,7 +415,7 @@ fn main() {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
         if std::env::args().any(|a| a == "--throughput-only") {
-            let base = baseline::claim_complete_per_sec(d, "baseline.db", 5_000).await;
+            let base = baseline::claim_complete_per_sec(d, "baseline.db", 20_000).await;
             let (rate, _) = throughput(d, 5_000).await;
             println!(
                 "baseline {base:.0} jobs/s, gorp {rate:.0} jobs/s, ratio {:.2}",
@@ -451,7 +451,7 @@ fn main() {
             o99 - a99
         );
 
-        let base = baseline::claim_complete_per_sec(d, "baseline.db", 5_000).await;
+        let base = baseline::claim_complete_per_sec(d, "baseline.db", 20_000).await;
         let (rate, rss) = throughput(d, 5_000).await;
         println!("\n| end to end | value |\n|---|---:|");
         println!("| raw SQLite claim+complete baseline (jobs/s) | {base:.0} |");
