@@ -18,7 +18,7 @@ use gorp::acp::AcpExecutor;
 use gorp::config::Config;
 use gorp::store::{now_ms, JobState, NewChannel, NewEvent, NewJob, Source, Store};
 use gorp::warm::WarmSessionManager;
-use gorp::worker::{PoolConfig, WorkerPool};
+use gorp::worker::WorkerPool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection};
 use tokio_util::sync::CancellationToken;
@@ -31,8 +31,8 @@ mod fake_anthropic;
 #[path = "../tests/it/support/claude_env.rs"]
 mod claude_env;
 
-#[path = "support/baseline.rs"]
-mod baseline;
+#[path = "support/common.rs"]
+mod common;
 
 struct Rig {
     store: Store,
@@ -59,15 +59,7 @@ async fn rig(config: Config, concurrency: usize) -> Rig {
     let pool = WorkerPool::new(
         store.clone(),
         Arc::new(AcpExecutor::new(warm.clone())),
-        PoolConfig {
-            concurrency,
-            lease: Duration::from_secs(60),
-            heartbeat: Duration::from_secs(20),
-            poll_interval: Duration::from_millis(500),
-            retry_base: Duration::from_secs(1),
-            retry_max: Duration::from_secs(1),
-            shutdown_grace: Duration::from_secs(5),
-        },
+        common::pool_config(concurrency),
         "bench".into(),
     );
     let stop = CancellationToken::new();
@@ -415,7 +407,7 @@ fn main() {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
         if std::env::args().any(|a| a == "--throughput-only") {
-            let base = baseline::claim_complete_per_sec(d, "baseline.db", 20_000).await;
+            let base = common::claim_complete_per_sec(d, "baseline.db", 20_000).await;
             let (rate, _) = throughput(d, 5_000).await;
             println!(
                 "baseline {base:.0} jobs/s, gorp {rate:.0} jobs/s, ratio {:.2}",
@@ -451,7 +443,7 @@ fn main() {
             o99 - a99
         );
 
-        let base = baseline::claim_complete_per_sec(d, "baseline.db", 20_000).await;
+        let base = common::claim_complete_per_sec(d, "baseline.db", 20_000).await;
         let (rate, rss) = throughput(d, 5_000).await;
         println!("\n| end to end | value |\n|---|---:|");
         println!("| raw SQLite claim+complete baseline (jobs/s) | {base:.0} |");

@@ -13,12 +13,12 @@ use futures::future::BoxFuture;
 use gorp::config::DatabaseConfig;
 use gorp::executor::{Executor, JobContext, Outcome};
 use gorp::store::{now_ms, JobState, NewChannel, NewJob, Source, Store};
-use gorp::worker::{PoolConfig, WorkerPool};
+use gorp::worker::WorkerPool;
 use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
-#[path = "support/baseline.rs"]
-mod baseline;
+#[path = "support/common.rs"]
+mod common;
 
 struct NoOp;
 
@@ -61,15 +61,7 @@ async fn engine(dir: &std::path::Path, jobs: usize, n_channels: usize, concurren
     let pool = WorkerPool::new(
         store.clone(),
         Arc::new(NoOp),
-        PoolConfig {
-            concurrency,
-            lease: Duration::from_secs(60),
-            heartbeat: Duration::from_secs(20),
-            poll_interval: Duration::from_millis(500),
-            retry_base: Duration::from_secs(1),
-            retry_max: Duration::from_secs(1),
-            shutdown_grace: Duration::from_secs(5),
-        },
+        common::pool_config(concurrency),
         "bench".into(),
     );
     let stop = CancellationToken::new();
@@ -141,7 +133,7 @@ async fn claim_latency(dir: &std::path::Path, history: usize, samples: usize) ->
     let store = Store::open(&cfg).await.expect("open");
     let chs = channels(&store, 16).await;
     store.close().await;
-    let mut conn = baseline::raw_conn(&cfg.path).await;
+    let mut conn = common::raw_conn(&cfg.path).await;
     sqlx::query(
         "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1)
          INSERT INTO jobs (id, channel_id, source, prompt, state, attempt, run_at, created_at, started_at, finished_at)
@@ -190,7 +182,7 @@ async fn raw_insert(dir: &std::path::Path, inserts: usize) -> f64 {
     let store = Store::open(&cfg).await.expect("open");
     let ch = channels(&store, 1).await[0];
     store.close().await;
-    let mut conn = baseline::raw_conn(&cfg.path).await;
+    let mut conn = common::raw_conn(&cfg.path).await;
     let start = Instant::now();
     for _ in 0..inserts {
         let now = now_ms();
@@ -253,7 +245,7 @@ fn main() {
                 .unwrap_or(1)
         );
 
-        let base = baseline::claim_complete_per_sec(d, "baseline.db", jobs).await;
+        let base = common::claim_complete_per_sec(d, "baseline.db", jobs).await;
         let eng1 = engine(d, jobs, 1, 8).await;
         let eng64 = engine(d, jobs, 64, 32).await;
         println!("\n| claim+complete | jobs/s | ÷ baseline |\n|---|---:|---:|");

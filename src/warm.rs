@@ -154,19 +154,14 @@ impl WarmSessionManager {
         guard.as_ref().map(|l| l.agent.pid())
     }
 
-    /// Number of live agent processes.
-    pub fn live_count(&self) -> usize {
-        let slots: Vec<Arc<Slot>> = self
-            .slots
+    /// Every slot, taken out of the map so no lock is held across awaits.
+    fn snapshot(&self) -> Vec<Arc<Slot>> {
+        self.slots
             .lock()
             .expect("slots lock")
             .values()
             .cloned()
-            .collect();
-        slots
-            .iter()
-            .filter(|s| s.live.try_lock().map(|g| g.is_some()).unwrap_or(true))
-            .count()
+            .collect()
     }
 
     /// The channel's session if its agent is warm here, without reading the channel.
@@ -428,10 +423,10 @@ impl WarmSessionManager {
                 }
                 Err(e) => {
                     tracing::warn!(channel = %channel.name, session = %id, error = %e, "cannot resume the stored session; starting a new one");
-                    new_session(&agent).await?
+                    agent.new_session().await?
                 }
             },
-            _ => new_session(&agent).await?,
+            _ => agent.new_session().await?,
         };
         tracing::info!(channel = %channel.name, pid = agent.pid(), session = %session_id, resumed, "agent started");
         Ok(Live {
@@ -445,14 +440,9 @@ impl WarmSessionManager {
     async fn evict_for_new(&self, except: i64) {
         let max = self.config.acp.max_warm_sessions as usize;
         loop {
-            let mut idle: Vec<Arc<Slot>> = self
-                .slots
-                .lock()
-                .expect("slots lock")
-                .values()
-                .filter(|s| s.channel_id != except)
-                .cloned()
-                .collect();
+            let mut idle: Vec<Arc<Slot>> = self.snapshot();
+            idle.retain(|s| s.channel_id != except);
+            // A busy slot (locked by a job) counts as live.
             let live = idle
                 .iter()
                 .filter(|s| s.live.try_lock().map(|g| g.is_some()).unwrap_or(true))
@@ -503,14 +493,7 @@ impl WarmSessionManager {
             rows.iter().map(|r| (r.channel_id, r)).collect();
 
         // Live sessions here: expire, hand over, or drop dead ones.
-        let slots: Vec<Arc<Slot>> = self
-            .slots
-            .lock()
-            .expect("slots lock")
-            .values()
-            .cloned()
-            .collect();
-        for slot in slots {
+        for slot in self.snapshot() {
             let Ok(mut g) = slot.live.clone().try_lock_owned() else {
                 continue; // busy with a job
             };
@@ -663,10 +646,6 @@ impl WarmSessionManager {
 pub struct KeeperReport {
     pub stopped: usize,
     pub warming: usize,
-}
-
-async fn new_session(agent: &AgentProcess) -> Result<String, AcpError> {
-    agent.new_session().await
 }
 
 fn last_lines(s: &str, n: usize) -> String {

@@ -1,15 +1,30 @@
-//! The raw-SQLite baseline every gorp benchmark is compared with: the minimal claim + complete
+//! What the benchmarks share: the worker-pool settings, and the raw-SQLite baseline every gorp
+//! benchmark is compared with: the minimal claim + complete
 //! of a job, one job at a time, autocommit, through one sqlx connection on a database with
 //! gorp's schema and file settings (WAL, synchronous=NORMAL). The claim reads the same
 //! partial index gorp's does.
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use gorp::config::DatabaseConfig;
 use gorp::store::{now_ms, NewChannel, NewJob, Source, Store};
+use gorp::worker::PoolConfig;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection, SqliteConnection};
+
+/// Pool settings for benchmarks: background timers slow enough to stay out of the figures.
+pub fn pool_config(concurrency: usize) -> PoolConfig {
+    PoolConfig {
+        concurrency,
+        lease: Duration::from_secs(60),
+        heartbeat: Duration::from_secs(20),
+        poll_interval: Duration::from_millis(500),
+        retry_base: Duration::from_secs(1),
+        retry_max: Duration::from_secs(1),
+        shutdown_grace: Duration::from_secs(5),
+    }
+}
 
 /// A plain connection with the store's file settings.
 pub async fn raw_conn(path: &Path) -> SqliteConnection {
