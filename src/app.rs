@@ -80,6 +80,21 @@ pub async fn run(
     let keeper = tokio::spawn(warm.clone().run(keeper_stop.clone()));
     let scheduler = crate::scheduler::Scheduler::new(store.clone(), config.clone());
     let scheduler = tokio::spawn(scheduler.run(keeper_stop.clone()));
+    // Matrix is optional: gorp without it (or with the homeserver down) keeps working.
+    let matrix = config.matrix.is_some().then(|| {
+        let services = crate::matrix::Services {
+            store: store.clone(),
+            config: config.clone(),
+            warm: Some(warm.clone()),
+            pool: Some(pool.handle()),
+        };
+        let stop = keeper_stop.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::matrix::run(services, stop).await {
+                tracing::error!(error = format!("{e:#}"), "the Matrix bot stopped");
+            }
+        })
+    });
 
     run_pool(&config, store, pool, shutdown).await;
 
@@ -93,6 +108,9 @@ pub async fn run(
     }
     keeper_stop.cancel();
     let _ = tokio::join!(keeper, scheduler);
+    if let Some(m) = matrix {
+        let _ = m.await;
+    }
     warm.shutdown().await;
     tracing::info!("gorp stopped");
     Ok(())

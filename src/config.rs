@@ -35,6 +35,7 @@ const SECRET_WORDS: &[&str] = &[
     "api_key",
     "apikey",
     "access_key",
+    "recovery_key",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -238,7 +239,7 @@ impl Default for WebhookConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MatrixConfig {
     pub home_server: String,
@@ -247,8 +248,42 @@ pub struct MatrixConfig {
     pub password: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub access_token: Option<String>,
+    /// Only these users reach agents; invites from anyone else are rejected.
     pub allowed_users: Vec<String>,
     pub device_name: String,
+    /// Session file and matrix-sdk stores (state, crypto); empty: `matrix/` next to the database.
+    pub state_dir: PathBuf,
+    /// Encrypts the matrix-sdk stores at rest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_passphrase: Option<String>,
+    /// Recovery key of the bot's server-side key backup, to restore room keys on a new device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovery_key: Option<String>,
+    /// Shortest time between two edits of a streaming reply.
+    pub edit_interval_ms: u64,
+    /// Most edits of one reply while it streams (the final edit is always sent).
+    pub max_edits: u32,
+    /// Base URL that webhook links in the room use; empty: `http://<webhook.bind>:<webhook.port>`.
+    pub public_url: String,
+}
+
+impl Default for MatrixConfig {
+    fn default() -> Self {
+        Self {
+            home_server: String::new(),
+            user_id: String::new(),
+            password: None,
+            access_token: None,
+            allowed_users: Vec::new(),
+            device_name: "gorp".into(),
+            state_dir: PathBuf::new(),
+            store_passphrase: None,
+            recovery_key: None,
+            edit_interval_ms: 1000,
+            max_edits: 30,
+            public_url: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -431,6 +466,15 @@ impl Config {
             if m.password.is_none() && m.access_token.is_none() {
                 return bad("matrix.password", "expected password or access_token");
             }
+            if m.edit_interval_ms < 100 {
+                return bad("matrix.edit_interval_ms", "expected at least 100");
+            }
+            if !m.public_url.is_empty()
+                && !m.public_url.starts_with("http://")
+                && !m.public_url.starts_with("https://")
+            {
+                return bad("matrix.public_url", "expected an http:// or https:// URL");
+            }
             if let Some(u) = m.allowed_users.iter().find(|u| !is_matrix_user_id(u)) {
                 return Err((
                     "matrix.allowed_users".into(),
@@ -479,6 +523,27 @@ impl Config {
     /// The directory of a channel: `<workspace>/<name>`.
     pub fn channel_dir(&self, name: &str) -> PathBuf {
         self.workspace.path.join(name)
+    }
+
+    /// Where the Matrix session and stores live.
+    pub fn matrix_state_dir(&self) -> PathBuf {
+        match &self.matrix {
+            Some(m) if !m.state_dir.as_os_str().is_empty() => m.state_dir.clone(),
+            _ => self
+                .database
+                .path
+                .parent()
+                .map(|p| p.join("matrix"))
+                .unwrap_or_else(|| PathBuf::from("matrix")),
+        }
+    }
+
+    /// The base URL of gorp's HTTP server as people outside reach it.
+    pub fn public_url(&self) -> String {
+        match &self.matrix {
+            Some(m) if !m.public_url.is_empty() => m.public_url.trim_end_matches('/').to_string(),
+            _ => format!("http://{}:{}", self.webhook.bind, self.webhook.port),
+        }
     }
 }
 

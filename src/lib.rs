@@ -12,10 +12,14 @@
 //! - [`rescuer`]: returns jobs whose lease expired.
 //! - [`cleaner`]: deletes finished jobs past retention.
 //! - [`http`]: webhooks, the JSON/SSE API, health, metrics, OpenAPI (axum).
+//! - [`matrix`]: the Matrix bot: rooms as channels, `!` commands, streamed replies, E2EE.
 //! - [`auth`]: bearer tokens and GitHub signatures, compared in constant time.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`app`]: `gorp start`: wires the services together until shutdown.
 //! - [`cli`]: the `gorp` command line.
+
+// matrix-sdk's sync futures are deeply nested types.
+#![recursion_limit = "256"]
 
 pub mod acp;
 pub mod app;
@@ -25,6 +29,7 @@ pub mod cli;
 pub mod config;
 pub mod executor;
 pub mod http;
+pub mod matrix;
 pub mod metrics;
 pub mod rescuer;
 pub mod scheduler;

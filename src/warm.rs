@@ -49,6 +49,8 @@ pub struct Live {
 struct Slot {
     channel_id: i64,
     live: Arc<tokio::sync::Mutex<Option<Live>>>,
+    /// Set by [`WarmSessionManager::reset`]: the next job opens a new ACP session.
+    reset: std::sync::atomic::AtomicBool,
     last_used: AtomicI64,
     /// When a release last wrote the row (0: the next release must write).
     recorded: AtomicI64,
@@ -135,6 +137,7 @@ impl WarmSessionManager {
                 Arc::new(Slot {
                     channel_id,
                     live: Arc::new(tokio::sync::Mutex::new(None)),
+                    reset: Default::default(),
                     last_used: AtomicI64::new(0),
                     recorded: AtomicI64::new(0),
                 })
@@ -176,12 +179,15 @@ impl WarmSessionManager {
             .expect("slots lock")
             .get(&channel_id)
             .cloned()?;
-        let guard = tokio::select! {
+        let mut guard = tokio::select! {
             g = slot.live.clone().lock_owned() => g,
             _ = cancel.cancelled() => return None,
         };
         let alive = guard.as_ref().is_some_and(|l| !l.agent.has_exited());
         if !alive {
+            return None;
+        }
+        if slot.reset.swap(false, Ordering::SeqCst) && !self.new_session(&slot, &mut guard).await {
             return None;
         }
         slot.last_used.store(now_ms(), Ordering::Relaxed);
@@ -205,10 +211,13 @@ impl WarmSessionManager {
         };
         let now = now_ms();
         slot.last_used.store(now, Ordering::Relaxed);
-        if let Some(live) = guard.as_ref() {
+        if let Some(exited) = guard.as_ref().map(|l| l.agent.has_exited()) {
             // Warm: nothing to write. The row says `warm`; readers show it `busy` while the
             // channel has a running job, and `release` records the use.
-            if !live.agent.has_exited() {
+            if !exited
+                && (!slot.reset.swap(false, Ordering::SeqCst)
+                    || self.new_session(&slot, &mut guard).await)
+            {
                 return Ok(SessionGuard {
                     guard,
                     warm: true,
@@ -301,6 +310,46 @@ impl WarmSessionManager {
             .warm_stop(channel_id, &self.instance, false, note, now)
             .await;
         let _ = self.store.warm_request(channel_id, Some(now), now).await;
+    }
+
+    /// Makes the channel's next job start a new conversation: the stored ACP session is
+    /// forgotten, and a warm agent opens a new session before its next prompt.
+    pub async fn reset(&self, channel_id: i64) -> Result<(), WarmError> {
+        self.store.channel_set_acp_session(channel_id, None).await?;
+        self.slot(channel_id).reset.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Replaces a live agent's session with a new one. On failure the agent is stopped (the
+    /// caller then starts a fresh one) and false is returned.
+    async fn new_session(&self, slot: &Slot, guard: &mut OwnedMutexGuard<Option<Live>>) -> bool {
+        let Some(live) = guard.as_mut() else {
+            return false;
+        };
+        match live.agent.new_session().await {
+            Ok(id) => {
+                tracing::info!(channel_id = slot.channel_id, session = %id, "new ACP session after a reset");
+                live.session_id = id.clone();
+                live.resumed = false;
+                // The next release records the new session in the lease row.
+                slot.recorded.store(0, Ordering::Relaxed);
+                if let Err(e) = self
+                    .store
+                    .channel_set_acp_session(slot.channel_id, Some(id))
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot record the new ACP session");
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(channel_id = slot.channel_id, error = %e, "cannot open a new session; restarting the agent");
+                if let Some(dead) = guard.take() {
+                    dead.agent.shutdown().await;
+                }
+                false
+            }
+        }
     }
 
     pub fn config(&self) -> &Config {

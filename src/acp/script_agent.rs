@@ -32,7 +32,7 @@
 //!
 //! | directive | effect |
 //! | --- | --- |
-//! | `@reply TEXT` | send `TEXT` as agent message chunk(s) |
+//! | `@reply TEXT` | send `TEXT` as agent message chunk(s) (`\n` in `TEXT` is a newline, `\\` a backslash) |
 //! | `@chunks N` | later `@reply`s are split into `N` chunks (default 1; a text shorter than `N` characters gets one chunk per character) |
 //! | `@delay-ms N` | wait `N` ms between the chunks of a reply (default 0) |
 //! | `@sleep-ms N` | wait `N` ms (cancellable) |
@@ -205,7 +205,7 @@ fn parse_line(line: &str) -> Option<Directive> {
             .map_err(|_| format!("{what} needs a non-negative integer, got {rest:?}"))
     };
     let parsed: Result<Directive, String> = match word {
-        "@reply" => Ok(Directive::Reply(rest.to_string())),
+        "@reply" => Ok(Directive::Reply(unescape(rest))),
         "@chunks" => num("@chunks").map(|n| Directive::Chunks(n.max(1) as usize)),
         "@delay-ms" => num("@delay-ms").map(Directive::DelayMs),
         "@sleep-ms" => num("@sleep-ms").map(Directive::SleepMs),

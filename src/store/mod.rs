@@ -10,6 +10,7 @@
 //!
 //! Every query takes `now` from its caller, so tests control time.
 
+mod matrix;
 mod schedules;
 mod types;
 mod warm;
@@ -26,6 +27,7 @@ use sqlx::sqlite::{
 use sqlx::ConnectOptions;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
+pub use matrix::{MatrixReply, MatrixReplyUpdate, MatrixTarget};
 pub use types::*;
 pub use warm::WarmUpdate;
 use writer::Op;

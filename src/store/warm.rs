@@ -17,7 +17,7 @@ pub struct WarmUpdate {
 }
 
 impl Store {
-    async fn write(&self, w: Write) -> Result<u64> {
+    pub(super) async fn write(&self, w: Write) -> Result<u64> {
         self.call(|reply| Op::Write { w, reply }).await
     }
 

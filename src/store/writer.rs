@@ -171,6 +171,22 @@ pub(super) enum Write {
         owner: String,
         now: Millis,
     },
+    ChannelSetRoom {
+        channel_id: i64,
+        room_id: Option<String>,
+    },
+    MatrixBot {
+        user_id: String,
+        device_id: String,
+        state: &'static str,
+        error: Option<String>,
+        now: Millis,
+    },
+    MatrixReply {
+        job_id: String,
+        u: super::MatrixReplyUpdate,
+        now: Millis,
+    },
     ScheduleSetEnabled {
         id: i64,
         enabled: bool,
@@ -1112,6 +1128,64 @@ async fn apply_write(conn: &mut SqliteConnection, w: &Write) -> Result<u64, sqlx
                 id,
                 enabled,
                 next_run_at
+            )
+            .execute(&mut *conn)
+            .await?
+        }
+        Write::ChannelSetRoom {
+            channel_id,
+            room_id,
+        } => {
+            sqlx::query!(
+                "UPDATE channels SET matrix_room_id = ?2 WHERE id = ?1",
+                channel_id,
+                room_id
+            )
+            .execute(&mut *conn)
+            .await?
+        }
+        Write::MatrixBot {
+            user_id,
+            device_id,
+            state,
+            error,
+            now,
+        } => {
+            let state: &str = state;
+            sqlx::query!(
+                r#"INSERT INTO matrix_bot (id, user_id, device_id, state, ready_at, error, updated_at)
+                   VALUES (1, ?1, ?2, ?3, CASE WHEN ?3 = 'syncing' THEN ?5 END, ?4, ?5)
+                   ON CONFLICT (id) DO UPDATE SET
+                       user_id = excluded.user_id, device_id = excluded.device_id,
+                       state = excluded.state, error = excluded.error,
+                       ready_at = coalesce(excluded.ready_at, matrix_bot.ready_at),
+                       updated_at = excluded.updated_at"#,
+                user_id,
+                device_id,
+                state,
+                error,
+                now
+            )
+            .execute(&mut *conn)
+            .await?
+        }
+        Write::MatrixReply { job_id, u, now } => {
+            sqlx::query!(
+                r#"UPDATE matrix_replies
+                   SET reaction_key = ?2, reaction_event_id = ?3, reply_event_id = ?4, edits = ?5,
+                       rendered_seq = ?6, noted_attempt = ?7, done = ?8, error = ?9,
+                       updated_at = ?10
+                   WHERE job_id = ?1"#,
+                job_id,
+                u.reaction_key,
+                u.reaction_event_id,
+                u.reply_event_id,
+                u.edits,
+                u.rendered_seq,
+                u.noted_attempt,
+                u.done,
+                u.error,
+                now
             )
             .execute(&mut *conn)
             .await?

@@ -9,6 +9,8 @@ mod claude_agent;
 mod cli;
 mod config;
 mod http;
+mod matrix;
 mod queue;
 mod schedule;
+mod synapse;
 mod worker;

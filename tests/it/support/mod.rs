@@ -4,6 +4,7 @@
 
 pub mod claude_env;
 pub mod fake_anthropic;
+pub mod synapse;
 
 use std::future::Future;
 use std::time::Duration;

@@ -1,0 +1,708 @@
+//! The `!` commands people type in a Matrix room, parsed without side effects.
+//!
+//! A message is a command when its first non-whitespace character is `!`. The command word
+//! that follows is case-insensitive and the arguments are separated by any whitespace. The
+//! spec of `!schedule add` and `!schedule next` is quoted, with `"…"` or the typographic
+//! quotes chat clients substitute (`“…”`, `„…“`), and must close on the line it opens; the
+//! prompt of `!schedule add` is everything after the closing quote, newlines included.
+//!
+//! [`parse`] only checks the shape of a command. Whether a channel, job or schedule exists is
+//! the dispatcher's business; it also resolves job id prefixes to full ids.
+
+use crate::store::validate_channel_name;
+
+use super::render::inline_code;
+
+/// What `!jobs` lists when no count is given.
+pub const DEFAULT_JOBS: i64 = 10;
+/// The most jobs `!jobs n` lists.
+pub const MAX_JOBS: i64 = 50;
+/// Longest accepted job id or id prefix (a UUID has 36 characters).
+pub const MAX_JOB_ID_LEN: usize = 64;
+
+/// A well-formed command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// `!help`: the list of commands ([`HELP`]).
+    Help,
+    /// `!create <name>`: a new channel with its own room.
+    Create { name: String },
+    /// `!join <name>`: an invitation to a channel's room.
+    Join { name: String },
+    /// `!list`: every channel.
+    List,
+    /// `!delete <name>`: removes a channel and its job history.
+    Delete { name: String },
+    /// `!status`: the agent, queue and session of this room's channel.
+    Status,
+    /// `!jobs [n]`: the newest `n` jobs ([`DEFAULT_JOBS`] when omitted, at most [`MAX_JOBS`]).
+    Jobs { limit: i64 },
+    /// `!job <id>`: one job and its output; `id` is lowercase and may be a prefix.
+    Job { id: String },
+    /// `!cancel [id]`: stops a job, or the one running in this room when `id` is `None`.
+    Cancel { id: Option<String> },
+    /// `!reset`: the next job starts a new agent conversation.
+    Reset,
+    /// `!warm`: starts the channel's agent ahead of the next job.
+    Warm,
+    /// `!schedule …`: cron and one-off jobs of this room's channel.
+    Schedule(ScheduleCommand),
+}
+
+/// The subcommands of `!schedule`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScheduleCommand {
+    /// `!schedule add "<cron or one-off>" <prompt>`.
+    Add { spec: String, prompt: String },
+    /// `!schedule list`.
+    List,
+    /// `!schedule pause <id>`.
+    Pause { id: i64 },
+    /// `!schedule resume <id>`.
+    Resume { id: i64 },
+    /// `!schedule rm <id>`.
+    Rm { id: i64 },
+    /// `!schedule next "<cron>"`: the next times a spec fires.
+    Next { spec: String },
+}
+
+/// A malformed or unknown command. `message` is one line of Markdown: what is wrong, then the
+/// usage of the command (e.g. ``missing channel name; usage: `!create <name>` ``).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandError {
+    pub message: String,
+}
+
+impl std::fmt::Display for CommandError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for CommandError {}
+
+/// The `!help` text (Markdown): every command with its usage and what it does.
+pub const HELP: &str = "\
+**gorp commands**
+
+- `!help` — this list
+- `!create <name>` — create a channel with its own room and invite you
+- `!join <name>` — invite you to a channel's room
+- `!list` — list the channels
+- `!delete <name>` — delete a channel and its job history (its workspace stays on disk)
+- `!status` — this room's agent, queue and session
+- `!jobs [n]` — the newest jobs (10 by default, at most 50)
+- `!job <id>` — one job and its output (an id prefix is enough)
+- `!cancel [id]` — cancel a job, or the one running in this room
+- `!reset` — the next job starts a new conversation
+- `!warm` — start this room's agent now so the next job starts fast
+- `!schedule add \"<cron or one-off>\" <prompt>` — run a prompt on a schedule
+- `!schedule list` — this room's schedules
+- `!schedule pause <id>` / `!schedule resume <id>` / `!schedule rm <id>` — pause, resume or delete a schedule
+- `!schedule next \"<cron>\"` — when a schedule would fire
+
+Any other message in a channel's room is a prompt for its agent.";
+
+const USAGE_HELP: &str = "!help";
+const USAGE_CREATE: &str = "!create <name>";
+const USAGE_JOIN: &str = "!join <name>";
+const USAGE_LIST: &str = "!list";
+const USAGE_DELETE: &str = "!delete <name>";
+const USAGE_STATUS: &str = "!status";
+const USAGE_JOBS: &str = "!jobs [n]";
+const USAGE_JOB: &str = "!job <id>";
+const USAGE_CANCEL: &str = "!cancel [id]";
+const USAGE_RESET: &str = "!reset";
+const USAGE_WARM: &str = "!warm";
+const USAGE_SCHEDULE: &str = "!schedule add|list|pause|resume|rm|next …";
+const USAGE_SCHEDULE_ADD: &str = "!schedule add \"<cron or one-off>\" <prompt>";
+const USAGE_SCHEDULE_LIST: &str = "!schedule list";
+const USAGE_SCHEDULE_PAUSE: &str = "!schedule pause <id>";
+const USAGE_SCHEDULE_RESUME: &str = "!schedule resume <id>";
+const USAGE_SCHEDULE_RM: &str = "!schedule rm <id>";
+const USAGE_SCHEDULE_NEXT: &str = "!schedule next \"<cron>\"";
+
+/// Characters accepted as the opening quote of a schedule spec: ASCII and the typographic
+/// quotes (English “…”, German „…“) that chat clients put in place of `"`.
+const OPEN_QUOTES: [char; 4] = ['"', '“', '”', '„'];
+/// Characters accepted as the closing quote of a schedule spec.
+const CLOSE_QUOTES: [char; 3] = ['"', '”', '“'];
+
+/// Longest part of an unknown command word echoed back in the error.
+const MAX_ECHO_CHARS: usize = 32;
+
+/// Parses a message body.
+///
+/// `None` when the message is not a command: its first non-whitespace character is not `!`.
+/// `Some(Ok)` for a well-formed command, `Some(Err)` for an unknown or malformed one; a lone
+/// `!` (nothing or whitespace after it) is an unknown command.
+pub fn parse(body: &str) -> Option<Result<Command, CommandError>> {
+    let rest = body.trim_start().strip_prefix('!')?;
+    let (word, args) = split_word(rest);
+    let lower = word.to_lowercase();
+    Some(match lower.as_str() {
+        "help" => no_args(args, USAGE_HELP, Command::Help),
+        "create" => one_name(args, USAGE_CREATE).map(|name| Command::Create { name }),
+        "join" => one_name(args, USAGE_JOIN).map(|name| Command::Join { name }),
+        "list" => no_args(args, USAGE_LIST, Command::List),
+        "delete" => one_name(args, USAGE_DELETE).map(|name| Command::Delete { name }),
+        "status" => no_args(args, USAGE_STATUS, Command::Status),
+        "jobs" => jobs(args),
+        "job" => match one_arg(args, "missing job id", USAGE_JOB) {
+            Ok(arg) => job_id(arg, USAGE_JOB).map(|id| Command::Job { id }),
+            Err(e) => Err(e),
+        },
+        "cancel" => cancel(args),
+        "reset" => no_args(args, USAGE_RESET, Command::Reset),
+        "warm" => no_args(args, USAGE_WARM, Command::Warm),
+        "schedule" => schedule(args).map(Command::Schedule),
+        _ => Err(unknown_command(word)),
+    })
+}
+
+/// Splits off the first whitespace-separated word; the remainder keeps its leading whitespace.
+fn split_word(s: &str) -> (&str, &str) {
+    match s.find(char::is_whitespace) {
+        Some(i) => s.split_at(i),
+        None => (s, ""),
+    }
+}
+
+/// The error for a malformed command: the problem, then the usage as inline code.
+fn usage_error(problem: &str, usage: &str) -> CommandError {
+    CommandError {
+        message: format!("{problem}; usage: {}", inline_code(usage)),
+    }
+}
+
+/// The error for an unknown command word (echoed back, shortened).
+fn unknown_command(word: &str) -> CommandError {
+    let message = if word.is_empty() {
+        "unknown command `!`; `!help` lists the commands".to_string()
+    } else {
+        let mut shown: String = word.chars().take(MAX_ECHO_CHARS).collect();
+        if word.chars().nth(MAX_ECHO_CHARS).is_some() {
+            shown.push('…');
+        }
+        format!(
+            "unknown command {}; `!help` lists the commands",
+            inline_code(&format!("!{shown}"))
+        )
+    };
+    CommandError { message }
+}
+
+/// A command that takes no arguments.
+fn no_args(args: &str, usage: &str, cmd: Command) -> Result<Command, CommandError> {
+    if args.trim().is_empty() {
+        Ok(cmd)
+    } else {
+        Err(usage_error("this command takes no arguments", usage))
+    }
+}
+
+/// Exactly one argument, `missing` being the problem when there is none.
+fn one_arg<'a>(args: &'a str, missing: &str, usage: &str) -> Result<&'a str, CommandError> {
+    let mut words = args.split_whitespace();
+    match (words.next(), words.next()) {
+        (Some(arg), None) => Ok(arg),
+        (None, _) => Err(usage_error(missing, usage)),
+        (Some(_), Some(_)) => Err(usage_error("too many arguments", usage)),
+    }
+}
+
+/// Exactly one argument that is a valid channel name.
+fn one_name(args: &str, usage: &str) -> Result<String, CommandError> {
+    let name = one_arg(args, "missing channel name", usage)?;
+    validate_channel_name(name).map_err(|e| usage_error(&e, usage))?;
+    Ok(name.to_string())
+}
+
+/// `!jobs [n]`.
+fn jobs(args: &str) -> Result<Command, CommandError> {
+    let mut words = args.split_whitespace();
+    let limit = match (words.next(), words.next()) {
+        (None, _) => DEFAULT_JOBS,
+        (Some(n), None) => match n.parse::<i64>() {
+            Ok(n) if (1..=MAX_JOBS).contains(&n) => n,
+            _ => {
+                return Err(usage_error(
+                    &format!("the number of jobs must be between 1 and {MAX_JOBS}"),
+                    USAGE_JOBS,
+                ))
+            }
+        },
+        (Some(_), Some(_)) => return Err(usage_error("too many arguments", USAGE_JOBS)),
+    };
+    Ok(Command::Jobs { limit })
+}
+
+/// `!cancel [id]`.
+fn cancel(args: &str) -> Result<Command, CommandError> {
+    let mut words = args.split_whitespace();
+    match (words.next(), words.next()) {
+        (None, _) => Ok(Command::Cancel { id: None }),
+        (Some(arg), None) => job_id(arg, USAGE_CANCEL).map(|id| Command::Cancel { id: Some(id) }),
+        (Some(_), Some(_)) => Err(usage_error("too many arguments", USAGE_CANCEL)),
+    }
+}
+
+/// A job id or a prefix of one: 1 to [`MAX_JOB_ID_LEN`] characters of hex digits and `-`,
+/// starting with a hex digit (as every UUID does), returned lowercase.
+fn job_id(arg: &str, usage: &str) -> Result<String, CommandError> {
+    let ok = arg.len() <= MAX_JOB_ID_LEN
+        && arg.bytes().next().is_some_and(|b| b.is_ascii_hexdigit())
+        && arg.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    if ok {
+        Ok(arg.to_ascii_lowercase())
+    } else {
+        Err(usage_error(
+            &format!(
+                "a job id is 1-{MAX_JOB_ID_LEN} characters 0-9, a-f or '-', starting with a digit or letter (a prefix is enough)"
+            ),
+            usage,
+        ))
+    }
+}
+
+/// `!schedule <subcommand> …`.
+fn schedule(args: &str) -> Result<ScheduleCommand, CommandError> {
+    let (sub, rest) = split_word(args.trim_start());
+    match sub.to_lowercase().as_str() {
+        "" => Err(usage_error("missing subcommand", USAGE_SCHEDULE)),
+        "add" => {
+            let (spec, after) = quoted_spec(rest, USAGE_SCHEDULE_ADD)?;
+            let prompt = after.trim();
+            if prompt.is_empty() {
+                return Err(usage_error("missing prompt", USAGE_SCHEDULE_ADD));
+            }
+            Ok(ScheduleCommand::Add {
+                spec,
+                prompt: prompt.to_string(),
+            })
+        }
+        "next" => {
+            let (spec, after) = quoted_spec(rest, USAGE_SCHEDULE_NEXT)?;
+            if !after.trim().is_empty() {
+                return Err(usage_error("too many arguments", USAGE_SCHEDULE_NEXT));
+            }
+            Ok(ScheduleCommand::Next { spec })
+        }
+        "list" => {
+            if rest.trim().is_empty() {
+                Ok(ScheduleCommand::List)
+            } else {
+                Err(usage_error(
+                    "this command takes no arguments",
+                    USAGE_SCHEDULE_LIST,
+                ))
+            }
+        }
+        "pause" => schedule_id(rest, USAGE_SCHEDULE_PAUSE).map(|id| ScheduleCommand::Pause { id }),
+        "resume" => {
+            schedule_id(rest, USAGE_SCHEDULE_RESUME).map(|id| ScheduleCommand::Resume { id })
+        }
+        "rm" => schedule_id(rest, USAGE_SCHEDULE_RM).map(|id| ScheduleCommand::Rm { id }),
+        _ => Err(usage_error("unknown subcommand", USAGE_SCHEDULE)),
+    }
+}
+
+/// Exactly one argument that is a positive schedule id.
+fn schedule_id(args: &str, usage: &str) -> Result<i64, CommandError> {
+    let arg = one_arg(args, "missing schedule id", usage)?;
+    match arg.parse::<i64>() {
+        Ok(id) if id > 0 => Ok(id),
+        _ => Err(usage_error("a schedule id is a positive number", usage)),
+    }
+}
+
+/// A quoted spec at the start of `args` (after whitespace): the trimmed text between the
+/// quotes, and what follows the closing quote. The closing quote must be on the same line.
+fn quoted_spec<'a>(args: &'a str, usage: &str) -> Result<(String, &'a str), CommandError> {
+    let args = args.trim_start();
+    let Some(open) = args.chars().next() else {
+        return Err(usage_error("missing schedule spec", usage));
+    };
+    if !OPEN_QUOTES.contains(&open) {
+        return Err(usage_error("put the schedule spec in double quotes", usage));
+    }
+    let inner = &args[open.len_utf8()..];
+    let line_end = inner.find('\n').unwrap_or(inner.len());
+    let Some(close) = inner[..line_end].find(CLOSE_QUOTES) else {
+        return Err(usage_error("the schedule spec has no closing quote", usage));
+    };
+    let spec = inner[..close].trim();
+    if spec.is_empty() {
+        return Err(usage_error("the schedule spec is empty", usage));
+    }
+    let close_len = inner[close..].chars().next().map_or(0, char::len_utf8);
+    Ok((spec.to_string(), &inner[close + close_len..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(body: &str) -> Command {
+        match parse(body) {
+            Some(Ok(cmd)) => cmd,
+            other => panic!("{body:?} should parse, got {other:?}"),
+        }
+    }
+
+    fn err(body: &str) -> String {
+        match parse(body) {
+            Some(Err(e)) => e.message,
+            other => panic!("{body:?} should be an error, got {other:?}"),
+        }
+    }
+
+    fn name(s: &str) -> String {
+        s.to_string()
+    }
+
+    fn sched(sc: ScheduleCommand) -> Command {
+        Command::Schedule(sc)
+    }
+
+    /// Every valid form and the command it yields.
+    #[test]
+    fn valid_commands() {
+        let cases: Vec<(&str, Command)> = vec![
+            ("!help", Command::Help),
+            ("!HELP", Command::Help),
+            ("  !Help  ", Command::Help),
+            ("\n\t!help\n", Command::Help),
+            ("!create foo", Command::Create { name: name("foo") }),
+            (
+                "!create\tfoo-bar_1",
+                Command::Create {
+                    name: name("foo-bar_1"),
+                },
+            ),
+            ("!CREATE   foo  ", Command::Create { name: name("foo") }),
+            ("!create\nfoo", Command::Create { name: name("foo") }),
+            ("!join foo", Command::Join { name: name("foo") }),
+            ("!Join 0abc", Command::Join { name: name("0abc") }),
+            ("!list", Command::List),
+            ("!LIST \n", Command::List),
+            ("!delete foo", Command::Delete { name: name("foo") }),
+            ("!status", Command::Status),
+            (
+                "!jobs",
+                Command::Jobs {
+                    limit: DEFAULT_JOBS,
+                },
+            ),
+            ("!jobs 1", Command::Jobs { limit: 1 }),
+            ("!jobs 50", Command::Jobs { limit: 50 }),
+            ("!Jobs\u{3000}7", Command::Jobs { limit: 7 }),
+            (
+                "!job 0123abcd",
+                Command::Job {
+                    id: name("0123abcd"),
+                },
+            ),
+            (
+                "!job ABCDEF01-23",
+                Command::Job {
+                    id: name("abcdef01-23"),
+                },
+            ),
+            (
+                "!job 01890a5d-ac96-774b-bcce-b302099a8057",
+                Command::Job {
+                    id: name("01890a5d-ac96-774b-bcce-b302099a8057"),
+                },
+            ),
+            ("!job a", Command::Job { id: name("a") }),
+            ("!cancel", Command::Cancel { id: None }),
+            ("!cancel   ", Command::Cancel { id: None }),
+            (
+                "!cancel 0BAD",
+                Command::Cancel {
+                    id: Some(name("0bad")),
+                },
+            ),
+            ("!reset", Command::Reset),
+            ("!warm", Command::Warm),
+            ("!schedule list", sched(ScheduleCommand::List)),
+            ("!Schedule LIST", sched(ScheduleCommand::List)),
+            ("!schedule pause 3", sched(ScheduleCommand::Pause { id: 3 })),
+            (
+                "!schedule resume 9223372036854775807",
+                sched(ScheduleCommand::Resume { id: i64::MAX }),
+            ),
+            ("!schedule rm 12", sched(ScheduleCommand::Rm { id: 12 })),
+            (
+                "!schedule add \"0 9 * * *\" summarise the news",
+                sched(ScheduleCommand::Add {
+                    spec: name("0 9 * * *"),
+                    prompt: name("summarise the news"),
+                }),
+            ),
+            (
+                "!schedule add “0 9 * * 1-5” check CI",
+                sched(ScheduleCommand::Add {
+                    spec: name("0 9 * * 1-5"),
+                    prompt: name("check CI"),
+                }),
+            ),
+            (
+                "!schedule add „@daily“ tidy up",
+                sched(ScheduleCommand::Add {
+                    spec: name("@daily"),
+                    prompt: name("tidy up"),
+                }),
+            ),
+            (
+                "!schedule add \" in 10m \"   first line\n\n  second  line  \n",
+                sched(ScheduleCommand::Add {
+                    spec: name("in 10m"),
+                    prompt: name("first line\n\n  second  line"),
+                }),
+            ),
+            (
+                "!schedule add \"0 9 * * *\"\nprompt on the next line",
+                sched(ScheduleCommand::Add {
+                    spec: name("0 9 * * *"),
+                    prompt: name("prompt on the next line"),
+                }),
+            ),
+            (
+                "!schedule add \"*/5 * * * *\"résumé ✓ 日本語",
+                sched(ScheduleCommand::Add {
+                    spec: name("*/5 * * * *"),
+                    prompt: name("résumé ✓ 日本語"),
+                }),
+            ),
+            (
+                "!schedule next \"0 9 * * *\"",
+                sched(ScheduleCommand::Next {
+                    spec: name("0 9 * * *"),
+                }),
+            ),
+            (
+                "!schedule NEXT “@hourly”  ",
+                sched(ScheduleCommand::Next {
+                    spec: name("@hourly"),
+                }),
+            ),
+        ];
+        for (body, want) in cases {
+            assert_eq!(ok(body), want, "{body:?}");
+        }
+    }
+
+    /// Every error class, with a fragment the message must contain.
+    #[test]
+    fn malformed_commands() {
+        let cases: Vec<(&str, &str)> = vec![
+            ("!", "unknown command `!`"),
+            ("!   ", "unknown command `!`"),
+            ("! help", "unknown command `!`"),
+            ("!foo", "unknown command `!foo`; `!help` lists the commands"),
+            ("!Foo bar", "unknown command `!Foo`"),
+            ("!!", "unknown command `!!`"),
+            ("!help,", "unknown command `!help,`"),
+            ("!日本", "unknown command `!日本`"),
+            ("!help me", "takes no arguments; usage: `!help`"),
+            ("!create", "missing channel name; usage: `!create <name>`"),
+            ("!create a b", "too many arguments; usage: `!create <name>`"),
+            ("!create Foo", "invalid channel name \"Foo\""),
+            ("!create ..", "invalid channel name"),
+            ("!create a/b", "invalid channel name"),
+            ("!create a\\b", "invalid channel name"),
+            ("!create -a", "invalid channel name"),
+            ("!create café", "usage: `!create <name>`"),
+            ("!join", "usage: `!join <name>`"),
+            ("!delete", "usage: `!delete <name>`"),
+            ("!delete x y", "too many arguments"),
+            ("!list all", "usage: `!list`"),
+            ("!status now", "usage: `!status`"),
+            ("!reset x", "usage: `!reset`"),
+            ("!warm x", "usage: `!warm`"),
+            ("!jobs 0", "between 1 and 50; usage: `!jobs [n]`"),
+            ("!jobs -1", "between 1 and 50"),
+            ("!jobs 51", "between 1 and 50"),
+            ("!jobs x", "between 1 and 50"),
+            ("!jobs 99999999999999999999", "between 1 and 50"),
+            ("!jobs 1 2", "too many arguments"),
+            ("!job", "missing job id; usage: `!job <id>`"),
+            ("!job xyz", "usage: `!job <id>`"),
+            ("!job -abc", "a job id is"),
+            ("!job a b", "too many arguments"),
+            ("!job ０", "a job id is"),
+            ("!cancel nope", "usage: `!cancel [id]`"),
+            ("!cancel a b", "too many arguments"),
+            (
+                "!schedule",
+                "missing subcommand; usage: `!schedule add|list|pause|resume|rm|next …`",
+            ),
+            ("!schedule frobnicate", "unknown subcommand"),
+            ("!schedule list x", "usage: `!schedule list`"),
+            (
+                "!schedule pause",
+                "missing schedule id; usage: `!schedule pause <id>`",
+            ),
+            ("!schedule pause 0", "positive number"),
+            ("!schedule resume -3", "usage: `!schedule resume <id>`"),
+            ("!schedule rm x", "usage: `!schedule rm <id>`"),
+            ("!schedule rm 1 2", "too many arguments"),
+            (
+                "!schedule add",
+                "missing schedule spec; usage: `!schedule add \"<cron or one-off>\" <prompt>`",
+            ),
+            ("!schedule add 0 9 * * * hi", "double quotes"),
+            ("!schedule add \"0 9 * * * hi", "no closing quote"),
+            ("!schedule add \"0 9\n* * *\" hi", "no closing quote"),
+            ("!schedule add \"\" hi", "spec is empty"),
+            ("!schedule add \"  \" hi", "spec is empty"),
+            ("!schedule add \"0 9 * * *\"", "missing prompt"),
+            ("!schedule add \"0 9 * * *\"  \n ", "missing prompt"),
+            ("!schedule next", "usage: `!schedule next \"<cron>\"`"),
+            ("!schedule next 0 9 * * *", "double quotes"),
+            ("!schedule next “0 9 * * *", "no closing quote"),
+            ("!schedule next \"0 9 * * *\" extra", "too many arguments"),
+        ];
+        for (body, want) in cases {
+            let message = err(body);
+            assert!(
+                message.contains(want),
+                "{body:?}: {message:?} lacks {want:?}"
+            );
+            assert!(
+                !message.contains('\n'),
+                "{body:?}: {message:?} is not one line"
+            );
+        }
+    }
+
+    #[test]
+    fn not_commands() {
+        for body in [
+            "",
+            "   ",
+            "hello",
+            "hello !help",
+            "\u{a0}x",
+            "¡help",
+            "?help",
+            "`!help`",
+        ] {
+            assert_eq!(parse(body), None, "{body:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_command_echo_is_shortened_and_safe() {
+        let long = format!("!{}", "é".repeat(500));
+        let message = err(&long);
+        assert!(message.contains('…'));
+        assert!(message.chars().count() < 120, "{message}");
+        // A backtick in the word cannot break out of the inline code.
+        let message = err("!a`b");
+        assert!(message.starts_with("unknown command ``!a`b``"), "{message}");
+    }
+
+    #[test]
+    fn job_id_limits() {
+        assert_eq!(
+            ok(&format!("!job {}", "a".repeat(64))),
+            Command::Job { id: "a".repeat(64) }
+        );
+        err(&format!("!job {}", "a".repeat(65)));
+    }
+
+    #[test]
+    fn help_lists_every_command() {
+        for word in [
+            "!help",
+            "!create",
+            "!join",
+            "!list",
+            "!delete",
+            "!status",
+            "!jobs",
+            "!job ",
+            "!cancel",
+            "!reset",
+            "!warm",
+            "!schedule add",
+            "!schedule list",
+            "!schedule pause",
+            "!schedule resume",
+            "!schedule rm",
+            "!schedule next",
+        ] {
+            assert!(HELP.contains(word), "HELP lacks {word}");
+        }
+        // Each usage in HELP parses once its placeholders are filled in.
+        assert_eq!(
+            ok("!schedule add \"0 9 * * *\" p"),
+            sched(ScheduleCommand::Add {
+                spec: name("0 9 * * *"),
+                prompt: name("p")
+            })
+        );
+    }
+
+    /// Odd input never panics: every prefix and every char-boundary cut of some commands, a
+    /// multibyte character inserted at every position, and pseudo-random strings.
+    #[test]
+    fn never_panics() {
+        let seeds = [
+            "!schedule add “0 9 * * *” résumé\n日本語 prompt",
+            "!schedule next \"@daily\"",
+            "!job 01890a5d-ac96-774b-bcce-b302099a8057",
+            "!create foo-bar",
+            "!jobs 12",
+            "!cancel",
+            "  !HeLp  ",
+            "!schedule add „x“",
+            "!\"“”„",
+        ];
+        let inserts = ["é", "日", "🦀", "\u{200b}", "\"", "“", "\n", " ", "!", "\0"];
+        for seed in seeds {
+            for (i, _) in seed.char_indices().chain([(seed.len(), ' ')]) {
+                let _ = parse(&seed[..i]);
+                let _ = parse(&seed[i..]);
+                for ins in inserts {
+                    let _ = parse(&format!("{}{ins}{}", &seed[..i], &seed[i..]));
+                }
+            }
+        }
+        // A small xorshift generator over an alphabet of awkward characters.
+        let alphabet: Vec<char> = "!! \t\n\"“”„'`abcxyzAZ09-_/\\.é日🦀\u{3000}\u{a0}schedulejobadd"
+            .chars()
+            .collect();
+        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..5000 {
+            let len = (next() % 40) as usize;
+            let mut s = String::from("!");
+            if next() % 2 == 0 {
+                s.push_str(
+                    [
+                        "schedule add ",
+                        "schedule next ",
+                        "job ",
+                        "jobs ",
+                        "create ",
+                    ][(next() % 5) as usize],
+                );
+            }
+            for _ in 0..len {
+                s.push(alphabet[(next() % alphabet.len() as u64) as usize]);
+            }
+            let _ = parse(&s);
+        }
+        let _ = parse(&"!".repeat(100_000));
+        let _ = parse(&format!("!schedule add \"{}", "x".repeat(100_000)));
+    }
+}

@@ -1,0 +1,355 @@
+//! The reply pump: job rows → Matrix.
+//!
+//! Everything a room sees about a job is derived from its rows, read after they are committed:
+//! the status reaction on the prompt (👀 queued, ⏳ running, ✅ succeeded, ❌ failed,
+//! 🛑 cancelled), one reply message per job edited (`m.replace`) as output streams — at most
+//! once per `edit_interval_ms` and at most `max_edits` times — then a final edit with the whole
+//! answer rendered from Markdown, split across further messages when it is too long; a typing
+//! notice while a job of the room runs; and a notice when gorp restarted while a job ran.
+//!
+//! Progress is written to `matrix_replies`, so after a restart the pump continues each open
+//! reply where it stopped (the worst case is one edit or one part posted twice).
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use matrix_sdk::ruma::events::reaction::ReactionEventContent;
+use matrix_sdk::ruma::events::relation::{Annotation, InReplyTo, Reply};
+use matrix_sdk::ruma::events::room::message::{
+    Relation, ReplacementMetadata, RoomMessageEventContent,
+};
+use matrix_sdk::ruma::{EventId, OwnedRoomId, RoomId};
+use matrix_sdk::{Client, Room};
+use tokio_util::sync::CancellationToken;
+
+use super::bot::state_emoji;
+use super::render::{markdown_to_html, render_reply, split_message, ReplyInput, MAX_PART_BYTES};
+use crate::config::Config;
+use crate::store::{now_ms, Event, JobState, MatrixReply, Source, Store};
+
+/// Open replies handled per pass.
+const BATCH: i64 = 200;
+/// A reply that fails this many passes in a row is given up (recorded in its row).
+const MAX_FAILURES: u32 = 20;
+
+pub struct Pump {
+    client: Client,
+    store: Store,
+    edit_interval: Duration,
+    max_edits: i64,
+    /// When each job's reply was last edited (in memory: at most one edit early after a restart).
+    last_edit: HashMap<String, Instant>,
+    failures: HashMap<String, u32>,
+    typing: HashSet<OwnedRoomId>,
+}
+
+impl Pump {
+    pub fn new(client: Client, store: Store, config: &Config) -> Pump {
+        let m = config.matrix.clone().unwrap_or_default();
+        Pump {
+            client,
+            store,
+            edit_interval: Duration::from_millis(m.edit_interval_ms),
+            max_edits: i64::from(m.max_edits),
+            last_edit: HashMap::new(),
+            failures: HashMap::new(),
+            typing: HashSet::new(),
+        }
+    }
+
+    /// Runs until `shutdown`: a pass after every commit (at most one per 100 ms) and at least
+    /// every `edit_interval` while replies are open.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut commits = self.store.subscribe_commits();
+        let min_gap = Duration::from_millis(100);
+        loop {
+            let started = Instant::now();
+            let open = match self.pass().await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Matrix reply pass failed");
+                    1
+                }
+            };
+            let idle = if open > 0 {
+                self.edit_interval.min(Duration::from_secs(1))
+            } else {
+                Duration::from_secs(3600)
+            };
+            tokio::select! {
+                _ = commits.changed() => {}
+                _ = tokio::time::sleep(idle) => {}
+                _ = shutdown.cancelled() => break,
+            }
+            let spent = started.elapsed();
+            if spent < min_gap {
+                tokio::select! {
+                    _ = tokio::time::sleep(min_gap - spent) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        }
+        for room in std::mem::take(&mut self.typing) {
+            if let Some(r) = self.client.get_room(&room) {
+                let _ = r.typing_notice(false).await;
+            }
+        }
+    }
+
+    /// One pass over the open replies. Returns how many are still open.
+    pub async fn pass(&mut self) -> anyhow::Result<usize> {
+        let open = self.store.matrix_open_replies(BATCH).await?;
+        let mut running_rooms: HashSet<OwnedRoomId> = HashSet::new();
+        let mut still_open = 0;
+        for r in open {
+            let Ok(room_id) = RoomId::parse(r.room_id.as_str()) else {
+                self.give_up(&r, "invalid room id").await;
+                continue;
+            };
+            let Some(room) = self.client.get_room(&room_id) else {
+                // Not synced yet (a room made a moment ago) or gorp left it.
+                self.fail(&r, "gorp is not in the room").await;
+                still_open += 1;
+                continue;
+            };
+            if r.state == JobState::Running {
+                running_rooms.insert(room_id.clone());
+            }
+            match self.handle(&room, &r).await {
+                Ok(done) => {
+                    self.failures.remove(&r.job_id);
+                    if !done {
+                        still_open += 1;
+                    } else {
+                        self.last_edit.remove(&r.job_id);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(job = %r.job_id, room = %r.room_id, error = %e, "cannot update the Matrix reply");
+                    self.fail(&r, &e.to_string()).await;
+                    still_open += 1;
+                }
+            }
+        }
+        for room_id in &running_rooms {
+            if let Some(room) = self.client.get_room(room_id) {
+                // matrix-sdk re-sends only when the previous notice is about to lapse.
+                let _ = room.typing_notice(true).await;
+            }
+        }
+        let stopped: Vec<OwnedRoomId> = self.typing.difference(&running_rooms).cloned().collect();
+        for room_id in stopped {
+            if let Some(room) = self.client.get_room(&room_id) {
+                let _ = room.typing_notice(false).await;
+            }
+        }
+        self.typing = running_rooms;
+        Ok(still_open)
+    }
+
+    async fn fail(&mut self, r: &MatrixReply, error: &str) {
+        let n = self.failures.entry(r.job_id.clone()).or_insert(0);
+        *n += 1;
+        if *n >= MAX_FAILURES {
+            self.failures.remove(&r.job_id);
+            self.give_up(r, error).await;
+        }
+    }
+
+    async fn give_up(&mut self, r: &MatrixReply, error: &str) {
+        tracing::warn!(job = %r.job_id, room = %r.room_id, error, "giving up on the Matrix reply");
+        let mut u = r.update();
+        u.done = true;
+        u.error = Some(error.to_string());
+        let _ = self.store.matrix_reply_update(&r.job_id, u, now_ms()).await;
+    }
+
+    /// Brings one job's room up to date with its rows. Returns true when the reply is final.
+    async fn handle(&mut self, room: &Room, r: &MatrixReply) -> anyhow::Result<bool> {
+        let mut u = r.update();
+        let mut changed = false;
+
+        // Status reaction on the prompt: 👀 first (the prompt is committed), whatever the job's
+        // state by now, then the state's own, each replacing the one before.
+        if let Some(prompt) = &r.prompt_event_id {
+            let prompt = EventId::parse(prompt.as_str())?;
+            let mut wants = Vec::with_capacity(2);
+            if u.reaction_key.is_none() {
+                wants.push(state_emoji(JobState::Queued));
+            }
+            wants.push(state_emoji(r.state));
+            for want in wants {
+                if u.reaction_key.as_deref() == Some(want) {
+                    continue;
+                }
+                let sent = room
+                    .send(ReactionEventContent::new(Annotation::new(
+                        prompt.clone(),
+                        want.to_string(),
+                    )))
+                    .await?;
+                if let Some(old) = u.reaction_event_id.as_deref() {
+                    if let Ok(old) = EventId::parse(old) {
+                        if let Err(e) = room.redact(&old, None, None).await {
+                            tracing::debug!(error = %e, "cannot remove the previous status reaction");
+                        }
+                    }
+                }
+                u.reaction_key = Some(want.to_string());
+                u.reaction_event_id = Some(sent.response.event_id.to_string());
+                changed = true;
+            }
+        }
+
+        let terminal = r.state.is_terminal();
+        let fresh_output = r.last_seq > r.rendered_seq;
+        let needs_events = terminal
+            || fresh_output
+            || (r.state == JobState::Running && r.reply_event_id.is_none());
+        if !needs_events {
+            if changed {
+                self.store
+                    .matrix_reply_update(&r.job_id, u, now_ms())
+                    .await?;
+            }
+            return Ok(false);
+        }
+        let events = self.store.job_events_list(&r.job_id, 0, 100_000).await?;
+
+        // A restart interrupted this job: say so once per interrupted attempt.
+        let noted = u.noted_attempt;
+        for ev in events
+            .iter()
+            .filter(|e| e.kind == "rescued" && e.attempt > noted)
+        {
+            let text = format!(
+                "↻ gorp restarted while job `{}` was running: {}",
+                short_id(&r.job_id),
+                ev.text.as_deref().unwrap_or("its lease expired")
+            );
+            room.send(RoomMessageEventContent::notice_plain(text))
+                .await?;
+            u.noted_attempt = ev.attempt;
+            changed = true;
+        }
+
+        if r.state == JobState::Queued {
+            if changed || fresh_output {
+                u.rendered_seq = r.last_seq;
+                self.store
+                    .matrix_reply_update(&r.job_id, u, now_ms())
+                    .await?;
+            }
+            return Ok(false);
+        }
+
+        let markdown = render_reply(&ReplyInput {
+            job_id: &r.job_id,
+            source: r.source,
+            state: r.state,
+            attempt: r.attempt,
+            max_attempts: r.max_attempts,
+            error: r.error.as_deref(),
+            stop_reason: r.stop_reason.as_deref(),
+            show_source: r.source != Source::Matrix,
+            events: &events,
+        });
+
+        if terminal {
+            let parts = split_message(&markdown, MAX_PART_BYTES);
+            let mut parts = parts.into_iter();
+            let first = parts.next().unwrap_or_default();
+            match &r.reply_event_id {
+                Some(id) => {
+                    let id = EventId::parse(id.as_str())?;
+                    room.send(message(&first).make_replacement(ReplacementMetadata::new(id, None)))
+                        .await?;
+                    u.edits += 1;
+                }
+                None => {
+                    let sent = room.send(self.first_message(&first, r)).await?;
+                    u.reply_event_id = Some(sent.response.event_id.to_string());
+                }
+            }
+            for part in parts {
+                room.send(message(&part)).await?;
+            }
+            u.rendered_seq = r.last_seq.max(last_seq(&events));
+            u.done = true;
+            self.store
+                .matrix_reply_update(&r.job_id, u, now_ms())
+                .await?;
+            return Ok(true);
+        }
+
+        // Running: the reply appears at once, then follows the output at a bounded rate.
+        let streaming = streaming_view(&markdown);
+        match &r.reply_event_id {
+            None => {
+                let sent = room.send(self.first_message(&streaming, r)).await?;
+                u.reply_event_id = Some(sent.response.event_id.to_string());
+                u.rendered_seq = r.last_seq;
+                self.last_edit.insert(r.job_id.clone(), Instant::now());
+                changed = true;
+            }
+            Some(id) if fresh_output && u.edits < self.max_edits => {
+                let due = self
+                    .last_edit
+                    .get(&r.job_id)
+                    .is_none_or(|t| t.elapsed() >= self.edit_interval);
+                if due {
+                    let id = EventId::parse(id.as_str())?;
+                    room.send(
+                        message(&streaming).make_replacement(ReplacementMetadata::new(id, None)),
+                    )
+                    .await?;
+                    u.edits += 1;
+                    u.rendered_seq = r.last_seq;
+                    self.last_edit.insert(r.job_id.clone(), Instant::now());
+                    changed = true;
+                }
+            }
+            Some(_) => {}
+        }
+        if changed {
+            self.store
+                .matrix_reply_update(&r.job_id, u, now_ms())
+                .await?;
+        }
+        Ok(false)
+    }
+
+    /// The reply's first message: an answer to the prompt when there is one.
+    fn first_message(&self, markdown: &str, r: &MatrixReply) -> RoomMessageEventContent {
+        let mut content = message(markdown);
+        if let Some(prompt) = r
+            .prompt_event_id
+            .as_deref()
+            .and_then(|p| EventId::parse(p).ok())
+        {
+            content.relates_to = Some(Relation::Reply(Reply::new(InReplyTo::new(prompt))));
+        }
+        content
+    }
+}
+
+fn message(markdown: &str) -> RoomMessageEventContent {
+    RoomMessageEventContent::text_html(markdown, markdown_to_html(markdown))
+}
+
+/// What a streaming edit shows: the first part of the output so far, marked as continuing.
+fn streaming_view(markdown: &str) -> String {
+    let parts = split_message(markdown, MAX_PART_BYTES - 64);
+    if parts.len() <= 1 {
+        return markdown.to_string();
+    }
+    format!("{}\n\n…", parts[0])
+}
+
+fn last_seq(events: &[Event]) -> i64 {
+    events.last().map(|e| e.seq).unwrap_or(0)
+}
+
+fn short_id(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}

@@ -1,0 +1,999 @@
+//! The Matrix bot against a real Synapse: gorp runs in-process (`app::run`: HTTP, worker pool,
+//! warm sessions, scheduler and the bot) with the scripted ACP agent; a person is a real
+//! matrix-sdk client with its own encrypted store, syncing in the background.
+
+use std::time::Duration;
+
+use gorp::config::{Config, MatrixConfig};
+use gorp::store::{now_ms, JobState, NewJob, Source, Store};
+use matrix_sdk::config::SyncSettings;
+use matrix_sdk::deserialized_responses::EncryptionInfo;
+use matrix_sdk::event_handler::SyncEvent;
+use matrix_sdk::ruma::api::client::room::create_room::v3::{Request as CreateRoom, RoomPreset};
+use matrix_sdk::ruma::events::reaction::{OriginalSyncReactionEvent, ReactionEventContent};
+use matrix_sdk::ruma::events::relation::Annotation;
+use matrix_sdk::ruma::events::room::encryption::RoomEncryptionEventContent;
+use matrix_sdk::ruma::events::room::member::{
+    MembershipState, OriginalSyncRoomMemberEvent, StrippedRoomMemberEvent,
+};
+use matrix_sdk::ruma::events::room::message::{
+    MessageType, OriginalSyncRoomMessageEvent, Relation, RoomMessageEventContent,
+};
+use matrix_sdk::ruma::events::typing::SyncTypingEvent;
+use matrix_sdk::ruma::events::InitialStateEvent;
+use matrix_sdk::ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId};
+use matrix_sdk::{Client, Room, RoomState};
+use serde::de::DeserializeOwned;
+use tempfile::TempDir;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::acp::config_in;
+use crate::support::eventually;
+use crate::support::synapse::Synapse;
+
+/// The longest any single wait may take.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// An event a person's client saw.
+struct Seen<Ev> {
+    event: Ev,
+    room_id: OwnedRoomId,
+    encrypted: bool,
+}
+
+struct SyncTask(JoinHandle<()>);
+
+impl Drop for SyncTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn forward<Ev>(client: &Client) -> mpsc::UnboundedReceiver<Seen<Ev>>
+where
+    Ev: SyncEvent + DeserializeOwned + Send + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    client.add_event_handler(
+        move |event: Ev, room: Room, encryption: Option<EncryptionInfo>| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(Seen {
+                    event,
+                    room_id: room.room_id().to_owned(),
+                    encrypted: encryption.is_some(),
+                });
+            }
+        },
+    );
+    rx
+}
+
+async fn next<T>(
+    rx: &mut mpsc::UnboundedReceiver<T>,
+    what: &str,
+    mut matches: impl FnMut(&T) -> bool,
+) -> T {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
+            Ok(None) => panic!("event channel closed while waiting for {what}"),
+            Ok(Some(item)) if matches(&item) => return item,
+            Ok(Some(_)) => {}
+        }
+    }
+}
+
+/// A person: a logged-in matrix-sdk client that accepts every invite.
+struct Person {
+    client: Client,
+    user_id: OwnedUserId,
+    messages: mpsc::UnboundedReceiver<Seen<OriginalSyncRoomMessageEvent>>,
+    reactions: mpsc::UnboundedReceiver<Seen<OriginalSyncReactionEvent>>,
+    members: mpsc::UnboundedReceiver<Seen<OriginalSyncRoomMemberEvent>>,
+    typing: mpsc::UnboundedReceiver<Seen<SyncTypingEvent>>,
+    _sync: SyncTask,
+    _dir: TempDir,
+}
+
+impl Person {
+    async fn login(synapse: &Synapse, name: &str) -> Person {
+        let password = format!("{name}-password");
+        let user = synapse
+            .register_user(name, &password)
+            .await
+            .expect("register");
+        let dir = TempDir::new().unwrap();
+        let client = Client::builder()
+            .homeserver_url(synapse.base_url())
+            .sqlite_store(dir.path(), None)
+            .build()
+            .await
+            .expect("client");
+        client
+            .matrix_auth()
+            .login_username(&user.localpart, &password)
+            .send()
+            .await
+            .expect("login");
+        client
+            .sync_once(SyncSettings::default().timeout(Duration::ZERO))
+            .await
+            .expect("first sync");
+        client.add_event_handler(
+            |ev: StrippedRoomMemberEvent, room: Room, c: Client| async move {
+                if Some(ev.state_key.as_ref()) == c.user_id()
+                    && ev.content.membership == MembershipState::Invite
+                    && room.state() == RoomState::Invited
+                {
+                    let _ = room.join().await;
+                }
+            },
+        );
+        client.add_event_handler(
+            |ev: matrix_sdk::ruma::events::room::encrypted::OriginalSyncRoomEncryptedEvent,
+             room: Room| async move {
+                eprintln!(
+                    "undecryptable event {} from {} in {}",
+                    ev.event_id,
+                    ev.sender,
+                    room.room_id()
+                );
+            },
+        );
+        let messages = forward(&client);
+        let reactions = forward(&client);
+        let members = forward(&client);
+        let typing = forward(&client);
+        let c = client.clone();
+        let sync = SyncTask(tokio::spawn(async move {
+            let settings = SyncSettings::default().timeout(Duration::from_secs(10));
+            loop {
+                if c.sync_once(settings.clone()).await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }));
+        Person {
+            user_id: client.user_id().unwrap().to_owned(),
+            client,
+            messages,
+            reactions,
+            members,
+            typing,
+            _sync: sync,
+            _dir: dir,
+        }
+    }
+
+    fn room(&self, id: &RoomId) -> Room {
+        self.client.get_room(id).expect("a room the person is in")
+    }
+
+    async fn say(&self, room: &RoomId, text: &str) -> OwnedEventId {
+        self.room(room)
+            .send(RoomMessageEventContent::text_plain(text))
+            .await
+            .expect("send")
+            .response
+            .event_id
+    }
+
+    /// The next message from `from` in `room` that `pred` accepts (edits included).
+    async fn message_from(
+        &mut self,
+        from: &OwnedUserId,
+        room: &RoomId,
+        what: &str,
+        mut pred: impl FnMut(&OriginalSyncRoomMessageEvent) -> bool,
+    ) -> Seen<OriginalSyncRoomMessageEvent> {
+        next(&mut self.messages, what, |s| {
+            &s.event.sender == from && s.room_id == room && pred(&s.event)
+        })
+        .await
+    }
+
+    /// The next reaction `key` from `from` on `event`.
+    async fn reaction(
+        &mut self,
+        from: &OwnedUserId,
+        event: &OwnedEventId,
+        key: &str,
+    ) -> Seen<OriginalSyncReactionEvent> {
+        next(&mut self.reactions, &format!("reaction {key}"), |s| {
+            &s.event.sender == from
+                && &s.event.content.relates_to.event_id == event
+                && s.event.content.relates_to.key == key
+        })
+        .await
+    }
+}
+
+/// The text a message shows: the new content for an edit, else the body.
+fn shown(ev: &OriginalSyncRoomMessageEvent) -> String {
+    match &ev.content.relates_to {
+        Some(Relation::Replacement(r)) => r.new_content.msgtype.body().to_string(),
+        _ => ev.content.body().to_string(),
+    }
+}
+
+/// The HTML a message shows (edits: the new content's).
+fn shown_html(ev: &OriginalSyncRoomMessageEvent) -> Option<String> {
+    let mt = match &ev.content.relates_to {
+        Some(Relation::Replacement(r)) => &r.new_content.msgtype,
+        _ => &ev.content.msgtype,
+    };
+    match mt {
+        MessageType::Text(t) => t.formatted.as_ref().map(|f| f.body.clone()),
+        MessageType::Notice(t) => t.formatted.as_ref().map(|f| f.body.clone()),
+        _ => None,
+    }
+}
+
+fn edit_of(ev: &OriginalSyncRoomMessageEvent) -> Option<&OwnedEventId> {
+    match &ev.content.relates_to {
+        Some(Relation::Replacement(r)) => Some(&r.event_id),
+        _ => None,
+    }
+}
+
+fn reply_to(ev: &OriginalSyncRoomMessageEvent) -> Option<&OwnedEventId> {
+    match &ev.content.relates_to {
+        Some(Relation::Reply(r)) => Some(&r.in_reply_to.event_id),
+        _ => None,
+    }
+}
+
+/// gorp (in-process, with the bot) on one Synapse, and Alice, who is allowed.
+struct World {
+    synapse: Synapse,
+    _dir: TempDir,
+    config: Config,
+    store: Store,
+    bot: OwnedUserId,
+    alice: Person,
+    gorp: Option<(CancellationToken, JoinHandle<()>)>,
+}
+
+impl World {
+    async fn start(tweak: impl FnOnce(&mut Config)) -> World {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let synapse = Synapse::start().await.expect("start Synapse");
+        synapse
+            .register_user("gorp", "gorp-password")
+            .await
+            .expect("register the bot");
+        let alice = Person::login(&synapse, "alice").await;
+        let dir = TempDir::new().unwrap();
+        let home = synapse.base_url().to_string();
+        let allowed = alice.user_id.to_string();
+        let config = config_in(dir.path(), |c| {
+            c.webhook.port = 0;
+            c.worker.max_attempts = 2;
+            c.worker.rescue_interval_secs = 1;
+            c.matrix = Some(MatrixConfig {
+                home_server: home,
+                user_id: "@gorp:localhost".into(),
+                password: Some("gorp-password".into()),
+                allowed_users: vec![allowed],
+                store_passphrase: Some("passphrase for tests".into()),
+                edit_interval_ms: 200,
+                max_edits: 5,
+                ..MatrixConfig::default()
+            });
+            tweak(c);
+        });
+        let store = Store::open(&config.database).await.unwrap();
+        let mut w = World {
+            synapse,
+            _dir: dir,
+            config,
+            store,
+            bot: "@gorp:localhost".try_into().unwrap(),
+            alice,
+            gorp: None,
+        };
+        w.start_gorp().await;
+        w
+    }
+
+    async fn start_gorp(&mut self) {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(gorp::app::run(
+            self.config.clone(),
+            self.store.clone(),
+            gorp::app::instance_id(),
+            stop.clone(),
+        ));
+        let task = tokio::spawn(async move {
+            task.await.unwrap().expect("gorp runs");
+        });
+        self.gorp = Some((stop, task));
+        // Ready: logged in, caught up, handlers attached. Earlier messages are not answered.
+        let since = now_ms();
+        eventually(WAIT, "the bot to be ready", || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT ready_at FROM matrix_bot WHERE state = 'syncing' AND ready_at >= ?1",
+            )
+            .bind(since)
+            .fetch_optional(self.store.read_pool())
+            .await
+            .ok()
+            .flatten()
+        })
+        .await;
+    }
+
+    async fn stop_gorp(&mut self) {
+        if let Some((stop, task)) = self.gorp.take() {
+            stop.cancel();
+            task.await.unwrap();
+        }
+    }
+
+    /// Alice opens an encrypted direct chat with the bot and waits for it to join.
+    async fn dm(&mut self) -> OwnedRoomId {
+        let mut req = CreateRoom::new();
+        req.preset = Some(RoomPreset::PrivateChat);
+        req.is_direct = true;
+        req.invite = vec![self.bot.clone()];
+        req.initial_state = vec![InitialStateEvent::with_empty_state_key(
+            RoomEncryptionEventContent::with_recommended_defaults(),
+        )
+        .to_raw_any()];
+        let room = self.alice.client.create_room(req).await.expect("create");
+        let id = room.room_id().to_owned();
+        let bot = self.bot.clone();
+        next(&mut self.alice.members, "the bot to join the DM", |s| {
+            s.room_id == id
+                && s.event.state_key == bot
+                && s.event.content.membership == MembershipState::Join
+        })
+        .await;
+        id
+    }
+
+    /// A command in `room`; returns the bot's answer.
+    async fn command(&mut self, room: &RoomId, text: &str) -> String {
+        self.alice.say(room, text).await;
+        let bot = self.bot.clone();
+        // Answers are notices; job replies are text messages.
+        let seen = self
+            .alice
+            .message_from(&bot, room, &format!("the answer to {text}"), |e| {
+                edit_of(e).is_none() && matches!(e.content.msgtype, MessageType::Notice(_))
+            })
+            .await;
+        assert!(seen.encrypted, "answers in encrypted rooms are encrypted");
+        shown(&seen.event)
+    }
+
+    /// `!create name` from a DM; returns the new room once Alice is in it, and the welcome.
+    async fn create_channel(&mut self, name: &str) -> (OwnedRoomId, String) {
+        let dm = self.dm().await;
+        self.alice.say(&dm, &format!("!create {name}")).await;
+        // The answer (in the DM) and the welcome (in the new room, once Alice has joined) come
+        // in either order.
+        let bot = self.bot.clone();
+        let (mut answer, mut welcome) = (None, None);
+        while answer.is_none() || welcome.is_none() {
+            let seen = next(
+                &mut self.alice.messages,
+                "the answer and the welcome",
+                |s| {
+                    s.event.sender == bot
+                        && matches!(s.event.content.msgtype, MessageType::Notice(_))
+                },
+            )
+            .await;
+            assert!(seen.encrypted, "notices in encrypted rooms are encrypted");
+            if seen.room_id == dm {
+                answer = Some(shown(&seen.event));
+            } else {
+                welcome = Some((seen.room_id.clone(), shown(&seen.event)));
+            }
+        }
+        let (answer, (room, welcome)) = (answer.unwrap(), welcome.unwrap());
+        assert!(
+            answer.contains(&format!("Created channel **{name}**")),
+            "{answer}"
+        );
+        let ch = self
+            .store
+            .channel_get(name)
+            .await
+            .unwrap()
+            .expect("channel row");
+        assert_eq!(ch.matrix_room_id.as_deref(), Some(room.as_str()));
+        assert!(
+            answer.contains(&format!("/webhook/session/{}", ch.webhook_id)),
+            "the answer carries the webhook URL: {answer}"
+        );
+        assert!(welcome.contains("This room is gorp channel"), "{welcome}");
+        (room, welcome)
+    }
+
+    async fn job_for(&self, event: &OwnedEventId) -> String {
+        let key = event.to_string();
+        eventually(WAIT, "the job of a message", || async {
+            sqlx::query_scalar::<_, String>("SELECT id FROM jobs WHERE idempotency_key = ?1")
+                .bind(&key)
+                .fetch_optional(self.store.read_pool())
+                .await
+                .unwrap()
+        })
+        .await
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+            .fetch_one(self.store.read_pool())
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if let Some((stop, _)) = &self.gorp {
+            stop.cancel();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_prompt_in_a_channel_room_streams_one_edited_reply_with_status_reactions() {
+    let mut w = World::start(|_| {}).await;
+    let (room, welcome) = w.create_channel("demo").await;
+    assert!(welcome.contains("Authorization: Bearer "), "{welcome}");
+    assert!(w
+        .alice
+        .room(&room)
+        .latest_encryption_state()
+        .await
+        .unwrap()
+        .is_encrypted());
+
+    let prompt = "@chunks 12\n@delay-ms 120\n@tool-call Read src/main.rs\n@reply **bold** answer with `code` and more text to stream\\n\\n```rust\\nfn main() {}\\n```";
+    let asked = w.alice.say(&room, prompt).await;
+    let bot = w.bot.clone();
+
+    // 👀 comes only after the job row is committed.
+    w.alice.reaction(&bot, &asked, "👀").await;
+    let job_id = w.job_for(&asked).await;
+    let job = w.store.job_get(&job_id).await.unwrap().unwrap();
+    assert_eq!(job.source, Source::Matrix);
+    let target: serde_json::Value =
+        serde_json::from_str(job.reply_target.as_deref().unwrap()).unwrap();
+    assert_eq!(target["room_id"], room.as_str());
+    assert_eq!(target["event_id"], asked.as_str());
+    assert_eq!(target["sender"], w.alice.user_id.as_str());
+
+    w.alice.reaction(&bot, &asked, "⏳").await;
+    let first = w
+        .alice
+        .message_from(&bot, &room, "the reply", |e| edit_of(e).is_none())
+        .await;
+    assert_eq!(
+        reply_to(&first.event),
+        Some(&asked),
+        "the reply answers the prompt"
+    );
+    assert!(first.encrypted);
+    let reply_id = first.event.event_id.clone();
+    next(&mut w.alice.typing, "the bot typing", |s| {
+        s.room_id == room && s.event.content.user_ids.contains(&bot)
+    })
+    .await;
+
+    // Edits follow as output streams; the job ends ✅ and the reply's row is done.
+    w.alice.reaction(&bot, &asked, "✅").await;
+    let done = w.store.job_get(&job_id).await.unwrap().unwrap();
+    assert_eq!(done.state, JobState::Succeeded);
+    let edits_row: i64 = eventually(WAIT, "the reply to be final", || async {
+        sqlx::query_scalar("SELECT edits FROM matrix_replies WHERE job_id = ?1 AND done = 1")
+            .bind(&job_id)
+            .fetch_optional(w.store.read_pool())
+            .await
+            .unwrap()
+    })
+    .await;
+    assert!(
+        (2..=5 + 1).contains(&edits_row),
+        "streamed in edits, at most max_edits plus the final one: {edits_row}"
+    );
+    let mut edits = Vec::new();
+    while edits.len() < edits_row as usize {
+        let e = w
+            .alice
+            .message_from(&bot, &room, "an edit of the reply", |e| {
+                edit_of(e) == Some(&reply_id)
+            })
+            .await;
+        edits.push(e);
+    }
+    // The last edit holds the whole answer, rendered as HTML.
+    let last = edits.last().unwrap();
+    let text = shown(&last.event);
+    assert!(
+        text.contains("more text to stream") && text.contains("fn main"),
+        "{text}"
+    );
+    let html = shown_html(&last.event).expect("the final answer has HTML");
+    assert!(html.contains("<strong>bold</strong>"), "{html}");
+    assert!(
+        html.contains("<pre><code class=\"language-rust\">"),
+        "{html}"
+    );
+    assert!(text.contains("🔧"), "the tool call is summarised: {text}");
+    assert_eq!(
+        text.matches("🔧").count(),
+        1,
+        "one line per tool call: {text}"
+    );
+    let first_edit = shown(&edits[0].event);
+    assert!(
+        first_edit.len() < text.len(),
+        "earlier edits show less of the answer: {first_edit:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_allowed_users_reach_the_agent() {
+    let mut w = World::start(|_| {}).await;
+    let (room, _) = w.create_channel("guarded").await;
+    let mut mallory = Person::login(&w.synapse, "mallory").await;
+
+    // Mallory's invite is rejected.
+    let mut req = CreateRoom::new();
+    req.preset = Some(RoomPreset::PrivateChat);
+    req.invite = vec![w.bot.clone()];
+    let theirs = mallory
+        .client
+        .create_room(req)
+        .await
+        .unwrap()
+        .room_id()
+        .to_owned();
+    let bot = w.bot.clone();
+    next(&mut mallory.members, "the bot to reject the invite", |s| {
+        s.room_id == theirs
+            && s.event.state_key == bot
+            && s.event.content.membership == MembershipState::Leave
+    })
+    .await;
+
+    // In a channel room Mallory's messages never become jobs.
+    w.alice
+        .room(&room)
+        .invite_user_by_id(&mallory.user_id)
+        .await
+        .unwrap();
+    let mid = mallory.user_id.clone();
+    next(&mut w.alice.members, "mallory to join", |s| {
+        s.room_id == room
+            && s.event.state_key == mid
+            && s.event.content.membership == MembershipState::Join
+    })
+    .await;
+    let hers = mallory.say(&room, "@reply pwned").await;
+    let hers_cmd = mallory.say(&room, "!delete guarded").await;
+    let ours = w.alice.say(&room, "@reply hello").await;
+    w.alice.reaction(&bot, &ours, "✅").await;
+    assert_eq!(
+        w.count("SELECT count(*) FROM jobs").await,
+        1,
+        "only Alice's prompt is a job"
+    );
+    let key = hers.to_string();
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs WHERE idempotency_key = ?1")
+            .bind(&key)
+            .fetch_one(w.store.read_pool())
+            .await
+            .unwrap(),
+        0
+    );
+    let _ = hers_cmd;
+    assert!(
+        w.store.channel_get("guarded").await.unwrap().is_some(),
+        "her command did nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commands_answer_and_bad_ones_get_usage() {
+    let mut w = World::start(|_| {}).await;
+    let (room, _) = w.create_channel("ops").await;
+
+    let help = w.command(&room, "!help").await;
+    for c in [
+        "!create",
+        "!join",
+        "!list",
+        "!delete",
+        "!status",
+        "!jobs",
+        "!job",
+        "!cancel",
+        "!reset",
+        "!warm",
+        "!schedule",
+    ] {
+        assert!(help.contains(c), "help lists {c}: {help}");
+    }
+    let list = w.command(&room, "!list").await;
+    assert!(list.contains("**ops**"), "{list}");
+
+    let unknown = w.command(&room, "!frobnicate").await;
+    assert!(unknown.contains("unknown command"), "{unknown}");
+    let bad = w.command(&room, "!jobs 0").await;
+    assert!(bad.contains("!jobs"), "{bad}");
+    let bad_name = w.command(&room, "!create ../etc").await;
+    assert!(
+        bad_name.to_lowercase().contains("invalid channel name"),
+        "{bad_name}"
+    );
+    assert_eq!(
+        w.count("SELECT count(*) FROM channels").await,
+        1,
+        "a bad name writes nothing"
+    );
+
+    // A job to look at.
+    let asked = w.alice.say(&room, "@reply forty-two").await;
+    let bot = w.bot.clone();
+    w.alice.reaction(&bot, &asked, "✅").await;
+    let job_id = w.job_for(&asked).await;
+
+    let jobs = w.command(&room, "!jobs").await;
+    assert!(jobs.contains(&job_id), "{jobs}");
+    let job = w.command(&room, &format!("!job {}", &job_id[..13])).await;
+    assert!(
+        job.contains("forty-two") && job.contains("succeeded"),
+        "{job}"
+    );
+    let missing = w.command(&room, "!job ffffffff").await;
+    assert!(missing.contains("no job"), "{missing}");
+
+    let status = w.command(&room, "!status").await;
+    assert!(
+        status.contains("**ops**") && status.contains("queued: 0"),
+        "{status}"
+    );
+    assert!(status.contains("running: none"), "{status}");
+    let session_before = w
+        .store
+        .channel_get("ops")
+        .await
+        .unwrap()
+        .unwrap()
+        .acp_session_id
+        .expect("a session");
+    assert!(status.contains(&session_before), "{status}");
+
+    let reset = w.command(&room, "!reset").await;
+    assert!(reset.contains("new conversation"), "{reset}");
+    assert_eq!(
+        w.store
+            .channel_get("ops")
+            .await
+            .unwrap()
+            .unwrap()
+            .acp_session_id,
+        None
+    );
+    let asked = w.alice.say(&room, "@history").await;
+    let bot = w.bot.clone();
+    w.alice.reaction(&bot, &asked, "✅").await;
+    let id = w.job_for(&asked).await;
+    assert_eq!(
+        w.store.job_output(&id).await.unwrap(),
+        "1",
+        "a new session has seen one prompt"
+    );
+    let session_after = w
+        .store
+        .channel_get("ops")
+        .await
+        .unwrap()
+        .unwrap()
+        .acp_session_id
+        .expect("a session");
+    assert_ne!(session_before, session_after);
+
+    let warm = w.command(&room, "!warm").await;
+    assert!(warm.contains("warming"), "{warm}");
+
+    let nothing = w.command(&room, "!cancel").await;
+    assert!(nothing.contains("nothing is running"), "{nothing}");
+
+    // Schedules.
+    let next_runs = w.command(&room, "!schedule next \"0 9 * * MON\"").await;
+    assert_eq!(next_runs.matches("T09:00:00").count(), 5, "{next_runs}");
+    let bad_cron = w.command(&room, "!schedule add \"61 * * * *\" hi").await;
+    assert!(bad_cron.starts_with("❌"), "{bad_cron}");
+    assert_eq!(w.count("SELECT count(*) FROM schedules").await, 0);
+    let added = w
+        .command(&room, "!schedule add \"0 9 * * *\" say good morning")
+        .await;
+    assert!(added.contains("Schedule **1** added"), "{added}");
+    let s = w.store.schedule_get(1).await.unwrap().unwrap();
+    assert_eq!(s.channel, "ops");
+    assert_eq!(s.prompt, "say good morning");
+    assert_eq!(s.created_by, format!("matrix:{}", w.alice.user_id));
+    let listed = w.command(&room, "!schedule list").await;
+    assert!(listed.contains("good morning"), "{listed}");
+    assert!(w
+        .command(&room, "!schedule pause 1")
+        .await
+        .contains("paused"));
+    assert!(!w.store.schedule_get(1).await.unwrap().unwrap().enabled);
+    assert!(w
+        .command(&room, "!schedule resume 1")
+        .await
+        .contains("resumed"));
+    assert!(w.store.schedule_get(1).await.unwrap().unwrap().enabled);
+    assert!(w.command(&room, "!schedule rm 1").await.contains("deleted"));
+    assert!(w.store.schedule_get(1).await.unwrap().is_none());
+    assert!(w
+        .command(&room, "!schedule rm 1")
+        .await
+        .contains("no schedule 1"));
+
+    // Join: the bot invites Alice again to a room she left.
+    w.alice.room(&room).leave().await.unwrap();
+    let dm = w.dm().await;
+    let joined = w.command(&dm, "!join ops").await;
+    assert!(joined.contains("Invited you"), "{joined}");
+
+    // Delete: the row goes, the workspace stays, the bot leaves the room.
+    let deleted = w.command(&dm, "!delete ops").await;
+    assert!(deleted.contains("Deleted channel **ops**"), "{deleted}");
+    assert!(w.store.channel_get("ops").await.unwrap().is_none());
+    assert!(
+        w.config.channel_dir("ops").is_dir(),
+        "the workspace is kept"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reacting_stop_to_ones_own_prompt_cancels_it() {
+    let mut w = World::start(|_| {}).await;
+    let (room, _) = w.create_channel("stopper").await;
+    let asked = w.alice.say(&room, "@reply started\n@hang").await;
+    let bot = w.bot.clone();
+    w.alice.reaction(&bot, &asked, "⏳").await;
+    let job_id = w.job_for(&asked).await;
+    w.alice
+        .room(&room)
+        .send(ReactionEventContent::new(Annotation::new(
+            asked.clone(),
+            "🛑".into(),
+        )))
+        .await
+        .unwrap();
+    w.alice.reaction(&bot, &asked, "🛑").await;
+    let job = w.store.job_get(&job_id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Cancelled);
+    let reply = w
+        .alice
+        .message_from(&bot, &room, "the final reply", |e| {
+            shown(e).contains("🛑 cancelled")
+        })
+        .await;
+    assert!(
+        shown(&reply.event).contains("started"),
+        "output so far stays"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn webhook_and_scheduled_jobs_post_to_the_channel_room_and_long_output_is_split() {
+    let mut w = World::start(|_| {}).await;
+    let (room, _) = w.create_channel("feed").await;
+    let ch = w.store.channel_get("feed").await.unwrap().unwrap();
+    let bot = w.bot.clone();
+
+    let job = w
+        .store
+        .job_insert(
+            NewJob::new(ch.id, Source::Webhook, "@reply from the webhook"),
+            now_ms(),
+        )
+        .await
+        .unwrap();
+    let posted = w
+        .alice
+        .message_from(&bot, &room, "the webhook job's output", |e| {
+            shown(e).contains("from the webhook")
+        })
+        .await;
+    let text = shown(&posted.event);
+    assert!(
+        text.starts_with("**webhook**") || text.starts_with("webhook"),
+        "{text}"
+    );
+    assert!(text.contains(&job.job_id[..8]), "{text}");
+
+    // A schedule due now fires into the room.
+    let at = (chrono::Utc::now() + chrono::Duration::seconds(1)).to_rfc3339();
+    gorp::scheduler::add(
+        &w.store,
+        &w.config,
+        gorp::scheduler::AddSchedule {
+            channel: "feed".into(),
+            when: at,
+            prompt: "@reply from the schedule".into(),
+            timezone: None,
+            catch_up: None,
+            overlap: None,
+            created_by: "test".into(),
+        },
+        now_ms(),
+    )
+    .await
+    .unwrap();
+    let posted = w
+        .alice
+        .message_from(&bot, &room, "the scheduled job's output", |e| {
+            shown(e).contains("from the schedule")
+        })
+        .await;
+    assert!(shown(&posted.event).contains("schedule"));
+
+    // 40 KB of output with a code fence in the middle: several messages, fences intact.
+    let mut long = String::from("intro\\n```text\\n");
+    for i in 0..1500 {
+        long.push_str(&format!("line {i:04} of the long output\\n"));
+    }
+    long.push_str("```\\noutro");
+    let job = w
+        .store
+        .job_insert(
+            NewJob::new(ch.id, Source::Cli, format!("@reply {long}")),
+            now_ms(),
+        )
+        .await
+        .unwrap();
+    w.store.job_get(&job.job_id).await.unwrap();
+    let mut parts = Vec::new();
+    loop {
+        let m = w
+            .alice
+            .message_from(&bot, &room, "a part of the long output", |e| {
+                let t = shown(e);
+                t.contains("line ") || t.contains("outro")
+            })
+            .await;
+        let t = shown(&m.event);
+        let is_last = t.contains("outro");
+        if edit_of(&m.event).is_none() || is_last {
+            parts.push(t);
+        }
+        if is_last && edit_of(&m.event).is_none() {
+            break;
+        }
+        if is_last {
+            // The final edit carries the first part; the rest follow as messages.
+            parts.clear();
+            parts.push(shown(&m.event));
+        }
+    }
+    let all = parts.join("\n");
+    assert!(parts.len() >= 2, "split into several messages");
+    for p in &parts {
+        assert!(p.len() <= 16 * 1024 + 100, "part of {} bytes", p.len());
+        assert_eq!(
+            p.matches("```").count() % 2,
+            0,
+            "a part never leaves a fence open: {}",
+            &p[..200.min(p.len())]
+        );
+    }
+    for i in [0, 700, 1499] {
+        assert!(
+            all.contains(&format!("line {i:04} of the long output")),
+            "line {i} arrived"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_keeps_the_device_answers_nothing_old_and_reports_rerun_jobs() {
+    let mut w = World::start(|_| {}).await;
+    let (room, _) = w.create_channel("durable").await;
+    let bot = w.bot.clone();
+    let session_file = w.config.matrix_state_dir().join("session.json");
+    let before: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&session_file).unwrap()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&session_file)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+
+    w.stop_gorp().await;
+    // Sent while gorp is down: never answered, never a job.
+    let missed = w.alice.say(&room, "@reply too late").await;
+    w.start_gorp().await;
+    let after: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&session_file).unwrap()).unwrap();
+    assert_eq!(before["device_id"], after["device_id"], "the same device");
+
+    // The E2EE conversation goes on after the restart.
+    let asked = w.alice.say(&room, "@reply after the restart").await;
+    w.alice.reaction(&bot, &asked, "✅").await;
+    let reply = w
+        .alice
+        .message_from(&bot, &room, "the answer after the restart", |e| {
+            shown(e).contains("after the restart")
+        })
+        .await;
+    assert!(reply.encrypted);
+    let key = missed.to_string();
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs WHERE idempotency_key = ?1")
+            .bind(&key)
+            .fetch_one(w.store.read_pool())
+            .await
+            .unwrap(),
+        0,
+        "the message sent while gorp was down is not answered"
+    );
+
+    // A job whose gorp died mid-job is re-run, and the room is told. The dead gorp is a lease
+    // owner on this host whose process no longer exists: it claims a job (with a clock ahead,
+    // so the live workers have not taken it yet) and never reports back.
+    let ch = w.store.channel_get("durable").await.unwrap().unwrap();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let dead_owner = format!("{}:999999:deadbeef", host.trim());
+    let later = now_ms() + 3_600_000;
+    let orphan = w
+        .store
+        .job_insert(
+            NewJob {
+                run_at: Some(later),
+                ..NewJob::new(ch.id, Source::Cli, "@reply rerun done")
+            },
+            now_ms(),
+        )
+        .await
+        .unwrap();
+    let claimed = w
+        .store
+        .job_claim_many(&dead_owner, 1, later, 3_600_000)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].id, orphan.job_id);
+    let notice = w
+        .alice
+        .message_from(&bot, &room, "the restart notice", |e| {
+            shown(e).contains("gorp restarted")
+        })
+        .await;
+    assert!(
+        shown(&notice.event).contains(&orphan.job_id[..8]),
+        "{}",
+        shown(&notice.event)
+    );
+    w.alice
+        .message_from(&bot, &room, "the re-run's output", |e| {
+            shown(e).contains("rerun done")
+        })
+        .await;
+    let job = w.store.job_get(&orphan.job_id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Succeeded);
+    assert_eq!(job.attempt, 2);
+}
