@@ -997,3 +997,101 @@ async fn a_restart_keeps_the_device_answers_nothing_old_and_reports_rerun_jobs()
     assert_eq!(job.state, JobState::Succeeded);
     assert_eq!(job.attempt, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_bot_reconnects_after_the_homeserver_goes_away_and_failures_say_what_happened() {
+    let mut w = World::start(|_| {}).await;
+    let (room, _) = w.create_channel("resilient").await;
+    let bot = w.bot.clone();
+
+    // A failing prompt: ❌ and the reason, in the reply.
+    let asked = w.alice.say(&room, "@fail the tool exploded").await;
+    w.alice.reaction(&bot, &asked, "❌").await;
+    let failed = w
+        .alice
+        .message_from(&bot, &room, "the failure reply", |e| {
+            shown(e).contains("the tool exploded")
+        })
+        .await;
+    assert!(
+        shown(&failed.event).contains("failed"),
+        "{}",
+        shown(&failed.event)
+    );
+
+    // The homeserver dies: the bot records it and keeps retrying …
+    w.synapse.kill();
+    let state = |s: &'static str| {
+        let store = w.store.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT state FROM matrix_bot WHERE state = ?1")
+                .bind(s)
+                .fetch_optional(store.read_pool())
+                .await
+                .unwrap()
+        }
+    };
+    eventually(WAIT, "the bot to notice the homeserver is gone", || {
+        state("retrying")
+    })
+    .await;
+    // … and is back once the homeserver is.
+    w.synapse.resume().await.expect("Synapse comes back");
+    eventually(WAIT, "the bot to sync again", || state("syncing")).await;
+    let asked = w.alice.say(&room, "@reply back online").await;
+    w.alice.reaction(&bot, &asked, "✅").await;
+    w.alice
+        .message_from(&bot, &room, "the answer after the outage", |e| {
+            shown(e).contains("back online")
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn device_verification_is_never_accepted() {
+    use futures::StreamExt;
+    use matrix_sdk::encryption::verification::VerificationRequestState;
+
+    let mut w = World::start(|_| {}).await;
+    let dm = w.dm().await;
+    // The conversation works without any verification.
+    let answer = w.command(&dm, "!list").await;
+    assert!(answer.contains("No channels"), "{answer}");
+
+    let session = std::fs::read(w.config.matrix_state_dir().join("session.json")).unwrap();
+    let session: serde_json::Value = serde_json::from_slice(&session).unwrap();
+    let device_id = session["device_id"].as_str().unwrap().to_string();
+    let device = w
+        .alice
+        .client
+        .encryption()
+        .get_device(&w.bot, device_id.as_str().into())
+        .await
+        .unwrap()
+        .expect("Alice knows the bot's device");
+    assert!(!device.is_verified());
+    let request = device.request_verification().await.unwrap();
+    let mut changes = request.changes();
+    if !request.is_cancelled() {
+        tokio::time::timeout(WAIT, async {
+            while let Some(state) = changes.next().await {
+                if matches!(state, VerificationRequestState::Cancelled(_)) {
+                    return;
+                }
+                assert!(
+                    !matches!(
+                        state,
+                        VerificationRequestState::Ready { .. }
+                            | VerificationRequestState::Transitioned { .. }
+                            | VerificationRequestState::Done
+                    ),
+                    "the bot must not take part in a verification: {state:?}"
+                );
+            }
+        })
+        .await
+        .expect("the bot cancels the request");
+    }
+    assert!(request.is_cancelled());
+    assert!(!device.is_verified());
+}

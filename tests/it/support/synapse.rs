@@ -191,31 +191,7 @@ impl Synapse {
         let port = free_port().context("picking a free port")?;
         let shared_secret = random_hex(32)?;
         write_config(dir.path(), port, &shared_secret)?;
-
-        let output = File::create(dir.path().join("stdout.log")).context("creating stdout.log")?;
-        let mut command = Command::new(python);
-        command
-            .args(["-m", "synapse.app.homeserver", "--config-path"])
-            .arg(dir.path().join("homeserver.yaml"))
-            .current_dir(dir.path())
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .stdin(Stdio::null())
-            .stdout(output.try_clone().context("cloning stdout.log")?)
-            .stderr(output)
-            .process_group(0);
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork
-        // and exec.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = command
-            .spawn()
-            .with_context(|| format!("spawning {} -m synapse.app.homeserver", python.display()))?;
+        let child = spawn(python, dir.path())?;
 
         let base_url = format!("http://127.0.0.1:{port}");
         let http = reqwest::Client::builder()
@@ -237,6 +213,59 @@ impl Synapse {
         Ok(synapse)
     }
 
+    /// Kills the server at once (like a crash); [`Synapse::resume`] starts it again.
+    pub fn kill(&mut self) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: plain syscall on the process group this struct created.
+        unsafe {
+            libc::killpg(pid, libc::SIGKILL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the killed server again on the same port, database and keys.
+    pub async fn resume(&mut self) -> anyhow::Result<()> {
+        let began = Instant::now();
+        let python = venv_python()?;
+        self.child = spawn(&python, self.dir.path())?;
+        match self.wait_ready(began).await {
+            Ok(()) => Ok(()),
+            Err(StartError::PortTaken(e)) | Err(StartError::Other(e)) => Err(e),
+        }
+    }
+}
+
+/// Starts `python -m synapse.app.homeserver` on the config in `dir`, in its own process group,
+/// killed when the spawning thread dies.
+fn spawn(python: &Path, dir: &Path) -> anyhow::Result<Child> {
+    let output = File::create(dir.join("stdout.log")).context("creating stdout.log")?;
+    let mut command = Command::new(python);
+    command
+        .args(["-m", "synapse.app.homeserver", "--config-path"])
+        .arg(dir.join("homeserver.yaml"))
+        .current_dir(dir)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdin(Stdio::null())
+        .stdout(output.try_clone().context("cloning stdout.log")?)
+        .stderr(output)
+        .process_group(0);
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork
+    // and exec.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
+        .spawn()
+        .with_context(|| format!("spawning {} -m synapse.app.homeserver", python.display()))
+}
+
+impl Synapse {
     /// Polls `/_matrix/client/versions` until it answers 200, the child
     /// exits, or [`STARTUP_TIMEOUT`] passes.
     async fn wait_ready(&mut self, began: Instant) -> Result<(), StartError> {
