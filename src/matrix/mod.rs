@@ -218,11 +218,6 @@ pub async fn connect(config: &Config) -> anyhow::Result<Client> {
     let saved = StoredSession::of(&client)?;
     saved.save(&paths.session)?;
     tracing::info!(user = %saved.user_id, device = %saved.device_id, "Matrix login; session saved");
-    if let Some(key) = &m.recovery_key {
-        if let Err(e) = client.encryption().recovery().recover(key).await {
-            tracing::warn!(error = %e, "cannot restore room keys with the recovery key");
-        }
-    }
     Ok(client)
 }
 
@@ -315,6 +310,7 @@ pub async fn run_client(
             }
         }
     }
+    recover(&client, &services.config).await;
     let bot = bot::Bot::new(client.clone(), services.clone())?;
     bot.attach();
     bot.answer_pending_invites().await;
@@ -362,6 +358,28 @@ impl Status {
         if let Err(e) = r {
             tracing::warn!(error = %e, "cannot record the Matrix bot state");
         }
+    }
+}
+
+/// With `[matrix] recovery_key`, imports the account's secrets from server-side secret storage
+/// (cross-signing keys, so this device is signed by the bot's identity, and the key-backup key,
+/// so room keys sent to earlier devices can be downloaded). Failure is logged, not fatal.
+async fn recover(client: &Client, config: &Config) {
+    use matrix_sdk::encryption::recovery::RecoveryState;
+    let Some(key) = config
+        .matrix
+        .as_ref()
+        .and_then(|m| m.recovery_key.as_deref())
+    else {
+        return;
+    };
+    let recovery = client.encryption().recovery();
+    if recovery.state() == RecoveryState::Enabled {
+        return;
+    }
+    match recovery.recover(key).await {
+        Ok(()) => tracing::info!("secrets restored with the recovery key"),
+        Err(e) => tracing::warn!(error = %e, "cannot restore secrets with the recovery key"),
     }
 }
 

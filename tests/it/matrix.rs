@@ -260,15 +260,30 @@ struct World {
 
 impl World {
     async fn start(tweak: impl FnOnce(&mut Config)) -> World {
+        Self::start_as(false, tweak).await
+    }
+
+    /// With `token`, the bot logs in with an access token (whose device it must use) instead
+    /// of its password.
+    async fn start_as(token: bool, tweak: impl FnOnce(&mut Config)) -> World {
+        let mut w = Self::prepare(token, tweak).await;
+        w.start_gorp().await;
+        w
+    }
+
+    /// Synapse, the accounts and the config, without gorp running yet.
+    async fn prepare(token: bool, tweak: impl FnOnce(&mut Config)) -> World {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
         let synapse = Synapse::start().await.expect("start Synapse");
-        synapse
-            .register_user("gorp", "gorp-password")
-            .await
-            .expect("register the bot");
+        let registered = if token {
+            synapse.register("gorp", "gorp-password", false).await
+        } else {
+            synapse.register_user("gorp", "gorp-password").await
+        }
+        .expect("register the bot");
         let alice = Person::login(&synapse, "alice").await;
         let dir = TempDir::new().unwrap();
         let home = synapse.base_url().to_string();
@@ -280,7 +295,8 @@ impl World {
             c.matrix = Some(MatrixConfig {
                 home_server: home,
                 user_id: "@gorp:localhost".into(),
-                password: Some("gorp-password".into()),
+                password: (!token).then(|| "gorp-password".into()),
+                access_token: token.then(|| registered.access_token.clone()),
                 allowed_users: vec![allowed],
                 store_passphrase: Some("passphrase for tests".into()),
                 edit_interval_ms: 200,
@@ -290,7 +306,7 @@ impl World {
             tweak(c);
         });
         let store = Store::open(&config.database).await.unwrap();
-        let mut w = World {
+        World {
             synapse,
             _dir: dir,
             config,
@@ -298,9 +314,7 @@ impl World {
             bot: "@gorp:localhost".try_into().unwrap(),
             alice,
             gorp: None,
-        };
-        w.start_gorp().await;
-        w
+        }
     }
 
     async fn start_gorp(&mut self) {
@@ -1094,4 +1108,104 @@ async fn device_verification_is_never_accepted() {
     }
     assert!(request.is_cancelled());
     assert!(!device.is_verified());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_access_token_logs_in_as_its_own_device() {
+    let mut w = World::start_as(true, |_| {}).await;
+    let token = w
+        .config
+        .matrix
+        .as_ref()
+        .unwrap()
+        .access_token
+        .clone()
+        .unwrap();
+    let devices = w.synapse.devices(&token).await.unwrap();
+    assert_eq!(
+        devices.len(),
+        1,
+        "no device besides the token's: {devices:?}"
+    );
+    let session: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(w.config.matrix_state_dir().join("session.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(session["device_id"], devices[0].as_str());
+    assert!(
+        !session.to_string().contains("gorp-password"),
+        "no password in the session file"
+    );
+    let dm = w.dm().await;
+    assert!(w.command(&dm, "!help").await.contains("!create"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_recovery_key_restores_the_bots_identity_on_a_new_device() {
+    use matrix_sdk::encryption::EncryptionSettings;
+
+    let mut w = World::prepare(false, |_| {}).await;
+    // The operator set up recovery for the bot's account from another client.
+    let operator_dir = TempDir::new().unwrap();
+    let operator = Client::builder()
+        .homeserver_url(w.synapse.base_url())
+        .sqlite_store(operator_dir.path(), None)
+        .with_encryption_settings(EncryptionSettings {
+            auto_enable_cross_signing: true,
+            auto_enable_backups: true,
+            ..EncryptionSettings::default()
+        })
+        .build()
+        .await
+        .unwrap();
+    operator
+        .matrix_auth()
+        .login_username("gorp", "gorp-password")
+        .send()
+        .await
+        .unwrap();
+    operator
+        .sync_once(SyncSettings::default().timeout(Duration::ZERO))
+        .await
+        .unwrap();
+    let key = operator
+        .encryption()
+        .recovery()
+        .enable()
+        .await
+        .expect("enable recovery");
+    w.config.matrix.as_mut().unwrap().recovery_key = Some(key);
+    w.start_gorp().await;
+
+    let session: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(w.config.matrix_state_dir().join("session.json")).unwrap(),
+    )
+    .unwrap();
+    let device_id = session["device_id"].as_str().unwrap().to_string();
+    assert_ne!(
+        Some(device_id.as_str()),
+        operator.device_id().map(|d| d.as_str())
+    );
+    // The new device is signed by the bot's own cross-signing identity, which only the
+    // recovered secrets allow; Alice sees that.
+    let dm = w.dm().await;
+    assert!(w.command(&dm, "!list").await.contains("No channels"));
+    let alice = w.alice.client.clone();
+    let bot = w.bot.clone();
+    eventually(WAIT, "the bot's device to be cross-signed", || {
+        let alice = alice.clone();
+        let bot = bot.clone();
+        let device_id = device_id.clone();
+        async move {
+            let _ = alice.encryption().request_user_identity(&bot).await;
+            let device = alice
+                .encryption()
+                .get_device(&bot, device_id.as_str().into())
+                .await
+                .ok()
+                .flatten()?;
+            device.is_cross_signed_by_owner().then_some(())
+        }
+    })
+    .await;
 }
