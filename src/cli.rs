@@ -824,12 +824,20 @@ fn channels_table(list: &[Channel]) -> String {
                 c.webhook_id.clone(),
                 c.agent_binary.clone().unwrap_or_else(|| "(default)".into()),
                 c.permission_policy.clone(),
+                c.matrix_room_id.clone().unwrap_or_default(),
                 c.acp_session_id.clone().unwrap_or_default(),
             ]
         })
         .collect();
     table(
-        &["NAME", "WEBHOOK ID", "AGENT", "PERMISSIONS", "ACP SESSION"],
+        &[
+            "NAME",
+            "WEBHOOK ID",
+            "AGENT",
+            "PERMISSIONS",
+            "MATRIX ROOM",
+            "ACP SESSION",
+        ],
         &rows,
     )
 }

@@ -265,6 +265,8 @@ pub struct MatrixConfig {
     pub max_edits: u32,
     /// Base URL that webhook links in the room use; empty: `http://<webhook.bind>:<webhook.port>`.
     pub public_url: String,
+    /// Longest wait between two attempts to reach the homeserver (backoff doubles from 0.5 s).
+    pub retry_max_secs: u64,
 }
 
 impl Default for MatrixConfig {
@@ -282,6 +284,7 @@ impl Default for MatrixConfig {
             edit_interval_ms: 1000,
             max_edits: 30,
             public_url: String::new(),
+            retry_max_secs: 60,
         }
     }
 }
@@ -465,6 +468,9 @@ impl Config {
             }
             if m.password.is_none() && m.access_token.is_none() {
                 return bad("matrix.password", "expected password or access_token");
+            }
+            if m.retry_max_secs == 0 {
+                return bad("matrix.retry_max_secs", "expected at least 1");
             }
             if m.edit_interval_ms < 100 {
                 return bad("matrix.edit_interval_ms", "expected at least 100");
@@ -702,14 +708,46 @@ mod tests {
     }
 
     #[test]
+    fn matrix_settings_are_validated() {
+        let base = "[matrix]\nhome_server='https://m.org'\nuser_id='@b:m.org'\npassword='pw'\n";
+        let c = Config::from_toml(base, "t.toml").unwrap();
+        let m = c.matrix.as_ref().unwrap();
+        assert_eq!((m.edit_interval_ms, m.max_edits), (1000, 30));
+        assert_eq!(m.device_name, "gorp");
+        assert_eq!(c.matrix_state_dir(), PathBuf::from("./matrix"));
+        assert_eq!(c.public_url(), "http://127.0.0.1:13000");
+        for (extra, key) in [
+            ("edit_interval_ms = 10\n", "matrix.edit_interval_ms"),
+            ("public_url = 'ftp://x'\n", "matrix.public_url"),
+            ("allowed_users = ['alice']\n", "matrix.allowed_users"),
+        ] {
+            let err = Config::from_toml(&format!("{base}{extra}"), "t.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+        let c = Config::from_toml(
+            &format!(
+                "{base}public_url = 'https://gorp.example.org/'\nstate_dir = '/var/lib/gorp/m'\n"
+            ),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.public_url(), "https://gorp.example.org");
+        assert_eq!(c.matrix_state_dir(), PathBuf::from("/var/lib/gorp/m"));
+    }
+
+    #[test]
     fn masked_output_hides_secrets() {
         let c = Config::from_toml(
-            "[matrix]\nhome_server='https://m.org'\nuser_id='@b:m.org'\npassword='hunter2hunter2'\n[webhook]\ntokens=['0123456789abcdefXYZ']\n",
+            "[matrix]\nhome_server='https://m.org'\nuser_id='@b:m.org'\npassword='hunter2hunter2'\nstore_passphrase='sesame-sesame'\nrecovery_key='EsTj 3yST y93F'\n[webhook]\ntokens=['0123456789abcdefXYZ']\n",
             "t.toml",
         )
         .unwrap();
         let out = c.to_masked_toml();
         assert!(!out.contains("hunter2"), "{out}");
+        assert!(!out.contains("sesame"), "{out}");
+        assert!(!out.contains("EsTj"), "{out}");
         assert!(!out.contains("0123456789abcdef"), "{out}");
         assert!(out.contains("********"), "{out}");
     }

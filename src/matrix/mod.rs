@@ -43,8 +43,15 @@ use crate::worker::PoolHandle;
 
 /// The long-poll timeout of each `/sync`.
 pub const LONG_POLL: Duration = Duration::from_secs(30);
-/// Longest wait between two failed syncs.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// The longest wait between two attempts to reach the homeserver (`[matrix] retry_max_secs`).
+fn max_backoff(config: &Config) -> Duration {
+    let secs = config
+        .matrix
+        .as_ref()
+        .map(|m| m.retry_max_secs)
+        .unwrap_or(60);
+    Duration::from_secs(secs.max(1))
+}
 
 /// What the bot keeps to come back as the same device.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -278,7 +285,7 @@ pub async fn run(services: Services, shutdown: CancellationToken) -> anyhow::Res
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.cancelled() => return Ok(()),
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                backoff = (backoff * 2).min(max_backoff(&services.config));
             }
         }
     };
@@ -306,7 +313,7 @@ pub async fn run_client(
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.cancelled() => return Ok(()),
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                backoff = (backoff * 2).min(max_backoff(&services.config));
             }
         }
     }
@@ -319,7 +326,7 @@ pub async fn run_client(
     status.set("syncing", None).await;
     let pump = pump::Pump::new(client.clone(), services.store.clone(), &services.config);
     let pump = tokio::spawn(pump.run(shutdown.clone()));
-    sync_forever(&client, &shutdown, &status).await;
+    sync_forever(&client, &shutdown, &status, max_backoff(&services.config)).await;
     let _ = pump.await;
     status.set("stopped", None).await;
     Ok(())
@@ -384,8 +391,13 @@ async fn recover(client: &Client, config: &Config) {
 }
 
 /// Long-poll syncs one after another (no pause between quick responses), with exponential
-/// backoff from 0.5 s to [`MAX_BACKOFF`] while the homeserver cannot be reached.
-async fn sync_forever(client: &Client, shutdown: &CancellationToken, status: &Status) {
+/// backoff from 0.5 s to `[matrix] retry_max_secs` while the homeserver cannot be reached.
+async fn sync_forever(
+    client: &Client,
+    shutdown: &CancellationToken,
+    status: &Status,
+    max_wait: Duration,
+) {
     let settings = SyncSettings::default().timeout(LONG_POLL);
     let mut backoff = Duration::from_millis(500);
     let mut failing = false;
@@ -413,7 +425,7 @@ async fn sync_forever(client: &Client, shutdown: &CancellationToken, status: &St
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.cancelled() => return,
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                backoff = (backoff * 2).min(max_wait);
             }
         }
     }

@@ -203,8 +203,24 @@ impl Pump {
 
         let terminal = r.state.is_terminal();
         let fresh_output = r.last_seq > r.rendered_seq;
+        // Attempts up to this one are over, so their restart notices can be posted.
+        let finished_attempts = if r.state == JobState::Running {
+            r.attempt - 1
+        } else {
+            r.attempt
+        };
+        let restart_check = u.noted_attempt < finished_attempts;
+        let edit_due = r.state == JobState::Running
+            && r.reply_event_id.is_some()
+            && fresh_output
+            && u.edits < self.max_edits
+            && self
+                .last_edit
+                .get(&r.job_id)
+                .is_none_or(|t| t.elapsed() >= self.edit_interval);
         let needs_events = terminal
-            || fresh_output
+            || restart_check
+            || edit_due
             || (r.state == JobState::Running && r.reply_event_id.is_none());
         if !needs_events {
             if changed {
@@ -220,7 +236,7 @@ impl Pump {
         let noted = u.noted_attempt;
         for ev in events
             .iter()
-            .filter(|e| e.kind == "rescued" && e.attempt > noted)
+            .filter(|e| e.kind == "rescued" && e.attempt > noted && e.attempt <= finished_attempts)
         {
             let text = format!(
                 "↻ gorp restarted while job `{}` was running: {}",
@@ -229,7 +245,10 @@ impl Pump {
             );
             room.send(RoomMessageEventContent::notice_plain(text))
                 .await?;
-            u.noted_attempt = ev.attempt;
+            changed = true;
+        }
+        if restart_check {
+            u.noted_attempt = finished_attempts;
             changed = true;
         }
 
@@ -292,22 +311,14 @@ impl Pump {
                 self.last_edit.insert(r.job_id.clone(), Instant::now());
                 changed = true;
             }
-            Some(id) if fresh_output && u.edits < self.max_edits => {
-                let due = self
-                    .last_edit
-                    .get(&r.job_id)
-                    .is_none_or(|t| t.elapsed() >= self.edit_interval);
-                if due {
-                    let id = EventId::parse(id.as_str())?;
-                    room.send(
-                        message(&streaming).make_replacement(ReplacementMetadata::new(id, None)),
-                    )
+            Some(id) if edit_due => {
+                let id = EventId::parse(id.as_str())?;
+                room.send(message(&streaming).make_replacement(ReplacementMetadata::new(id, None)))
                     .await?;
-                    u.edits += 1;
-                    u.rendered_seq = r.last_seq;
-                    self.last_edit.insert(r.job_id.clone(), Instant::now());
-                    changed = true;
-                }
+                u.edits += 1;
+                u.rendered_seq = r.last_seq;
+                self.last_edit.insert(r.job_id.clone(), Instant::now());
+                changed = true;
             }
             Some(_) => {}
         }

@@ -300,6 +300,7 @@ impl World {
                 allowed_users: vec![allowed],
                 store_passphrase: Some("passphrase for tests".into()),
                 edit_interval_ms: 200,
+                retry_max_secs: 1,
                 max_edits: 5,
                 ..MatrixConfig::default()
             });
