@@ -17,6 +17,9 @@ pub const WARM_SESSIONS: &str = "gorp_warm_sessions";
 pub const AGENT_COLD_START_SECONDS: &str = "gorp_agent_cold_start_seconds";
 pub const WEBHOOK_RESPONSES: &str = "gorp_webhook_responses_total";
 pub const HTTP_REQUESTS: &str = "gorp_http_requests_total";
+pub const MATRIX_EVENTS: &str = "gorp_matrix_events_total";
+pub const MATRIX_SENDS: &str = "gorp_matrix_sends_total";
+pub const MATRIX_SYNC_FAILURES: &str = "gorp_matrix_sync_failures_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 

@@ -180,6 +180,7 @@ impl Bot {
         }
         if !self.is_allowed(&ev.sender) {
             tracing::debug!(room = %room.room_id(), from = %ev.sender, "ignoring a message from a user who is not allowed");
+            metrics::counter!(crate::metrics::MATRIX_EVENTS, "kind" => "refused").increment(1);
             return;
         }
         if matches!(ev.content.relates_to, Some(Relation::Replacement(_))) {
@@ -192,6 +193,7 @@ impl Bot {
         // Replies quote the original as "> …" lines; the prompt is what follows.
         let body = strip_reply_fallback(&body);
         if let Some(parsed) = command::parse(&body) {
+            metrics::counter!(crate::metrics::MATRIX_EVENTS, "kind" => "command").increment(1);
             let bot = self.clone();
             let sender = ev.sender.clone();
             tokio::spawn(async move {
@@ -237,6 +239,7 @@ impl Bot {
                 return;
             }
         };
+        metrics::counter!(crate::metrics::MATRIX_EVENTS, "kind" => "prompt").increment(1);
         let target = MatrixTarget {
             room_id: room.room_id().to_string(),
             event_id: ev.event_id.to_string(),
@@ -280,6 +283,7 @@ impl Bot {
             return;
         }
         tracing::info!(job = %job_id, by = %ev.sender, "cancel by 🛑 reaction");
+        metrics::counter!(crate::metrics::MATRIX_EVENTS, "kind" => "cancel_reaction").increment(1);
         let _ = self.cancel(&job_id).await;
     }
 

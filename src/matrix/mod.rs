@@ -398,10 +398,13 @@ async fn sync_forever(
     status: &Status,
     max_wait: Duration,
 ) {
-    let settings = SyncSettings::default().timeout(LONG_POLL);
+    let long_poll = SyncSettings::default().timeout(LONG_POLL);
+    // After a failure the next sync does not wait for news, so recovery is seen at once.
+    let probe = SyncSettings::default().timeout(Duration::ZERO);
     let mut backoff = Duration::from_millis(500);
     let mut failing = false;
     loop {
+        let settings = if failing { &probe } else { &long_poll };
         let r = tokio::select! {
             r = client.sync_once(settings.clone()) => r,
             _ = shutdown.cancelled() => return,
@@ -417,6 +420,7 @@ async fn sync_forever(
             }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "Matrix sync failed");
+                metrics::counter!(crate::metrics::MATRIX_SYNC_FAILURES).increment(1);
                 if !failing {
                     failing = true;
                     status.set("retrying", Some(e.to_string())).await;

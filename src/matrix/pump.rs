@@ -18,14 +18,14 @@ use matrix_sdk::ruma::events::relation::{Annotation, InReplyTo, Reply};
 use matrix_sdk::ruma::events::room::message::{
     Relation, ReplacementMetadata, RoomMessageEventContent,
 };
-use matrix_sdk::ruma::{EventId, OwnedRoomId, RoomId};
+use matrix_sdk::ruma::{EventId, OwnedEventId, OwnedRoomId, RoomId};
 use matrix_sdk::{Client, Room};
 use tokio_util::sync::CancellationToken;
 
 use super::bot::state_emoji;
 use super::render::{markdown_to_html, render_reply, split_message, ReplyInput, MAX_PART_BYTES};
 use crate::config::Config;
-use crate::store::{now_ms, Event, JobState, MatrixReply, Source, Store};
+use crate::store::{now_ms, Event, JobState, MatrixReply, MatrixReplyUpdate, Source, Store};
 
 /// Open replies handled per pass.
 const BATCH: i64 = 200;
@@ -57,11 +57,11 @@ impl Pump {
         }
     }
 
-    /// Runs until `shutdown`: a pass after every commit (at most one per 100 ms) and at least
+    /// Runs until `shutdown`: a pass after every commit (at most one per 20 ms) and at least
     /// every `edit_interval` while replies are open.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut commits = self.store.subscribe_commits();
-        let min_gap = Duration::from_millis(100);
+        let min_gap = Duration::from_millis(20);
         loop {
             let started = Instant::now();
             let open = match self.pass().await {
@@ -165,42 +165,63 @@ impl Pump {
     }
 
     /// Brings one job's room up to date with its rows. Returns true when the reply is final.
+    /// Replaced status reactions are removed last, so they do not delay the reply.
     async fn handle(&mut self, room: &Room, r: &MatrixReply) -> anyhow::Result<bool> {
-        let mut u = r.update();
-        let mut changed = false;
-
-        // Status reaction on the prompt: 👀 first (the prompt is committed), whatever the job's
-        // state by now, then the state's own, each replacing the one before.
-        if let Some(prompt) = &r.prompt_event_id {
-            let prompt = EventId::parse(prompt.as_str())?;
-            let mut wants = Vec::with_capacity(2);
-            if u.reaction_key.is_none() {
-                wants.push(state_emoji(JobState::Queued));
+        let mut stale = Vec::new();
+        let done = self.update(room, r, &mut stale).await?;
+        for old in stale {
+            if let Err(e) = room.redact(&old, None, None).await {
+                tracing::debug!(error = %e, "cannot remove the previous status reaction");
             }
-            wants.push(state_emoji(r.state));
-            for want in wants {
-                if u.reaction_key.as_deref() == Some(want) {
-                    continue;
-                }
-                let sent = room
-                    .send(ReactionEventContent::new(Annotation::new(
-                        prompt.clone(),
-                        want.to_string(),
-                    )))
-                    .await?;
-                if let Some(old) = u.reaction_event_id.as_deref() {
-                    if let Ok(old) = EventId::parse(old) {
-                        if let Err(e) = room.redact(&old, None, None).await {
-                            tracing::debug!(error = %e, "cannot remove the previous status reaction");
-                        }
-                    }
-                }
-                u.reaction_key = Some(want.to_string());
-                u.reaction_event_id = Some(sent.response.event_id.to_string());
+        }
+        Ok(done)
+    }
+
+    async fn update(
+        &mut self,
+        room: &Room,
+        r: &MatrixReply,
+        stale: &mut Vec<OwnedEventId>,
+    ) -> anyhow::Result<bool> {
+        let mut u = r.update();
+        let prompt = match &r.prompt_event_id {
+            Some(p) => Some(EventId::parse(p.as_str())?),
+            None => None,
+        };
+        // 👀 first, whatever the job's state by now: the prompt is committed.
+        let mut changed = false;
+        if let Some(prompt) = &prompt {
+            if u.reaction_key.is_none() {
+                react(room, prompt, state_emoji(JobState::Queued), &mut u, stale).await?;
                 changed = true;
             }
         }
+        // Then the text, then the state's reaction, so ✅ comes after the answer.
+        let posted = self.post(room, r, &mut u).await?;
+        if let Some(prompt) = &prompt {
+            let want = state_emoji(r.state);
+            if u.reaction_key.as_deref() != Some(want) {
+                react(room, prompt, want, &mut u, stale).await?;
+                changed = true;
+            }
+        }
+        if changed || posted {
+            self.store
+                .matrix_reply_update(&r.job_id, u.clone(), now_ms())
+                .await?;
+        }
+        Ok(u.done)
+    }
 
+    /// Posts what the job's rows say that the room has not seen: restart notices, the reply,
+    /// streaming edits, the final answer. Returns whether `u` changed.
+    async fn post(
+        &mut self,
+        room: &Room,
+        r: &MatrixReply,
+        u: &mut MatrixReplyUpdate,
+    ) -> anyhow::Result<bool> {
+        let mut changed = false;
         let terminal = r.state.is_terminal();
         let fresh_output = r.last_seq > r.rendered_seq;
         // Attempts up to this one are over, so their restart notices can be posted.
@@ -223,11 +244,6 @@ impl Pump {
             || edit_due
             || (r.state == JobState::Running && r.reply_event_id.is_none());
         if !needs_events {
-            if changed {
-                self.store
-                    .matrix_reply_update(&r.job_id, u, now_ms())
-                    .await?;
-            }
             return Ok(false);
         }
         let events = self.store.job_events_list(&r.job_id, 0, 100_000).await?;
@@ -245,21 +261,14 @@ impl Pump {
             );
             room.send(RoomMessageEventContent::notice_plain(text))
                 .await?;
-            changed = true;
+            count("notice");
         }
         if restart_check {
             u.noted_attempt = finished_attempts;
             changed = true;
         }
-
         if r.state == JobState::Queued {
-            if changed || fresh_output {
-                u.rendered_seq = r.last_seq;
-                self.store
-                    .matrix_reply_update(&r.job_id, u, now_ms())
-                    .await?;
-            }
-            return Ok(false);
+            return Ok(changed);
         }
 
         let markdown = render_reply(&ReplyInput {
@@ -275,7 +284,11 @@ impl Pump {
         });
 
         if terminal {
-            let parts = split_message(&markdown, MAX_PART_BYTES);
+            let edit_of = match &r.reply_event_id {
+                Some(id) => Some(EventId::parse(id.as_str())?),
+                None => None,
+            };
+            let parts = fitting_parts(&markdown, edit_of.as_deref());
             let mut parts = parts.into_iter();
             let first = parts.next().unwrap_or_default();
             match &r.reply_event_id {
@@ -283,29 +296,34 @@ impl Pump {
                     let id = EventId::parse(id.as_str())?;
                     room.send(message(&first).make_replacement(ReplacementMetadata::new(id, None)))
                         .await?;
+                    count("edit");
                     u.edits += 1;
                 }
                 None => {
                     let sent = room.send(self.first_message(&first, r)).await?;
+                    count("reply");
                     u.reply_event_id = Some(sent.response.event_id.to_string());
                 }
             }
             for part in parts {
                 room.send(message(&part)).await?;
+                count("part");
             }
             u.rendered_seq = r.last_seq.max(last_seq(&events));
             u.done = true;
-            self.store
-                .matrix_reply_update(&r.job_id, u, now_ms())
-                .await?;
             return Ok(true);
         }
 
         // Running: the reply appears at once, then follows the output at a bounded rate.
-        let streaming = streaming_view(&markdown);
+        let edit_of = match &r.reply_event_id {
+            Some(id) => Some(EventId::parse(id.as_str())?),
+            None => None,
+        };
+        let streaming = streaming_view(&markdown, edit_of.as_deref());
         match &r.reply_event_id {
             None => {
                 let sent = room.send(self.first_message(&streaming, r)).await?;
+                count("reply");
                 u.reply_event_id = Some(sent.response.event_id.to_string());
                 u.rendered_seq = r.last_seq;
                 self.last_edit.insert(r.job_id.clone(), Instant::now());
@@ -315,6 +333,7 @@ impl Pump {
                 let id = EventId::parse(id.as_str())?;
                 room.send(message(&streaming).make_replacement(ReplacementMetadata::new(id, None)))
                     .await?;
+                count("edit");
                 u.edits += 1;
                 u.rendered_seq = r.last_seq;
                 self.last_edit.insert(r.job_id.clone(), Instant::now());
@@ -322,12 +341,7 @@ impl Pump {
             }
             Some(_) => {}
         }
-        if changed {
-            self.store
-                .matrix_reply_update(&r.job_id, u, now_ms())
-                .await?;
-        }
-        Ok(false)
+        Ok(changed)
     }
 
     /// The reply's first message: an answer to the prompt when there is one.
@@ -344,17 +358,89 @@ impl Pump {
     }
 }
 
+/// Puts `key` on the prompt; the reaction it replaces is removed later (`stale`).
+async fn react(
+    room: &Room,
+    prompt: &EventId,
+    key: &str,
+    u: &mut MatrixReplyUpdate,
+    stale: &mut Vec<OwnedEventId>,
+) -> anyhow::Result<()> {
+    let sent = room
+        .send(ReactionEventContent::new(Annotation::new(
+            prompt.to_owned(),
+            key.to_string(),
+        )))
+        .await?;
+    count("reaction");
+    if let Some(old) = u
+        .reaction_event_id
+        .as_deref()
+        .and_then(|o| EventId::parse(o).ok())
+    {
+        stale.push(old);
+    }
+    u.reaction_key = Some(key.to_string());
+    u.reaction_event_id = Some(sent.response.event_id.to_string());
+    Ok(())
+}
+
+/// Counts what the pump posted, by kind (`reaction`, `reply`, `edit`, `part`, `notice`).
+fn count(kind: &'static str) {
+    metrics::counter!(crate::metrics::MATRIX_SENDS, "kind" => kind).increment(1);
+}
+
 fn message(markdown: &str) -> RoomMessageEventContent {
     RoomMessageEventContent::text_html(markdown, markdown_to_html(markdown))
 }
 
 /// What a streaming edit shows: the first part of the output so far, marked as continuing.
-fn streaming_view(markdown: &str) -> String {
-    let parts = split_message(markdown, MAX_PART_BYTES - 64);
+fn streaming_view(markdown: &str, edit_of: Option<&EventId>) -> String {
+    let parts = fitting_parts_within(markdown, edit_of, MAX_PART_BYTES - 64, 64);
     if parts.len() <= 1 {
         return markdown.to_string();
     }
     format!("{}\n\n…", parts[0])
+}
+
+/// Largest message content gorp sends, before encryption. The homeserver refuses events over
+/// 64 KiB, Megolm's base64 ciphertext is a third larger than the content, and an edit carries
+/// the text twice (fallback and new content), each as Markdown and HTML.
+const MAX_CONTENT_BYTES: usize = 40_000;
+
+fn fits(content: &RoomMessageEventContent, extra: usize) -> bool {
+    serde_json::to_vec(content).is_ok_and(|v| v.len() + extra <= MAX_CONTENT_BYTES)
+}
+
+/// `markdown` split into parts that each fit one event (the first as an edit of `edit_of`).
+fn fitting_parts(markdown: &str, edit_of: Option<&EventId>) -> Vec<String> {
+    fitting_parts_within(markdown, edit_of, MAX_PART_BYTES, 0)
+}
+
+fn fitting_parts_within(
+    markdown: &str,
+    edit_of: Option<&EventId>,
+    start: usize,
+    extra: usize,
+) -> Vec<String> {
+    let mut max = start;
+    loop {
+        let parts = split_message(markdown, max);
+        let ok = parts.iter().enumerate().all(|(i, part)| {
+            let content = message(part);
+            match (i, edit_of) {
+                (0, Some(id)) => fits(
+                    &content.make_replacement(ReplacementMetadata::new(id.to_owned(), None)),
+                    extra,
+                ),
+                _ => fits(&content, extra),
+            }
+        });
+        if ok || max <= 1024 {
+            return parts;
+        }
+        max /= 2;
+    }
 }
 
 fn last_seq(events: &[Event]) -> i64 {
@@ -363,4 +449,48 @@ fn last_seq(events: &[Event]) -> i64 {
 
 fn short_id(id: &str) -> &str {
     id.get(..8).unwrap_or(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn size(c: &RoomMessageEventContent) -> usize {
+        serde_json::to_vec(c).unwrap().len()
+    }
+
+    #[test]
+    fn every_part_fits_one_event_even_as_an_edit() {
+        let id = EventId::parse("$reply:localhost").unwrap();
+        // Escaping makes the HTML several times the Markdown.
+        let heavy = "<&>\"' ".repeat(20_000);
+        let plain = "word ".repeat(20_000);
+        for text in [heavy.as_str(), plain.as_str()] {
+            for edit in [None, Some(id.as_ref())] {
+                let parts = fitting_parts(text, edit);
+                assert!(parts.len() > 1);
+                for (i, p) in parts.iter().enumerate() {
+                    let c = message(p);
+                    let n = match (i, edit) {
+                        (0, Some(id)) => {
+                            size(&c.make_replacement(ReplacementMetadata::new(id.to_owned(), None)))
+                        }
+                        _ => size(&c),
+                    };
+                    assert!(n <= MAX_CONTENT_BYTES, "part {i} is {n} bytes");
+                }
+                let joined: String = parts.concat();
+                assert_eq!(
+                    joined.split_whitespace().count(),
+                    text.split_whitespace().count()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_short_answer_is_one_part() {
+        assert_eq!(fitting_parts("hello", None), vec!["hello".to_string()]);
+        assert_eq!(streaming_view("hello", None), "hello");
+    }
 }

@@ -552,6 +552,15 @@ async fn a_prompt_in_a_channel_room_streams_one_edited_reply_with_status_reactio
         1,
         "one line per tool call: {text}"
     );
+    let metrics = gorp::metrics::handle().render();
+    for line in [
+        "gorp_matrix_events_total{kind=\"prompt\"}",
+        "gorp_matrix_events_total{kind=\"command\"}",
+        "gorp_matrix_sends_total{kind=\"reaction\"}",
+        "gorp_matrix_sends_total{kind=\"edit\"}",
+    ] {
+        assert!(metrics.contains(line), "{line} in /metrics:\n{metrics}");
+    }
     let first_edit = shown(&edits[0].event);
     assert!(
         first_edit.len() < text.len(),
@@ -863,44 +872,51 @@ async fn webhook_and_scheduled_jobs_post_to_the_channel_room_and_long_output_is_
         .await;
     assert!(shown(&posted.event).contains("schedule"));
 
-    // 40 KB of output with a code fence in the middle: several messages, fences intact.
+    // 40 KB of output with a code fence in the middle, after a first chunk (so the reply
+    // exists and the answer's first part arrives as an edit): several messages, fences intact.
     let mut long = String::from("intro\\n```text\\n");
     for i in 0..1500 {
         long.push_str(&format!("line {i:04} of the long output\\n"));
     }
     long.push_str("```\\noutro");
-    let job = w
-        .store
+    w.store
         .job_insert(
-            NewJob::new(ch.id, Source::Cli, format!("@reply {long}")),
+            NewJob::new(
+                ch.id,
+                Source::Cli,
+                format!("@reply started\n@sleep-ms 400\n@reply {long}"),
+            ),
             now_ms(),
         )
         .await
         .unwrap();
-    w.store.job_get(&job.job_id).await.unwrap();
-    let mut parts = Vec::new();
-    loop {
+    let reply = w
+        .alice
+        .message_from(&bot, &room, "the long job's reply", |e| {
+            edit_of(e).is_none() && shown(e).contains("started")
+        })
+        .await;
+    let reply_id = reply.event.event_id.clone();
+    // The reply's latest content is the first part; further parts are new messages; the
+    // last part holds "outro".
+    let mut first = shown(&reply.event);
+    let mut rest = Vec::new();
+    let mut saw_edit = false;
+    while !(first.contains("outro") || rest.last().is_some_and(|t: &String| t.contains("outro"))) {
         let m = w
             .alice
-            .message_from(&bot, &room, "a part of the long output", |e| {
-                let t = shown(e);
-                t.contains("line ") || t.contains("outro")
-            })
+            .message_from(&bot, &room, "a part of the long output", |_| true)
             .await;
-        let t = shown(&m.event);
-        let is_last = t.contains("outro");
-        if edit_of(&m.event).is_none() || is_last {
-            parts.push(t);
-        }
-        if is_last && edit_of(&m.event).is_none() {
-            break;
-        }
-        if is_last {
-            // The final edit carries the first part; the rest follow as messages.
-            parts.clear();
-            parts.push(shown(&m.event));
+        if edit_of(&m.event) == Some(&reply_id) {
+            saw_edit = true;
+            first = shown(&m.event);
+        } else {
+            rest.push(shown(&m.event));
         }
     }
+    assert!(saw_edit, "the first part came as an edit of the reply");
+    let mut parts = vec![first];
+    parts.extend(rest);
     let all = parts.join("\n");
     assert!(parts.len() >= 2, "split into several messages");
     for p in &parts {
