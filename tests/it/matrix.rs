@@ -533,6 +533,20 @@ async fn a_prompt_in_a_channel_room_streams_one_edited_reply_with_status_reactio
             .await;
         edits.push(e);
     }
+    // Streaming edits are spaced by edit_interval_ms (200 ms here), counted from the reply;
+    // only the final edit may follow sooner.
+    let mut sent_at: Vec<u64> = vec![first.event.origin_server_ts.get().into()];
+    sent_at.extend(
+        edits[..edits.len() - 1]
+            .iter()
+            .map(|e| u64::from(e.event.origin_server_ts.get())),
+    );
+    for pair in sent_at.windows(2) {
+        assert!(
+            pair[1] >= pair[0] + 150,
+            "streaming edits at most every 200 ms: {sent_at:?}"
+        );
+    }
     // The last edit holds the whole answer, rendered as HTML.
     let last = edits.last().unwrap();
     let text = shown(&last.event);
