@@ -574,6 +574,23 @@ impl Bot {
                     ch.name
                 )
             }
+            Command::Token => {
+                let ch = self.room_channel(room).await?;
+                // A secret is only ever posted where the homeserver cannot read it.
+                if !room.latest_encryption_state().await?.is_encrypted() {
+                    anyhow::bail!(
+                        "this room is not encrypted; gorp posts tokens only in encrypted rooms"
+                    );
+                }
+                let token = crate::auth::new_token();
+                store.channel_set_webhook_token(ch.id, &token).await?;
+                format!(
+                    "New webhook token for **{}** (the old one no longer works):\n\n`POST {}/webhook/session/{}` with `Authorization: Bearer {token}`",
+                    ch.name,
+                    s.config.public_url(),
+                    ch.webhook_id
+                )
+            }
             Command::Schedule(sc) => self.schedule(sc, room, sender).await?,
         })
     }

@@ -45,6 +45,8 @@ pub enum Command {
     Reset,
     /// `!warm`: starts the channel's agent ahead of the next job.
     Warm,
+    /// `!token`: a new webhook token for this room's channel (the old one stops working).
+    Token,
     /// `!schedule …`: cron and one-off jobs of this room's channel.
     Schedule(ScheduleCommand),
 }
@@ -96,6 +98,7 @@ pub const HELP: &str = "\
 - `!cancel [id]` — cancel a job, or the one running in this room
 - `!reset` — the next job starts a new conversation
 - `!warm` — start this room's agent now so the next job starts fast
+- `!token` — a new webhook token for this room's channel (the old one stops working)
 - `!schedule add \"<cron or one-off>\" <prompt>` — run a prompt on a schedule
 - `!schedule list` — this room's schedules
 - `!schedule pause <id>` / `!schedule resume <id>` / `!schedule rm <id>` — pause, resume or delete a schedule
@@ -114,6 +117,7 @@ const USAGE_JOB: &str = "!job <id>";
 const USAGE_CANCEL: &str = "!cancel [id]";
 const USAGE_RESET: &str = "!reset";
 const USAGE_WARM: &str = "!warm";
+const USAGE_TOKEN: &str = "!token";
 const USAGE_SCHEDULE: &str = "!schedule add|list|pause|resume|rm|next …";
 const USAGE_SCHEDULE_ADD: &str = "!schedule add \"<cron or one-off>\" <prompt>";
 const USAGE_SCHEDULE_LIST: &str = "!schedule list";
@@ -155,6 +159,7 @@ pub fn parse(body: &str) -> Option<Result<Command, CommandError>> {
         "cancel" => cancel(args),
         "reset" => no_args(args, USAGE_RESET, Command::Reset),
         "warm" => no_args(args, USAGE_WARM, Command::Warm),
+        "token" => no_args(args, USAGE_TOKEN, Command::Token),
         "schedule" => schedule(args).map(Command::Schedule),
         _ => Err(unknown_command(word)),
     })
@@ -426,6 +431,7 @@ mod tests {
             ),
             ("!reset", Command::Reset),
             ("!warm", Command::Warm),
+            ("!token", Command::Token),
             ("!schedule list", sched(ScheduleCommand::List)),
             ("!Schedule LIST", sched(ScheduleCommand::List)),
             ("!schedule pause 3", sched(ScheduleCommand::Pause { id: 3 })),
@@ -522,6 +528,7 @@ mod tests {
             ("!status now", "usage: `!status`"),
             ("!reset x", "usage: `!reset`"),
             ("!warm x", "usage: `!warm`"),
+            ("!token abc", "usage: `!token`"),
             ("!jobs 0", "between 1 and 50; usage: `!jobs [n]`"),
             ("!jobs -1", "between 1 and 50"),
             ("!jobs 51", "between 1 and 50"),
@@ -628,6 +635,7 @@ mod tests {
             "!cancel",
             "!reset",
             "!warm",
+            "!token",
             "!schedule add",
             "!schedule list",
             "!schedule pause",

@@ -91,6 +91,17 @@ impl Store {
         .map(|_| ())
     }
 
+    /// Replaces a channel's own webhook bearer token (only its SHA-256 is stored); the old
+    /// token stops working at once.
+    pub async fn channel_set_webhook_token(&self, channel_id: i64, token: &str) -> Result<()> {
+        self.write(Write::ChannelSetToken {
+            channel_id,
+            sha256: crate::auth::sha256_hex(token),
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// Queued jobs of a channel.
     pub async fn channel_queue_depth(&self, channel_id: i64) -> Result<i64> {
         Ok(sqlx::query_scalar!(

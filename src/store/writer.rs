@@ -175,6 +175,10 @@ pub(super) enum Write {
         channel_id: i64,
         room_id: Option<String>,
     },
+    ChannelSetToken {
+        channel_id: i64,
+        sha256: String,
+    },
     MatrixBot {
         user_id: String,
         device_id: String,
@@ -1140,6 +1144,15 @@ async fn apply_write(conn: &mut SqliteConnection, w: &Write) -> Result<u64, sqlx
                 "UPDATE channels SET matrix_room_id = ?2 WHERE id = ?1",
                 channel_id,
                 room_id
+            )
+            .execute(&mut *conn)
+            .await?
+        }
+        Write::ChannelSetToken { channel_id, sha256 } => {
+            sqlx::query!(
+                "UPDATE channels SET webhook_token_sha256 = ?2 WHERE id = ?1",
+                channel_id,
+                sha256
             )
             .execute(&mut *conn)
             .await?

@@ -648,7 +648,7 @@ async fn only_allowed_users_reach_the_agent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn commands_answer_and_bad_ones_get_usage() {
     let mut w = World::start(|_| {}).await;
-    let (room, _) = w.create_channel("ops").await;
+    let (room, welcome) = w.create_channel("ops").await;
 
     let help = w.command(&room, "!help").await;
     for c in [
@@ -748,6 +748,32 @@ async fn commands_answer_and_bad_ones_get_usage() {
 
     let warm = w.command(&room, "!warm").await;
     assert!(warm.contains("warming"), "{warm}");
+
+    // A new webhook token replaces the one from the welcome.
+    let bearer = |text: &str| -> String {
+        let start = text.find("Bearer ").expect("a token") + "Bearer ".len();
+        text[start..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+            .collect()
+    };
+    let old = bearer(&welcome);
+    let answer = w.command(&room, "!token").await;
+    let new = bearer(&answer);
+    assert_ne!(old, new);
+    let stored = w
+        .store
+        .channel_get("ops")
+        .await
+        .unwrap()
+        .unwrap()
+        .webhook_token_sha256
+        .unwrap();
+    assert!(gorp::auth::token_matches_hash(&new, &stored));
+    assert!(
+        !gorp::auth::token_matches_hash(&old, &stored),
+        "the old token no longer works"
+    );
 
     let nothing = w.command(&room, "!cancel").await;
     assert!(nothing.contains("nothing is running"), "{nothing}");
