@@ -11,6 +11,7 @@ use anyhow::Context;
 use matrix_sdk::ruma::api::client::room::create_room::v3::{Request as CreateRoom, RoomPreset};
 use matrix_sdk::ruma::events::key::verification::request::ToDeviceKeyVerificationRequestEvent;
 use matrix_sdk::ruma::events::reaction::OriginalSyncReactionEvent;
+use matrix_sdk::ruma::events::room::encrypted::OriginalSyncRoomEncryptedEvent;
 use matrix_sdk::ruma::events::room::encryption::RoomEncryptionEventContent;
 use matrix_sdk::ruma::events::room::member::{
     MembershipState, OriginalSyncRoomMemberEvent, StrippedRoomMemberEvent,
@@ -109,6 +110,11 @@ impl Bot {
         client.add_event_handler(move |ev: OriginalSyncReactionEvent, room: Room| {
             let bot = bot.clone();
             async move { bot.on_reaction(ev, room).await }
+        });
+        let bot = self.clone();
+        client.add_event_handler(move |ev: OriginalSyncRoomEncryptedEvent, room: Room| {
+            let bot = bot.clone();
+            async move { bot.on_undecryptable(ev, room).await }
         });
         client.add_event_handler(
             move |ev: ToDeviceKeyVerificationRequestEvent, client: Client| async move {
@@ -258,6 +264,25 @@ impl Bot {
                 self.say(&room, &format!("❌ not queued: {e}")).await;
             }
         }
+    }
+
+    /// A message gorp cannot decrypt (its room key never reached gorp's device, e.g. a client
+    /// that shares keys only with verified devices): say so instead of staying silent.
+    async fn on_undecryptable(&self, ev: OriginalSyncRoomEncryptedEvent, room: Room) {
+        if ev.sender == self.inner.me
+            || !self.is_allowed(&ev.sender)
+            || room.state() != RoomState::Joined
+        {
+            return;
+        }
+        tracing::warn!(room = %room.room_id(), from = %ev.sender, event = %ev.event_id, "cannot decrypt a message");
+        metrics::counter!(crate::metrics::MATRIX_EVENTS, "kind" => "undecryptable").increment(1);
+        let bot = self.clone();
+        let text = format!(
+            "🔒 gorp could not decrypt a message from {}: its room key did not reach gorp's device. Nothing was run. Send it again; if this keeps happening, let your client share keys with unverified devices (gorp's device is never verified).",
+            ev.sender
+        );
+        tokio::spawn(async move { bot.say(&room, &text).await });
     }
 
     async fn on_reaction(&self, ev: OriginalSyncReactionEvent, room: Room) {

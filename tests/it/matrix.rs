@@ -23,6 +23,7 @@ use matrix_sdk::ruma::events::typing::SyncTypingEvent;
 use matrix_sdk::ruma::events::InitialStateEvent;
 use matrix_sdk::ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId};
 use matrix_sdk::{Client, Room, RoomState};
+use matrix_sdk_base::crypto::CollectStrategy;
 use serde::de::DeserializeOwned;
 use tempfile::TempDir;
 use tokio::sync::mpsc;
@@ -101,6 +102,11 @@ struct Person {
 
 impl Person {
     async fn login(synapse: &Synapse, name: &str) -> Person {
+        Self::login_with(synapse, name, CollectStrategy::AllDevices).await
+    }
+
+    /// A person whose client shares room keys as `strategy` says.
+    async fn login_with(synapse: &Synapse, name: &str, strategy: CollectStrategy) -> Person {
         let password = format!("{name}-password");
         let user = synapse
             .register_user(name, &password)
@@ -110,6 +116,7 @@ impl Person {
         let client = Client::builder()
             .homeserver_url(synapse.base_url())
             .sqlite_store(dir.path(), None)
+            .with_room_key_recipient_strategy(strategy)
             .build()
             .await
             .expect("client");
@@ -1265,4 +1272,51 @@ async fn a_recovery_key_restores_the_bots_identity_on_a_new_device() {
         }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_gorp_cannot_decrypt_gets_an_explanation_not_silence() {
+    let w = World::start(|c| {
+        c.matrix
+            .as_mut()
+            .unwrap()
+            .allowed_users
+            .push("@bob:localhost".into());
+    })
+    .await;
+    // Bob's client gives room keys only to verified devices, and nobody verifies the bot.
+    let mut bob = Person::login_with(&w.synapse, "bob", CollectStrategy::OnlyTrustedDevices).await;
+    let mut req = CreateRoom::new();
+    req.preset = Some(RoomPreset::PrivateChat);
+    req.invite = vec![w.bot.clone()];
+    req.initial_state = vec![InitialStateEvent::with_empty_state_key(
+        RoomEncryptionEventContent::with_recommended_defaults(),
+    )
+    .to_raw_any()];
+    let room = bob
+        .client
+        .create_room(req)
+        .await
+        .unwrap()
+        .room_id()
+        .to_owned();
+    let bot = w.bot.clone();
+    next(&mut bob.members, "the bot to join", |s| {
+        s.room_id == room
+            && s.event.state_key == bot
+            && s.event.content.membership == MembershipState::Join
+    })
+    .await;
+    bob.say(&room, "!create secret").await;
+    let notice = bob
+        .message_from(&bot, &room, "the explanation", |e| {
+            matches!(e.content.msgtype, MessageType::Notice(_))
+        })
+        .await;
+    let text = shown(&notice.event);
+    assert!(text.contains("could not decrypt"), "{text}");
+    assert!(
+        w.store.channel_get("secret").await.unwrap().is_none(),
+        "nothing was run"
+    );
 }
