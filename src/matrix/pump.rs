@@ -29,8 +29,16 @@ use crate::store::{now_ms, Event, JobState, MatrixReply, MatrixReplyUpdate, Sour
 
 /// Open replies handled per pass.
 const BATCH: i64 = 200;
-/// A reply that fails this many passes in a row is given up (recorded in its row).
-const MAX_FAILURES: u32 = 20;
+/// A reply that keeps failing (retried with backoff from 1 s to a minute) is given up after
+/// this long, with the error recorded in its row.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(15 * 60);
+
+/// A reply's run of failures.
+struct Failing {
+    since: Instant,
+    next_try: Instant,
+    wait: Duration,
+}
 
 pub struct Pump {
     client: Client,
@@ -39,7 +47,7 @@ pub struct Pump {
     max_edits: i64,
     /// When each job's reply was last edited (in memory: at most one edit early after a restart).
     last_edit: HashMap<String, Instant>,
-    failures: HashMap<String, u32>,
+    failures: HashMap<String, Failing>,
     typing: HashSet<OwnedRoomId>,
 }
 
@@ -102,6 +110,10 @@ impl Pump {
         let mut running_rooms: HashSet<OwnedRoomId> = HashSet::new();
         let mut still_open = 0;
         for r in open {
+            if self.backing_off(&r.job_id) {
+                still_open += 1;
+                continue;
+            }
             let Ok(room_id) = RoomId::parse(r.room_id.as_str()) else {
                 self.give_up(&r, "invalid room id").await;
                 continue;
@@ -148,12 +160,25 @@ impl Pump {
     }
 
     async fn fail(&mut self, r: &MatrixReply, error: &str) {
-        let n = self.failures.entry(r.job_id.clone()).or_insert(0);
-        *n += 1;
-        if *n >= MAX_FAILURES {
+        let now = Instant::now();
+        let f = self.failures.entry(r.job_id.clone()).or_insert(Failing {
+            since: now,
+            next_try: now,
+            wait: Duration::from_millis(500),
+        });
+        f.wait = (f.wait * 2).min(Duration::from_secs(60));
+        f.next_try = now + f.wait;
+        if now.duration_since(f.since) >= GIVE_UP_AFTER {
             self.failures.remove(&r.job_id);
             self.give_up(r, error).await;
         }
+    }
+
+    /// Whether a failing reply waits out its backoff in this pass.
+    fn backing_off(&self, job_id: &str) -> bool {
+        self.failures
+            .get(job_id)
+            .is_some_and(|f| Instant::now() < f.next_try)
     }
 
     async fn give_up(&mut self, r: &MatrixReply, error: &str) {
