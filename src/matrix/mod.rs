@@ -322,10 +322,11 @@ pub async fn run_client(
     bot.attach();
     bot.answer_pending_invites().await;
     tracing::info!(user = ?client.user_id(), "Matrix bot ready");
-    let status = Status::new(&client, services.store.clone());
+    let (recovered, recoveries) = tokio::sync::watch::channel(0u64);
+    let status = Status::new(&client, services.store.clone(), recovered);
     status.set("syncing", None).await;
     let pump = pump::Pump::new(client.clone(), services.store.clone(), &services.config);
-    let pump = tokio::spawn(pump.run(shutdown.clone()));
+    let pump = tokio::spawn(pump.run(recoveries, shutdown.clone()));
     sync_forever(&client, &shutdown, &status, max_backoff(&services.config)).await;
     let _ = pump.await;
     status.set("stopped", None).await;
@@ -337,12 +338,15 @@ struct Status {
     store: Store,
     user: String,
     device: String,
+    /// Bumped when syncing works again after failures, so the reply pump retries at once.
+    recovered: tokio::sync::watch::Sender<u64>,
 }
 
 impl Status {
-    fn new(client: &Client, store: Store) -> Status {
+    fn new(client: &Client, store: Store, recovered: tokio::sync::watch::Sender<u64>) -> Status {
         Status {
             store,
+            recovered,
             user: client.user_id().map(|u| u.to_string()).unwrap_or_default(),
             device: client
                 .device_id()
@@ -416,6 +420,7 @@ async fn sync_forever(
                     failing = false;
                     tracing::info!("Matrix sync recovered");
                     status.set("syncing", None).await;
+                    status.recovered.send_modify(|n| *n += 1);
                 }
             }
             Err(e) => {

@@ -67,7 +67,13 @@ impl Pump {
 
     /// Runs until `shutdown`: a pass after every commit (at most one per 20 ms) and at least
     /// every `edit_interval` while replies are open.
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    /// `recoveries` changes when the homeserver is reachable again: replies that were backing
+    /// off are retried at once.
+    pub async fn run(
+        mut self,
+        mut recoveries: tokio::sync::watch::Receiver<u64>,
+        shutdown: CancellationToken,
+    ) {
         let mut commits = self.store.subscribe_commits();
         let min_gap = Duration::from_millis(20);
         loop {
@@ -86,6 +92,7 @@ impl Pump {
             };
             tokio::select! {
                 _ = commits.changed() => {}
+                Ok(()) = recoveries.changed() => self.failures.clear(),
                 _ = tokio::time::sleep(idle) => {}
                 _ = shutdown.cancelled() => break,
             }

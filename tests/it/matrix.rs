@@ -299,6 +299,8 @@ impl World {
             c.webhook.port = 0;
             c.worker.max_attempts = 2;
             c.worker.rescue_interval_secs = 1;
+            c.worker.retry_base_secs = 1;
+            c.worker.retry_max_secs = 1;
             c.matrix = Some(MatrixConfig {
                 home_server: home,
                 user_id: "@gorp:localhost".into(),
@@ -1097,6 +1099,14 @@ async fn the_bot_reconnects_after_the_homeserver_goes_away_and_failures_say_what
         shown(&failed.event)
     );
 
+    // A job that finishes while the homeserver is away …
+    let during = w
+        .alice
+        .say(&room, "@sleep-ms 1500\n@reply finished during the outage")
+        .await;
+    w.alice.reaction(&bot, &during, "⏳").await;
+    let during_job = w.job_for(&during).await;
+
     // The homeserver dies: the bot records it and keeps retrying …
     w.synapse.kill();
     let state = |s: &'static str| {
@@ -1114,8 +1124,27 @@ async fn the_bot_reconnects_after_the_homeserver_goes_away_and_failures_say_what
     })
     .await;
     // … and is back once the homeserver is.
+    let finished = eventually(WAIT, "the job to finish during the outage", || async {
+        w.store
+            .job_get(&during_job)
+            .await
+            .unwrap()
+            .filter(|j| j.state == JobState::Succeeded)
+    })
+    .await;
+    assert!(finished.finished_at.is_some());
     w.synapse.resume().await.expect("Synapse comes back");
     eventually(WAIT, "the bot to sync again", || state("syncing")).await;
+    // … is answered once it is back.
+    w.alice
+        .message_from(
+            &bot,
+            &room,
+            "the answer of the job that finished meanwhile",
+            |e| shown(e).contains("finished during the outage"),
+        )
+        .await;
+    w.alice.reaction(&bot, &during, "✅").await;
     let asked = w.alice.say(&room, "@reply back online").await;
     w.alice.reaction(&bot, &asked, "✅").await;
     w.alice
@@ -1216,7 +1245,8 @@ async fn a_recovery_key_restores_the_bots_identity_on_a_new_device() {
         .sqlite_store(operator_dir.path(), None)
         .with_encryption_settings(EncryptionSettings {
             auto_enable_cross_signing: true,
-            auto_enable_backups: true,
+            // `recovery().enable()` creates the backup; an automatic one would race it.
+            auto_enable_backups: false,
             ..EncryptionSettings::default()
         })
         .build()
@@ -1232,6 +1262,11 @@ async fn a_recovery_key_restores_the_bots_identity_on_a_new_device() {
         .sync_once(SyncSettings::default().timeout(Duration::ZERO))
         .await
         .unwrap();
+    // Cross-signing is bootstrapped in the background after login.
+    operator
+        .encryption()
+        .wait_for_e2ee_initialization_tasks()
+        .await;
     let key = operator
         .encryption()
         .recovery()
