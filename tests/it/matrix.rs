@@ -928,27 +928,34 @@ async fn webhook_and_scheduled_jobs_post_to_the_channel_room_and_long_output_is_
         long.push_str(&format!("line {i:04} of the long output\\n"));
     }
     long.push_str("```\\noutro");
-    w.store
+    let long_job = w
+        .store
         .job_insert(
             NewJob::new(
                 ch.id,
                 Source::Cli,
-                format!("@reply started\n@sleep-ms 400\n@reply {long}"),
+                format!("@reply started\n@sleep-ms 1500\n@reply {long}"),
             ),
             now_ms(),
         )
         .await
-        .unwrap();
-    let reply = w
-        .alice
-        .message_from(&bot, &room, "the long job's reply", |e| {
-            edit_of(e).is_none() && shown(e).contains("started")
-        })
-        .await;
-    let reply_id = reply.event.event_id.clone();
+        .unwrap()
+        .job_id;
+    let reply_id: OwnedEventId = eventually(WAIT, "the long job's reply", || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT reply_event_id FROM matrix_replies WHERE job_id = ?1 AND reply_event_id IS NOT NULL",
+        )
+        .bind(&long_job)
+        .fetch_optional(w.store.read_pool())
+        .await
+        .unwrap()
+    })
+    .await
+    .try_into()
+    .unwrap();
     // The reply's latest content is the first part; further parts are new messages; the
     // last part holds "outro".
-    let mut first = shown(&reply.event);
+    let mut first = String::new();
     let mut rest = Vec::new();
     let mut saw_edit = false;
     while !(first.contains("outro") || rest.last().is_some_and(|t: &String| t.contains("outro"))) {
@@ -956,10 +963,12 @@ async fn webhook_and_scheduled_jobs_post_to_the_channel_room_and_long_output_is_
             .alice
             .message_from(&bot, &room, "a part of the long output", |_| true)
             .await;
-        if edit_of(&m.event) == Some(&reply_id) {
+        if m.event.event_id == reply_id {
+            first = shown(&m.event);
+        } else if edit_of(&m.event) == Some(&reply_id) {
             saw_edit = true;
             first = shown(&m.event);
-        } else {
+        } else if edit_of(&m.event).is_none() && first.contains("line ") {
             rest.push(shown(&m.event));
         }
     }
