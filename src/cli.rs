@@ -191,6 +191,8 @@ pub enum ChannelsCommand {
     List,
     /// Delete a channel and its job history (not its workspace directory).
     Rm { name: String },
+    /// Give a channel a new webhook bearer token (shown once); the old one stops working.
+    Token { name: String },
 }
 
 /// A command's failure, carrying its exit code.
@@ -458,6 +460,25 @@ async fn channels(cli: &Cli, cmd: &ChannelsCommand, config: &Config, store: &Sto
         ChannelsCommand::List => {
             let list = store.channel_list().await?;
             out(cli, serde_json::json!(list), || channels_table(&list));
+            Ok(EXIT_OK)
+        }
+        ChannelsCommand::Token { name } => {
+            let ch = store
+                .channel_get(name)
+                .await?
+                .ok_or_else(|| StoreError::UnknownChannel(name.clone()))?;
+            let token = crate::auth::new_token();
+            store.channel_set_webhook_token(ch.id, &token).await?;
+            let url = format!("/webhook/session/{}", ch.webhook_id);
+            out(
+                cli,
+                serde_json::json!({ "channel": name, "webhook_url": url, "webhook_token": token }),
+                || {
+                    format!(
+                        "channel {name}: new webhook token {token}  (shown once; the old token no longer works)\n  webhook:       POST {url}"
+                    )
+                },
+            );
             Ok(EXIT_OK)
         }
         ChannelsCommand::Rm { name } => {

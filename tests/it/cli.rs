@@ -249,6 +249,35 @@ async fn channels_and_jobs_commands_with_exit_codes() {
     let out = env.run(&["tail", &id]);
     assert_eq!(code(&out), 5, "tail exits with the job's outcome");
 
+    // A new webhook token replaces the old one.
+    let db = env.dir.path().join("gorp.db");
+    let hash = |db: std::path::PathBuf| async move {
+        let store = gorp::store::Store::open(&gorp::config::DatabaseConfig {
+            path: db,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let h = store
+            .channel_get("alpha")
+            .await
+            .unwrap()
+            .unwrap()
+            .webhook_token_sha256
+            .unwrap();
+        store.close().await;
+        h
+    };
+    let before = hash(db.clone()).await;
+    let rotated: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "channels", "token", "alpha"])).unwrap();
+    let token = rotated["webhook_token"].as_str().unwrap().to_string();
+    let after = hash(db.clone()).await;
+    assert_ne!(before, after);
+    assert!(gorp::auth::token_matches_hash(&token, &after));
+    let out = env.run(&["channels", "token", "nope"]);
+    assert_eq!(code(&out), 3);
+
     let out = env.run(&["channels", "rm", "nope"]);
     assert_eq!(code(&out), 3);
     env.ok(&["channels", "rm", "alpha"]);
