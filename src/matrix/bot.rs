@@ -456,12 +456,9 @@ impl Bot {
                     })
                     .await?;
                 let warm_line = match &warm {
+                    // The store already reports a warm agent with a running job as `busy`.
                     Some(w) => {
-                        let state = if !running.is_empty() && w.state == "warm" {
-                            "busy"
-                        } else {
-                            w.state.as_str()
-                        };
+                        let state = w.state.as_str();
                         let mut l = state.to_string();
                         if let Some(pid) = w.pid.filter(|_| state == "warm" || state == "busy") {
                             l.push_str(&format!(" (pid {pid})"));

@@ -176,6 +176,39 @@ impl Person {
         }
     }
 
+    /// A new private room inviting `other` (encrypted if asked); returns once `other`'s
+    /// membership there becomes `answer` (join or leave).
+    async fn open_room(
+        &mut self,
+        other: &OwnedUserId,
+        encrypted: bool,
+        answer: MembershipState,
+    ) -> OwnedRoomId {
+        let mut req = CreateRoom::new();
+        req.preset = Some(RoomPreset::PrivateChat);
+        req.is_direct = true;
+        req.invite = vec![other.clone()];
+        if encrypted {
+            req.initial_state = vec![InitialStateEvent::with_empty_state_key(
+                RoomEncryptionEventContent::with_recommended_defaults(),
+            )
+            .to_raw_any()];
+        }
+        let room = self.client.create_room(req).await.expect("create");
+        let id = room.room_id().to_owned();
+        self.membership(&id, other, answer).await;
+        id
+    }
+
+    /// Waits until `user`'s membership in `room` becomes `state`.
+    async fn membership(&mut self, room: &RoomId, user: &OwnedUserId, state: MembershipState) {
+        let what = format!("{user} to be {state} in {room}");
+        next(&mut self.members, &what, |s| {
+            s.room_id == room && &s.event.state_key == user && s.event.content.membership == state
+        })
+        .await;
+    }
+
     fn room(&self, id: &RoomId) -> Room {
         self.client.get_room(id).expect("a room the person is in")
     }
@@ -363,24 +396,10 @@ impl World {
 
     /// Alice opens an encrypted direct chat with the bot and waits for it to join.
     async fn dm(&mut self) -> OwnedRoomId {
-        let mut req = CreateRoom::new();
-        req.preset = Some(RoomPreset::PrivateChat);
-        req.is_direct = true;
-        req.invite = vec![self.bot.clone()];
-        req.initial_state = vec![InitialStateEvent::with_empty_state_key(
-            RoomEncryptionEventContent::with_recommended_defaults(),
-        )
-        .to_raw_any()];
-        let room = self.alice.client.create_room(req).await.expect("create");
-        let id = room.room_id().to_owned();
         let bot = self.bot.clone();
-        next(&mut self.alice.members, "the bot to join the DM", |s| {
-            s.room_id == id
-                && s.event.state_key == bot
-                && s.event.content.membership == MembershipState::Join
-        })
-        .await;
-        id
+        self.alice
+            .open_room(&bot, true, MembershipState::Join)
+            .await
     }
 
     /// A command in `room`; returns the bot's answer.
@@ -490,7 +509,13 @@ async fn a_prompt_in_a_channel_room_streams_one_edited_reply_with_status_reactio
 
     // 👀 comes only after the job row is committed.
     w.alice.reaction(&bot, &asked, "👀").await;
-    let job_id = w.job_for(&asked).await;
+    // Already committed when 👀 arrives: read once, no waiting.
+    let job_id: String = sqlx::query_scalar("SELECT id FROM jobs WHERE idempotency_key = ?1")
+        .bind(asked.as_str())
+        .fetch_optional(w.store.read_pool())
+        .await
+        .unwrap()
+        .expect("the job row exists before 👀 is shown");
     let job = w.store.job_get(&job_id).await.unwrap().unwrap();
     assert_eq!(job.source, Source::Matrix);
     let target: serde_json::Value =
@@ -598,23 +623,8 @@ async fn only_allowed_users_reach_the_agent() {
     let mut mallory = Person::login(&w.synapse, "mallory").await;
 
     // Mallory's invite is rejected.
-    let mut req = CreateRoom::new();
-    req.preset = Some(RoomPreset::PrivateChat);
-    req.invite = vec![w.bot.clone()];
-    let theirs = mallory
-        .client
-        .create_room(req)
-        .await
-        .unwrap()
-        .room_id()
-        .to_owned();
     let bot = w.bot.clone();
-    next(&mut mallory.members, "the bot to reject the invite", |s| {
-        s.room_id == theirs
-            && s.event.state_key == bot
-            && s.event.content.membership == MembershipState::Leave
-    })
-    .await;
+    mallory.open_room(&bot, false, MembershipState::Leave).await;
 
     // In a channel room Mallory's messages never become jobs.
     w.alice
@@ -623,12 +633,7 @@ async fn only_allowed_users_reach_the_agent() {
         .await
         .unwrap();
     let mid = mallory.user_id.clone();
-    next(&mut w.alice.members, "mallory to join", |s| {
-        s.room_id == room
-            && s.event.state_key == mid
-            && s.event.content.membership == MembershipState::Join
-    })
-    .await;
+    w.alice.membership(&room, &mid, MembershipState::Join).await;
     let hers = mallory.say(&room, "@reply pwned").await;
     let hers_cmd = mallory.say(&room, "!delete guarded").await;
     let ours = w.alice.say(&room, "@reply hello").await;
@@ -1330,27 +1335,8 @@ async fn a_message_gorp_cannot_decrypt_gets_an_explanation_not_silence() {
     .await;
     // Bob's client gives room keys only to verified devices, and nobody verifies the bot.
     let mut bob = Person::login_with(&w.synapse, "bob", CollectStrategy::OnlyTrustedDevices).await;
-    let mut req = CreateRoom::new();
-    req.preset = Some(RoomPreset::PrivateChat);
-    req.invite = vec![w.bot.clone()];
-    req.initial_state = vec![InitialStateEvent::with_empty_state_key(
-        RoomEncryptionEventContent::with_recommended_defaults(),
-    )
-    .to_raw_any()];
-    let room = bob
-        .client
-        .create_room(req)
-        .await
-        .unwrap()
-        .room_id()
-        .to_owned();
     let bot = w.bot.clone();
-    next(&mut bob.members, "the bot to join", |s| {
-        s.room_id == room
-            && s.event.state_key == bot
-            && s.event.content.membership == MembershipState::Join
-    })
-    .await;
+    let room = bob.open_room(&bot, true, MembershipState::Join).await;
     bob.say(&room, "!create secret").await;
     let notice = bob
         .message_from(&bot, &room, "the explanation", |e| {
