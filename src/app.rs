@@ -125,7 +125,11 @@ pub async fn run_pool(
 ) {
     let w = &config.worker;
     let services = CancellationToken::new();
-    let rescuer = Rescuer::new(store.clone(), Duration::from_secs(w.rescue_interval_secs));
+    let rescuer = Rescuer::new(
+        store.clone(),
+        Duration::from_secs(w.rescue_interval_secs),
+        w.max_rescues,
+    );
     let cleaner = Cleaner::new(
         store.clone(),
         Duration::from_secs(u64::from(config.database.retention_days) * 86_400),

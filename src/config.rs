@@ -15,6 +15,9 @@ pub const CONFIG_PATH_ENV: &str = "GORP_CONFIG_PATH";
 /// Prefix of environment overrides: `GORP_WORKER_CONCURRENCY=4` sets `[worker] concurrency`.
 pub const ENV_PREFIX: &str = "GORP_";
 
+/// `GORP_*` variables that are not config keys.
+const NON_CONFIG_VARS: &[&str] = &[CONFIG_PATH_ENV, "GORP_LOG"];
+
 /// Config sections, in the order `gorp config check` prints them.
 const SECTIONS: &[&str] = &[
     "database",
@@ -123,6 +126,13 @@ impl Default for WorkspaceConfig {
     }
 }
 
+/// Default of `[worker] max_rescues`: enough for a crash loop to be noticed and fixed by the
+/// operator, few enough that a job that kills gorp every time ends.
+pub const DEFAULT_MAX_RESCUES: u32 = 5;
+
+/// Smallest `[webhook] max_body_bytes` accepted: a smaller limit cannot hold a prompt request.
+pub const MIN_BODY_BYTES: usize = 64;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkerConfig {
@@ -145,6 +155,10 @@ pub struct WorkerConfig {
     pub clean_interval_secs: u64,
     /// On shutdown, running jobs get this long to finish before they are released.
     pub shutdown_grace_secs: u64,
+    /// Times a job may be re-run after the gorp running it died (its lease expired); such runs
+    /// do not spend `max_attempts`. A job interrupted more often (one that kills gorp every
+    /// time) fails.
+    pub max_rescues: u32,
 }
 
 impl Default for WorkerConfig {
@@ -160,6 +174,7 @@ impl Default for WorkerConfig {
             rescue_interval_secs: 5,
             clean_interval_secs: 3_600,
             shutdown_grace_secs: 30,
+            max_rescues: DEFAULT_MAX_RESCUES,
         }
     }
 }
@@ -176,6 +191,9 @@ pub struct AcpConfig {
     pub pre_warm_secs: u64,
     /// Most live agent processes at once; the least recently used is shut down first.
     pub max_warm_sessions: u32,
+    /// Most agents starting at once (a job's cold start, a pre-warm, re-warming after a
+    /// restart); the others wait their turn.
+    pub max_concurrent_starts: u32,
     pub initialize_timeout_secs: u64,
     pub session_timeout_secs: u64,
     pub prompt_timeout_secs: u64,
@@ -197,6 +215,7 @@ impl Default for AcpConfig {
             keep_alive_secs: 3_600,
             pre_warm_secs: 300,
             max_warm_sessions: 32,
+            max_concurrent_starts: 4,
             initialize_timeout_secs: 60,
             session_timeout_secs: 180,
             prompt_timeout_secs: 3_600,
@@ -435,8 +454,11 @@ impl Config {
         if self.worker.poll_interval_ms == 0 {
             return bad("worker.poll_interval_ms", "expected at least 1");
         }
-        if self.worker.rescue_interval_secs == 0 || self.worker.clean_interval_secs == 0 {
+        if self.worker.rescue_interval_secs == 0 {
             return bad("worker.rescue_interval_secs", "expected at least 1");
+        }
+        if self.worker.clean_interval_secs == 0 {
+            return bad("worker.clean_interval_secs", "expected at least 1");
         }
         if self.acp.agent_binary.trim().is_empty() {
             return bad("acp.agent_binary", "expected a program name or path");
@@ -447,8 +469,17 @@ impl Config {
         if self.acp.max_warm_sessions == 0 {
             return bad("acp.max_warm_sessions", "expected at least 1");
         }
+        if self.acp.max_concurrent_starts == 0 {
+            return bad("acp.max_concurrent_starts", "expected at least 1");
+        }
         if self.webhook.bind.parse::<std::net::IpAddr>().is_err() {
             return bad("webhook.bind", "expected an IP address such as 127.0.0.1");
+        }
+        if self.webhook.max_body_bytes < MIN_BODY_BYTES {
+            return Err((
+                "webhook.max_body_bytes".into(),
+                format!("expected at least {MIN_BODY_BYTES} (bytes)"),
+            ));
         }
         if self.webhook.tokens.iter().any(|t| t.len() < 16) {
             return bad(
@@ -598,7 +629,7 @@ fn apply_env(
         let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
             continue;
         };
-        if var == CONFIG_PATH_ENV {
+        if NON_CONFIG_VARS.contains(&var.as_str()) {
             continue;
         }
         let lower = rest.to_ascii_lowercase();
@@ -606,7 +637,17 @@ fn apply_env(
             .iter()
             .find(|s| lower.starts_with(&format!("{s}_")))
         else {
-            continue; // Not a config key (e.g. GORP_LOG).
+            // A misspelt section must not be ignored silently (an unknown key is refused too).
+            let section = lower.split('_').next().unwrap_or_default();
+            return Err(ConfigError::Env {
+                var: var.clone(),
+                message: format!(
+                    "unknown config section {section:?}; expected GORP_<SECTION>_<KEY> with a \
+                     section of {}, or one of {}",
+                    SECTIONS.join(", "),
+                    NON_CONFIG_VARS.join(", ")
+                ),
+            });
         };
         let key = &lower[section.len() + 1..];
         let default = defaults.get(section).and_then(|s| s.get(key));

@@ -2,6 +2,16 @@ use clap::Parser;
 
 fn main() {
     let cli = gorp::cli::Cli::parse();
+    if !matches!(cli.command, gorp::cli::Command::Start) {
+        // A command whose output goes to a program that exits early (`gorp jobs | head`) ends
+        // quietly, as other command-line tools do, instead of failing on a broken pipe. The
+        // server keeps SIGPIPE ignored: a closed socket is an error to handle, not a reason to
+        // die.
+        // SAFETY: restoring a signal's default disposition before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("GORP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
     tracing_subscriber::fmt()

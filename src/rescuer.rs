@@ -1,6 +1,7 @@
-//! The rescuer: returns running jobs whose lease expired (their worker died or hung) to the
-//! queue, or fails them when their attempts are spent. Each rescued job gets a `rescued` event
-//! saying why, so its history shows the re-run.
+//! The rescuer: returns running jobs whose lease expired (the gorp running them died or hung)
+//! to the queue. Such a run was interrupted, not failed, so it does not spend the job's
+//! attempts; a job interrupted more than `[worker] max_rescues` times fails. Each rescued job
+//! gets a `rescued` event saying why, so its history shows the re-run.
 
 use std::time::Duration;
 
@@ -14,11 +15,16 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
 pub struct Rescuer {
     store: Store,
     interval: Duration,
+    max_rescues: i64,
 }
 
 impl Rescuer {
-    pub fn new(store: Store, interval: Duration) -> Self {
-        Rescuer { store, interval }
+    pub fn new(store: Store, interval: Duration, max_rescues: u32) -> Self {
+        Rescuer {
+            store,
+            interval,
+            max_rescues: i64::from(max_rescues),
+        }
     }
 
     /// One pass at time `now`. Jobs of a lease owner that died on this host are rescued at
@@ -30,7 +36,7 @@ impl Rescuer {
                 self.store.job_expire_owner(&owner, now).await?;
             }
         }
-        self.store.job_rescue_expired(now).await
+        self.store.job_rescue_expired(now, self.max_rescues).await
     }
 
     pub async fn run(self, shutdown: CancellationToken) {

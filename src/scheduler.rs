@@ -5,9 +5,11 @@
 //! the old `next_run_at`: two gorp processes on one database never fire a slot twice (and
 //! `jobs(schedule_id, scheduled_for)` is unique besides).
 //!
-//! Slots missed while gorp was down (noticed more than [`ON_TIME`] late) follow the schedule's
-//! `catch_up`: `skip` (none, recorded), `once` (one job for the latest missed slot, the
-//! default) or `all` (one per missed slot, at most [`MAX_CATCH_UP`]). When the previous run is
+//! Every slot noticed at most [`ON_TIME`] late fires, whatever the policy (after a short
+//! restart a seconds-schedule has several). Slots missed while gorp was down (noticed more
+//! than [`ON_TIME`] late) follow the schedule's `catch_up`: `skip` (none, recorded), `once`
+//! (one job for the latest missed slot, the default) or `all` (one per missed slot, at most
+//! [`MAX_CATCH_UP`]). When the previous run is
 //! still queued or running, `overlap = skip` (default) records the skip instead of queueing
 //! another. A failed run never disables a schedule. Schedules whose next slot is within
 //! `[acp] pre_warm_secs` get their channel's agent warmed ahead (`warm_at` in the lease table).
@@ -328,6 +330,7 @@ impl Scheduler {
                 new_next: None,
                 slots: if fire { vec![first] } else { Vec::new() },
                 skipped_slots: usize::from(!fire),
+                catch_up: s.catch_up.clone(),
                 max_attempts,
             });
         };
@@ -350,22 +353,20 @@ impl Scheduler {
             }
         }
         let new_next = next_after(&cron, tz, now.max(*slots.last().expect("non-empty")));
-        let on_time: Vec<Millis> = slots
-            .iter()
-            .copied()
-            .filter(|t| now - t <= ON_TIME)
-            .collect();
-        let fire: Vec<Millis> = match s.catch_up.as_str() {
-            "skip" => on_time.last().copied().into_iter().collect(),
-            "all" => slots[slots.len().saturating_sub(MAX_CATCH_UP)..].to_vec(),
-            _ => slots.last().copied().into_iter().collect(),
+        // Slots are in time order, so the missed ones (more than ON_TIME late) come first.
+        let (missed, on_time) = slots.split_at(slots.partition_point(|t| now - t > ON_TIME));
+        let caught_up: &[Millis] = match s.catch_up.as_str() {
+            "skip" => &[],
+            "all" => &missed[missed.len().saturating_sub(MAX_CATCH_UP)..],
+            _ => &missed[missed.len().saturating_sub(1)..],
         };
         Some(Firing {
             schedule_id: s.id,
             old_next: first,
             new_next,
-            skipped_slots: slots.len() - fire.len(),
-            slots: fire,
+            skipped_slots: missed.len() - caught_up.len(),
+            slots: caught_up.iter().chain(on_time).copied().collect(),
+            catch_up: s.catch_up.clone(),
             max_attempts,
         })
     }

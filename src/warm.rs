@@ -17,7 +17,10 @@
 //! - a session whose process died while idle is dropped and its row marked failed.
 //!
 //! At most `max_warm_sessions` processes live at once; a cold start evicts the least recently
-//! used idle session first.
+//! used idle session first. At most `max_concurrent_starts` agents start at once (agents are
+//! heavy to start: many at once on a small machine time out). After a restart the keeper warms
+//! the orphaned rows a few at a time, channels with queued jobs first, then the most recently
+//! used, and only as many as fit under `max_warm_sessions`: the rest are marked stopped.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -101,23 +104,31 @@ pub struct WarmSessionManager {
     slots: Mutex<HashMap<i64, Arc<Slot>>>,
     /// Channels being warmed in the background by the keeper.
     warming: Mutex<std::collections::HashSet<i64>>,
+    /// Bounds the agents starting at once.
+    starts: tokio::sync::Semaphore,
     tasks: TaskTracker,
 }
 
 impl WarmSessionManager {
     pub fn new(store: Store, config: Arc<Config>, instance: String) -> Arc<Self> {
+        let starts = tokio::sync::Semaphore::new(config.acp.max_concurrent_starts.max(1) as usize);
         Arc::new(WarmSessionManager {
             store,
             config,
             instance,
             slots: Mutex::new(HashMap::new()),
             warming: Mutex::new(Default::default()),
+            starts,
             tasks: TaskTracker::new(),
         })
     }
 
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+
+    fn max_starts(&self) -> usize {
+        self.config.acp.max_concurrent_starts.max(1) as usize
     }
 
     fn keep_alive_ms(&self) -> i64 {
@@ -155,6 +166,14 @@ impl WarmSessionManager {
             .cloned()?;
         let guard = slot.live.try_lock().ok()?;
         guard.as_ref().map(|l| l.agent.pid())
+    }
+
+    /// Live agents here; a slot busy with a job (or a start) counts as live.
+    fn live_count(&self) -> usize {
+        self.snapshot()
+            .iter()
+            .filter(|s| s.live.try_lock().map(|g| g.is_some()).unwrap_or(true))
+            .count()
     }
 
     /// Every slot, taken out of the map so no lock is held across awaits.
@@ -425,6 +444,7 @@ impl WarmSessionManager {
     }
 
     async fn spawn_session(&self, channel: &Channel) -> Result<Live, WarmError> {
+        let _start = self.starts.acquire().await.expect("never closed");
         let acp = &self.config.acp;
         let dir = self.config.channel_dir(&channel.name);
         std::fs::create_dir_all(&dir).map_err(|error| WarmError::Workspace {
@@ -572,6 +592,10 @@ impl WarmSessionManager {
         }
 
         // Rows to warm here: requested (warm_at due), or warm but orphaned (restart/takeover).
+        let warming: std::collections::HashSet<i64> =
+            self.warming.lock().expect("warming lock").clone();
+        let mut requested = Vec::new();
+        let mut orphaned = Vec::new();
         for row in &rows {
             if self.live_pid(row.channel_id).is_some() {
                 if row.warm_at.is_some_and(|t| t <= now) {
@@ -580,18 +604,57 @@ impl WarmSessionManager {
                 }
                 continue;
             }
-            let requested = row.warm_at.is_some_and(|t| t <= now);
-            let orphaned = matches!(row.state.as_str(), "warm" | "busy" | "starting")
+            if warming.contains(&row.channel_id) {
+                continue;
+            }
+            if row.warm_at.is_some_and(|t| t <= now) {
+                requested.push(row);
+            } else if matches!(row.state.as_str(), "warm" | "busy" | "starting")
                 && row.expires_at.is_some_and(|e| e > now)
                 && row.holder.as_deref() != Some(self.instance.as_str())
                 && (row.lease_expires_at.is_none_or(|l| l < now)
                     || row
                         .holder
                         .as_deref()
-                        .is_some_and(crate::app::instance_is_dead));
-            if !(requested || orphaned) {
-                continue;
+                        .is_some_and(crate::app::instance_is_dead))
+            {
+                orphaned.push(row);
             }
+        }
+        // Orphans are warmed again only as far as they fit under the cap, the channels with
+        // queued jobs first, then the most recently used; the rest are marked stopped.
+        if !orphaned.is_empty() {
+            let queued = self.store.channel_ids_with_queued_jobs().await?;
+            orphaned.sort_by_key(|r| {
+                (
+                    !queued.contains(&r.channel_id),
+                    std::cmp::Reverse(r.last_used_at),
+                )
+            });
+            let max = self.config.acp.max_warm_sessions as usize;
+            let room = max.saturating_sub(self.live_count() + warming.len() + requested.len());
+            for row in orphaned.split_off(room.min(orphaned.len())) {
+                self.store
+                    .warm_stop_orphan(
+                        row.channel_id,
+                        row.holder.as_deref(),
+                        &format!(
+                            "not warmed again after a restart: max_warm_sessions ({max}) reached"
+                        ),
+                        now,
+                    )
+                    .await?;
+                report.stopped += 1;
+            }
+        }
+        // A few at a time: the rest wait for a later pass.
+        let slots = self.max_starts().saturating_sub(warming.len());
+        let to_warm = requested
+            .into_iter()
+            .map(|r| (r, true))
+            .chain(orphaned.into_iter().map(|r| (r, false)))
+            .take(slots);
+        for (row, requested) in to_warm {
             if !self
                 .warming
                 .lock()

@@ -293,10 +293,14 @@ async fn run_job(
         tracing::error!(job = %job.id, "claimed job has no lease owner");
         return None;
     };
-    let rerun = if job.attempt > 1 {
-        format!(" (re-run: attempt {} of {})", job.attempt, job.max_attempts)
-    } else {
-        String::new()
+    let rerun = match (job.attempt, job.interruptions) {
+        (0 | 1, _) => String::new(),
+        (a, 0) => format!(" (re-run: attempt {a} of {})", job.max_attempts),
+        (a, i) => format!(
+            " (re-run: attempt {a}; {i} interrupted by gorp's death, not counted against \
+             max_attempts {})",
+            job.max_attempts
+        ),
     };
     ctx.emit(
         "started",
@@ -371,7 +375,8 @@ async fn finish(
         (_, Some(StopCause::LeaseLost)) => Ok(false),
         (Outcome::Cancelled { reason }, _) => store.job_cancel_if_running(lease, reason, now).await,
         (Outcome::Failed { error, retryable }, _) => {
-            let delay = retry_delay(cfg.retry_base, cfg.retry_max, job.attempt, &mut rand::rng());
+            let failures = job.counted_attempts();
+            let delay = retry_delay(cfg.retry_base, cfg.retry_max, failures, &mut rand::rng());
             let retry_at = retryable.then(|| now + delay.as_millis() as i64);
             ctx.emit("error", Some(error.clone()), None).await;
             match store.job_fail_if_running(lease, error, retry_at, now).await {
@@ -383,7 +388,7 @@ async fn finish(
                         "retry_scheduled",
                         &format!(
                             "attempt {} of {} failed; retry in {:.1}s",
-                            job.attempt,
+                            failures,
                             job.max_attempts,
                             (at - now) as f64 / 1000.0
                         ),

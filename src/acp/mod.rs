@@ -24,6 +24,48 @@ use client::{AcpError, AgentEvent};
 /// Event kinds that count as the agent's first output.
 const OUTPUT_KINDS: &[&str] = &["message", "thought", "tool_call", "plan"];
 
+/// Event kinds that end the agent's current message: message chunks after one of these belong
+/// to a new message (ACP chunks carry no message id).
+const MESSAGE_BREAKS: &[&str] = &[
+    "thought",
+    "tool_call",
+    "tool_call_update",
+    "plan",
+    "permission",
+    "fs_read",
+    "fs_write",
+    "fs_denied",
+    "fs_error",
+];
+
+/// Put between two of the agent's messages in the job's output, so they do not run together.
+pub const MESSAGE_SEPARATOR: &str = "\n\n";
+
+/// Keeps the boundaries between the agent's messages: the first chunk of every message but
+/// the first starts with [`MESSAGE_SEPARATOR`], so every reader of the rows (the output, SSE,
+/// Matrix) sees them apart.
+#[derive(Default)]
+struct MessageBoundaries {
+    seen_message: bool,
+    broken: bool,
+}
+
+impl MessageBoundaries {
+    fn mark(&mut self, ev: &mut AgentEvent) {
+        if ev.kind == "message" {
+            if self.seen_message && self.broken {
+                if let Some(t) = ev.text.as_mut().filter(|t| !t.starts_with('\n')) {
+                    t.insert_str(0, MESSAGE_SEPARATOR);
+                }
+            }
+            self.seen_message = true;
+            self.broken = false;
+        } else if MESSAGE_BREAKS.contains(&ev.kind.as_str()) {
+            self.broken = true;
+        }
+    }
+}
+
 /// Runs jobs on warm ACP sessions.
 pub struct AcpExecutor {
     warm: Arc<WarmSessionManager>,
@@ -66,16 +108,17 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
         Ok(s) => s,
         Err(WarmError::Cancelled) => return cancelled(&ctx),
         Err(e) => {
+            // An agent that cannot start (missing, not ACP, exits at once) fails the job at
+            // once: running it again would fail the same way. The worker records the error.
             let retryable = !matches!(
                 e,
                 WarmError::Acp(
                     AcpError::BinaryNotFound { .. }
                         | AcpError::NotAcp { .. }
+                        | AcpError::ExitedEarly { .. }
                         | AcpError::InvalidSpec(_)
                 )
             );
-            ctx.emit("error", Some(format!("agent could not start: {e}")), None)
-                .await;
             return failed(format!("agent could not start: {e}"), retryable);
         }
     };
@@ -108,7 +151,9 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
     let fwd_ctx = ctx.clone();
     let forward = tokio::spawn(async move {
         let mut facts = RunFacts::default();
-        while let Some(ev) = rx.recv().await {
+        let mut boundaries = MessageBoundaries::default();
+        while let Some(mut ev) = rx.recv().await {
+            boundaries.mark(&mut ev);
             if facts.first_output_ms.is_none() && OUTPUT_KINDS.contains(&ev.kind.as_str()) {
                 facts.first_output_ms = Some(started.elapsed().as_secs_f64() * 1e3);
             }
@@ -212,4 +257,62 @@ fn failed(error: String, retryable: bool) -> Outcome {
 fn tail_lines(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(kind: &str, text: &str) -> AgentEvent {
+        AgentEvent {
+            kind: kind.into(),
+            text: Some(text.into()),
+            data: serde_json::Value::Null,
+        }
+    }
+
+    fn marked(events: &[(&str, &str)]) -> String {
+        let mut b = MessageBoundaries::default();
+        events
+            .iter()
+            .map(|(k, t)| {
+                let mut e = ev(k, t);
+                b.mark(&mut e);
+                e
+            })
+            .filter(|e| e.kind == "message")
+            .map(|e| e.text.unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn messages_separated_by_a_tool_call_keep_their_boundary() {
+        let out = marked(&[
+            ("message", "Looking at it"),
+            ("message", " earlier="),
+            ("tool_call", "Read"),
+            ("tool_call_update", "Read"),
+            ("message", "**Warning:**"),
+            ("message", " done"),
+        ]);
+        assert_eq!(out, "Looking at it earlier=\n\n**Warning:** done");
+    }
+
+    #[test]
+    fn chunks_of_one_message_and_a_leading_break_are_left_alone() {
+        assert_eq!(
+            marked(&[
+                ("thought", "hm"),
+                ("message", "a"),
+                ("usage", ""),
+                ("message", "b")
+            ]),
+            "ab"
+        );
+        assert_eq!(
+            marked(&[("message", "a"), ("plan", "p"), ("message", "\nb")]),
+            "a\nb",
+            "a message that starts on a new line needs no separator"
+        );
+    }
 }

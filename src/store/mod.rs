@@ -58,12 +58,45 @@ pub enum StoreError {
     Invalid(String),
     #[error("the database writer has stopped")]
     WriterGone,
+    /// The database's directory or file cannot be created or opened (permissions, a missing
+    /// mount): a problem of the machine, not of the input.
+    #[error("cannot open the database: {0}")]
+    Open(String),
 }
 
 impl StoreError {
     /// True when the error is a unique-constraint violation.
     pub fn is_unique_violation(&self) -> bool {
         matches!(self, StoreError::Db(sqlx::Error::Database(e)) if e.is_unique_violation())
+    }
+
+    /// Why the database cannot take this request now, when the cause is the database's
+    /// condition rather than the request, so the same request may succeed later: the disk is
+    /// full (`SQLITE_FULL`), the disk failed (`SQLITE_IOERR`), another process holds the lock
+    /// past `busy_timeout` (`SQLITE_BUSY`/`SQLITE_LOCKED`), the file cannot be opened or
+    /// written (`SQLITE_CANTOPEN`/`SQLITE_READONLY`), no connection is free, or the writer
+    /// stopped. `None` for every other error.
+    pub fn unavailable(&self) -> Option<&'static str> {
+        match self {
+            StoreError::WriterGone => Some("the database writer has stopped"),
+            StoreError::Db(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed) => {
+                Some("no database connection is available")
+            }
+            StoreError::Db(sqlx::Error::Io(_)) => Some("database I/O error"),
+            StoreError::Db(sqlx::Error::Database(e)) => {
+                // SQLite reports extended result codes; the primary code is the low byte.
+                let code = e.code()?.parse::<i32>().ok()? & 0xff;
+                match code {
+                    5 | 6 => Some("the database is locked by another process"),
+                    8 => Some("the database is read-only"),
+                    10 => Some("disk I/O error"),
+                    13 => Some("the database or disk is full"),
+                    14 => Some("the database file cannot be opened"),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
     }
 }
 
@@ -85,11 +118,14 @@ impl Store {
     pub async fn open(cfg: &DatabaseConfig) -> Result<Store> {
         if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
-                StoreError::Invalid(format!("cannot create directory {}: {e}", dir.display()))
+                StoreError::Open(format!("cannot create directory {}: {e}", dir.display()))
             })?;
         }
         let opts = connect_options(&cfg.path, cfg);
-        let mut write_conn = opts.connect().await?;
+        let mut write_conn = opts
+            .connect()
+            .await
+            .map_err(|e| StoreError::Open(format!("{}: {e}", cfg.path.display())))?;
         MIGRATOR.run(&mut write_conn).await?;
         let read = SqlitePoolOptions::new()
             .max_connections(cfg.read_connections)
@@ -387,10 +423,16 @@ impl Store {
         self.call(|reply| Op::Cancel { job_id, now, reply }).await
     }
 
-    /// Returns running jobs whose lease expired to `queued` (or `failed` when their attempts
-    /// are spent, `cancelled` when a cancel was pending), recording why.
-    pub async fn job_rescue_expired(&self, now: Millis) -> Result<Vec<Rescued>> {
-        self.call(|reply| Op::Rescue { now, reply }).await
+    /// Returns running jobs whose lease expired to `queued`, recording why. The interrupted
+    /// run does not count as a failed attempt; a job interrupted more than `max_rescues` times
+    /// is failed instead, and one with a pending cancel is cancelled.
+    pub async fn job_rescue_expired(&self, now: Millis, max_rescues: i64) -> Result<Vec<Rescued>> {
+        self.call(|reply| Op::Rescue {
+            now,
+            max_rescues,
+            reply,
+        })
+        .await
     }
 
     /// Deletes up to `limit` finished jobs (and their events) that finished before `before`.
@@ -422,7 +464,7 @@ impl Store {
             Job,
             r#"SELECT j.id AS "id!", j.channel_id, c.name AS channel,
                       j.source AS "source: Source", j.prompt, j.state AS "state: JobState",
-                      j.priority, j.attempt, j.max_attempts, j.run_at, j.lease_owner,
+                      j.priority, j.attempt, j.max_attempts, j.interruptions, j.run_at, j.lease_owner,
                       j.lease_expires_at, j.cancel_requested AS "cancel_requested: bool",
                       j.idempotency_key, j.reply_target, j.stop_reason, j.error, j.created_at,
                       j.started_at, j.finished_at, j.schedule_id, j.scheduled_for
@@ -443,7 +485,7 @@ impl Store {
             Job,
             r#"SELECT j.id AS "id!", j.channel_id, c.name AS channel,
                       j.source AS "source: Source", j.prompt, j.state AS "state: JobState",
-                      j.priority, j.attempt, j.max_attempts, j.run_at, j.lease_owner,
+                      j.priority, j.attempt, j.max_attempts, j.interruptions, j.run_at, j.lease_owner,
                       j.lease_expires_at, j.cancel_requested AS "cancel_requested: bool",
                       j.idempotency_key, j.reply_target, j.stop_reason, j.error, j.created_at,
                       j.started_at, j.finished_at, j.schedule_id, j.scheduled_for
@@ -508,12 +550,22 @@ impl Store {
         Ok(out.unwrap_or_default())
     }
 
-    /// Whether a job is due now, and the earliest future `run_at` of a queued job.
+    /// Whether a job the claim would take is due now, and the earliest future `run_at` of such
+    /// a job: the claim takes each idle channel's next job in queue order, so only those count
+    /// (a job behind a head that waits for its retry is not claimable).
     pub async fn job_next_due(&self, now: Millis) -> Result<(bool, Option<Millis>)> {
         let r = sqlx::query!(
-            r#"SELECT
-                 EXISTS(SELECT 1 FROM jobs WHERE state = 'queued' AND run_at <= ?1) AS "due!: bool",
-                 (SELECT min(run_at) FROM jobs WHERE state = 'queued' AND run_at > ?1) AS "next?: i64""#,
+            r#"WITH heads AS (
+                   SELECT (SELECT q.run_at FROM jobs q
+                           WHERE q.channel_id = c.id AND q.state = 'queued'
+                           ORDER BY q.priority DESC, q.created_at, q.id
+                           LIMIT 1) AS run_at
+                   FROM channels c
+                   WHERE NOT EXISTS (SELECT 1 FROM jobs r
+                                     WHERE r.channel_id = c.id AND r.state = 'running'))
+               SELECT
+                 EXISTS(SELECT 1 FROM heads WHERE run_at <= ?1) AS "due!: bool",
+                 (SELECT min(run_at) FROM heads WHERE run_at > ?1) AS "next?: i64""#,
             now
         )
         .fetch_one(&self.read)

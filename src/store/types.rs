@@ -216,8 +216,11 @@ pub struct Job {
     pub prompt: String,
     pub state: JobState,
     pub priority: i64,
+    /// Runs started so far; fences every transition out of `running`.
     pub attempt: i64,
     pub max_attempts: i64,
+    /// Runs cut short by gorp's own death (rescued); they do not spend `max_attempts`.
+    pub interruptions: i64,
     pub run_at: Millis,
     pub lease_owner: Option<String>,
     pub lease_expires_at: Option<Millis>,
@@ -241,6 +244,12 @@ impl Job {
             attempt: self.attempt,
             owner: self.lease_owner.clone()?,
         })
+    }
+
+    /// Runs that counted against `max_attempts`: every run except those cut short by gorp's
+    /// own death.
+    pub fn counted_attempts(&self) -> i64 {
+        self.attempt - self.interruptions
     }
 }
 
@@ -453,8 +462,10 @@ pub struct Firing {
     pub old_next: Millis,
     pub new_next: Option<Millis>,
     pub slots: Vec<Millis>,
-    /// Slots passed over (catch-up `skip`), for the record.
+    /// Missed slots passed over under the `catch_up` policy, for the record.
     pub skipped_slots: usize,
+    /// The schedule's `catch_up` policy, named in the record of skipped slots.
+    pub catch_up: String,
     pub max_attempts: i64,
 }
 

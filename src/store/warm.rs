@@ -105,6 +105,36 @@ impl Store {
         self.write(Write::WarmExpireOrphans { now }).await
     }
 
+    /// Marks one orphaned session stopped (it will not be warmed again), if `holder` (the gone
+    /// instance) still holds it. Returns whether it did.
+    pub async fn warm_stop_orphan(
+        &self,
+        channel_id: i64,
+        holder: Option<&str>,
+        note: &str,
+        now: Millis,
+    ) -> Result<bool> {
+        self.write(Write::WarmStopOrphan {
+            channel_id,
+            holder: holder.map(str::to_string),
+            note: note.to_string(),
+            now,
+        })
+        .await
+        .map(|n| n == 1)
+    }
+
+    /// Channels that have queued jobs.
+    pub async fn channel_ids_with_queued_jobs(&self) -> Result<std::collections::HashSet<i64>> {
+        Ok(sqlx::query_scalar!(
+            r#"SELECT DISTINCT channel_id AS "id!" FROM jobs WHERE state = 'queued'"#
+        )
+        .fetch_all(&self.read)
+        .await?
+        .into_iter()
+        .collect())
+    }
+
     pub async fn warm_list(&self) -> Result<Vec<WarmSession>> {
         Ok(sqlx::query_as!(
             WarmSession,

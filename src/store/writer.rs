@@ -107,6 +107,7 @@ pub(super) enum Op {
     },
     Rescue {
         now: Millis,
+        max_rescues: i64,
         reply: Reply<Vec<Rescued>>,
     },
     Clean {
@@ -165,6 +166,12 @@ pub(super) enum Write {
         now: Millis,
     },
     WarmExpireOrphans {
+        now: Millis,
+    },
+    WarmStopOrphan {
+        channel_id: i64,
+        holder: Option<String>,
+        note: String,
         now: Millis,
     },
     JobExpireOwner {
@@ -522,11 +529,12 @@ async fn apply_one(conn: &mut SqliteConnection, op: &Op) -> Result<Applied, sqlx
         } => {
             let state = sqlx::query_scalar!(
                 r#"UPDATE jobs
-                   SET state = CASE WHEN ?5 IS NOT NULL AND attempt < max_attempts
+                   SET state = CASE WHEN ?5 IS NOT NULL AND attempt - interruptions < max_attempts
                                     THEN 'queued' ELSE 'failed' END,
-                       run_at = CASE WHEN ?5 IS NOT NULL AND attempt < max_attempts
+                       run_at = CASE WHEN ?5 IS NOT NULL AND attempt - interruptions < max_attempts
                                      THEN ?5 ELSE run_at END,
-                       finished_at = CASE WHEN ?5 IS NOT NULL AND attempt < max_attempts
+                       finished_at = CASE WHEN ?5 IS NOT NULL
+                                               AND attempt - interruptions < max_attempts
                                           THEN NULL ELSE ?6 END,
                        stop_reason = NULL,
                        error = ?4, lease_owner = NULL, lease_expires_at = NULL
@@ -578,7 +586,9 @@ async fn apply_one(conn: &mut SqliteConnection, op: &Op) -> Result<Applied, sqlx
             Ok(Out::Bool(r.rows_affected() == 1))
         }
         Op::Cancel { job_id, now, .. } => cancel(conn, job_id, *now).await?,
-        Op::Rescue { now, .. } => Ok(Out::Rescued(rescue(conn, *now).await?)),
+        Op::Rescue {
+            now, max_rescues, ..
+        } => Ok(Out::Rescued(rescue(conn, *now, *max_rescues).await?)),
         Op::Clean { before, limit, .. } => {
             let r = sqlx::query!(
                 r#"DELETE FROM jobs WHERE id IN (
@@ -648,7 +658,8 @@ async fn insert_jobs(
                       value ->> 'idempotency_key', value ->> 'reply_target', value ->> 'created_at',
                       value ->> 'schedule_id', value ->> 'scheduled_for'
                FROM json_each(?1) WHERE true
-               ON CONFLICT (source, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+               ON CONFLICT (channel_id, source, idempotency_key) WHERE idempotency_key IS NOT NULL
+               DO NOTHING
                RETURNING id AS "id!""#,
             json
         )
@@ -665,9 +676,12 @@ async fn insert_jobs(
             });
             continue;
         }
-        // Not inserted: the idempotency key already names a job (possibly from this group).
+        // Not inserted: the idempotency key already names a job of this channel (possibly
+        // from this group).
         let existing = sqlx::query_scalar!(
-            r#"SELECT id AS "id!" FROM jobs WHERE source = ?1 AND idempotency_key = ?2"#,
+            r#"SELECT id AS "id!" FROM jobs
+               WHERE channel_id = ?1 AND source = ?2 AND idempotency_key = ?3"#,
+            row.channel_id,
             row.source,
             row.idempotency_key
         )
@@ -761,13 +775,14 @@ async fn claim_same_channel(
            WHERE id = (
                SELECT q.id FROM jobs q
                WHERE q.channel_id = (SELECT channel_id FROM jobs WHERE id = ?1)
-                 AND q.state = 'queued' AND q.run_at <= ?4
-               ORDER BY q.priority DESC, q.run_at, q.created_at, q.id
+                 AND q.state = 'queued'
+               ORDER BY q.priority DESC, q.created_at, q.id
                LIMIT 1)
+             AND run_at <= ?4
            RETURNING id AS "id!", channel_id,
                      (SELECT c.name FROM channels c WHERE c.id = jobs.channel_id) AS "channel!: String",
                      source AS "source: Source", prompt, state AS "state: JobState",
-                     priority, attempt, max_attempts, run_at, lease_owner,
+                     priority, attempt, max_attempts, interruptions, run_at, lease_owner,
                      lease_expires_at, cancel_requested AS "cancel_requested: bool",
                      idempotency_key, reply_target, stop_reason, error, created_at,
                      started_at, finished_at, schedule_id, scheduled_for"#,
@@ -790,11 +805,12 @@ async fn claim(
     sqlx::query_as!(
         Job,
         r#"WITH heads AS (
-               -- The next due job of every channel that has no running job: one index probe
-               -- per channel, however long the queue or the history.
+               -- The next job of every channel that has no running job, in queue order (a
+               -- rescued or retried job keeps its place): one index probe per channel, however
+               -- long the queue or the history. A head that is not due yet holds its channel.
                SELECT (SELECT q.id FROM jobs q
-                       WHERE q.channel_id = c.id AND q.state = 'queued' AND q.run_at <= ?3
-                       ORDER BY q.priority DESC, q.run_at, q.created_at, q.id
+                       WHERE q.channel_id = c.id AND q.state = 'queued'
+                       ORDER BY q.priority DESC, q.created_at, q.id
                        LIMIT 1) AS id
                FROM channels c
                WHERE NOT EXISTS (SELECT 1 FROM jobs r
@@ -804,12 +820,13 @@ async fn claim(
                started_at = ?3, cancel_requested = 0, stop_reason = NULL
            WHERE id IN (
                SELECT j.id FROM heads h JOIN jobs j ON j.id = h.id
-               ORDER BY j.priority DESC, j.run_at, j.created_at, j.id
+               WHERE j.run_at <= ?3
+               ORDER BY j.priority DESC, j.created_at, j.id
                LIMIT ?4)
            RETURNING id AS "id!", channel_id,
                      (SELECT c.name FROM channels c WHERE c.id = jobs.channel_id) AS "channel!: String",
                      source AS "source: Source", prompt, state AS "state: JobState",
-                     priority, attempt, max_attempts, run_at, lease_owner,
+                     priority, attempt, max_attempts, interruptions, run_at, lease_owner,
                      lease_expires_at, cancel_requested AS "cancel_requested: bool",
                      idempotency_key, reply_target, stop_reason, error, created_at,
                      started_at, finished_at, schedule_id, scheduled_for"#,
@@ -946,20 +963,31 @@ async fn cancel(
     Ok(Ok(Out::Cancel(outcome)))
 }
 
-async fn rescue(conn: &mut SqliteConnection, now: Millis) -> Result<Vec<Rescued>, sqlx::Error> {
+/// Returns running jobs whose lease expired to the queue. A lease expires only when the gorp
+/// holding it died or stopped renewing it (an agent's own failure is recorded by its worker),
+/// so the run counts as an interruption, not as a failed attempt; a job interrupted more than
+/// `max_rescues` times (one that kills gorp every time) fails.
+async fn rescue(
+    conn: &mut SqliteConnection,
+    now: Millis,
+    max_rescues: i64,
+) -> Result<Vec<Rescued>, sqlx::Error> {
     let rows = sqlx::query!(
         r#"UPDATE jobs
            SET state = CASE WHEN cancel_requested THEN 'cancelled'
-                            WHEN attempt >= max_attempts THEN 'failed'
+                            WHEN interruptions >= ?2 THEN 'failed'
                             ELSE 'queued' END,
-               finished_at = CASE WHEN cancel_requested OR attempt >= max_attempts
+               finished_at = CASE WHEN cancel_requested OR interruptions >= ?2
                                   THEN ?1 ELSE NULL END,
                stop_reason = CASE WHEN cancel_requested THEN 'cancelled' ELSE NULL END,
                error = 'lease expired: worker ' || lease_owner || ' stopped renewing it',
+               interruptions = interruptions + 1,
                run_at = ?1, lease_owner = NULL, lease_expires_at = NULL
            WHERE state = 'running' AND lease_expires_at < ?1
-           RETURNING id AS "id!", attempt, max_attempts, state AS "state: JobState", error AS "error!: String""#,
-        now
+           RETURNING id AS "id!", attempt, interruptions, state AS "state: JobState",
+                     error AS "error!: String""#,
+        now,
+        max_rescues
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -971,16 +999,17 @@ async fn rescue(conn: &mut SqliteConnection, now: Millis) -> Result<Vec<Rescued>
             kind: "rescued".into(),
             text: Some(match r.state {
                 JobState::Queued => format!(
-                    "{}; attempt {} of {} will be re-run",
-                    r.error, r.attempt, r.max_attempts
+                    "{}; interrupted run {} ({} of at most {} interruptions, not counted as a \
+                     failed attempt) will be re-run",
+                    r.error, r.attempt, r.interruptions, max_rescues
                 ),
                 JobState::Cancelled => format!("{}; cancel was pending, job cancelled", r.error),
                 _ => format!(
-                    "{}; attempts spent ({} of {}), job failed",
-                    r.error, r.attempt, r.max_attempts
+                    "{}; interrupted {} times, more than [worker] max_rescues = {}: job failed",
+                    r.error, r.interruptions, max_rescues
                 ),
             }),
-            data: Some(serde_json::json!({ "state": r.state })),
+            data: Some(serde_json::json!({ "state": r.state, "interruptions": r.interruptions })),
             at: now,
         })
         .collect();
@@ -1106,6 +1135,26 @@ async fn apply_write(conn: &mut SqliteConnection, w: &Write) -> Result<u64, sqlx
                    WHERE state IN ('starting', 'warm', 'busy')
                      AND (lease_expires_at IS NULL OR lease_expires_at < ?1)
                      AND expires_at IS NOT NULL AND expires_at <= ?1"#,
+                now
+            )
+            .execute(&mut *conn)
+            .await?
+        }
+        Write::WarmStopOrphan {
+            channel_id,
+            holder,
+            note,
+            now,
+        } => {
+            sqlx::query!(
+                r#"UPDATE warm_sessions
+                   SET state = 'stopped', error = ?3, pid = NULL, lease_expires_at = NULL,
+                       updated_at = ?4
+                   WHERE channel_id = ?1 AND holder IS ?2
+                     AND state IN ('starting', 'warm', 'busy')"#,
+                channel_id,
+                holder,
+                note,
                 now
             )
             .execute(&mut *conn)
@@ -1252,23 +1301,35 @@ async fn schedule_fire(
     else {
         return Ok(Fired::default());
     };
-    let mut skip = None;
+    let mut notes = Vec::new();
     if f.skipped_slots > 0 {
-        skip = Some(format!(
-            "{} missed slot(s) skipped (catch_up = skip)",
-            f.skipped_slots
+        notes.push(format!(
+            "{} missed slot(s) skipped (catch_up = {})",
+            f.skipped_slots, f.catch_up
         ));
     }
+    // `overlap = skip`: at most one run of the schedule is queued or running, also when
+    // several slots are due at once (after a restart).
     let slots: &[Millis] = match (&s.busy_job, s.overlap.as_str()) {
         (Some(busy), "skip") if !f.slots.is_empty() => {
-            skip = Some(format!(
-                "{} slot(s) skipped: the previous run {busy} is still queued or running",
+            notes.push(format!(
+                "{} slot(s) skipped: the previous run {busy} is still queued or running \
+                 (overlap = skip)",
                 f.slots.len()
             ));
             &[]
         }
+        (None, "skip") if f.slots.len() > 1 => {
+            notes.push(format!(
+                "{} slot(s) skipped: the run of the slot due first is still queued \
+                 (overlap = skip)",
+                f.slots.len() - 1
+            ));
+            &f.slots[..1]
+        }
         _ => &f.slots,
     };
+    let skip = (!notes.is_empty()).then(|| notes.join("; "));
     let skipped = i64::from(skip.is_some());
     let done = f.new_next.is_none();
     sqlx::query!(

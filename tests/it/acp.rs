@@ -542,6 +542,128 @@ async fn missing_or_non_acp_agents_fail_fast_with_a_clear_error() {
     g.stop().await;
 }
 
+/// An agent that exits at once (`/bin/false`) cannot start: the job fails on its first
+/// attempt (no retry with backoff) and records the error once.
+#[tokio::test]
+async fn agent_that_exits_at_once_fails_without_retry_and_one_error_event() {
+    let g = Gorp::start(|c| c.worker.max_attempts = 3).await;
+    let f = g
+        .channel("false", |c| c.agent_binary = Some("/bin/false".into()))
+        .await;
+    let id = g
+        .store
+        .job_insert(
+            NewJob {
+                max_attempts: 3,
+                ..NewJob::new(f, Source::Cli, "hello")
+            },
+            now_ms(),
+        )
+        .await
+        .unwrap()
+        .job_id;
+    let job = g.wait_done(&id).await;
+    assert_eq!((job.state, job.attempt), (JobState::Failed, 1), "{job:?}");
+    let error = job.error.unwrap();
+    assert!(error.contains("agent could not start"), "{error}");
+    assert!(error.contains("exited during startup"), "{error}");
+    let kinds = g.event_kinds(&id).await;
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "error").count(),
+        1,
+        "{kinds:?}"
+    );
+    assert!(!kinds.contains(&"retry_scheduled".to_string()), "{kinds:?}");
+    g.stop().await;
+}
+
+/// Two agent messages with a tool call between them stay apart in the output.
+#[tokio::test]
+async fn separate_agent_messages_keep_their_boundary_in_the_output() {
+    let g = Gorp::start(|_| {}).await;
+    let ch = g.channel("alpha", |_| {}).await;
+    let (job, out) = g
+        .run(
+            ch,
+            "@reply Checked earlier=\n@tool-call Read\n@reply **Warning:** stale",
+        )
+        .await;
+    assert_eq!(job.state, JobState::Succeeded);
+    assert_eq!(out, "Checked earlier=\n\n**Warning:** stale");
+    let history: String = sqlx::query_scalar("SELECT output FROM job_history WHERE id = ?1")
+        .bind(&job.id)
+        .fetch_one(g.store.read_pool())
+        .await
+        .unwrap();
+    assert_eq!(history, out, "job_history shows the same output");
+    g.stop().await;
+}
+
+/// After a restart, orphaned warm rows are warmed again a few at a time (channels with queued
+/// jobs first, then the most recently used) and only as many as fit under the cap; the rest
+/// are marked stopped, saying why.
+#[tokio::test]
+async fn restart_rewarms_a_bounded_number_within_the_cap_queued_channels_first() {
+    let a = Gorp::start(|_| {}).await;
+    let mut channels = Vec::new();
+    for name in ["c0", "c1", "c2", "c3", "c4"] {
+        let ch = a.channel(name, |_| {}).await;
+        a.run(ch, "@pid").await; // c4 is the most recently used
+        channels.push(ch);
+    }
+    let (dir, mut config) = a.stop().await;
+    config.acp.max_warm_sessions = 2;
+    config.acp.max_concurrent_starts = 1;
+    // c0, the least recently used, has a job waiting (not due yet, so no worker takes it).
+    let b = Gorp::start_on(dir, config, "gorp-b").await;
+    b.store
+        .job_insert(
+            NewJob {
+                run_at: Some(now_ms() + 3_600_000),
+                ..NewJob::new(channels[0], Source::Cli, "later")
+            },
+            now_ms(),
+        )
+        .await
+        .unwrap();
+
+    let first = b.warm.run_once(now_ms()).await.unwrap();
+    assert_eq!(first.warming, 1, "one start at a time");
+    assert_eq!(first.stopped, 3, "three rows do not fit under the cap of 2");
+    b.warm.settle().await;
+    assert!(
+        b.warm.live_pid(channels[0]).is_some(),
+        "the channel with a queued job first"
+    );
+    let second = b.warm.run_once(now_ms()).await.unwrap();
+    assert_eq!((second.warming, second.stopped), (1, 0));
+    b.warm.settle().await;
+    assert!(
+        b.warm.live_pid(channels[4]).is_some(),
+        "then the most recently used"
+    );
+    for ch in &channels[1..4] {
+        assert!(b.warm.live_pid(*ch).is_none());
+        let row = b.store.warm_get(*ch).await.unwrap().unwrap();
+        assert_eq!(row.state, "stopped");
+        assert!(
+            row.error
+                .as_deref()
+                .unwrap_or_default()
+                .contains("max_warm_sessions (2)"),
+            "{:?}",
+            row.error
+        );
+    }
+    let third = b.warm.run_once(now_ms()).await.unwrap();
+    assert_eq!(
+        (third.warming, third.stopped),
+        (0, 0),
+        "nothing left to warm"
+    );
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn least_recently_used_session_is_evicted_at_the_cap() {
     let g = Gorp::start(|c| c.acp.max_warm_sessions = 2).await;

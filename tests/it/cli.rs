@@ -552,3 +552,49 @@ async fn schedule_commands_add_list_pause_resume_rm_and_next() {
     let out = env.run(&["schedule", "rm", &id]);
     assert_eq!(code(&out), 3);
 }
+
+/// `gorp jobs | head`: output to a program that exits early ends the command quietly (killed
+/// by SIGPIPE, as other tools are), never with a panic about a broken pipe.
+#[test]
+fn output_to_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let env = Env::new();
+    env.ok(&["channels", "add", "alpha"]);
+    for i in 0..3 {
+        env.ok(&["enqueue", "alpha", &format!("job {i}")]);
+    }
+    for args in [&["jobs"][..], &["channels", "list"], &["jobs", "--json"]] {
+        let mut child = env
+            .cmd(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // the reader is gone before gorp writes
+        let out = child.wait_with_output().unwrap();
+        let err = stderr(&out);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(!err.contains("Broken pipe"), "{args:?}: {err}");
+        assert!(
+            out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+            "{args:?}: {:?} {err}",
+            out.status
+        );
+    }
+}
+
+/// A database path gorp cannot create is a problem of the machine (exit 1), not bad input
+/// (exit 2), and the message says which path.
+#[test]
+fn unwritable_database_path_exits_1_naming_the_path() {
+    let env = Env::new();
+    let out = env
+        .cmd(&["jobs"])
+        .env("GORP_DATABASE_PATH", "/proc/gorp-cannot-be-here/gorp.db")
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("cannot open the database"), "{err}");
+    assert!(err.contains("/proc/gorp-cannot-be-here"), "{err}");
+}

@@ -149,6 +149,41 @@ fn bad_values_are_refused() {
         &["matrix.user_id"],
     );
     assert_err("[worker\n", &["line 1"]);
+    assert_err(
+        "[webhook]\nmax_body_bytes = 0\n",
+        &["webhook.max_body_bytes", "at least 64"],
+    );
+    assert_err(
+        "[acp]\nmax_concurrent_starts = 0\n",
+        &["acp.max_concurrent_starts"],
+    );
+}
+
+#[test]
+fn env_override_with_an_unknown_section_is_refused() {
+    let env = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+    let err = Config::load_with(None, &env("GORP_WROKER_CONCURRENCY", "4"))
+        .expect_err("a misspelt section must not be ignored")
+        .to_string();
+    for needle in [
+        "GORP_WROKER_CONCURRENCY",
+        "unknown config section",
+        "wroker",
+        "worker",
+    ] {
+        assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+    }
+    // An unknown key in a known section is refused as before; gorp's own non-config
+    // variables are not keys.
+    assert!(Config::load_with(None, &env("GORP_WORKER_CONCURENCY", "4")).is_err());
+    assert!(Config::load_with(None, &env("GORP_LOG", "debug")).is_ok());
+    assert_eq!(
+        Config::load_with(None, &env("GORP_WORKER_MAX_RESCUES", "9"))
+            .unwrap()
+            .worker
+            .max_rescues,
+        9
+    );
 }
 
 #[test]

@@ -11,6 +11,7 @@ use crate::support::setup;
 
 const T0: i64 = 1_700_000_000_000;
 const LEASE: i64 = 30_000;
+const MAX_RESCUES: i64 = 5;
 
 fn job(channel_id: i64, prompt: &str) -> NewJob {
     NewJob::new(channel_id, Source::Cli, prompt)
@@ -161,7 +162,11 @@ async fn stale_worker_loses_to_the_newer_attempt() {
         .unwrap()
         .remove(0);
     // Worker "old" stops heartbeating; the rescuer re-queues; "new" claims attempt 2.
-    let rescued = s.store.job_rescue_expired(T0 + 2_000).await.unwrap();
+    let rescued = s
+        .store
+        .job_rescue_expired(T0 + 2_000, MAX_RESCUES)
+        .await
+        .unwrap();
     assert_eq!(rescued.len(), 1);
     let new = s
         .store
@@ -303,7 +308,7 @@ async fn database_refuses_a_second_running_job_on_a_channel() {
 use sqlx::Connection;
 
 #[tokio::test]
-async fn rescuer_requeues_expired_leases_and_fails_exhausted_ones() {
+async fn rescuer_requeues_expired_leases_without_spending_attempts() {
     let s = setup().await;
     let a = s.channel("a").await;
     let b = s.channel("b").await;
@@ -315,57 +320,193 @@ async fn rescuer_requeues_expired_leases_and_fails_exhausted_ones() {
         .job_id;
     let mut once = job(b.id, "once");
     once.max_attempts = 1;
-    let spent = s.store.job_insert(once, T0).await.unwrap().job_id;
+    let single = s.store.job_insert(once, T0).await.unwrap().job_id;
     s.store.job_claim_many("dead", 10, T0, 1_000).await.unwrap();
 
     assert!(
         s.store
-            .job_rescue_expired(T0 + 999)
+            .job_rescue_expired(T0 + 999, MAX_RESCUES)
             .await
             .unwrap()
             .is_empty(),
         "lease still valid"
     );
-    let mut r = s.store.job_rescue_expired(T0 + 1_001).await.unwrap();
-    r.sort_by_key(|x| x.job_id == spent);
+    let r = s
+        .store
+        .job_rescue_expired(T0 + 1_001, MAX_RESCUES)
+        .await
+        .unwrap();
     assert_eq!(r.len(), 2);
-    assert_eq!(
-        (r[0].job_id.as_str(), r[0].state),
-        (retry.as_str(), JobState::Queued)
-    );
-    assert_eq!(
-        (r[1].job_id.as_str(), r[1].state),
-        (spent.as_str(), JobState::Failed)
+    assert!(
+        r.iter().all(|x| x.state == JobState::Queued),
+        "an interrupted run spends no attempt, not even a job's only one: {r:?}"
     );
 
     let j = s.store.job_get(&retry).await.unwrap().unwrap();
     assert_eq!(
-        (j.state, j.attempt, j.lease_owner),
-        (JobState::Queued, 1, None)
+        (
+            j.state,
+            j.attempt,
+            j.interruptions,
+            j.lease_owner.as_deref()
+        ),
+        (JobState::Queued, 1, 1, None)
     );
-    assert!(j.error.unwrap().contains("lease expired"));
-    let f = s.store.job_get(&spent).await.unwrap().unwrap();
-    assert_eq!(
-        (f.state, f.finished_at),
-        (JobState::Failed, Some(T0 + 1_001))
-    );
+    assert_eq!(j.counted_attempts(), 0);
+    assert!(j.error.as_deref().unwrap().contains("lease expired"));
 
     let ev = s.store.job_events_list(&retry, 0, 100).await.unwrap();
     assert_eq!(ev.len(), 1);
     assert_eq!(ev[0].kind, "rescued");
-    assert!(
-        ev[0].text.as_ref().unwrap().contains("will be re-run"),
-        "{:?}",
-        ev[0].text
-    );
-    // Rescued job runs again as attempt 2.
+    let text = ev[0].text.as_ref().unwrap();
+    assert!(text.contains("will be re-run"), "{text}");
+    assert!(text.contains("not counted as a failed attempt"), "{text}");
+    // The rescued job runs again as attempt 2, and a failure of that run is its first.
     let again = s
         .store
         .job_claim_many("alive", 10, T0 + 1_002, LEASE)
         .await
         .unwrap();
-    assert_eq!(again.len(), 1);
-    assert_eq!(again[0].attempt, 2);
+    assert_eq!(again.len(), 2);
+    let one = again.iter().find(|j| j.id == single).unwrap();
+    assert_eq!((one.attempt, one.counted_attempts()), (2, 1));
+    let st = s
+        .store
+        .job_fail_if_running(
+            &one.lease().unwrap(),
+            "boom".into(),
+            Some(T0 + 5_000),
+            T0 + 1_003,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        st,
+        Some(JobState::Failed),
+        "its one counted attempt is spent"
+    );
+    let other = again.iter().find(|j| j.id == retry).unwrap();
+    let st = s
+        .store
+        .job_fail_if_running(
+            &other.lease().unwrap(),
+            "boom".into(),
+            Some(T0 + 5_000),
+            T0 + 1_003,
+        )
+        .await
+        .unwrap();
+    assert_eq!(st, Some(JobState::Queued), "1 of 3 counted attempts spent");
+}
+
+#[tokio::test]
+async fn job_that_kills_gorp_every_time_fails_after_max_rescues() {
+    let s = setup().await;
+    let a = s.channel("a").await;
+    let id = s
+        .store
+        .job_insert(job(a.id, "poison"), T0)
+        .await
+        .unwrap()
+        .job_id;
+    let max = 3;
+    let mut t = T0;
+    for round in 1..=max + 1 {
+        let c = s
+            .store
+            .job_claim_many(&format!("gorp-{round}"), 1, t, 1_000)
+            .await
+            .unwrap();
+        assert_eq!(c.len(), 1, "round {round}");
+        t += 2_000;
+        let r = s.store.job_rescue_expired(t, max).await.unwrap();
+        let want = if round <= max {
+            JobState::Queued
+        } else {
+            JobState::Failed
+        };
+        assert_eq!(r[0].state, want, "round {round}");
+    }
+    let j = s.store.job_get(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (j.state, j.attempt, j.interruptions, j.finished_at),
+        (JobState::Failed, 4, 4, Some(t))
+    );
+    let ev = s.store.job_events_list(&id, 0, 100).await.unwrap();
+    let last = ev.last().unwrap().text.clone().unwrap();
+    assert!(last.contains("interrupted 4 times"), "{last}");
+    assert!(last.contains("max_rescues = 3"), "{last}");
+}
+
+#[tokio::test]
+async fn rescued_and_retried_jobs_keep_their_place_in_the_channel() {
+    let s = setup().await;
+    let a = s.channel("a").await;
+    let first = s
+        .store
+        .job_insert(job(a.id, "first"), T0)
+        .await
+        .unwrap()
+        .job_id;
+    let c = s.store.job_claim_many("dead", 1, T0, 1_000).await.unwrap();
+    assert_eq!(c[0].id, first);
+    // Newer jobs of the channel arrive while the first one runs.
+    let mut newer = Vec::new();
+    for i in 0..3 {
+        newer.push(
+            s.store
+                .job_insert(job(a.id, &format!("newer {i}")), T0 + 10 + i)
+                .await
+                .unwrap()
+                .job_id,
+        );
+    }
+    s.store
+        .job_rescue_expired(T0 + 2_000, MAX_RESCUES)
+        .await
+        .unwrap();
+    let next = s
+        .store
+        .job_claim_many("w", 10, T0 + 2_001, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(next[0].id, first, "the rescued job runs before newer ones");
+
+    // A retry waiting for its backoff holds the channel: the newer jobs wait behind it.
+    let retry_at = T0 + 10_000;
+    s.store
+        .job_fail_if_running(
+            &next[0].lease().unwrap(),
+            "flaky".into(),
+            Some(retry_at),
+            T0 + 2_002,
+        )
+        .await
+        .unwrap();
+    assert!(s
+        .store
+        .job_claim_many("w", 10, T0 + 2_003, LEASE)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        s.store.job_next_due(T0 + 2_003).await.unwrap(),
+        (false, Some(retry_at)),
+        "the worker sleeps until the retry is due"
+    );
+    let again = s
+        .store
+        .job_claim_many("w", 10, retry_at, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(again[0].id, first, "the retried job runs before newer ones");
+    let (won, after) = s
+        .store
+        .job_complete_and_claim(&again[0].lease().unwrap(), None, retry_at + 1, LEASE)
+        .await
+        .unwrap();
+    assert!(won);
+    assert_eq!(after.unwrap().id, newer[0], "then the rest, in order");
 }
 
 #[tokio::test]
@@ -378,7 +519,7 @@ async fn heartbeat_extends_leases_and_reports_cancel_requests() {
     assert_eq!(beats, vec![(id.clone(), 1, false)]);
     assert!(
         s.store
-            .job_rescue_expired(T0 + 1_500)
+            .job_rescue_expired(T0 + 1_500, MAX_RESCUES)
             .await
             .unwrap()
             .is_empty(),
@@ -430,10 +571,35 @@ async fn idempotent_enqueue_returns_the_existing_job() {
     let second = s.store.job_insert(nj.clone(), T0 + 1).await.unwrap();
     assert!(first.created && !second.created);
     assert_eq!(first.job_id, second.job_id);
-    // The key is unique per source: another source may use it.
+    // The key is unique per channel and source: another source may use it.
     let mut other = nj.clone();
     other.source = Source::Webhook;
     assert!(s.store.job_insert(other, T0).await.unwrap().created);
+    // Another channel's key never names (or blocks) this channel's job.
+    let b = s.channel("b").await;
+    let mut theirs = nj.clone();
+    theirs.channel_id = b.id;
+    let in_b = s.store.job_insert(theirs.clone(), T0 + 2).await.unwrap();
+    assert!(in_b.created, "channel b's job is created");
+    assert_ne!(in_b.job_id, first.job_id);
+    let again_b = s.store.job_insert(theirs, T0 + 3).await.unwrap();
+    assert_eq!((again_b.created, &again_b.job_id), (false, &in_b.job_id));
+    assert_eq!(
+        s.store
+            .job_get(&in_b.job_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .channel,
+        "b"
+    );
+    // Both in one write group too.
+    let mut x = job(a.id, "x");
+    x.idempotency_key = Some("group".into());
+    let mut y = job(b.id, "y");
+    y.idempotency_key = Some("group".into());
+    let both = s.store.job_insert_many(vec![x, y], T0 + 4).await.unwrap();
+    assert!(both[0].created && both[1].created && both[0].job_id != both[1].job_id);
 
     // Concurrent duplicates (one write group) still create exactly one job.
     let mut tasks = Vec::new();
@@ -452,7 +618,7 @@ async fn idempotent_enqueue_returns_the_existing_job() {
         .collect();
     assert_eq!(results.iter().filter(|r| r.created).count(), 1);
     assert!(results.iter().all(|r| r.job_id == results[0].job_id));
-    assert_eq!(s.count("jobs").await, 3);
+    assert_eq!(s.count("jobs").await, 6);
 }
 
 #[tokio::test]

@@ -147,7 +147,9 @@ async fn catch_up_all_is_bounded() {
     let all = add(&s, add_req("alpha", "*/5 * * * *", "UTC", "all"), t0).await;
     sched(&s.store).run_once(t0 + 10 * HOUR).await.unwrap();
     let slots = slots_of(&s.store, all.id).await;
-    assert_eq!(slots.len(), scheduler::MAX_CATCH_UP);
+    // The ten latest missed slots, and the slot due now (on time, so not a catch-up).
+    assert_eq!(slots.len(), scheduler::MAX_CATCH_UP + 1);
+    assert_eq!(slots[0], t0 + 10 * HOUR - 10 * 5 * 60_000);
     assert_eq!(*slots.last().unwrap(), t0 + 10 * HOUR);
 }
 
@@ -237,6 +239,71 @@ async fn one_off_fires_once_and_is_marked_done() {
         2,
         "done, not deleted"
     );
+}
+
+/// Slots under a minute late are on time, whatever the catch-up policy: after a 21 s outage a
+/// seconds-schedule fires each of them. Older slots follow the policy, and the record names it.
+#[tokio::test]
+async fn slots_under_a_minute_late_fire_under_every_catch_up_policy() {
+    let s = setup().await;
+    s.channel("alpha").await;
+    let t0 = utc(2026, 1, 5, 8, 0);
+    let every5 = "*/5 * * * * *";
+    let skip = add(&s, add_req("alpha", every5, "UTC", "skip"), t0).await;
+    let once = add(&s, add_req("alpha", every5, "UTC", "once"), t0).await;
+    let sec = |n: i64| t0 + n * 1_000;
+    // Down for 21 s after the first slot was due: slots 5..25 s are all on time.
+    sched(&s.store).run_once(sec(26)).await.unwrap();
+    let on_time: Vec<Millis> = (1..=5).map(|k| sec(5 * k)).collect();
+    assert_eq!(slots_of(&s.store, skip.id).await, on_time);
+    assert_eq!(slots_of(&s.store, once.id).await, on_time);
+    for id in [skip.id, once.id] {
+        let row = s.store.schedule_get(id).await.unwrap().unwrap();
+        assert_eq!((row.skipped, row.last_skip), (0, None));
+        assert_eq!(row.next_run_at, Some(sec(30)));
+    }
+
+    // Down 95 s: slots 30 s..85 s are over a minute late at 150 s (missed), 90..150 s are not.
+    sched(&s.store).run_once(sec(150)).await.unwrap();
+    let late: Vec<Millis> = (18..=30).map(|k| sec(5 * k)).collect();
+    let mut want_once = on_time.clone();
+    want_once.push(sec(85));
+    want_once.extend(&late);
+    assert_eq!(slots_of(&s.store, once.id).await, want_once);
+    let mut want_skip = on_time.clone();
+    want_skip.extend(&late);
+    assert_eq!(slots_of(&s.store, skip.id).await, want_skip);
+    let row = s.store.schedule_get(once.id).await.unwrap().unwrap();
+    let note = row.last_skip.unwrap();
+    assert!(
+        note.contains("11 missed slot(s) skipped (catch_up = once)"),
+        "{note}"
+    );
+    let row = s.store.schedule_get(skip.id).await.unwrap().unwrap();
+    let note = row.last_skip.unwrap();
+    assert!(
+        note.contains("12 missed slot(s) skipped (catch_up = skip)"),
+        "{note}"
+    );
+}
+
+/// With `overlap = skip`, slots due together (after a restart) run once: the first one queues
+/// and the others are recorded as overlapping it.
+#[tokio::test]
+async fn overlap_skip_runs_one_of_several_slots_due_together() {
+    let s = setup().await;
+    s.channel("alpha").await;
+    let t0 = utc(2026, 1, 5, 8, 0);
+    let mut req = add_req("alpha", "*/5 * * * * *", "UTC", "once");
+    req.overlap = Some("skip".into());
+    let sc = add(&s, req, t0).await;
+    sched(&s.store).run_once(t0 + 26_000).await.unwrap();
+    assert_eq!(slots_of(&s.store, sc.id).await, vec![t0 + 5_000]);
+    let row = s.store.schedule_get(sc.id).await.unwrap().unwrap();
+    let note = row.last_skip.unwrap();
+    assert!(note.contains("4 slot(s) skipped"), "{note}");
+    assert!(note.contains("overlap = skip"), "{note}");
+    assert_eq!(row.next_run_at, Some(t0 + 30_000));
 }
 
 #[tokio::test]
