@@ -216,7 +216,9 @@ async fn agent_alone(dir: &Path, samples: usize) -> Vec<f64> {
     let session = agent.new_session().await.expect("session");
     let mut out = Vec::with_capacity(samples);
     for _ in 0..samples {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<gorp::acp::client::AgentEvent>();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<gorp::acp::client::AgentEvent>(
+            gorp::acp::client::EVENT_QUEUE,
+        );
         let t = Instant::now();
         let reader = tokio::spawn(async move {
             let mut first = None;

@@ -95,6 +95,9 @@ pub struct DatabaseConfig {
     pub busy_timeout_ms: u64,
     /// Connections in the read pool.
     pub read_connections: u32,
+    /// SQLite's page cache per connection (the writer and each reader), in MiB: most of what
+    /// gorp's memory grows by under load.
+    pub cache_mib: u32,
     /// Finished jobs (and their events) older than this are deleted; 0 keeps them forever.
     pub retention_days: u32,
 }
@@ -106,6 +109,7 @@ impl Default for DatabaseConfig {
             synchronous: Synchronous::Normal,
             busy_timeout_ms: 5_000,
             read_connections: 4,
+            cache_mib: 32,
             retention_days: 30,
         }
     }
@@ -435,6 +439,9 @@ impl Config {
         }
         if self.database.read_connections == 0 {
             return bad("database.read_connections", "expected at least 1");
+        }
+        if self.database.cache_mib == 0 || self.database.cache_mib > 65_536 {
+            return bad("database.cache_mib", "expected 1 to 65536 (MiB)");
         }
         if self.worker.concurrency > 1024 {
             return bad("worker.concurrency", "expected at most 1024");

@@ -79,6 +79,31 @@ impl JobContext {
         }
     }
 
+    /// Appends events to the job's log in one write, in order, and waits for their commit: a
+    /// caller that streams faster than the database writes is slowed down rather than queueing
+    /// without bound.
+    pub async fn emit_all(&self, events: Vec<(String, Option<String>, Option<serde_json::Value>)>) {
+        let at = now_ms();
+        let rows = events
+            .into_iter()
+            .map(|(kind, text, data)| NewEvent {
+                job_id: self.job.id.clone(),
+                attempt: self.job.attempt,
+                kind,
+                text,
+                data,
+                at,
+            })
+            .collect();
+        let written = match self.store.job_events_append(rows).await {
+            Ok(()) => self.store.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            tracing::error!(job = %self.job.id, error = %e, "cannot record job events");
+        }
+    }
+
     /// Resolves when the attempt must stop.
     pub fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
         self.cancel.cancelled()

@@ -67,7 +67,7 @@ use std::collections::{HashMap, VecDeque};
 use std::path::{Component, Path, PathBuf};
 use std::pin::pin;
 use std::process::Stdio as ProcStdio;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -209,6 +209,9 @@ pub enum AcpError {
     },
     #[error("agent does not support {0}")]
     Unsupported(String),
+    /// The agent wrote one message (line) over the limit; it was stopped.
+    #[error("the agent wrote one ACP message longer than {limit} bytes; it was stopped")]
+    MessageTooLarge { limit: usize },
     #[error("session {0} already has a prompt running")]
     Busy(String),
 }
@@ -221,8 +224,20 @@ fn tail_display(tail: &str) -> String {
     }
 }
 
+/// Events of a prompt waiting for their reader (the job's event writer) before the agent's
+/// messages wait to be read: an agent that floods updates is slowed to the pace of the
+/// database instead of filling gorp's memory.
+pub const EVENT_QUEUE: usize = 1024;
+
+/// Longest line (one JSON-RPC message) gorp reads from an agent. A longer one stops the agent
+/// and fails the prompt, so a runaway agent cannot make gorp buffer without bound.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Handlers that took a message this recently are still working through a backlog.
+const BUSY_HANDLERS: Duration = Duration::from_millis(100);
+
 enum Route {
-    Prompt(mpsc::UnboundedSender<AgentEvent>),
+    Prompt(mpsc::Sender<AgentEvent>),
     Load(Arc<AtomicUsize>),
 }
 
@@ -233,37 +248,72 @@ struct Shared {
     stderr: Mutex<VecDeque<String>>,
     unrouted: AtomicU64,
     unparsed: AtomicU64,
+    /// Set when the agent wrote a line over [`MAX_MESSAGE_BYTES`].
+    oversized: Arc<AtomicBool>,
+    /// Lines read from the agent, and messages of the agent gorp's handlers have taken (with
+    /// when the last one was): the difference is what the protocol crate holds unread.
+    lines_read: Arc<AtomicU64>,
+    handled: AtomicU64,
+    last_handled: Mutex<std::time::Instant>,
     pid: u32,
 }
 
 impl Shared {
     /// Sends `event` to the prompt running on `session`; counts replayed
     /// updates while `session` is loading. Returns whether it was routed.
-    fn route(&self, session: &str, event: impl FnOnce() -> AgentEvent) -> bool {
-        let routes = self.routes.lock().unwrap();
-        match routes.get(session) {
-            Some(Route::Prompt(tx)) => {
-                let _ = tx.send(event());
-                true
-            }
-            Some(Route::Load(count)) => {
-                count.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            None => {
-                self.unrouted.fetch_add(1, Ordering::Relaxed);
-                false
-            }
-        }
+    /// Notes that a handler took one of the agent's messages.
+    fn took_message(&self) {
+        self.handled.fetch_add(1, Ordering::Relaxed);
+        *self.last_handled.lock().unwrap() = std::time::Instant::now();
     }
 
-    fn emit(&self, session: &str, event: AgentEvent) {
-        if !self.route(session, || event.clone()) {
+    /// True while gorp is behind with what it read: a prompt's event queue is full, or more
+    /// than [`EVENT_QUEUE`] lines wait in the protocol crate while its handlers are busy with
+    /// them (lines no handler takes — responses, unknown methods — are few, and count only
+    /// while the handlers are working, so they can never stop reading for good).
+    fn backlogged(&self) -> bool {
+        let unread = self
+            .lines_read
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.handled.load(Ordering::Relaxed));
+        if unread > EVENT_QUEUE as u64
+            && self.last_handled.lock().unwrap().elapsed() < BUSY_HANDLERS
+        {
+            return true;
+        }
+        let routes = self.routes.lock().unwrap();
+        routes
+            .values()
+            .any(|r| matches!(r, Route::Prompt(tx) if tx.capacity() == 0))
+    }
+
+    /// Waits while the prompt's event queue is full.
+    async fn route(&self, session: &str, event: impl FnOnce() -> AgentEvent) -> bool {
+        let tx = {
+            let routes = self.routes.lock().unwrap();
+            match routes.get(session) {
+                Some(Route::Prompt(tx)) => tx.clone(),
+                Some(Route::Load(count)) => {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+                None => {
+                    self.unrouted.fetch_add(1, Ordering::Relaxed);
+                    return false;
+                }
+            }
+        };
+        let _ = tx.send(event()).await;
+        true
+    }
+
+    async fn emit(&self, session: &str, event: AgentEvent) {
+        if !self.route(session, || event.clone()).await {
             tracing::debug!(pid = self.pid, session, kind = %event.kind, "agent event outside a prompt dropped");
         }
     }
 
-    fn stderr_line(&self, line: String) {
+    async fn stderr_line(&self, line: String) {
         tracing::info!(target: "gorp::acp::stderr", pid = self.pid, "{line}");
         {
             let mut tail = self.stderr.lock().unwrap();
@@ -272,11 +322,20 @@ impl Shared {
             }
             tail.push_back(line.clone());
         }
-        let routes = self.routes.lock().unwrap();
-        for route in routes.values() {
-            if let Route::Prompt(tx) = route {
-                let _ = tx.send(AgentEvent::new("stderr", Some(line.clone()), json!({})));
-            }
+        let prompts: Vec<mpsc::Sender<AgentEvent>> = {
+            let routes = self.routes.lock().unwrap();
+            routes
+                .values()
+                .filter_map(|r| match r {
+                    Route::Prompt(tx) => Some(tx.clone()),
+                    Route::Load(_) => None,
+                })
+                .collect()
+        };
+        for tx in prompts {
+            let _ = tx
+                .send(AgentEvent::new("stderr", Some(line.clone()), json!({})))
+                .await;
         }
     }
 
@@ -289,7 +348,7 @@ impl Shared {
     /// [`SessionNotification`] (e.g. `usage_update` with `"used": null`)
     /// are still routed, as an event built from the raw JSON with a
     /// `parseError` field, and counted.
-    fn on_update(&self, params: Value) {
+    async fn on_update(&self, params: Value) {
         let note = match serde_json::from_value::<SessionNotification>(params.clone()) {
             Ok(note) => note,
             Err(e) => {
@@ -308,15 +367,16 @@ impl Shared {
                 );
                 self.route(session, || {
                     raw_update_event(&params["update"], &e.to_string())
-                });
+                })
+                .await;
                 return;
             }
         };
         let session = note.session_id.0.to_string();
-        self.route(&session, || update_event(&note.update));
+        self.route(&session, || update_event(&note.update)).await;
     }
 
-    fn decide_permission(&self, req: &RequestPermissionRequest) -> RequestPermissionResponse {
+    async fn decide_permission(&self, req: &RequestPermissionRequest) -> RequestPermissionResponse {
         let preferred: &[PermissionOptionKind] = match self.policy {
             PermissionPolicy::Allow => &[
                 PermissionOptionKind::AllowOnce,
@@ -374,11 +434,11 @@ impl Shared {
                 RequestPermissionResponse::new(RequestPermissionOutcome::Cancelled),
             ),
         };
-        self.emit(&req.session_id.0, event);
+        self.emit(&req.session_id.0, event).await;
         response
     }
 
-    fn deny(
+    async fn deny(
         &self,
         session: &str,
         op: &str,
@@ -392,14 +452,15 @@ impl Shared {
                 Some(reason.clone()),
                 json!({ "op": op, "path": path.display().to_string(), "reason": reason }),
             ),
-        );
+        )
+        .await;
         agent_client_protocol::Error::new(
             ErrorCode::INVALID_PARAMS,
             format!("access denied: {reason}"),
         )
     }
 
-    fn fs_failed(
+    async fn fs_failed(
         &self,
         session: &str,
         op: &str,
@@ -425,7 +486,8 @@ impl Shared {
                     "error": err.to_string(),
                 }),
             ),
-        );
+        )
+        .await;
         agent_client_protocol::Error::new(code, message)
     }
 
@@ -434,11 +496,18 @@ impl Shared {
         req: &ReadTextFileRequest,
     ) -> Result<ReadTextFileResponse, agent_client_protocol::Error> {
         let session = req.session_id.0.to_string();
-        let resolved = confine(&self.fs_root, &req.path)
-            .map_err(|reason| self.deny(&session, "read", &req.path, reason))?;
-        let content = tokio::fs::read_to_string(&resolved)
-            .await
-            .map_err(|e| self.fs_failed(&session, "read", &req.path, &resolved, e))?;
+        let resolved = match confine(&self.fs_root, &req.path) {
+            Ok(r) => r,
+            Err(reason) => return Err(self.deny(&session, "read", &req.path, reason).await),
+        };
+        let content = match tokio::fs::read_to_string(&resolved).await {
+            Ok(c) => c,
+            Err(e) => {
+                return Err(self
+                    .fs_failed(&session, "read", &req.path, &resolved, e)
+                    .await)
+            }
+        };
         let content = select_lines(&content, req.line, req.limit);
         self.emit(
             &session,
@@ -453,7 +522,8 @@ impl Shared {
                     "limit": req.limit,
                 }),
             ),
-        );
+        )
+        .await;
         Ok(ReadTextFileResponse::new(content))
     }
 
@@ -462,8 +532,10 @@ impl Shared {
         req: &WriteTextFileRequest,
     ) -> Result<WriteTextFileResponse, agent_client_protocol::Error> {
         let session = req.session_id.0.to_string();
-        let resolved = confine(&self.fs_root, &req.path)
-            .map_err(|reason| self.deny(&session, "write", &req.path, reason))?;
+        let resolved = match confine(&self.fs_root, &req.path) {
+            Ok(r) => r,
+            Err(reason) => return Err(self.deny(&session, "write", &req.path, reason).await),
+        };
         let result = async {
             if let Some(parent) = resolved.parent() {
                 tokio::fs::create_dir_all(parent).await?;
@@ -471,7 +543,11 @@ impl Shared {
             tokio::fs::write(&resolved, req.content.as_bytes()).await
         }
         .await;
-        result.map_err(|e| self.fs_failed(&session, "write", &req.path, &resolved, e))?;
+        if let Err(e) = result {
+            return Err(self
+                .fs_failed(&session, "write", &req.path, &resolved, e)
+                .await);
+        }
         self.emit(
             &session,
             AgentEvent::new(
@@ -483,7 +559,8 @@ impl Shared {
                     "bytes": req.content.len(),
                 }),
             ),
-        );
+        )
+        .await;
         Ok(WriteTextFileResponse::new())
     }
 }
@@ -830,6 +907,10 @@ impl AgentProcess {
             stderr: Mutex::new(VecDeque::new()),
             unrouted: AtomicU64::new(0),
             unparsed: AtomicU64::new(0),
+            oversized: Arc::new(AtomicBool::new(false)),
+            lines_read: Default::default(),
+            handled: AtomicU64::new(0),
+            last_handled: Mutex::new(std::time::Instant::now()),
             pid,
         });
 
@@ -861,7 +942,7 @@ impl AgentProcess {
                             line.truncate(cut);
                             line.push('…');
                         }
-                        stderr_shared.stderr_line(line);
+                        stderr_shared.stderr_line(line).await;
                     }
                 }
             }
@@ -1056,7 +1137,7 @@ impl AgentProcess {
         &self,
         session_id: &str,
         text: &str,
-        events: mpsc::UnboundedSender<AgentEvent>,
+        events: mpsc::Sender<AgentEvent>,
         cancel: CancellationToken,
     ) -> Result<String, AcpError> {
         let _guard = self.register(session_id, Route::Prompt(events.clone()))?;
@@ -1105,11 +1186,13 @@ impl AgentProcess {
         match result {
             Ok(resp) => {
                 if let Some(usage) = &resp.usage {
-                    let _ = events.send(AgentEvent::new(
-                        "turn_usage",
-                        None,
-                        serde_json::to_value(usage).unwrap_or(Value::Null),
-                    ));
+                    let _ = events
+                        .send(AgentEvent::new(
+                            "turn_usage",
+                            None,
+                            serde_json::to_value(usage).unwrap_or(Value::Null),
+                        ))
+                        .await;
                 }
                 Ok(stop_reason_str(&resp))
             }
@@ -1262,6 +1345,19 @@ impl AgentProcess {
     }
 
     async fn exited_error(&self) -> AcpError {
+        if self.shared.oversized.load(Ordering::Relaxed) {
+            // The connection is gone: make sure the process is too before anyone reuses it.
+            if self.pid > 0 {
+                // SAFETY: plain syscall on the process group gorp created for this agent.
+                unsafe {
+                    libc::killpg(self.pid as i32, libc::SIGKILL);
+                }
+            }
+            let _ = self.wait_exit(Duration::from_secs(2)).await;
+            return AcpError::MessageTooLarge {
+                limit: MAX_MESSAGE_BYTES,
+            };
+        }
         let (status, stderr_tail) = self.exit_details().await;
         AcpError::AgentExited {
             status,
@@ -1382,14 +1478,20 @@ async fn run_connection(
     let on_update = shared.clone();
     let on_permission = shared.clone();
     let on_read = shared.clone();
-    let on_write = shared;
+    let on_write = shared.clone();
+    let backlog = shared.clone();
+    let stdout =
+        super::line_limit::LineLimit::new(stdout, MAX_MESSAGE_BYTES, shared.oversized.clone())
+            .counting_lines(shared.lines_read.clone())
+            .with_backpressure(Arc::new(move || backlog.backlogged()));
     let transport = ByteStreams::new(stdin.compat_write(), stdout.compat());
     let result = Client
         .v1()
         .name("gorp")
         .on_receive_notification(
             async move |note: RawSessionUpdate, _cx: ConnectionTo<Agent>| {
-                on_update.on_update(note.0);
+                on_update.took_message();
+                on_update.on_update(note.0).await;
                 Ok(())
             },
             agent_client_protocol::on_receive_notification!(),
@@ -1398,7 +1500,8 @@ async fn run_connection(
             async move |req: RequestPermissionRequest,
                         responder: Responder<RequestPermissionResponse>,
                         _cx: ConnectionTo<Agent>| {
-                let resp = on_permission.decide_permission(&req);
+                on_permission.took_message();
+                let resp = on_permission.decide_permission(&req).await;
                 responder.respond(resp)
             },
             agent_client_protocol::on_receive_request!(),
@@ -1407,6 +1510,7 @@ async fn run_connection(
             async move |req: ReadTextFileRequest,
                         responder: Responder<ReadTextFileResponse>,
                         _cx: ConnectionTo<Agent>| {
+                on_read.took_message();
                 responder.respond_with_result(on_read.fs_read(&req).await)
             },
             agent_client_protocol::on_receive_request!(),
@@ -1415,6 +1519,7 @@ async fn run_connection(
             async move |req: WriteTextFileRequest,
                         responder: Responder<WriteTextFileResponse>,
                         _cx: ConnectionTo<Agent>| {
+                on_write.took_message();
                 responder.respond_with_result(on_write.fs_write(&req).await)
             },
             agent_client_protocol::on_receive_request!(),
@@ -1431,6 +1536,20 @@ async fn run_connection(
     match result {
         Ok(()) => tracing::debug!(pid, "agent connection closed"),
         Err(e) => tracing::debug!(pid, "agent connection ended with error: {e}"),
+    }
+    if shared.oversized.load(Ordering::Relaxed) {
+        // Nobody reads the agent any more: stop it, so its prompt ends and its slot is freed.
+        tracing::warn!(
+            pid,
+            limit = MAX_MESSAGE_BYTES,
+            "agent wrote an oversized message; stopping it"
+        );
+        if pid > 0 {
+            // SAFETY: plain syscall on the process group gorp created for this agent.
+            unsafe {
+                libc::killpg(pid as i32, libc::SIGKILL);
+            }
+        }
     }
 }
 

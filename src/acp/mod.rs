@@ -9,6 +9,7 @@
 //!   event.
 
 pub mod client;
+mod line_limit;
 pub mod script_agent;
 
 use std::sync::Arc;
@@ -147,19 +148,26 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
     .await;
 
     // Forward the agent's updates to the job's events in order, noting first output and usage.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<AgentEvent>();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<AgentEvent>(client::EVENT_QUEUE);
     let fwd_ctx = ctx.clone();
     let forward = tokio::spawn(async move {
         let mut facts = RunFacts::default();
         let mut boundaries = MessageBoundaries::default();
-        while let Some(mut ev) = rx.recv().await {
-            boundaries.mark(&mut ev);
-            if facts.first_output_ms.is_none() && OUTPUT_KINDS.contains(&ev.kind.as_str()) {
-                facts.first_output_ms = Some(started.elapsed().as_secs_f64() * 1e3);
+        // Whatever has arrived goes to the writer as one batch: an agent that streams fast
+        // is written in large multi-row inserts rather than one event at a time.
+        let mut batch = Vec::with_capacity(client::EVENT_QUEUE);
+        while rx.recv_many(&mut batch, client::EVENT_QUEUE).await > 0 {
+            let mut events = Vec::with_capacity(batch.len());
+            for mut ev in batch.drain(..) {
+                boundaries.mark(&mut ev);
+                if facts.first_output_ms.is_none() && OUTPUT_KINDS.contains(&ev.kind.as_str()) {
+                    facts.first_output_ms = Some(started.elapsed().as_secs_f64() * 1e3);
+                }
+                note_usage(&mut facts, &ev);
+                let data = (!ev.data.is_null()).then_some(ev.data);
+                events.push((ev.kind, ev.text, data));
             }
-            note_usage(&mut facts, &ev);
-            let data = (!ev.data.is_null()).then_some(ev.data);
-            fwd_ctx.emit(&ev.kind, ev.text, data).await;
+            fwd_ctx.emit_all(events).await;
         }
         facts
     });
@@ -202,6 +210,8 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
             true,
         ),
         Err(e @ AcpError::Timeout { .. }) => failed(format!("{e}; session/cancel sent"), false),
+        // The same prompt would make the agent do it again.
+        Err(e @ AcpError::MessageTooLarge { .. }) => failed(e.to_string(), false),
         Err(e) => failed(e.to_string(), true),
     }
 }

@@ -21,6 +21,16 @@
 //! * Every prompt is appended to the session's history file when it starts
 //!   (so `@history` and crashes see it) and rewritten with its replies and
 //!   stop reason when it ends.
+//! * `--turn-log FILE` appends one JSON line per event to `FILE` (shared by
+//!   any number of agent processes; each line is one `write`): `spawn` when
+//!   the process starts serving, `start` and `end` around every prompt turn,
+//!   `exit` when it stops serving (stdin closed, or `@crash`). Every line has
+//!   `event`, `ms` (wall clock, Unix milliseconds) and `pid`; turn lines add
+//!   `session`, `cwd` (the session's working directory) and `tag` (the
+//!   prompt's first line, at most 200 characters); `end` adds `stop` (the stop
+//!   reason, or `error: …`). A turn with a `start` and no `end` was cut short
+//!   by the process dying (SIGKILL, or a panic). Soak tests use it to check
+//!   that two turns of one channel never overlap.
 //!
 //! # Directives
 //!
@@ -46,6 +56,8 @@
 //! | `@mode ID` | send a `current_mode_update` |
 //! | `@commands A B C` | send an `available_commands_update` |
 //! | `@stderr TEXT` | write `TEXT` as one line to stderr |
+//! | `@flood N` | send `N` one-character agent message chunks as fast as the connection takes them |
+//! | `@big-reply BYTES` | send one agent message chunk of `BYTES` characters (one ACP line of that size) |
 //! | `@pid` | reply with this process id (decimal) |
 //! | `@history` | reply with the number of prompts this session has seen, the current one included (decimal) |
 //! | `@stop REASON` | end the turn now with stop reason `end_turn`, `max_tokens`, `max_turn_requests`, `refusal` or `cancelled` |
@@ -92,6 +104,8 @@ pub struct ScriptAgentConfig {
     pub startup_delay: Duration,
     /// Directory holding one `<session-id>.jsonl` journal per session.
     pub state_dir: PathBuf,
+    /// `--turn-log FILE`: append a JSON line per turn start/end (see the module docs).
+    pub turn_log: Option<PathBuf>,
 }
 
 impl Default for ScriptAgentConfig {
@@ -99,6 +113,7 @@ impl Default for ScriptAgentConfig {
         Self {
             startup_delay: Duration::ZERO,
             state_dir: default_state_dir(),
+            turn_log: None,
         }
     }
 }
@@ -109,7 +124,8 @@ pub fn default_state_dir() -> PathBuf {
 }
 
 /// Usage text of the binary.
-pub const USAGE: &str = "usage: gorp-script-agent [--startup-delay-ms N] [--state-dir DIR]\n\
+pub const USAGE: &str =
+    "usage: gorp-script-agent [--startup-delay-ms N] [--state-dir DIR] [--turn-log FILE]\n\
 Speaks ACP over stdio; see the gorp::acp::script_agent docs for the prompt directives.";
 
 impl ScriptAgentConfig {
@@ -138,6 +154,7 @@ impl ScriptAgentConfig {
                     config.startup_delay = Duration::from_millis(ms);
                 }
                 "--state-dir" => config.state_dir = PathBuf::from(value("--state-dir")?),
+                "--turn-log" => config.turn_log = Some(PathBuf::from(value("--turn-log")?)),
                 "-h" | "--help" => return Err(USAGE.to_string()),
                 other => return Err(format!("unknown argument: {other}\n{USAGE}")),
             }
@@ -175,6 +192,8 @@ pub enum Directive {
     Mode(String),
     Commands(Vec<String>),
     Stderr(String),
+    Flood(usize),
+    BigReply(usize),
     Pid,
     History,
     Stop(String),
@@ -251,6 +270,14 @@ fn parse_line(line: &str) -> Option<Directive> {
             rest.split_whitespace().map(str::to_string).collect(),
         )),
         "@stderr" => Ok(Directive::Stderr(rest.to_string())),
+        "@flood" => rest
+            .parse()
+            .map(Directive::Flood)
+            .map_err(|_| format!("@flood needs a count, got {rest:?}")),
+        "@big-reply" => rest
+            .parse()
+            .map(Directive::BigReply)
+            .map_err(|_| format!("@big-reply needs a size in bytes, got {rest:?}")),
         "@pid" => Ok(Directive::Pid),
         "@history" => Ok(Directive::History),
         "@stop" => Ok(Directive::Stop(rest.to_string())),
@@ -502,12 +529,61 @@ fn rpc_error(code: ErrorCode, message: impl Into<String>) -> Error {
     Error::new(code, message)
 }
 
+/// Appends one `--turn-log` line: `{"event", "ms", "pid", ...fields}`. The line is written with
+/// one `write` on a file opened for appending, so lines of concurrent agents never interleave.
+fn log_turn_event(path: Option<&Path>, event: &str, fields: serde_json::Value) {
+    use std::io::Write;
+    let Some(path) = path else {
+        return;
+    };
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut line = serde_json::json!({ "event": event, "ms": ms, "pid": std::process::id() });
+    if let (Some(line), serde_json::Value::Object(extra)) = (line.as_object_mut(), fields) {
+        line.extend(extra);
+    }
+    let mut bytes = line.to_string().into_bytes();
+    bytes.push(b'\n');
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(&bytes));
+    if let Err(e) = written {
+        eprintln!(
+            "gorp-script-agent: cannot write turn log {}: {e}",
+            path.display()
+        );
+    }
+}
+
+/// The `tag` of a turn-log line: the prompt's first line, at most 200 characters.
+fn turn_tag(prompt: &str) -> String {
+    prompt
+        .lines()
+        .next()
+        .unwrap_or("")
+        .chars()
+        .take(200)
+        .collect()
+}
+
 // ---------------------------------------------------------------------------
 // The agent
 // ---------------------------------------------------------------------------
 
 /// Serves the script agent on this process's stdin/stdout until stdin closes.
 pub async fn run_stdio(config: ScriptAgentConfig) -> Result<(), Error> {
+    let turn_log = config.turn_log.clone();
+    log_turn_event(turn_log.as_deref(), "spawn", serde_json::json!({}));
+    let served = serve_stdio(config).await;
+    log_turn_event(turn_log.as_deref(), "exit", serde_json::json!({}));
+    served
+}
+
+async fn serve_stdio(config: ScriptAgentConfig) -> Result<(), Error> {
     let state = Arc::new(AgentState {
         config,
         client_can_read: AtomicBool::new(false),
@@ -930,6 +1006,20 @@ impl TurnRunner<'_> {
                 ))?;
             }
             Directive::Stderr(text) => eprintln!("{text}"),
+            Directive::Flood(n) => {
+                for _ in 0..n {
+                    self.send(SessionUpdate::AgentMessageChunk(ContentChunk::new(
+                        ContentBlock::from(".".to_string()),
+                    )))?;
+                }
+                self.record("message", &format!("(flood of {n} chunks)"));
+            }
+            Directive::BigReply(bytes) => {
+                self.send(SessionUpdate::AgentMessageChunk(ContentChunk::new(
+                    ContentBlock::from("x".repeat(bytes)),
+                )))?;
+                self.record("message", &format!("({bytes}-byte reply)"));
+            }
             Directive::Pid => self.note(std::process::id().to_string())?,
             Directive::History => {
                 let n = self.session.lock().unwrap().file.turns.len();
@@ -953,6 +1043,11 @@ impl TurnRunner<'_> {
             }
             Directive::Crash => {
                 self.finish_turn(None);
+                log_turn_event(
+                    self.state.config.turn_log.as_deref(),
+                    "exit",
+                    serde_json::json!({ "crash": true }),
+                );
                 eprintln!(
                     "gorp-script-agent: @crash: exiting with code {CRASH_EXIT_CODE} (pid {})",
                     std::process::id()
@@ -993,6 +1088,23 @@ async fn run_prompt(
         return;
     };
     let text = prompt_text(&req.prompt);
+    let turn_log = state.config.turn_log.clone();
+    let turn_fields = |extra: serde_json::Value| {
+        let mut v = serde_json::json!({
+            "session": id,
+            "cwd": session.lock().unwrap().file.cwd,
+            "tag": turn_tag(&text),
+        });
+        if let (Some(v), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
+            v.extend(extra);
+        }
+        v
+    };
+    log_turn_event(
+        turn_log.as_deref(),
+        "start",
+        turn_fields(serde_json::json!({})),
+    );
     {
         let mut s = session.lock().unwrap();
         s.file.turns.push(Turn {
@@ -1049,6 +1161,11 @@ async fn run_prompt(
         Err(e) => format!("error: {}", e.message),
     };
     turn.finish_turn(Some(&reason_text));
+    log_turn_event(
+        turn_log.as_deref(),
+        "end",
+        turn_fields(serde_json::json!({ "stop": reason_text })),
+    );
     let usage = turn.usage;
     drop(turn);
     watcher.abort();
@@ -1119,7 +1236,38 @@ mod tests {
         .unwrap();
         assert_eq!(c.startup_delay, Duration::from_millis(250));
         assert_eq!(c.state_dir, PathBuf::from("/x"));
+        assert_eq!(c.turn_log, None);
+        let c = ScriptAgentConfig::from_args(["--turn-log", "/t.jsonl"].map(String::from)).unwrap();
+        assert_eq!(c.turn_log, Some(PathBuf::from("/t.jsonl")));
         assert!(ScriptAgentConfig::from_args(["--bogus".to_string()]).is_err());
+    }
+
+    #[test]
+    fn turn_log_appends_one_json_line_per_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("turns.jsonl");
+        log_turn_event(None, "start", serde_json::json!({}));
+        log_turn_event(
+            Some(&path),
+            "start",
+            serde_json::json!({ "tag": turn_tag("job 7\n@sleep-ms 1") }),
+        );
+        log_turn_event(
+            Some(&path),
+            "end",
+            serde_json::json!({ "stop": "end_turn" }),
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["event"], "start");
+        assert_eq!(lines[0]["tag"], "job 7");
+        assert_eq!(lines[0]["pid"], std::process::id());
+        assert_eq!(lines[1]["stop"], "end_turn");
+        assert!(lines[1]["ms"].as_u64().unwrap() >= lines[0]["ms"].as_u64().unwrap());
     }
 
     #[test]

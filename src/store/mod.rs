@@ -609,6 +609,9 @@ fn connect_options(path: &Path, cfg: &DatabaseConfig) -> SqliteConnectOptions {
         .foreign_keys(true)
         .busy_timeout(Duration::from_millis(cfg.busy_timeout_ms))
         .pragma("temp_store", "memory")
-        .pragma("cache_size", "-32000")
+        .pragma(
+            "cache_size",
+            format!("-{}", u64::from(cfg.cache_mib) * 1024),
+        )
         .disable_statement_logging()
 }

@@ -965,63 +965,92 @@ async fn cancel(
 
 /// Returns running jobs whose lease expired to the queue. A lease expires only when the gorp
 /// holding it died or stopped renewing it (an agent's own failure is recorded by its worker),
-/// so the run counts as an interruption, not as a failed attempt; a job interrupted more than
-/// `max_rescues` times (one that kills gorp every time) fails.
+/// so the run was interrupted, not failed, and spends none of the job's attempts:
+/// - cut short before its prompt reached the agent (no `session` event for the attempt), the
+///   attempt is given back, as on a graceful shutdown;
+/// - cut short during the agent's turn, it counts as an interruption, and a job interrupted
+///   more than `max_rescues` times (one that kills gorp every time) fails.
 async fn rescue(
     conn: &mut SqliteConnection,
     now: Millis,
     max_rescues: i64,
 ) -> Result<Vec<Rescued>, sqlx::Error> {
-    let rows = sqlx::query!(
-        r#"UPDATE jobs
-           SET state = CASE WHEN cancel_requested THEN 'cancelled'
-                            WHEN interruptions >= ?2 THEN 'failed'
-                            ELSE 'queued' END,
-               finished_at = CASE WHEN cancel_requested OR interruptions >= ?2
-                                  THEN ?1 ELSE NULL END,
-               stop_reason = CASE WHEN cancel_requested THEN 'cancelled' ELSE NULL END,
-               error = 'lease expired: worker ' || lease_owner || ' stopped renewing it',
-               interruptions = interruptions + 1,
-               run_at = ?1, lease_owner = NULL, lease_expires_at = NULL
-           WHERE state = 'running' AND lease_expires_at < ?1
-           RETURNING id AS "id!", attempt, interruptions, state AS "state: JobState",
-                     error AS "error!: String""#,
-        now,
-        max_rescues
+    let expired = sqlx::query!(
+        r#"SELECT j.id AS "id!", j.attempt,
+                  EXISTS(SELECT 1 FROM job_events e
+                         WHERE e.job_id = j.id AND e.attempt = j.attempt
+                           AND e.kind = 'session') AS "in_turn!: bool"
+           FROM jobs j WHERE j.state = 'running' AND j.lease_expires_at < ?1"#,
+        now
     )
     .fetch_all(&mut *conn)
     .await?;
-    let events: Vec<NewEvent> = rows
-        .iter()
-        .map(|r| NewEvent {
-            job_id: r.id.clone(),
-            attempt: r.attempt,
+    let mut rescued = Vec::with_capacity(expired.len());
+    let mut events = Vec::with_capacity(expired.len());
+    for job in expired {
+        let Some(r) = sqlx::query!(
+            r#"UPDATE jobs
+               SET state = CASE WHEN cancel_requested THEN 'cancelled'
+                                WHEN ?3 AND interruptions >= ?4 THEN 'failed'
+                                ELSE 'queued' END,
+                   finished_at = CASE WHEN cancel_requested OR (?3 AND interruptions >= ?4)
+                                      THEN ?5 ELSE NULL END,
+                   stop_reason = CASE WHEN cancel_requested THEN 'cancelled' ELSE NULL END,
+                   error = 'lease expired: worker ' || lease_owner || ' stopped renewing it',
+                   interruptions = interruptions + ?3,
+                   attempt = CASE WHEN ?3 THEN attempt ELSE attempt - 1 END,
+                   run_at = ?5, lease_owner = NULL, lease_expires_at = NULL
+               WHERE id = ?1 AND attempt = ?2 AND state = 'running'
+               RETURNING interruptions, state AS "state: JobState", error AS "error!: String""#,
+            job.id,
+            job.attempt,
+            job.in_turn,
+            max_rescues,
+            now
+        )
+        .fetch_optional(&mut *conn)
+        .await?
+        else {
+            continue;
+        };
+        let text = match (r.state, job.in_turn) {
+            (JobState::Cancelled, _) => format!("{}; cancel was pending, job cancelled", r.error),
+            (JobState::Queued, false) => format!(
+                "{}; run {} was cut short before its prompt reached the agent, so it is not \
+                 counted; the job will be re-run",
+                r.error, job.attempt
+            ),
+            (JobState::Queued, true) => format!(
+                "{}; run {} was interrupted during the agent's turn ({} of at most {} \
+                 interruptions, not counted as a failed attempt); the job will be re-run",
+                r.error, job.attempt, r.interruptions, max_rescues
+            ),
+            _ => format!(
+                "{}; interrupted during the agent's turn {} times, more than [worker] \
+                 max_rescues = {}: job failed",
+                r.error, r.interruptions, max_rescues
+            ),
+        };
+        events.push(NewEvent {
+            job_id: job.id.clone(),
+            attempt: job.attempt,
             kind: "rescued".into(),
-            text: Some(match r.state {
-                JobState::Queued => format!(
-                    "{}; interrupted run {} ({} of at most {} interruptions, not counted as a \
-                     failed attempt) will be re-run",
-                    r.error, r.attempt, r.interruptions, max_rescues
-                ),
-                JobState::Cancelled => format!("{}; cancel was pending, job cancelled", r.error),
-                _ => format!(
-                    "{}; interrupted {} times, more than [worker] max_rescues = {}: job failed",
-                    r.error, r.interruptions, max_rescues
-                ),
-            }),
-            data: Some(serde_json::json!({ "state": r.state, "interruptions": r.interruptions })),
+            text: Some(text),
+            data: Some(serde_json::json!({
+                "state": r.state,
+                "in_turn": job.in_turn,
+                "interruptions": r.interruptions,
+            })),
             at: now,
-        })
-        .collect();
-    insert_events(conn, &events.iter().collect::<Vec<_>>()).await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| Rescued {
-            job_id: r.id,
-            attempt: r.attempt,
+        });
+        rescued.push(Rescued {
+            job_id: job.id,
+            attempt: job.attempt,
             state: r.state,
-        })
-        .collect())
+        });
+    }
+    insert_events(conn, &events.iter().collect::<Vec<_>>()).await?;
+    Ok(rescued)
 }
 
 async fn apply_write(conn: &mut SqliteConnection, w: &Write) -> Result<u64, sqlx::Error> {

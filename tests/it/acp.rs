@@ -664,6 +664,96 @@ async fn restart_rewarms_a_bounded_number_within_the_cap_queued_channels_first()
     b.stop().await;
 }
 
+/// Peak resident memory of this test process (nextest runs each test in its own process).
+fn peak_rss_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb / 1024
+}
+
+/// An agent that floods 100,000 updates is read at the pace of the database: every update is
+/// a row, the job succeeds, and gorp's memory stays bounded.
+#[tokio::test]
+async fn agent_flooding_updates_is_recorded_with_bounded_memory() {
+    // SQLite's page caches are most of what memory grows by; keep them small so the test sees
+    // the rest.
+    let g = Gorp::start(|c| c.database.cache_mib = 2).await;
+    let ch = g.channel("alpha", |_| {}).await;
+    g.run(ch, "@reply warm").await;
+    let before = peak_rss_mib();
+    let id = g.enqueue(ch, &format!("@flood {FLOOD}\n@reply done")).await;
+    // Debug builds parse and write each update at a few thousand a second on a busy machine.
+    let job = eventually(Duration::from_secs(170), "the flood to end", || async {
+        g.store
+            .job_get(&id)
+            .await
+            .unwrap()
+            .filter(|j| j.state.is_terminal())
+    })
+    .await;
+    let out = g.store.job_output(&id).await.unwrap();
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    assert_eq!(out.len(), FLOOD + "done".len());
+    assert!(out.ends_with("done"));
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM job_events WHERE job_id = ?1 AND kind = 'message'",
+    )
+    .bind(&job.id)
+    .fetch_one(g.store.read_pool())
+    .await
+    .unwrap();
+    assert_eq!(rows, FLOOD as i64 + 1);
+    let grew = peak_rss_mib() - before;
+    eprintln!("peak RSS grew by {grew} MiB in a 100,000-update flood (from {before} MiB)");
+    assert!(grew < FLOOD_RSS_MIB, "peak RSS grew by {grew} MiB");
+    g.stop().await;
+}
+
+/// An agent that writes one 100 MB line is stopped once the line passes the limit: the job
+/// fails with a clear error (not retried), gorp buffers at most the limit, and the channel's
+/// next job gets a fresh agent.
+#[tokio::test]
+async fn agent_writing_a_100_mb_line_fails_the_job_with_bounded_memory() {
+    let g = Gorp::start(|c| {
+        c.worker.max_attempts = 3;
+        c.database.cache_mib = 2;
+    })
+    .await;
+    let ch = g.channel("alpha", |_| {}).await;
+    let (_, pid) = g.run(ch, "@pid").await;
+    let before = peak_rss_mib();
+    let (job, _) = g.run(ch, "@reply before\n@big-reply 104857600").await;
+    assert_eq!(
+        (job.state, job.attempt),
+        (JobState::Failed, 1),
+        "not retried"
+    );
+    let error = job.error.unwrap();
+    assert!(
+        error.contains("longer than 16777216 bytes") && error.contains("stopped"),
+        "{error}"
+    );
+    let grew = peak_rss_mib() - before;
+    eprintln!("peak RSS grew by {grew} MiB reading a 100 MB line (from {before} MiB)");
+    assert!(grew < FLOOD_RSS_MIB, "peak RSS grew by {grew} MiB");
+    let (next, new_pid) = g.run(ch, "@pid").await;
+    assert_eq!(next.state, JobState::Succeeded, "{:?}", next.error);
+    assert_ne!(new_pid, pid, "a fresh agent");
+    g.stop().await;
+}
+
+/// Updates the flooding agent sends.
+const FLOOD: usize = 100_000;
+
+/// Bound on the growth of a test process's peak memory in the flood tests (with 2 MiB page
+/// caches): one 16 MiB message buffer and the bounded event queues. Measured: 16–17 MiB; a
+/// 100 MB line buffered whole, or 100,000 updates queued, would take far more.
+const FLOOD_RSS_MIB: u64 = 32;
+
 #[tokio::test]
 async fn least_recently_used_session_is_evicted_at_the_cap() {
     let g = Gorp::start(|c| c.acp.max_warm_sessions = 2).await;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use gorp::acp::client::{
-    AcpError, AgentEvent, AgentProcess, AgentSpec, PermissionPolicy, Timeouts,
+    AcpError, AgentEvent, AgentProcess, AgentSpec, PermissionPolicy, Timeouts, EVENT_QUEUE,
 };
 use tempfile::TempDir;
 use tokio::sync::mpsc;
@@ -68,15 +68,17 @@ async fn prompt(
     session: &str,
     text: &str,
 ) -> (Result<String, AcpError>, Vec<AgentEvent>) {
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+    // Read while the prompt runs: the queue is bounded.
+    let events = tokio::spawn(drain(rx));
     let result = agent
         .prompt(session, text, tx, CancellationToken::new())
         .await;
-    (result, drain(rx).await)
+    (result, events.await.unwrap())
 }
 
 /// Collects events until every sender is gone (the prompt has returned).
-async fn drain(mut rx: mpsc::UnboundedReceiver<AgentEvent>) -> Vec<AgentEvent> {
+async fn drain(mut rx: mpsc::Receiver<AgentEvent>) -> Vec<AgentEvent> {
     let mut events = Vec::new();
     while let Some(e) = rx.recv().await {
         events.push(e);
@@ -364,7 +366,7 @@ async fn cancel_token_sends_session_cancel_and_returns_cancelled() {
     let lab = Lab::new();
     let agent = lab.spawn(PermissionPolicy::Allow).await;
     let session = agent.new_session().await.unwrap();
-    let (tx, mut rx) = mpsc::unbounded_channel::<AgentEvent>();
+    let (tx, mut rx) = mpsc::channel::<AgentEvent>(EVENT_QUEUE);
     let cancel = CancellationToken::new();
     // Cancel as soon as the agent shows it is inside the turn.
     let watcher = {
@@ -627,11 +629,12 @@ async fn agent_process_can_be_shared_across_tasks() {
         let agent = agent.clone();
         tokio::spawn(async move {
             let session = agent.new_session().await.unwrap();
-            let (tx, rx) = mpsc::unbounded_channel();
+            let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+            let events = tokio::spawn(drain(rx));
             let r = agent
                 .prompt(&session, "@reply from a task", tx, CancellationToken::new())
                 .await;
-            (r.unwrap(), message(&drain(rx).await))
+            (r.unwrap(), message(&events.await.unwrap()))
         })
     };
     let (reason, text) = task.await.unwrap();

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::support::claude_env::{agent_binary, claude_env, seed_plugin_blocklist};
 use crate::support::fake_anthropic::{chunks, FakeAnthropic, RecordedRequest, Reply, RequestKind};
 use gorp::acp::client::{
-    AcpError, AgentEvent, AgentProcess, AgentSpec, PermissionPolicy, Timeouts,
+    AcpError, AgentEvent, AgentProcess, AgentSpec, PermissionPolicy, Timeouts, EVENT_QUEUE,
 };
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -110,15 +110,17 @@ async fn prompt(
     session: &str,
     text: &str,
 ) -> (Result<String, AcpError>, Vec<AgentEvent>) {
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+    // Read while the prompt runs: the queue is bounded.
+    let events = tokio::spawn(drain(rx));
     let result = agent
         .prompt(session, text, tx, CancellationToken::new())
         .await;
-    (result, drain(rx).await)
+    (result, events.await.unwrap())
 }
 
 /// Collects events until every sender is gone (the prompt has returned).
-async fn drain(mut rx: mpsc::UnboundedReceiver<AgentEvent>) -> Vec<AgentEvent> {
+async fn drain(mut rx: mpsc::Receiver<AgentEvent>) -> Vec<AgentEvent> {
     let mut events = Vec::new();
     while let Some(e) = rx.recv().await {
         events.push(e);
@@ -435,7 +437,7 @@ async fn prompt_cancelled_mid_stream(
     text: &str,
 ) -> (Result<String, AcpError>, Vec<AgentEvent>, Duration) {
     let cancel = CancellationToken::new();
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = mpsc::channel(EVENT_QUEUE);
     let turn = async {
         let result = agent.prompt(session, text, tx, cancel.clone()).await;
         (result, Instant::now())

@@ -1071,6 +1071,18 @@ async fn a_restart_keeps_the_device_answers_nothing_old_and_reports_rerun_jobs()
         .unwrap();
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].id, orphan.job_id);
+    // Its prompt had reached the agent when it died.
+    w.store
+        .job_events_append(vec![gorp::store::NewEvent {
+            job_id: orphan.job_id.clone(),
+            attempt: 1,
+            kind: "session".into(),
+            text: None,
+            data: None,
+            at: now_ms(),
+        }])
+        .await
+        .unwrap();
     let notice = w
         .alice
         .message_from(&bot, &room, "the restart notice", |e| {

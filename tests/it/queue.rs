@@ -17,6 +17,23 @@ fn job(channel_id: i64, prompt: &str) -> NewJob {
     NewJob::new(channel_id, Source::Cli, prompt)
 }
 
+/// Records that the attempt's prompt went to the agent (its `session` event), as the executor
+/// does before the turn.
+async fn turn_started(s: &crate::support::Setup, job_id: &str, attempt: i64) {
+    s.store
+        .job_events_append(vec![NewEvent {
+            job_id: job_id.into(),
+            attempt,
+            kind: "session".into(),
+            text: None,
+            data: None,
+            at: T0,
+        }])
+        .await
+        .unwrap();
+    s.store.flush().await.unwrap();
+}
+
 #[tokio::test]
 async fn job_runs_queued_to_running_to_succeeded() {
     let s = setup().await;
@@ -161,6 +178,7 @@ async fn stale_worker_loses_to_the_newer_attempt() {
         .await
         .unwrap()
         .remove(0);
+    turn_started(&s, &id, 1).await;
     // Worker "old" stops heartbeating; the rescuer re-queues; "new" claims attempt 2.
     let rescued = s
         .store
@@ -322,6 +340,8 @@ async fn rescuer_requeues_expired_leases_without_spending_attempts() {
     once.max_attempts = 1;
     let single = s.store.job_insert(once, T0).await.unwrap().job_id;
     s.store.job_claim_many("dead", 10, T0, 1_000).await.unwrap();
+    turn_started(&s, &retry, 1).await;
+    turn_started(&s, &single, 1).await;
 
     assert!(
         s.store
@@ -356,10 +376,11 @@ async fn rescuer_requeues_expired_leases_without_spending_attempts() {
     assert!(j.error.as_deref().unwrap().contains("lease expired"));
 
     let ev = s.store.job_events_list(&retry, 0, 100).await.unwrap();
-    assert_eq!(ev.len(), 1);
-    assert_eq!(ev[0].kind, "rescued");
-    let text = ev[0].text.as_ref().unwrap();
+    let kinds: Vec<&str> = ev.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["session", "rescued"]);
+    let text = ev[1].text.as_ref().unwrap();
     assert!(text.contains("will be re-run"), "{text}");
+    assert!(text.contains("during the agent's turn"), "{text}");
     assert!(text.contains("not counted as a failed attempt"), "{text}");
     // The rescued job runs again as attempt 2, and a failure of that run is its first.
     let again = s
@@ -418,6 +439,7 @@ async fn job_that_kills_gorp_every_time_fails_after_max_rescues() {
             .await
             .unwrap();
         assert_eq!(c.len(), 1, "round {round}");
+        turn_started(&s, &id, c[0].attempt).await;
         t += 2_000;
         let r = s.store.job_rescue_expired(t, max).await.unwrap();
         let want = if round <= max {
@@ -434,8 +456,48 @@ async fn job_that_kills_gorp_every_time_fails_after_max_rescues() {
     );
     let ev = s.store.job_events_list(&id, 0, 100).await.unwrap();
     let last = ev.last().unwrap().text.clone().unwrap();
-    assert!(last.contains("interrupted 4 times"), "{last}");
+    assert!(
+        last.contains("interrupted during the agent's turn 4 times"),
+        "{last}"
+    );
     assert!(last.contains("max_rescues = 3"), "{last}");
+}
+
+/// A gorp that dies before the prompt reached the agent (while the agent was starting) costs
+/// the job nothing: the attempt is given back and no interruption is counted, however often.
+#[tokio::test]
+async fn rescue_before_the_turn_gives_the_attempt_back() {
+    let s = setup().await;
+    let a = s.channel("a").await;
+    let id = s
+        .store
+        .job_insert(job(a.id, "slow start"), T0)
+        .await
+        .unwrap()
+        .job_id;
+    let mut t = T0;
+    for round in 1..=8 {
+        let c = s
+            .store
+            .job_claim_many("starting", 1, t, 1_000)
+            .await
+            .unwrap();
+        assert_eq!(c[0].attempt, 1, "round {round}");
+        t += 2_000;
+        let r = s.store.job_rescue_expired(t, 3).await.unwrap();
+        assert_eq!(r[0].state, JobState::Queued, "round {round}");
+    }
+    let j = s.store.job_get(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (j.state, j.attempt, j.interruptions),
+        (JobState::Queued, 0, 0)
+    );
+    let ev = s.store.job_events_list(&id, 0, 100).await.unwrap();
+    let text = ev.last().unwrap().text.clone().unwrap();
+    assert!(
+        text.contains("before its prompt reached the agent"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
