@@ -73,14 +73,23 @@ impl FromRequestParts<HttpState> for ApiAuth {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct JobsQuery {
     pub state: Option<JobState>,
+    /// A channel name.
     pub channel: Option<String>,
     pub source: Option<Source>,
-    /// `next_cursor` of the previous page.
+    /// `next_cursor` of the previous page (a job id).
+    #[param(pattern = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
     pub cursor: Option<String>,
-    /// Page size (1-1000, default 50).
+    /// Page size (default 50).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<i64>,
+}
+
+/// A job id as gorp writes it: a lowercase hyphenated UUID (the form of `next_cursor`).
+fn is_job_id(s: &str) -> bool {
+    uuid::Uuid::try_parse(s).is_ok_and(|u| u.hyphenated().to_string() == s)
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -99,7 +108,12 @@ async fn list_jobs(
     State(st): State<HttpState>,
     q: Result<Query<JobsQuery>, QueryRejection>,
 ) -> ApiResult<Json<JobPage>> {
-    let Query(q) = q.map_err(|e| ApiError::BadRequest(format!("bad query: {e}")))?;
+    let Query(q) = q.map_err(ApiError::query)?;
+    if let Some(c) = q.cursor.as_deref().filter(|c| !is_job_id(c)) {
+        return Err(ApiError::BadRequest(format!(
+            "cursor {c:?} is not a job id; pass the next_cursor of the previous page"
+        )));
+    }
     let limit = q.limit.unwrap_or(50);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::BadRequest(
@@ -149,6 +163,7 @@ async fn get_job(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
     /// Only events with a larger seq (`Last-Event-ID` takes precedence).
     pub after: Option<i64>,
@@ -156,9 +171,12 @@ pub struct EventsQuery {
 
 /// A job's events. JSON by default; with `Accept: text/event-stream` an SSE stream (event id =
 /// seq, event name = kind) that follows the job until it ends, resumable with `Last-Event-ID`.
-#[utoipa::path(get, path = "/api/jobs/{id}/events", tag = "jobs", params(("id" = String, Path), EventsQuery),
+#[utoipa::path(get, path = "/api/jobs/{id}/events", tag = "jobs",
+    params(("id" = String, Path), EventsQuery,
+        ("Last-Event-ID" = Option<String>, Header, nullable = false, pattern = r"^[0-9]{1,18}$",
+            description = "Resume after this event seq (SSE reconnects send it)")),
     responses((status = 200, body = [Event], description = "JSON, or text/event-stream"),
-        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn job_events(
     _auth: ApiAuth,
@@ -167,7 +185,7 @@ async fn job_events(
     q: Result<Query<EventsQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let Query(q) = q.map_err(|e| ApiError::BadRequest(format!("bad query: {e}")))?;
+    let Query(q) = q.map_err(ApiError::query)?;
     if st.store.job_get(&id).await?.is_none() {
         return Err(ApiError::NotFound(format!("no job {id}")));
     }
@@ -175,9 +193,11 @@ async fn job_events(
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .map(|v| {
-            v.trim()
-                .parse::<i64>()
-                .map_err(|_| ApiError::BadRequest("Last-Event-ID must be an event seq".into()))
+            let v = v.trim();
+            (!v.is_empty() && v.len() <= 18 && v.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| v.parse::<i64>().ok())
+                .flatten()
+                .ok_or_else(|| ApiError::BadRequest("Last-Event-ID must be an event seq".into()))
         })
         .transpose()?;
     let after = last_event_id.or(q.after).unwrap_or(0);
@@ -283,16 +303,33 @@ async fn list_channels(
     Ok(Json(st.store.channel_list().await?))
 }
 
+// Patterns in the schemas below: channel names as `validate_channel_name` checks them, and
+// for prompts a character that is not whitespace as Rust's `str::trim` counts it (so the
+// document refuses a blank prompt exactly as the server does).
+
+/// How a channel's agent answers permission requests.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PermissionPolicy {
+    Allow,
+    Deny,
+}
+
 /// A new channel.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateChannel {
-    /// `[a-z0-9][a-z0-9_-]{0,63}`; also the workspace directory name.
+    /// Also the workspace directory name.
+    #[schema(
+        pattern = r"^[a-z0-9][a-z0-9_-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub name: String,
     pub agent_binary: Option<String>,
     pub agent_args: Option<Vec<String>>,
-    /// `allow` or `deny` (default: `[acp] permission_policy`).
-    pub permission_policy: Option<String>,
+    /// Default: `[acp] permission_policy`.
+    pub permission_policy: Option<PermissionPolicy>,
     /// Secret for GitHub `X-Hub-Signature-256` deliveries.
     pub webhook_secret: Option<String>,
     /// Prompt template for GitHub deliveries: `{event}`, `{action}`, `{repository}`,
@@ -318,7 +355,7 @@ async fn create_channel(
     State(st): State<HttpState>,
     body: Result<Json<CreateChannel>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<CreatedChannel>)> {
-    let Json(req) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let Json(req) = body.map_err(ApiError::json)?;
     let token = auth::new_token();
     let channel = st
         .store
@@ -327,9 +364,11 @@ async fn create_channel(
                 name: req.name,
                 agent_binary: req.agent_binary,
                 agent_args: req.agent_args,
-                permission_policy: req
-                    .permission_policy
-                    .or_else(|| Some(st.config.acp.permission_policy.clone())),
+                permission_policy: Some(match req.permission_policy {
+                    Some(PermissionPolicy::Allow) => "allow".into(),
+                    Some(PermissionPolicy::Deny) => "deny".into(),
+                    None => st.config.acp.permission_policy.clone(),
+                }),
                 matrix_room_id: None,
                 webhook_token: Some(token.clone()),
                 webhook_secret: req.webhook_secret,
@@ -367,16 +406,61 @@ async fn warm_pool(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSchedule {
+    /// The channel's name (404 when there is no such channel).
+    #[schema(
+        pattern = r"^[a-z0-9][a-z0-9_-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub channel: String,
     /// A cron expression (`0 9 * * 1-5`, `@daily`), `in 30m` / `in 2h`, or an RFC 3339 time.
+    /// Refused with 400 when it does not parse, never fires, or names a time in the past.
+    #[schema(min_length = 1)]
     pub when: String,
+    #[schema(
+        pattern = r"[^\t\n\x0b\x0c\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+    )]
     pub prompt: String,
     /// IANA time zone (default: `[scheduler] timezone`, else the system's, else UTC).
+    #[schema(schema_with = timezone_schema)]
     pub timezone: Option<String>,
-    /// `skip`, `once` (default) or `all`.
-    pub catch_up: Option<String>,
-    /// `skip` (default) or `queue`.
-    pub overlap: Option<String>,
+    /// Default `once`.
+    pub catch_up: Option<CatchUp>,
+    /// Default `skip`.
+    pub overlap: Option<Overlap>,
+}
+
+/// What to do with slots missed while gorp was down: `skip` them, run `once`, or run `all`.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CatchUp {
+    Skip,
+    Once,
+    All,
+}
+
+/// What to do when a slot comes while the previous job of the schedule still runs.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Overlap {
+    Skip,
+    Queue,
+}
+
+/// The time zone names gorp knows (those of `chrono-tz`), or null.
+fn timezone_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
+    let names = chrono_tz::TZ_VARIANTS
+        .iter()
+        .map(|tz| serde_json::Value::from(tz.name()))
+        .chain([serde_json::Value::Null]);
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .enum_values(Some(names))
+        .description(Some(
+            "IANA time zone (default: `[scheduler] timezone`, else the system's, else UTC).",
+        ))
+        .build()
 }
 
 fn schedule_error(e: crate::scheduler::ScheduleError) -> ApiError {
@@ -407,7 +491,15 @@ async fn create_schedule(
     State(st): State<HttpState>,
     body: Result<Json<CreateSchedule>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<Schedule>)> {
-    let Json(req) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let Json(req) = body.map_err(ApiError::json)?;
+    if let Some(tz) = req.timezone.as_deref() {
+        // Exactly the documented names (the scheduler would also take them padded).
+        if tz.parse::<chrono_tz::Tz>().is_err() {
+            return Err(ApiError::BadRequest(format!(
+                "unknown time zone {tz:?}; expected an IANA name such as Europe/Berlin or UTC"
+            )));
+        }
+    }
     let s = crate::scheduler::add(
         &st.store,
         &st.config,
@@ -416,8 +508,21 @@ async fn create_schedule(
             when: req.when,
             prompt: req.prompt,
             timezone: req.timezone,
-            catch_up: req.catch_up,
-            overlap: req.overlap,
+            catch_up: req.catch_up.map(|c| {
+                match c {
+                    CatchUp::Skip => "skip",
+                    CatchUp::Once => "once",
+                    CatchUp::All => "all",
+                }
+                .to_string()
+            }),
+            overlap: req.overlap.map(|o| {
+                match o {
+                    Overlap::Skip => "skip",
+                    Overlap::Queue => "queue",
+                }
+                .to_string()
+            }),
             created_by: "api".into(),
         },
         now_ms(),
@@ -428,13 +533,13 @@ async fn create_schedule(
 }
 
 /// Delete a schedule (its past jobs stay).
-#[utoipa::path(delete, path = "/api/schedules/{id}", tag = "schedules", params(("id" = i64, Path)),
+#[utoipa::path(delete, path = "/api/schedules/{id}", tag = "schedules", params(("id" = i64, Path, minimum = 1)),
     responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn delete_schedule(
     _auth: ApiAuth,
     State(st): State<HttpState>,
-    Path(id): Path<i64>,
+    ScheduleId(id): ScheduleId,
 ) -> ApiResult<StatusCode> {
     if st.store.schedule_delete(id).await? {
         Ok(StatusCode::NO_CONTENT)
@@ -444,13 +549,13 @@ async fn delete_schedule(
 }
 
 /// Pause a schedule.
-#[utoipa::path(post, path = "/api/schedules/{id}/pause", tag = "schedules", params(("id" = i64, Path)),
+#[utoipa::path(post, path = "/api/schedules/{id}/pause", tag = "schedules", params(("id" = i64, Path, minimum = 1)),
     responses((status = 200, body = Schedule), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn pause_schedule(
     _auth: ApiAuth,
     State(st): State<HttpState>,
-    Path(id): Path<i64>,
+    ScheduleId(id): ScheduleId,
 ) -> ApiResult<Json<Schedule>> {
     if !st.store.schedule_set_enabled(id, false, None).await? {
         return Err(ApiError::NotFound(format!("no active schedule {id}")));
@@ -459,14 +564,17 @@ async fn pause_schedule(
 }
 
 /// Resume a schedule from its next slot (paused slots are not caught up).
-#[utoipa::path(post, path = "/api/schedules/{id}/resume", tag = "schedules", params(("id" = i64, Path)),
+#[utoipa::path(post, path = "/api/schedules/{id}/resume", tag = "schedules", params(("id" = i64, Path, minimum = 1)),
     responses((status = 200, body = Schedule), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn resume_schedule(
     _auth: ApiAuth,
     State(st): State<HttpState>,
-    Path(id): Path<i64>,
+    ScheduleId(id): ScheduleId,
 ) -> ApiResult<Json<Schedule>> {
+    if st.store.schedule_get(id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("no schedule {id}")));
+    }
     if !crate::scheduler::resume(&st.store, id, now_ms())
         .await
         .map_err(schedule_error)?
@@ -474,6 +582,26 @@ async fn resume_schedule(
         return Err(ApiError::NotFound(format!("no schedule {id}")));
     }
     schedule_json(&st, id).await
+}
+
+/// A schedule id from the path. Like an unknown job id, a path segment that cannot be a
+/// schedule id (not a positive integer) names no schedule: 404.
+pub struct ScheduleId(pub i64);
+
+impl<S: Send + Sync> FromRequestParts<S> for ScheduleId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, st: &S) -> Result<Self, ApiError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, st)
+            .await
+            .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+        match raw.parse::<i64>() {
+            Ok(id) if id >= 1 => Ok(ScheduleId(id)),
+            _ => Err(ApiError::NotFound(format!(
+                "no schedule {raw:?}: schedule ids are positive integers"
+            ))),
+        }
+    }
 }
 
 async fn schedule_json(st: &HttpState, id: i64) -> ApiResult<Json<Schedule>> {

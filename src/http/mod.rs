@@ -9,6 +9,7 @@
 //! listener; [`serve`] runs it until shutdown, letting in-flight requests finish.
 
 pub mod api;
+pub mod conn;
 pub mod error;
 pub mod ops;
 pub mod webhook;
@@ -97,13 +98,74 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// Documents, on every operation, the error responses the router gives any request (each with
+/// the JSON [`error::ErrorBody`]): 414 for a request target over [`error::MAX_URI_BYTES`], 503
+/// when the database cannot take the request now; with a bearer token also 401 and 429; with
+/// parameters 400; with a request body 400, 413 and 415.
+struct CommonErrors;
+
+impl utoipa::Modify for CommonErrors {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let error = |what: &str| {
+            ResponseBuilder::new()
+                .description(what)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let ops = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for op in ops.into_iter().flatten() {
+                let mut add = vec![("414", "Request target too long")];
+                if path != "/healthz" && path != "/metrics" {
+                    add.push((
+                        "503",
+                        "The database cannot take the request now; retry later",
+                    ));
+                }
+                if op.security.is_some() || path.starts_with("/webhook/") {
+                    add.push(("401", "Missing or invalid credentials"));
+                    add.push(("429", "Rate limit exceeded"));
+                }
+                if op.parameters.as_ref().is_some_and(|p| !p.is_empty()) {
+                    add.push(("400", "Invalid parameters"));
+                }
+                if op.request_body.is_some() {
+                    add.push(("400", "Invalid body"));
+                    add.push(("413", "Body too large"));
+                    add.push(("415", "Not application/json"));
+                }
+                for (status, what) in add {
+                    op.responses
+                        .responses
+                        .entry(status.to_string())
+                        .or_insert_with(|| error(what).into());
+                }
+            }
+        }
+    }
+}
+
 /// The routes with their OpenAPI description, built from the same registrations.
 pub fn routes() -> (Router<HttpState>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(webhook::routes())
         .merge(api::routes())
         .merge(ops::routes())
-        .split_for_parts()
+        .split_for_parts();
+    utoipa::Modify::modify(&CommonErrors, &mut doc);
+    (router, doc)
 }
 
 /// The whole app.
@@ -118,6 +180,11 @@ pub fn router(state: HttpState) -> Router {
                 async move { axum::Json((*doc).clone()) }
             }),
         )
+        .fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
+            error::ApiError::NotFound(format!("no route for {method} {}", uri.path()))
+        })
+        .layer(axum::middleware::from_fn(error::json_errors))
+        .layer(axum::middleware::from_fn(error::limit_uri))
         .layer(axum::middleware::from_fn(count_responses))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
@@ -159,7 +226,7 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "HTTP listening");
     state.shutdown = shutdown.clone();
-    axum::serve(listener, router(state))
+    axum::serve(conn::JsonErrorListener(listener), router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
 }

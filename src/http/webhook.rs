@@ -27,6 +27,7 @@ use utoipa_axum::routes;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::HttpState;
 use crate::auth;
+use crate::config::WebhookConfig;
 use crate::store::{now_ms, Channel, JobState, NewJob, Source};
 
 pub(super) fn routes() -> OpenApiRouter<HttpState> {
@@ -37,15 +38,39 @@ pub(super) fn routes() -> OpenApiRouter<HttpState> {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookRequest {
-    /// What to ask the agent.
+    /// What to ask the agent (not blank).
+    #[schema(
+        pattern = r"[^\t\n\x0b\x0c\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+    )]
     pub prompt: String,
-    /// Sending the same key again returns the first job instead of a new one.
+    /// Sending the same key again returns the first job instead of a new one (1-256 bytes).
+    #[schema(min_length = 1, max_length = 256)]
     pub idempotency_key: Option<String>,
-    /// Higher runs first (-1000..=1000).
+    /// Higher runs first.
+    #[schema(minimum = -1000, maximum = 1000)]
+    #[serde(default, deserialize_with = "integral")]
     pub priority: Option<i64>,
 }
 
+/// An optional integer as JSON Schema counts integers: `5` and `5.0` alike.
+fn integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    use serde::de::Error;
+    match Option::<serde_json::Number>::deserialize(d)? {
+        None => Ok(None),
+        Some(n) => n
+            .as_i64()
+            .or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.fract() == 0.0 && f.abs() <= 9.0e15)
+                    .map(|f| f as i64)
+            })
+            .map(Some)
+            .ok_or_else(|| D::Error::custom(format!("invalid type: {n}, expected an integer"))),
+    }
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct WaitQuery {
     /// Answer when the job ends (or after this many seconds) instead of at once.
     pub wait: Option<u64>,
@@ -102,7 +127,6 @@ async fn webhook(
     body: Body,
 ) -> ApiResult<Response> {
     let started = std::time::Instant::now();
-    let Query(query) = query.map_err(|e| ApiError::BadRequest(format!("bad query: {e}")))?;
     let channel = st
         .store
         .channel_get_by_webhook_id(&id)
@@ -128,42 +152,13 @@ async fn webhook(
             st.config.webhook.rate_limit_per_minute
         )));
     }
-    require_json(&headers)?;
-    let text = std::str::from_utf8(&body)
-        .map_err(|_| ApiError::BadRequest("body is not valid UTF-8".into()))?;
-    let value: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| ApiError::BadRequest(format!("body is not valid JSON: {e}")))?;
-
-    let github = github_headers(&headers);
-    let mut job = match (&github, value.get("prompt")) {
-        (Some((event, _)), None) if event == "ping" => {
+    // After the credentials: a request without them learns nothing but 401 (or 404).
+    let Query(query) = query.map_err(ApiError::query)?;
+    let mut job = match decode_body(&headers, &body, &channel, &st.config.webhook)? {
+        Decoded::Ping => {
             return Ok((StatusCode::OK, Json(serde_json::json!({ "pong": true }))).into_response());
         }
-        (Some((event, delivery)), None) => {
-            let mut job = NewJob::new(
-                channel.id,
-                Source::Webhook,
-                github_prompt(&st, &channel, event, delivery, &value),
-            );
-            job.idempotency_key = Some(format!("github:{delivery}"));
-            job
-        }
-        _ => {
-            let req: WebhookRequest = serde_json::from_value(value)
-                .map_err(|e| ApiError::BadRequest(format!("invalid request: {e}")))?;
-            if req.prompt.trim().is_empty() {
-                return Err(ApiError::BadRequest("prompt is empty".into()));
-            }
-            let mut job = NewJob::new(channel.id, Source::Webhook, req.prompt);
-            job.priority = req.priority.unwrap_or(0);
-            job.idempotency_key = req.idempotency_key.or_else(|| {
-                headers
-                    .get("idempotency-key")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string)
-            });
-            job
-        }
+        Decoded::Job(job) => job,
     };
     job.max_attempts = i64::from(st.config.worker.max_attempts);
     let enq = st.store.job_insert(job, now_ms()).await?;
@@ -218,6 +213,65 @@ async fn webhook(
             Ok((StatusCode::ACCEPTED, Json(body)).into_response())
         }
     }
+}
+
+/// What a webhook request's body asks for (see [`decode_body`]).
+#[derive(Debug)]
+pub enum Decoded {
+    /// A GitHub `ping` delivery: answered `200 {"pong": true}`, nothing written.
+    Ping,
+    /// A job to enqueue. Its `max_attempts` is still [`NewJob::new`]'s; the handler sets it.
+    Job(NewJob),
+}
+
+/// Decodes a webhook request that passed the size, credential and rate checks, without side
+/// effects: content type (415), UTF-8 and JSON (400), then a GitHub delivery (`X-GitHub-Event`
+/// and `X-GitHub-Delivery` with no `prompt` in the body: a ping, or a job de-duplicated by
+/// delivery id whose prompt is the channel's template or [`DEFAULT_GITHUB_TEMPLATE`] filled
+/// in) or a [`WebhookRequest`] (400 when it does not parse or its prompt is blank;
+/// `Idempotency-Key` applies when the body has no key).
+pub fn decode_body(
+    headers: &HeaderMap,
+    body: &[u8],
+    channel: &Channel,
+    config: &WebhookConfig,
+) -> ApiResult<Decoded> {
+    require_json(headers)?;
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ApiError::BadRequest("body is not valid UTF-8".into()))?;
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| ApiError::BadRequest(format!("body is not valid JSON: {e}")))?;
+
+    let github = github_headers(headers);
+    let job = match (&github, value.get("prompt")) {
+        (Some((event, _)), None) if event == "ping" => return Ok(Decoded::Ping),
+        (Some((event, delivery)), None) => {
+            let mut job = NewJob::new(
+                channel.id,
+                Source::Webhook,
+                github_prompt(config, channel, event, delivery, &value),
+            );
+            job.idempotency_key = Some(format!("github:{delivery}"));
+            job
+        }
+        _ => {
+            let req: WebhookRequest = serde_json::from_value(value)
+                .map_err(|e| ApiError::BadRequest(format!("invalid request: {e}")))?;
+            if req.prompt.trim().is_empty() {
+                return Err(ApiError::BadRequest("prompt is empty".into()));
+            }
+            let mut job = NewJob::new(channel.id, Source::Webhook, req.prompt);
+            job.priority = req.priority.unwrap_or(0);
+            job.idempotency_key = req.idempotency_key.or_else(|| {
+                headers
+                    .get("idempotency-key")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            });
+            job
+        }
+    };
+    Ok(Decoded::Job(job))
 }
 
 fn too_large(limit: usize) -> ApiError {
@@ -304,13 +358,13 @@ fn github_headers(headers: &HeaderMap) -> Option<(String, String)> {
 /// The prompt for a GitHub delivery: the channel's template, or a default that names the
 /// event and carries the (size-limited) payload.
 fn github_prompt(
-    st: &HttpState,
+    config: &WebhookConfig,
     channel: &Channel,
     event: &str,
     delivery: &str,
     payload: &serde_json::Value,
 ) -> String {
-    let max = st.config.webhook.github_payload_max_bytes;
+    let max = config.github_payload_max_bytes;
     let mut json = serde_json::to_string_pretty(payload).unwrap_or_default();
     if json.len() > max {
         let mut cut = max;

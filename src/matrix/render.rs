@@ -241,10 +241,10 @@ fn scan_fences(mut open: Option<Fence>, text: &str) -> Option<Fence> {
 /// One part of a split message: `body` is a slice of the original text; `prefix` reopens and
 /// `suffix` closes a code fence the split went through.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-struct Part {
-    prefix: String,
-    body: String,
-    suffix: String,
+pub struct Part {
+    pub prefix: String,
+    pub body: String,
+    pub suffix: String,
 }
 
 impl Part {
@@ -337,7 +337,7 @@ fn cut_point(s: &str, room: usize) -> usize {
 }
 
 /// [`split_message`] keeping the added fence lines apart from the text.
-fn split_parts(text: &str, max_bytes: usize) -> Vec<Part> {
+pub fn split_parts(text: &str, max_bytes: usize) -> Vec<Part> {
     if text.len() <= max_bytes {
         return vec![Part {
             body: text.to_string(),

@@ -366,11 +366,25 @@ pub(super) async fn run(
 }
 
 /// Applies `ops` in one transaction and commits; returns each operation's result.
+///
+/// Plain statements, not sqlx's `Transaction`: when COMMIT fails (`SQLITE_FULL`,
+/// `SQLITE_IOERR`) SQLite may already have rolled the transaction back; sqlx 0.9 then fails its
+/// own ROLLBACK, keeps counting the transaction as open and refuses every later `begin_with`
+/// on the connection, so the writer would never write again.
 async fn apply_in_tx(conn: &mut SqliteConnection, ops: &[Op]) -> Result<Vec<Applied>, sqlx::Error> {
-    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-    let outs = apply_group(&mut tx, ops).await?;
-    tx.commit().await?;
-    Ok(outs)
+    sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await?;
+    let res = match apply_group(conn, ops).await {
+        Ok(outs) => sqlx::raw_sql("COMMIT")
+            .execute(&mut *conn)
+            .await
+            .map(|_| outs),
+        Err(e) => Err(e),
+    };
+    if res.is_err() {
+        // What is left of the transaction; this fails when SQLite rolled it back already.
+        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+    }
+    res
 }
 
 async fn apply_group(conn: &mut SqliteConnection, ops: &[Op]) -> Result<Vec<Applied>, sqlx::Error> {

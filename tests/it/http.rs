@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use gorp::auth;
 use gorp::config::Config;
-use gorp::http::{router, HttpState};
+use gorp::http::HttpState;
 use gorp::store::{now_ms, JobState, NewChannel, NewEvent, NewJob, Source, Store};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -28,10 +28,15 @@ struct Rig {
     http: reqwest::Client,
 }
 
+/// Serves `state` the way `gorp start` does ([`gorp::http::serve`]) on a free port.
 async fn serve(state: HttpState) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router(state)).await.unwrap() });
+    tokio::spawn(async move {
+        gorp::http::serve(listener, state, tokio_util::sync::CancellationToken::new())
+            .await
+            .unwrap()
+    });
     format!("http://{addr}")
 }
 
@@ -973,4 +978,281 @@ async fn concurrent_duplicate_github_deliveries_create_one_job() {
     );
     assert_eq!(bodies.iter().filter(|b| b["created"] == true).count(), 1);
     assert_eq!(r.jobs().await, 1);
+}
+
+/// Sends `request` as raw bytes on a new connection; returns the status and the JSON body
+/// (the server closes the connection after these errors).
+async fn raw_request(base: &str, request: &[u8]) -> (u16, String, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    tcp.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut out))
+        .await
+        .expect("the server answers and closes")
+        .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response");
+    let status = head[9..12].parse().unwrap();
+    let body = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+    (status, head.to_ascii_lowercase(), body)
+}
+
+#[tokio::test]
+async fn every_error_of_the_router_and_of_http_parsing_is_json() {
+    let r = Rig::new(|_| {}).await;
+    let job: Value = r
+        .post()
+        .bearer_auth(CHANNEL_TOKEN)
+        .body(r#"{"prompt":"x"}"#)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let job = job["job_id"].as_str().unwrap();
+    let url = |p: &str| format!("{}{p}", r.base);
+    let long_query = format!("/api/jobs?channel={}", "c".repeat(9000));
+    let cases: Vec<(reqwest::RequestBuilder, StatusCode, &str, &str)> = vec![
+        (
+            r.http.delete(url("/api/jobs")).bearer_auth(API_TOKEN),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "DELETE is not allowed on /api/jobs",
+        ),
+        (
+            r.http.get(url("/no/such/route")),
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no route for GET /no/such/route",
+        ),
+        (
+            r.http
+                .delete(url("/api/schedules/abc"))
+                .bearer_auth(API_TOKEN),
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "positive integers",
+        ),
+        (
+            r.http
+                .post(url("/api/schedules/99/resume"))
+                .bearer_auth(API_TOKEN),
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no schedule 99",
+        ),
+        (
+            r.api("/api/jobs?cursor=zzz"),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "cursor",
+        ),
+        (
+            r.api("/api/jobs?limit=lots"),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "bad query",
+        ),
+        (
+            r.api(&format!("/api/jobs/{job}/events"))
+                .header("last-event-id", "soon"),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "Last-Event-ID",
+        ),
+        (
+            r.http
+                .post(url("/api/channels"))
+                .bearer_auth(API_TOKEN)
+                .header("content-type", "text/plain")
+                .body(r#"{"name":"x"}"#),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "application/json",
+        ),
+        (
+            r.http
+                .post(url("/api/schedules"))
+                .bearer_auth(API_TOKEN)
+                .header("content-type", "application/json")
+                .body("{"),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "",
+        ),
+        (
+            // Credentials are checked before the query: without them, only 401.
+            r.http
+                .post(format!("{}?wait=soon", r.webhook))
+                .header("content-type", "application/json")
+                .body(r#"{"prompt":"x"}"#),
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing credentials",
+        ),
+        (
+            r.api(&long_query),
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            "at most 8192",
+        ),
+    ];
+    for (req, status, code, needle) in cases {
+        let resp = req.send().await.unwrap();
+        assert_eq!(
+            resp.headers()["content-type"],
+            "application/json",
+            "{status}"
+        );
+        let allow = resp.headers().get("allow").cloned();
+        let (got, body) = error_of(resp).await;
+        assert_eq!(
+            (got, body["error"].as_str()),
+            (status, Some(code)),
+            "{body}"
+        );
+        assert!(
+            body["message"].as_str().unwrap().contains(needle),
+            "{status}: {body}"
+        );
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            assert_eq!(allow.unwrap(), "GET,HEAD");
+        }
+    }
+
+    // Requests hyper refuses before they reach the router get the same body.
+    let huge = format!(
+        "GET /api/jobs?channel={} HTTP/1.1\r\nhost: x\r\n\r\n",
+        "c".repeat(70_000)
+    );
+    let (status, head, body) = raw_request(&r.base, huge.as_bytes()).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (414, Some("uri_too_long"))
+    );
+    assert!(head.contains("content-type: application/json"), "{head}");
+    let (status, _, body) = raw_request(&r.base, b"NOT HTTP AT ALL\r\n\r\n").await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("bad_request")));
+    assert_eq!(r.jobs().await, 1, "errors wrote rows");
+}
+
+#[tokio::test]
+async fn webhook_priority_counts_integers_as_json_schema_does() {
+    let r = Rig::new(|_| {}).await;
+    let resp = r
+        .post()
+        .bearer_auth(CHANNEL_TOKEN)
+        .body(r#"{"prompt":"x","priority":5.0}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let id = resp.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(r.store.job_get(&id).await.unwrap().unwrap().priority, 5);
+    for bad in [
+        r#"{"prompt":"x","priority":5.5}"#,
+        r#"{"prompt":"x","priority":"5"}"#,
+    ] {
+        let (status, _) = error_of(
+            r.post()
+                .bearer_auth(CHANNEL_TOKEN)
+                .body(bad)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+    assert_eq!(r.jobs().await, 1);
+}
+
+#[tokio::test]
+async fn openapi_document_places_parameters_and_documents_json_errors() {
+    let r = Rig::new(|_| {}).await;
+    let doc: Value = r
+        .http
+        .get(format!("{}/api/openapi.json", r.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let params = |path: &str| -> Vec<(String, String, bool)> {
+        let op = doc["paths"][path]
+            .as_object()
+            .unwrap()
+            .values()
+            .next()
+            .unwrap();
+        op["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["name"].as_str().unwrap().to_string(),
+                    p["in"].as_str().unwrap().to_string(),
+                    p["required"].as_bool().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let q = |n: &str| (n.to_string(), "query".to_string(), false);
+    assert_eq!(
+        params("/api/jobs"),
+        [
+            q("state"),
+            q("channel"),
+            q("source"),
+            q("cursor"),
+            q("limit")
+        ]
+    );
+    assert_eq!(
+        params("/api/jobs/{id}/events"),
+        [
+            ("id".into(), "path".into(), true),
+            q("after"),
+            ("Last-Event-ID".into(), "header".into(), false)
+        ]
+    );
+    assert_eq!(
+        params("/webhook/session/{id}"),
+        [("id".into(), "path".into(), true), q("wait")]
+    );
+    let limit = &doc["paths"]["/api/jobs"]["get"]["parameters"][4]["schema"];
+    assert_eq!(
+        (limit["minimum"].as_i64(), limit["maximum"].as_i64()),
+        (Some(1), Some(1000))
+    );
+
+    // Every error status of every operation is documented with the JSON error body, and every
+    // operation that reads or writes the database documents the 503.
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let responses = op["responses"].as_object().unwrap();
+            for (status, resp) in responses {
+                if status.starts_with('4') || status.starts_with('5') {
+                    assert_eq!(
+                        resp["content"]["application/json"]["schema"]["$ref"],
+                        "#/components/schemas/ErrorBody",
+                        "{method} {path} {status}"
+                    );
+                }
+            }
+            assert!(responses.contains_key("414"), "{method} {path}");
+            if !["/healthz", "/metrics"].contains(&path.as_str()) {
+                assert!(responses.contains_key("503"), "{method} {path}");
+            }
+        }
+    }
 }

@@ -8,6 +8,7 @@ mod claude;
 mod claude_agent;
 mod cli;
 mod config;
+mod faults;
 mod http;
 mod matrix;
 mod queue;

@@ -1,0 +1,100 @@
+//! `gorp::matrix::command::parse` on any message body.
+//!
+//! Checks, besides not panicking: `None` exactly when the first non-whitespace character is
+//! not `!`; leading whitespace and the ASCII case of the command word do not change a valid
+//! command; every accepted command holds only what its doc allows (channel names that
+//! validate, 1..=50 jobs, lowercase hex job ids of at most 64 characters, positive schedule
+//! ids, a non-empty one-line spec and a non-empty prompt); a valid command written back in its
+//! canonical form parses to itself; every error is one line.
+#![no_main]
+
+use gorp::matrix::command::{parse, Command, ScheduleCommand, MAX_JOBS, MAX_JOB_ID_LEN};
+use gorp::store::validate_channel_name;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|body: &str| {
+    let got = parse(body);
+    let is_command = body.trim_start().starts_with('!');
+    assert_eq!(got.is_some(), is_command, "{body:?}");
+    let Some(result) = got else { return };
+    let cmd = match result {
+        Ok(cmd) => cmd,
+        Err(e) => {
+            assert!(!e.message.is_empty());
+            assert!(!e.message.contains('\n'), "error is not one line: {:?}", e.message);
+            return;
+        }
+    };
+    check_fields(&cmd);
+
+    // Leading whitespace and the command word's ASCII case do not matter.
+    assert_eq!(parse(&format!(" \n\t{body}")), Some(Ok(cmd.clone())));
+    let rest = body.trim_start().strip_prefix('!').unwrap();
+    let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+    let upper = format!("!{}{}", rest[..end].to_ascii_uppercase(), &rest[end..]);
+    assert_eq!(parse(&upper), Some(Ok(cmd.clone())), "{upper:?}");
+
+    // The canonical form parses back to the same command.
+    let canonical = canonical(&cmd);
+    assert_eq!(parse(&canonical), Some(Ok(cmd.clone())), "{canonical:?}");
+});
+
+fn check_job_id(id: &str) {
+    assert!(!id.is_empty() && id.len() <= MAX_JOB_ID_LEN, "{id:?}");
+    assert!(id.as_bytes()[0].is_ascii_hexdigit(), "{id:?}");
+    assert!(
+        id.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b) || b == b'-'),
+        "{id:?}"
+    );
+}
+
+fn check_spec(spec: &str) {
+    assert!(!spec.is_empty() && spec.trim() == spec, "{spec:?}");
+    assert!(!spec.contains('\n'), "{spec:?}");
+}
+
+fn check_fields(cmd: &Command) {
+    match cmd {
+        Command::Create { name } | Command::Join { name } | Command::Delete { name } => {
+            assert!(validate_channel_name(name).is_ok(), "{name:?}")
+        }
+        Command::Jobs { limit } => assert!((1..=MAX_JOBS).contains(limit)),
+        Command::Job { id } | Command::Cancel { id: Some(id) } => check_job_id(id),
+        Command::Schedule(ScheduleCommand::Add { spec, prompt }) => {
+            check_spec(spec);
+            assert!(!prompt.is_empty() && prompt.trim() == prompt, "{prompt:?}");
+        }
+        Command::Schedule(ScheduleCommand::Next { spec }) => check_spec(spec),
+        Command::Schedule(
+            ScheduleCommand::Pause { id } | ScheduleCommand::Resume { id } | ScheduleCommand::Rm { id },
+        ) => assert!(*id > 0),
+        _ => {}
+    }
+}
+
+fn canonical(cmd: &Command) -> String {
+    match cmd {
+        Command::Help => "!help".into(),
+        Command::Create { name } => format!("!create {name}"),
+        Command::Join { name } => format!("!join {name}"),
+        Command::List => "!list".into(),
+        Command::Delete { name } => format!("!delete {name}"),
+        Command::Status => "!status".into(),
+        Command::Jobs { limit } => format!("!jobs {limit}"),
+        Command::Job { id } => format!("!job {id}"),
+        Command::Cancel { id: None } => "!cancel".into(),
+        Command::Cancel { id: Some(id) } => format!("!cancel {id}"),
+        Command::Reset => "!reset".into(),
+        Command::Warm => "!warm".into(),
+        Command::Token => "!token".into(),
+        Command::Schedule(s) => match s {
+            ScheduleCommand::Add { spec, prompt } => format!("!schedule add \"{spec}\" {prompt}"),
+            ScheduleCommand::List => "!schedule list".into(),
+            ScheduleCommand::Pause { id } => format!("!schedule pause {id}"),
+            ScheduleCommand::Resume { id } => format!("!schedule resume {id}"),
+            ScheduleCommand::Rm { id } => format!("!schedule rm {id}"),
+            ScheduleCommand::Next { spec } => format!("!schedule next \"{spec}\""),
+        },
+    }
+}
