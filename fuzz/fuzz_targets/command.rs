@@ -21,7 +21,11 @@ fuzz_target!(|body: &str| {
         Ok(cmd) => cmd,
         Err(e) => {
             assert!(!e.message.is_empty());
-            assert!(!e.message.contains('\n'), "error is not one line: {:?}", e.message);
+            assert!(
+                !e.message.contains('\n'),
+                "error is not one line: {:?}",
+                e.message
+            );
             return;
         }
     };
@@ -67,7 +71,9 @@ fn check_fields(cmd: &Command) {
         }
         Command::Schedule(ScheduleCommand::Next { spec }) => check_spec(spec),
         Command::Schedule(
-            ScheduleCommand::Pause { id } | ScheduleCommand::Resume { id } | ScheduleCommand::Rm { id },
+            ScheduleCommand::Pause { id }
+            | ScheduleCommand::Resume { id }
+            | ScheduleCommand::Rm { id },
         ) => assert!(*id > 0),
         _ => {}
     }

@@ -12,7 +12,9 @@
 //! line break and an empty field is absent.
 #![no_main]
 
-use gorp::matrix::render::{markdown_to_html, render_reply, split_message, ReplyInput, MAX_PART_BYTES};
+use gorp::matrix::render::{
+    markdown_to_html, render_reply, split_message, ReplyInput, MAX_PART_BYTES,
+};
 use gorp::store::{Event, JobState, Source};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Map, Value};
@@ -84,15 +86,24 @@ fuzz_target!(|input: &str| {
     let mut body = reply.as_str();
     if show_source {
         let head = format!("**{}** job `0190abcd`\n\n", source.as_str());
-        body = reply.strip_prefix(&head).unwrap_or_else(|| panic!("no source line: {reply:?}"));
+        body = reply
+            .strip_prefix(&head)
+            .unwrap_or_else(|| panic!("no source line: {reply:?}"));
     }
-    const SHOWN: &[&str] = &["message", "tool_call", "tool_call_update", "permission", "fs_denied", "error"];
+    const SHOWN: &[&str] = &[
+        "message",
+        "tool_call",
+        "tool_call_update",
+        "permission",
+        "fs_denied",
+        "error",
+    ];
     let shown = events.iter().any(|e| SHOWN.contains(&e.kind.as_str()));
     if !shown {
         let cancelled_plain = error.as_deref().map_or(true, |e| e.trim().is_empty())
-            && stop_reason
-                .as_deref()
-                .map_or(true, |r| r.trim().is_empty() || r.trim().eq_ignore_ascii_case("cancelled"));
+            && stop_reason.as_deref().map_or(true, |r| {
+                r.trim().is_empty() || r.trim().eq_ignore_ascii_case("cancelled")
+            });
         let want = match state {
             JobState::Queued => Some("👀 queued"),
             JobState::Running => Some("⏳ working…"),
@@ -110,7 +121,12 @@ fuzz_target!(|input: &str| {
 
     let texts = events
         .iter()
-        .flat_map(|e| [e.text.as_deref(), e.data.as_ref().and_then(|d| d["title"].as_str())])
+        .flat_map(|e| {
+            [
+                e.text.as_deref(),
+                e.data.as_ref().and_then(|d| d["title"].as_str()),
+            ]
+        })
         .chain([error.as_deref(), stop_reason.as_deref()])
         .flatten();
     let mut clean = true;
@@ -152,7 +168,10 @@ fn indent_ok(body: &str) -> Option<&str> {
 
 fn fence_open(line: &str) -> Option<Fence> {
     let rest = indent_ok(line.trim_end_matches(['\n', '\r']))?;
-    let ch = *rest.as_bytes().first().filter(|c| **c == b'`' || **c == b'~')?;
+    let ch = *rest
+        .as_bytes()
+        .first()
+        .filter(|c| **c == b'`' || **c == b'~')?;
     let len = rest.bytes().take_while(|c| *c == ch).count();
     if len < 3 || (ch == b'`' && rest[len..].contains('`')) {
         return None;

@@ -50,7 +50,11 @@ fuzz_target!(|input: &str| {
                 .iter()
                 .map(|d| d.timestamp_millis())
                 .collect();
-            assert_eq!(slots.first().copied(), next, "{spec:?} in {tz_name:?} from {now}");
+            assert_eq!(
+                slots.first().copied(),
+                next,
+                "{spec:?} in {tz_name:?} from {now}"
+            );
             for w in slots.windows(2) {
                 assert!(w[0] < w[1], "{spec:?}: {slots:?}");
                 assert_eq!(

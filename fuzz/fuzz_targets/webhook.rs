@@ -25,8 +25,14 @@ use serde_json::Value;
 const TRUNCATED: &str = "\n… (payload truncated)";
 
 fn trim(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |i| i + 1);
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |i| i + 1);
     &b[start..end.max(start)]
 }
 
@@ -57,7 +63,9 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             _ => {
-                if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+                if let (Ok(n), Ok(v)) =
+                    (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
+                {
                     headers.append(n, v);
                 }
             }
@@ -82,13 +90,21 @@ fuzz_target!(|data: &[u8]| {
 
     // Content type first.
     let ct = header(&headers, "content-type").unwrap_or("");
-    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    let json_type = mime == "application/json"
-        || (mime.starts_with("application/") && mime.ends_with("+json"));
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let json_type =
+        mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"));
     if !json_type {
         match result {
             Err(ApiError::UnsupportedMediaType(m)) => {
-                assert!(m.starts_with("expected Content-Type: application/json, got "), "{m}")
+                assert!(
+                    m.starts_with("expected Content-Type: application/json, got "),
+                    "{m}"
+                )
             }
             other => panic!("content type {ct:?} accepted: {other:?}"),
         }
@@ -117,8 +133,18 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(job.channel_id, channel.id);
             assert_eq!(job.source, Source::Webhook);
             assert_eq!(job.priority, 0);
-            assert_eq!(job.idempotency_key.as_deref(), Some(format!("github:{delivery}").as_str()));
-            check_github_prompt(&job.prompt, template.as_deref(), event, delivery, &value, &config);
+            assert_eq!(
+                job.idempotency_key.as_deref(),
+                Some(format!("github:{delivery}").as_str())
+            );
+            check_github_prompt(
+                &job.prompt,
+                template.as_deref(),
+                event,
+                delivery,
+                &value,
+                &config,
+            );
         }
         _ => match result {
             Ok(Decoded::Job(job)) => {
@@ -126,7 +152,14 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(job.source, Source::Webhook);
                 assert_eq!(Some(job.prompt.as_str()), value["prompt"].as_str());
                 assert!(!job.prompt.trim().is_empty());
-                assert_eq!(job.priority, value.get("priority").and_then(Value::as_i64).unwrap_or(0));
+                let priority = value.get("priority").and_then(|p| {
+                    p.as_i64().or_else(|| {
+                        p.as_f64()
+                            .filter(|f| f.fract() == 0.0 && f.abs() <= 9.0e15)
+                            .map(|f| f as i64)
+                    })
+                });
+                assert_eq!(job.priority, priority.unwrap_or(0));
                 let key = match value.get("idempotency_key").and_then(Value::as_str) {
                     Some(k) => Some(k),
                     None => header(&headers, "idempotency-key"),
@@ -135,7 +168,10 @@ fuzz_target!(|data: &[u8]| {
             }
             Ok(Decoded::Ping) => panic!("ping without a GitHub ping delivery"),
             Err(ApiError::BadRequest(m)) => {
-                assert!(m.starts_with("invalid request: ") || m == "prompt is empty", "{m:?}")
+                assert!(
+                    m.starts_with("invalid request: ") || m == "prompt is empty",
+                    "{m:?}"
+                )
             }
             Err(e) => panic!("unexpected error {e:?}"),
         },
@@ -155,7 +191,11 @@ fn check_github_prompt(
     let template = template.unwrap_or(DEFAULT_GITHUB_TEMPLATE);
     let json = serde_json::to_string_pretty(payload).unwrap();
     let max = config.github_payload_max_bytes;
-    let cut_len = if json.len() > max { max + TRUNCATED.len() } else { json.len() };
+    let cut_len = if json.len() > max {
+        max + TRUNCATED.len()
+    } else {
+        json.len()
+    };
     let action = payload.get("action").and_then(Value::as_str).unwrap_or("");
     let repo = payload
         .pointer("/repository/full_name")
@@ -180,7 +220,10 @@ fn check_github_prompt(
         if json.len() <= max {
             assert!(prompt.contains(&json), "payload missing from {prompt:?}");
         } else {
-            assert!(prompt.contains(TRUNCATED), "no truncation mark in {prompt:?}");
+            assert!(
+                prompt.contains(TRUNCATED),
+                "no truncation mark in {prompt:?}"
+            );
         }
     }
 }

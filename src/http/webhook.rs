@@ -383,12 +383,33 @@ fn github_prompt(
         .webhook_template
         .as_deref()
         .unwrap_or(DEFAULT_GITHUB_TEMPLATE);
-    template
-        .replace("{event}", event)
-        .replace("{action}", action)
-        .replace("{repository}", repo)
-        .replace("{delivery}", delivery)
-        .replace("{payload}", &json)
+    // One pass over the template: a value that contains a placeholder (an action of
+    // "{payload}{payload}…") stays as it is instead of being filled in again.
+    let fills = [
+        ("{event}", event),
+        ("{action}", action),
+        ("{repository}", repo),
+        ("{delivery}", delivery),
+        ("{payload}", json.as_str()),
+    ];
+    let mut prompt = String::with_capacity(template.len() + json.len());
+    let mut rest = template;
+    while let Some(i) = rest.find('{') {
+        prompt.push_str(&rest[..i]);
+        rest = &rest[i..];
+        match fills.iter().find(|(p, _)| rest.starts_with(p)) {
+            Some((p, value)) => {
+                prompt.push_str(value);
+                rest = &rest[p.len()..];
+            }
+            None => {
+                prompt.push('{');
+                rest = &rest[1..];
+            }
+        }
+    }
+    prompt.push_str(rest);
+    prompt
 }
 
 /// Used when a channel has no template of its own.
@@ -423,5 +444,54 @@ pub async fn wait_for_end(
             _ = tokio::time::timeout(step, commits.changed()) => {}
             _ = st.shutdown.cancelled() => return Ok(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn channel(template: Option<&str>) -> Channel {
+        Channel {
+            id: 1,
+            name: "c".into(),
+            webhook_id: "w".into(),
+            agent_binary: None,
+            agent_args: None,
+            permission_policy: "deny".into(),
+            matrix_room_id: None,
+            acp_session_id: None,
+            created_at: 0,
+            webhook_token_sha256: None,
+            webhook_secret: None,
+            webhook_template: template.map(str::to_string),
+        }
+    }
+
+    /// A value that holds a placeholder is put in as it is, never filled in again: an action
+    /// of `{payload}` repeated must not multiply the payload into the prompt.
+    #[test]
+    fn github_template_is_filled_in_one_pass() {
+        let config = WebhookConfig::default();
+        let action = "{payload}".repeat(50);
+        let payload = serde_json::json!({
+            "action": action,
+            "repository": { "full_name": "{event}/{delivery}" },
+        });
+        let prompt = github_prompt(
+            &config,
+            &channel(Some("{event} {action} {repository} {delivery} {nope} {")),
+            "issues",
+            "d-{action}",
+            &payload,
+        );
+        assert_eq!(
+            prompt,
+            format!("issues {action} {{event}}/{{delivery}} d-{{action}} {{nope}} {{")
+        );
+        let default = github_prompt(&config, &channel(None), "issues", "d-1", &payload);
+        let json = serde_json::to_string_pretty(&payload).unwrap();
+        assert_eq!(default.matches(&json).count(), 1, "{default}");
+        assert!(default.len() < 2 * json.len() + DEFAULT_GITHUB_TEMPLATE.len());
     }
 }

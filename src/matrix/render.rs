@@ -264,11 +264,12 @@ impl Part {
 /// text is one empty part.
 ///
 /// An opening fence line longer than a whole part is cut like any other line, and the fence
-/// is then not whole in the part that holds its start.
+/// is then not whole in the parts that hold that line. A fence too long to repeat (its bare
+/// fence line and closer take more than a quarter of a part, e.g. 8 or more backticks at 64
+/// bytes) is neither closed nor reopened.
 ///
 /// `max_bytes` is meant to be at least 64. For smaller values the split still terminates and
-/// keeps the text, but a fence whose lines would take more than a quarter of a part is not
-/// reopened, and a part holds at least one character.
+/// keeps the text, but a part holds at least one character.
 pub fn split_message(text: &str, max_bytes: usize) -> Vec<String> {
     split_parts(text, max_bytes)
         .into_iter()
