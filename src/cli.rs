@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, ConfigError};
+use crate::service::channels;
 use crate::store::{
-    format_ms, now_ms, CancelOutcome, Channel, Event, Job, JobFilter, JobState, NewChannel, NewJob,
-    Source, Store, StoreError, WarmSession,
+    format_ms, now_ms, CancelOutcome, CatchUp, Channel, Event, Job, JobFilter, JobState, NewJob,
+    Overlap, PermissionPolicy, Source, Store, StoreError, WarmSession, WarmState,
 };
 
 pub const EXIT_OK: i32 = 0;
@@ -137,10 +138,10 @@ pub enum ScheduleCommand {
         tz: Option<String>,
         /// Missed slots while gorp was down: skip, once (default) or all.
         #[arg(long)]
-        catch_up: Option<String>,
+        catch_up: Option<CatchUp>,
         /// When the previous run is still queued or running: skip (default) or queue.
         #[arg(long)]
-        overlap: Option<String>,
+        overlap: Option<Overlap>,
     },
     /// List schedules.
     List,
@@ -179,7 +180,7 @@ pub enum ChannelsCommand {
         agent_args: Vec<String>,
         /// Permission policy: allow or deny.
         #[arg(long)]
-        permission: Option<String>,
+        permission: Option<PermissionPolicy>,
         /// Secret for GitHub-style X-Hub-Signature-256 webhook deliveries.
         #[arg(long)]
         webhook_secret: Option<String>,
@@ -335,7 +336,7 @@ async fn data_command(cli: &Cli, cmd: &Command, config: &Config, store: &Store) 
             job.priority = *priority;
             job.max_attempts = max_attempts.unwrap_or(i64::from(config.worker.max_attempts));
             job.idempotency_key = idempotency_key.clone();
-            let e = store.job_insert(job, now_ms()).await?;
+            let e = crate::service::jobs::enqueue(store, job, std::time::Instant::now()).await?;
             if !*wait {
                 out(cli, serde_json::json!(e), || {
                     if e.created {
@@ -385,7 +386,7 @@ async fn data_command(cli: &Cli, cmd: &Command, config: &Config, store: &Store) 
         }
         Command::Tail { id, after } => tail(cli, store, id, *after).await,
         Command::Cancel { id } => {
-            let outcome = store.job_cancel(id, now_ms()).await?;
+            let outcome = crate::service::jobs::cancel(store, None, id).await?;
             out(
                 cli,
                 serde_json::json!({ "job_id": id, "outcome": outcome }),
@@ -421,29 +422,26 @@ async fn channels(cli: &Cli, cmd: &ChannelsCommand, config: &Config, store: &Sto
             webhook_secret,
             webhook_template,
         } => {
-            let token = crate::auth::new_token();
-            let ch = store
-                .channel_insert(
-                    NewChannel {
-                        name: name.clone(),
-                        agent_binary: agent_binary.clone(),
-                        agent_args: (!agent_args.is_empty()).then(|| agent_args.clone()),
-                        permission_policy: permission
-                            .clone()
-                            .or_else(|| Some(config.acp.permission_policy.clone())),
-                        matrix_room_id: None,
-                        webhook_token: Some(token.clone()),
-                        webhook_secret: webhook_secret.clone(),
-                        webhook_template: webhook_template.clone(),
-                    },
-                    now_ms(),
-                )
-                .await?;
-            let dir = config.channel_dir(&ch.name);
-            std::fs::create_dir_all(&dir).map_err(|e| {
-                Failure::new(EXIT_ERROR, format!("cannot create {}: {e}", dir.display()))
+            let created = channels::create(
+                store,
+                config,
+                channels::NewChannelSpec {
+                    name: name.clone(),
+                    agent_binary: agent_binary.clone(),
+                    agent_args: (!agent_args.is_empty()).then(|| agent_args.clone()),
+                    permission_policy: *permission,
+                    matrix_room_id: None,
+                    webhook_secret: webhook_secret.clone(),
+                    webhook_template: webhook_template.clone(),
+                },
+            )
+            .await
+            .map_err(|e| match e {
+                channels::ChannelError::Store(e) => Failure::from(e),
+                e => Failure::new(EXIT_ERROR, e.to_string()),
             })?;
-            let url = format!("/webhook/session/{}", ch.webhook_id);
+            let url = created.webhook_path();
+            let (ch, dir, token) = (created.channel, created.workspace, created.webhook_token);
             out(
                 cli,
                 serde_json::json!({ "channel": ch, "webhook_url": url, "webhook_token": token }),
@@ -463,13 +461,8 @@ async fn channels(cli: &Cli, cmd: &ChannelsCommand, config: &Config, store: &Sto
             Ok(EXIT_OK)
         }
         ChannelsCommand::Token { name } => {
-            let ch = store
-                .channel_get(name)
-                .await?
-                .ok_or_else(|| StoreError::UnknownChannel(name.clone()))?;
-            let token = crate::auth::new_token();
-            store.channel_set_webhook_token(ch.id, &token).await?;
-            let url = format!("/webhook/session/{}", ch.webhook_id);
+            let (ch, token) = channels::rotate_token(store, name).await?;
+            let url = channels::webhook_path(&ch);
             out(
                 cli,
                 serde_json::json!({ "channel": name, "webhook_url": url, "webhook_token": token }),
@@ -482,7 +475,7 @@ async fn channels(cli: &Cli, cmd: &ChannelsCommand, config: &Config, store: &Sto
             Ok(EXIT_OK)
         }
         ChannelsCommand::Rm { name } => {
-            store.channel_delete(name).await?;
+            channels::delete(store, name).await?;
             out(cli, serde_json::json!({ "deleted": name }), || {
                 format!("channel {name} deleted")
             });
@@ -492,7 +485,7 @@ async fn channels(cli: &Cli, cmd: &ChannelsCommand, config: &Config, store: &Sto
 }
 
 async fn schedule(cli: &Cli, cmd: &ScheduleCommand, config: &Config, store: &Store) -> CmdResult {
-    use crate::scheduler::{self, AddSchedule, ScheduleError};
+    use crate::service::schedules::{self as scheduler, AddSchedule, ScheduleError};
     let invalid = |e: ScheduleError| match e {
         ScheduleError::Invalid(m) => Failure::new(EXIT_USAGE, m),
         ScheduleError::Store(e) => Failure::from(e),
@@ -516,8 +509,8 @@ async fn schedule(cli: &Cli, cmd: &ScheduleCommand, config: &Config, store: &Sto
                     when: when.clone(),
                     prompt: prompt.clone(),
                     timezone: tz.clone(),
-                    catch_up: catch_up.clone(),
-                    overlap: overlap.clone(),
+                    catch_up: *catch_up,
+                    overlap: *overlap,
                     created_by: format!("cli:{user}"),
                 },
                 now_ms(),
@@ -541,7 +534,7 @@ async fn schedule(cli: &Cli, cmd: &ScheduleCommand, config: &Config, store: &Sto
             Ok(EXIT_OK)
         }
         ScheduleCommand::Pause { id } => {
-            if !store.schedule_set_enabled(*id, false, None).await? {
+            if !scheduler::pause(store, *id).await.map_err(invalid)? {
                 return Err(not_found(*id));
             }
             out(
@@ -566,7 +559,7 @@ async fn schedule(cli: &Cli, cmd: &ScheduleCommand, config: &Config, store: &Sto
             Ok(EXIT_OK)
         }
         ScheduleCommand::Rm { id } => {
-            if !store.schedule_delete(*id).await? {
+            if !scheduler::remove(store, *id).await.map_err(invalid)? {
                 return Err(not_found(*id));
             }
             out(cli, serde_json::json!({ "deleted": id }), || {
@@ -609,7 +602,7 @@ fn schedules_table(list: &[crate::store::Schedule]) -> String {
                     "paused".into()
                 },
                 s.next_run_at.map(format_ms).unwrap_or_else(|| "-".into()),
-                s.catch_up.clone(),
+                s.catch_up.to_string(),
                 s.skipped.to_string(),
                 short(&s.prompt, 30),
             ]
@@ -662,7 +655,7 @@ async fn warm(
     loop {
         let row = store.warm_get(ch.id).await?;
         if let Some(r) = row.filter(|r| r.warm_at.is_none() && r.updated_at >= asked) {
-            let ok = r.state == "warm" || r.state == "busy";
+            let ok = matches!(r.state, WarmState::Warm | WarmState::Busy);
             out(cli, serde_json::json!(r), || match ok {
                 true => format!("{name}: warm (pid {})", r.pid.unwrap_or(0)),
                 false => format!(
@@ -844,7 +837,7 @@ fn channels_table(list: &[Channel]) -> String {
                 c.name.clone(),
                 c.webhook_id.clone(),
                 c.agent_binary.clone().unwrap_or_else(|| "(default)".into()),
-                c.permission_policy.clone(),
+                c.permission_policy.to_string(),
                 c.matrix_room_id.clone().unwrap_or_default(),
                 c.acp_session_id.clone().unwrap_or_default(),
             ]
@@ -868,10 +861,13 @@ fn warm_table(rows: &[WarmSession], now: i64) -> String {
     let rows: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            let live = matches!(r.state.as_str(), "warm" | "busy" | "starting");
+            let live = matches!(
+                r.state,
+                WarmState::Warm | WarmState::Busy | WarmState::Starting
+            );
             vec![
                 r.channel.clone(),
-                r.state.clone(),
+                r.state.to_string(),
                 r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                 r.last_used_at
                     .map(|t| secs(now - t))

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::kinds::PermissionPolicy;
+
 /// Environment variable naming the config file.
 pub const CONFIG_PATH_ENV: &str = "GORP_CONFIG_PATH";
 /// Prefix of environment overrides: `GORP_WORKER_CONCURRENCY=4` sets `[worker] concurrency`.
@@ -202,7 +204,7 @@ pub struct AcpConfig {
     pub session_timeout_secs: u64,
     pub prompt_timeout_secs: u64,
     /// Default permission policy for new channels: `allow` or `deny`.
-    pub permission_policy: String,
+    pub permission_policy: PermissionPolicy,
     /// Extra environment variables for agent processes (gorp's own environment is inherited,
     /// except its `GORP_*` variables).
     pub env: BTreeMap<String, String>,
@@ -223,7 +225,7 @@ impl Default for AcpConfig {
             initialize_timeout_secs: 60,
             session_timeout_secs: 180,
             prompt_timeout_secs: 3_600,
-            permission_policy: "allow".into(),
+            permission_policy: PermissionPolicy::Allow,
             env: BTreeMap::new(),
             recycle_after_cancel: true,
         }
@@ -469,9 +471,6 @@ impl Config {
         }
         if self.acp.agent_binary.trim().is_empty() {
             return bad("acp.agent_binary", "expected a program name or path");
-        }
-        if !matches!(self.acp.permission_policy.as_str(), "allow" | "deny") {
-            return bad("acp.permission_policy", "expected \"allow\" or \"deny\"");
         }
         if self.acp.max_warm_sessions == 0 {
             return bad("acp.max_warm_sessions", "expected at least 1");

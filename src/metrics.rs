@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::store::{JobState, Store};
+use crate::store::{JobState, Store, WarmState};
 
 pub const JOBS_ENQUEUED: &str = "gorp_jobs_enqueued_total";
 pub const JOBS_FINISHED: &str = "gorp_jobs_finished_total";
@@ -47,7 +47,7 @@ pub fn handle() -> &'static PrometheusHandle {
 pub async fn render(store: &Store) -> String {
     let h = handle();
     if let Ok(counts) = store.job_count_by_state().await {
-        for st in JobState::ALL {
+        for &st in JobState::ALL {
             let n = counts
                 .iter()
                 .find(|(s, _)| *s == st)
@@ -57,9 +57,9 @@ pub async fn render(store: &Store) -> String {
         }
     }
     if let Ok(rows) = store.warm_list().await {
-        for st in ["starting", "warm", "busy", "stopped", "failed"] {
+        for &st in WarmState::ALL {
             let n = rows.iter().filter(|r| r.state == st).count();
-            metrics::gauge!(WARM_SESSIONS, "state" => st).set(n as f64);
+            metrics::gauge!(WARM_SESSIONS, "state" => st.as_str()).set(n as f64);
         }
     }
     h.render()

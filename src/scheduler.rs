@@ -19,18 +19,14 @@
 //! on the fall-back day it runs once, at the first 02:30. Interval jobs skip the gap and run in
 //! both passes of the repeated hour.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, TimeZone};
-use chrono_tz::Tz;
-use croner::parser::{CronParser, Seconds};
-use croner::Cron;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::store::{now_ms, Firing, Millis, NewSchedule, Schedule, Store, StoreError};
+use crate::service::schedules::{next_after, parse_cron, parse_tz};
+use crate::store::{now_ms, CatchUp, Firing, Millis, Schedule, Store, StoreError, WarmState};
 
 /// How often the scheduler looks for due slots.
 pub const TICK: Duration = Duration::from_secs(1);
@@ -40,215 +36,6 @@ pub const ON_TIME: Millis = 60_000;
 pub const MAX_CATCH_UP: usize = 10;
 /// Most slots walked when catching up (a minutely schedule down for a week).
 const MAX_WALK: usize = 20_000;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ScheduleError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-/// When a schedule fires.
-#[derive(Debug, Clone)]
-pub enum When {
-    Cron { cron: Box<Cron>, expr: String },
-    Once(Millis),
-}
-
-/// Parses a croner expression: 5 fields (minute granularity), 6 (with seconds), or an alias
-/// such as `@daily`.
-pub fn parse_cron(expr: &str) -> Result<Cron, ScheduleError> {
-    let expr = expr.trim();
-    CronParser::builder()
-        .seconds(Seconds::Optional)
-        .build()
-        .parse(expr)
-        .map_err(|e| {
-            ScheduleError::Invalid(format!(
-                "invalid cron expression {expr:?}: {e}; expected 5 or 6 fields (e.g. \"0 9 * * 1-5\") or an alias such as @daily"
-            ))
-        })
-}
-
-/// Parses an IANA time zone name.
-pub fn parse_tz(name: &str) -> Result<Tz, ScheduleError> {
-    Tz::from_str(name.trim()).map_err(|_| {
-        ScheduleError::Invalid(format!(
-            "unknown time zone {name:?}; expected an IANA name such as Europe/Berlin or UTC"
-        ))
-    })
-}
-
-/// Parses when a schedule fires: `in 30m` / `in 2h` / `in 1d` / `in 45s`, an RFC 3339 time
-/// (one-offs), or a cron expression.
-pub fn parse_when(spec: &str, now: Millis) -> Result<When, ScheduleError> {
-    let spec = spec.trim();
-    if let Some(rest) = spec.strip_prefix("in ") {
-        let rest = rest.trim();
-        let (num, unit) = rest.split_at(
-            rest.find(|c: char| !c.is_ascii_digit())
-                .unwrap_or(rest.len()),
-        );
-        let n: i64 = num.parse().map_err(|_| {
-            ScheduleError::Invalid(format!("invalid delay {spec:?}; expected e.g. \"in 30m\""))
-        })?;
-        let unit_ms = match unit.trim() {
-            "s" | "sec" | "secs" | "seconds" => 1_000,
-            "m" | "min" | "mins" | "minutes" => 60_000,
-            "h" | "hour" | "hours" => 3_600_000,
-            "d" | "day" | "days" => 86_400_000,
-            other => {
-                return Err(ScheduleError::Invalid(format!(
-                    "invalid delay unit {other:?} in {spec:?}; expected s, m, h or d"
-                )))
-            }
-        };
-        if n <= 0 || n > 366 * 86_400_000 / unit_ms {
-            return Err(ScheduleError::Invalid(format!(
-                "delay {spec:?} must be positive and at most a year"
-            )));
-        }
-        return Ok(When::Once(now + n * unit_ms));
-    }
-    if spec.len() >= 20 && spec.as_bytes()[4] == b'-' && spec.contains('T') {
-        let t = DateTime::parse_from_rfc3339(spec).map_err(|e| {
-            ScheduleError::Invalid(format!(
-                "invalid time {spec:?}: {e}; expected RFC 3339 such as 2026-12-01T09:00:00+01:00"
-            ))
-        })?;
-        let at = t.timestamp_millis();
-        if at <= now {
-            return Err(ScheduleError::Invalid(format!("{spec} is in the past")));
-        }
-        return Ok(When::Once(at));
-    }
-    let cron = parse_cron(spec)?;
-    Ok(When::Cron {
-        cron: Box::new(cron),
-        expr: spec.to_string(),
-    })
-}
-
-/// The first slot strictly after `after`, in `tz`.
-pub fn next_after(cron: &Cron, tz: Tz, after: Millis) -> Option<Millis> {
-    let t = tz.timestamp_millis_opt(after).single()?;
-    cron.find_next_occurrence(&t, false)
-        .ok()
-        .map(|d| d.timestamp_millis())
-}
-
-/// The next `n` slots after `from`, in `tz`.
-pub fn upcoming(cron: &Cron, tz: Tz, from: Millis, n: usize) -> Vec<DateTime<Tz>> {
-    let Some(start) = tz.timestamp_millis_opt(from).single() else {
-        return Vec::new();
-    };
-    cron.iter_after(start).take(n).collect()
-}
-
-/// The default zone: `[scheduler] timezone`, else the system's (`TZ`, `/etc/timezone`, the
-/// `/etc/localtime` link), else UTC.
-pub fn default_timezone(config: &Config) -> String {
-    let candidates = [
-        Some(config.scheduler.timezone.clone()),
-        std::env::var("TZ").ok(),
-        std::fs::read_to_string("/etc/timezone").ok(),
-        std::fs::read_link("/etc/localtime").ok().and_then(|p| {
-            p.to_str()
-                .and_then(|s| s.split("zoneinfo/").nth(1))
-                .map(str::to_string)
-        }),
-    ];
-    candidates
-        .into_iter()
-        .flatten()
-        .map(|s| s.trim().trim_start_matches(':').to_string())
-        .find(|s| !s.is_empty() && Tz::from_str(s).is_ok())
-        .unwrap_or_else(|| "UTC".into())
-}
-
-/// What `add` needs.
-#[derive(Debug, Clone)]
-pub struct AddSchedule {
-    pub channel: String,
-    /// Cron expression, `in 30m`, or an RFC 3339 time.
-    pub when: String,
-    pub prompt: String,
-    pub timezone: Option<String>,
-    pub catch_up: Option<String>,
-    pub overlap: Option<String>,
-    pub created_by: String,
-}
-
-/// Validates and stores a schedule; nothing is written when any part is invalid.
-pub async fn add(
-    store: &Store,
-    config: &Config,
-    req: AddSchedule,
-    now: Millis,
-) -> Result<Schedule, ScheduleError> {
-    let tz_name = req
-        .timezone
-        .clone()
-        .unwrap_or_else(|| default_timezone(config));
-    let tz = parse_tz(&tz_name)?;
-    let catch_up = req.catch_up.as_deref().unwrap_or("once");
-    if !matches!(catch_up, "skip" | "once" | "all") {
-        return Err(ScheduleError::Invalid(format!(
-            "invalid catch-up policy {catch_up:?}; expected skip, once or all"
-        )));
-    }
-    let overlap = req.overlap.as_deref().unwrap_or("skip");
-    if !matches!(overlap, "skip" | "queue") {
-        return Err(ScheduleError::Invalid(format!(
-            "invalid overlap policy {overlap:?}; expected skip or queue"
-        )));
-    }
-    if req.prompt.trim().is_empty() {
-        return Err(ScheduleError::Invalid("prompt is empty".into()));
-    }
-    let (cron, next) = match parse_when(&req.when, now)? {
-        When::Once(at) => (None, at),
-        When::Cron { cron, expr } => {
-            let next = next_after(&cron, tz, now).ok_or_else(|| {
-                ScheduleError::Invalid(format!("cron expression {expr:?} never fires"))
-            })?;
-            (Some(expr), next)
-        }
-    };
-    let channel = store
-        .channel_get(&req.channel)
-        .await?
-        .ok_or_else(|| StoreError::UnknownChannel(req.channel.clone()))?;
-    Ok(store
-        .schedule_insert(
-            NewSchedule {
-                channel_id: channel.id,
-                cron,
-                timezone: tz.name().to_string(),
-                prompt: req.prompt,
-                catch_up: catch_up.into(),
-                overlap: overlap.into(),
-                next_run_at: next,
-                created_by: req.created_by,
-            },
-            now,
-        )
-        .await?)
-}
-
-/// Resumes a paused schedule from its next slot after `now` (paused slots are not caught up).
-pub async fn resume(store: &Store, id: i64, now: Millis) -> Result<bool, ScheduleError> {
-    let s = store
-        .schedule_get(id)
-        .await?
-        .ok_or_else(|| ScheduleError::Invalid(format!("no schedule {id}")))?;
-    let next = match &s.cron {
-        Some(expr) => next_after(&parse_cron(expr)?, parse_tz(&s.timezone)?, now),
-        None => s.next_run_at.map(|t| t.max(now)),
-    };
-    Ok(store.schedule_set_enabled(id, true, next).await?)
-}
 
 /// What one scheduler pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -309,8 +96,10 @@ impl Scheduler {
         Ok(match self.store.warm_get(channel_id).await? {
             None => true,
             Some(w) => {
-                let live = matches!(w.state.as_str(), "warm" | "busy" | "starting")
-                    && w.expires_at.is_some_and(|e| e > until);
+                let live = matches!(
+                    w.state,
+                    WarmState::Warm | WarmState::Busy | WarmState::Starting
+                ) && w.expires_at.is_some_and(|e| e > until);
                 !live && w.warm_at.is_none()
             }
         })
@@ -323,14 +112,14 @@ impl Scheduler {
         let Some(expr) = &s.cron else {
             // A one-off: fired (or skipped, when missed and catch_up = skip), then done.
             let missed = now - first > ON_TIME;
-            let fire = !(missed && s.catch_up == "skip");
+            let fire = !(missed && s.catch_up == CatchUp::Skip);
             return Some(Firing {
                 schedule_id: s.id,
                 old_next: first,
                 new_next: None,
                 slots: if fire { vec![first] } else { Vec::new() },
                 skipped_slots: usize::from(!fire),
-                catch_up: s.catch_up.clone(),
+                catch_up: s.catch_up,
                 max_attempts,
             });
         };
@@ -355,10 +144,10 @@ impl Scheduler {
         let new_next = next_after(&cron, tz, now.max(*slots.last().expect("non-empty")));
         // Slots are in time order, so the missed ones (more than ON_TIME late) come first.
         let (missed, on_time) = slots.split_at(slots.partition_point(|t| now - t > ON_TIME));
-        let caught_up: &[Millis] = match s.catch_up.as_str() {
-            "skip" => &[],
-            "all" => &missed[missed.len().saturating_sub(MAX_CATCH_UP)..],
-            _ => &missed[missed.len().saturating_sub(1)..],
+        let caught_up: &[Millis] = match s.catch_up {
+            CatchUp::Skip => &[],
+            CatchUp::All => &missed[missed.len().saturating_sub(MAX_CATCH_UP)..],
+            CatchUp::Once => &missed[missed.len().saturating_sub(1)..],
         };
         Some(Firing {
             schedule_id: s.id,
@@ -366,7 +155,7 @@ impl Scheduler {
             new_next,
             skipped_slots: missed.len() - caught_up.len(),
             slots: caught_up.iter().chain(on_time).copied().collect(),
-            catch_up: s.catch_up.clone(),
+            catch_up: s.catch_up,
             max_attempts,
         })
     }

@@ -32,9 +32,9 @@ use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::acp::client::{AcpError, AgentProcess, AgentSpec, PermissionPolicy, Timeouts};
+use crate::acp::client::{AcpError, AgentProcess, AgentSpec, Timeouts};
 use crate::config::Config;
-use crate::store::{now_ms, Channel, Millis, Store, WarmSession, WarmUpdate};
+use crate::store::{now_ms, Channel, Millis, Store, WarmSession, WarmState, WarmUpdate};
 
 /// How often the keeper runs.
 pub const KEEPER_INTERVAL: Duration = Duration::from_secs(1);
@@ -281,7 +281,7 @@ impl WarmSessionManager {
             slot.recorded.store(now, Ordering::Relaxed);
             let live = guard.live();
             let update = WarmUpdate {
-                state: "warm",
+                state: WarmState::Warm,
                 pid: Some(live.agent.pid() as i64),
                 session: Some(live.session_id.clone()),
                 lease_until: Self::lease_until(now),
@@ -392,7 +392,7 @@ impl WarmSessionManager {
                 channel.id,
                 &self.instance,
                 WarmUpdate {
-                    state: "starting",
+                    state: WarmState::Starting,
                     pid: None,
                     session: None,
                     lease_until: Self::lease_until(now),
@@ -410,7 +410,7 @@ impl WarmSessionManager {
                         channel.id,
                         &self.instance,
                         WarmUpdate {
-                            state: "warm",
+                            state: WarmState::Warm,
                             pid: Some(live.agent.pid() as i64),
                             session: Some(live.session_id.clone()),
                             lease_until: Self::lease_until(now),
@@ -477,11 +477,7 @@ impl WarmSessionManager {
             load_session: Duration::from_secs(acp.session_timeout_secs),
             prompt: Duration::from_secs(acp.prompt_timeout_secs),
         };
-        let policy = if channel.permission_policy == "deny" {
-            PermissionPolicy::Deny
-        } else {
-            PermissionPolicy::Allow
-        };
+        let policy = channel.permission_policy;
         let agent = AgentProcess::spawn(&spec, timeouts, policy, dir).await?;
         let mut resumed = false;
         let session_id = match &channel.acp_session_id {
@@ -609,8 +605,10 @@ impl WarmSessionManager {
             }
             if row.warm_at.is_some_and(|t| t <= now) {
                 requested.push(row);
-            } else if matches!(row.state.as_str(), "warm" | "busy" | "starting")
-                && row.expires_at.is_some_and(|e| e > now)
+            } else if matches!(
+                row.state,
+                WarmState::Warm | WarmState::Busy | WarmState::Starting
+            ) && row.expires_at.is_some_and(|e| e > now)
                 && row.holder.as_deref() != Some(self.instance.as_str())
                 && (row.lease_expires_at.is_none_or(|l| l < now)
                     || row

@@ -12,7 +12,7 @@
 //! what the scheduler fires).
 #![no_main]
 
-use gorp::scheduler::{next_after, parse_cron, parse_tz, parse_when, upcoming, When};
+use gorp::service::schedules::{next_after, parse_cron, parse_tz, parse_when, upcoming, When};
 use libfuzzer_sys::fuzz_target;
 
 const DEFAULT_NOW: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z

@@ -77,7 +77,7 @@ fuzz_target!(|data: &[u8]| {
         webhook_id: "wh".into(),
         agent_binary: None,
         agent_args: None,
-        permission_policy: "deny".into(),
+        permission_policy: gorp::store::PermissionPolicy::Deny,
         matrix_room_id: None,
         acp_session_id: None,
         created_at: 0,

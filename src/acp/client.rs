@@ -141,14 +141,7 @@ const GROUP_POLL: Duration = Duration::from_millis(20);
 pub const STDERR_TAIL_LINES: usize = 100;
 const STDERR_LINE_MAX: usize = 4096;
 
-/// How permission requests are answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PermissionPolicy {
-    /// Pick an allow option (`allow_once`, else `allow_always`); cancel if none.
-    Allow,
-    /// Pick a reject option (`reject_once`, else `reject_always`); cancel if none.
-    Deny,
-}
+pub use crate::kinds::PermissionPolicy;
 
 /// Everything the agent sends during a prompt, in order. `kind` is a short
 /// stable string (see the module docs for the list); `text` is the human text

@@ -21,9 +21,11 @@ use utoipa_axum::routes;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::HttpState;
 use crate::auth;
+use crate::service::channels;
+use crate::service::schedules::{self, ScheduleError};
 use crate::store::{
-    now_ms, CancelOutcome, Channel, Event, Job, JobFilter, JobState, NewChannel, Schedule, Source,
-    WarmSession,
+    now_ms, CancelOutcome, CatchUp, Channel, Event, Job, JobFilter, JobState, Overlap,
+    PermissionPolicy, Schedule, Source, WarmSession,
 };
 
 /// Most events in one JSON page or SSE batch.
@@ -280,12 +282,7 @@ async fn cancel_job(
     State(st): State<HttpState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<CancelResult>> {
-    let outcome = st.store.job_cancel(&id, now_ms()).await?;
-    if outcome == CancelOutcome::Requested {
-        if let Some(pool) = &st.pool {
-            pool.cancel_local(&id);
-        }
-    }
+    let outcome = crate::service::jobs::cancel(&st.store, st.pool.as_ref(), &id).await?;
     Ok(Json(CancelResult {
         job_id: id,
         outcome,
@@ -306,14 +303,6 @@ async fn list_channels(
 // Patterns in the schemas below: channel names as `validate_channel_name` checks them, and
 // for prompts a character that is not whitespace as Rust's `str::trim` counts it (so the
 // document refuses a blank prompt exactly as the server does).
-
-/// How a channel's agent answers permission requests.
-#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum PermissionPolicy {
-    Allow,
-    Deny,
-}
 
 /// A new channel.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -356,31 +345,26 @@ async fn create_channel(
     body: Result<Json<CreateChannel>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<CreatedChannel>)> {
     let Json(req) = body.map_err(ApiError::json)?;
-    let token = auth::new_token();
-    let channel = st
-        .store
-        .channel_insert(
-            NewChannel {
-                name: req.name,
-                agent_binary: req.agent_binary,
-                agent_args: req.agent_args,
-                permission_policy: Some(match req.permission_policy {
-                    Some(PermissionPolicy::Allow) => "allow".into(),
-                    Some(PermissionPolicy::Deny) => "deny".into(),
-                    None => st.config.acp.permission_policy.clone(),
-                }),
-                matrix_room_id: None,
-                webhook_token: Some(token.clone()),
-                webhook_secret: req.webhook_secret,
-                webhook_template: req.webhook_template,
-            },
-            now_ms(),
-        )
-        .await?;
-    let dir = st.config.channel_dir(&channel.name);
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| ApiError::Internal(format!("cannot create {}: {e}", dir.display())))?;
-    let webhook_url = format!("/webhook/session/{}", channel.webhook_id);
+    let created = channels::create(
+        &st.store,
+        &st.config,
+        channels::NewChannelSpec {
+            name: req.name,
+            agent_binary: req.agent_binary,
+            agent_args: req.agent_args,
+            permission_policy: req.permission_policy,
+            matrix_room_id: None,
+            webhook_secret: req.webhook_secret,
+            webhook_template: req.webhook_template,
+        },
+    )
+    .await
+    .map_err(|e| match e {
+        channels::ChannelError::Store(e) => e.into(),
+        e @ channels::ChannelError::Workspace { .. } => ApiError::Internal(e.to_string()),
+    })?;
+    let webhook_url = created.webhook_path();
+    let (channel, token) = (created.channel, created.webhook_token);
     Ok((
         StatusCode::CREATED,
         Json(CreatedChannel {
@@ -430,23 +414,6 @@ pub struct CreateSchedule {
     pub overlap: Option<Overlap>,
 }
 
-/// What to do with slots missed while gorp was down: `skip` them, run `once`, or run `all`.
-#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum CatchUp {
-    Skip,
-    Once,
-    All,
-}
-
-/// What to do when a slot comes while the previous job of the schedule still runs.
-#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Overlap {
-    Skip,
-    Queue,
-}
-
 /// The time zone names gorp knows (those of `chrono-tz`), or null.
 fn timezone_schema() -> utoipa::openapi::schema::Object {
     use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
@@ -463,10 +430,10 @@ fn timezone_schema() -> utoipa::openapi::schema::Object {
         .build()
 }
 
-fn schedule_error(e: crate::scheduler::ScheduleError) -> ApiError {
+fn schedule_error(e: ScheduleError) -> ApiError {
     match e {
-        crate::scheduler::ScheduleError::Invalid(m) => ApiError::BadRequest(m),
-        crate::scheduler::ScheduleError::Store(e) => e.into(),
+        ScheduleError::Invalid(m) => ApiError::BadRequest(m),
+        ScheduleError::Store(e) => e.into(),
     }
 }
 
@@ -500,29 +467,16 @@ async fn create_schedule(
             )));
         }
     }
-    let s = crate::scheduler::add(
+    let s = schedules::add(
         &st.store,
         &st.config,
-        crate::scheduler::AddSchedule {
+        schedules::AddSchedule {
             channel: req.channel,
             when: req.when,
             prompt: req.prompt,
             timezone: req.timezone,
-            catch_up: req.catch_up.map(|c| {
-                match c {
-                    CatchUp::Skip => "skip",
-                    CatchUp::Once => "once",
-                    CatchUp::All => "all",
-                }
-                .to_string()
-            }),
-            overlap: req.overlap.map(|o| {
-                match o {
-                    Overlap::Skip => "skip",
-                    Overlap::Queue => "queue",
-                }
-                .to_string()
-            }),
+            catch_up: req.catch_up,
+            overlap: req.overlap,
             created_by: "api".into(),
         },
         now_ms(),
@@ -541,7 +495,10 @@ async fn delete_schedule(
     State(st): State<HttpState>,
     ScheduleId(id): ScheduleId,
 ) -> ApiResult<StatusCode> {
-    if st.store.schedule_delete(id).await? {
+    if schedules::remove(&st.store, id)
+        .await
+        .map_err(schedule_error)?
+    {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound(format!("no schedule {id}")))
@@ -557,7 +514,10 @@ async fn pause_schedule(
     State(st): State<HttpState>,
     ScheduleId(id): ScheduleId,
 ) -> ApiResult<Json<Schedule>> {
-    if !st.store.schedule_set_enabled(id, false, None).await? {
+    if !schedules::pause(&st.store, id)
+        .await
+        .map_err(schedule_error)?
+    {
         return Err(ApiError::NotFound(format!("no active schedule {id}")));
     }
     schedule_json(&st, id).await
@@ -575,7 +535,7 @@ async fn resume_schedule(
     if st.store.schedule_get(id).await?.is_none() {
         return Err(ApiError::NotFound(format!("no schedule {id}")));
     }
-    if !crate::scheduler::resume(&st.store, id, now_ms())
+    if !schedules::resume(&st.store, id, now_ms())
         .await
         .map_err(schedule_error)?
     {

@@ -28,7 +28,7 @@ use super::error::{ApiError, ApiResult, ErrorBody};
 use super::HttpState;
 use crate::auth;
 use crate::config::WebhookConfig;
-use crate::store::{now_ms, Channel, JobState, NewJob, Source};
+use crate::store::{Channel, JobState, NewJob, Source};
 
 pub(super) fn routes() -> OpenApiRouter<HttpState> {
     OpenApiRouter::new().routes(routes!(webhook))
@@ -161,12 +161,7 @@ async fn webhook(
         Decoded::Job(job) => job,
     };
     job.max_attempts = i64::from(st.config.worker.max_attempts);
-    let enq = st.store.job_insert(job, now_ms()).await?;
-    metrics::histogram!(crate::metrics::ENQUEUE_SECONDS, "source" => "webhook")
-        .record(started.elapsed().as_secs_f64());
-    if enq.created {
-        metrics::counter!(crate::metrics::JOBS_ENQUEUED, "source" => "webhook").increment(1);
-    }
+    let enq = crate::service::jobs::enqueue(&st.store, job, started).await?;
     let status_url = format!("/api/jobs/{}", enq.job_id);
     let events_url = format!("/api/jobs/{}/events", enq.job_id);
 
@@ -458,7 +453,7 @@ mod tests {
             webhook_id: "w".into(),
             agent_binary: None,
             agent_args: None,
-            permission_policy: "deny".into(),
+            permission_policy: crate::store::PermissionPolicy::Deny,
             matrix_room_id: None,
             acp_session_id: None,
             created_at: 0,

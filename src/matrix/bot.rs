@@ -623,7 +623,7 @@ impl Bot {
         room: &Room,
         sender: &UserId,
     ) -> anyhow::Result<String> {
-        use crate::scheduler::{self, AddSchedule, ScheduleError};
+        use crate::service::schedules::{self as scheduler, AddSchedule, ScheduleError};
         let s = &self.inner.services;
         let store = &s.store;
         let invalid = |e: ScheduleError| anyhow::anyhow!("{e}");
@@ -753,7 +753,7 @@ impl Bot {
             .channel_insert(
                 NewChannel {
                     name: name.to_string(),
-                    permission_policy: Some(s.config.acp.permission_policy.clone()),
+                    permission_policy: Some(s.config.acp.permission_policy),
                     matrix_room_id: Some(rid.to_string()),
                     webhook_token: Some(token.clone()),
                     ..Default::default()

@@ -1580,7 +1580,7 @@ mod tests {
             ev(10, i64::MAX, "error", Some("\u{0}\u{7}🦀"), None),
             msg(11, 1, &"```\n".repeat(50)),
         ];
-        for state in JobState::ALL {
+        for &state in JobState::ALL {
             for n in 0..=odd.len() {
                 let out = reply_with(state, Some("\n"), Some(""), &odd[..n]);
                 let _ = markdown_to_html(&out);

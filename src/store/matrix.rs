@@ -1,8 +1,9 @@
-//! Matrix: channels' rooms, and the per-job reply rows the bot's reply pump works from.
+//! The `matrix_bot` and `matrix_replies` tables: the bot's connection state, and the per-job
+//! reply rows the bot's reply pump works from.
 
 use serde::{Deserialize, Serialize};
 
-use super::writer::Write;
+use super::writer::{Applied, Conn, Write};
 use super::*;
 
 /// Where a Matrix job came from: stored as JSON in `jobs.reply_target`.
@@ -67,64 +68,6 @@ impl MatrixReply {
 }
 
 impl Store {
-    /// The channel whose room this is.
-    pub async fn channel_get_by_room(&self, room_id: &str) -> Result<Option<Channel>> {
-        Ok(sqlx::query_as!(
-            Channel,
-            r#"SELECT id AS "id!", name, webhook_id, agent_binary, agent_args, permission_policy,
-                      matrix_room_id, acp_session_id, created_at, webhook_token_sha256,
-                      webhook_secret, webhook_template
-               FROM channels WHERE matrix_room_id = ?1"#,
-            room_id
-        )
-        .fetch_optional(&self.read)
-        .await?)
-    }
-
-    /// Links a channel to a Matrix room (or unlinks it).
-    pub async fn channel_set_room(&self, channel_id: i64, room_id: Option<String>) -> Result<()> {
-        self.write(Write::ChannelSetRoom {
-            channel_id,
-            room_id,
-        })
-        .await
-        .map(|_| ())
-    }
-
-    /// Replaces a channel's own webhook bearer token (only its SHA-256 is stored); the old
-    /// token stops working at once.
-    pub async fn channel_set_webhook_token(&self, channel_id: i64, token: &str) -> Result<()> {
-        self.write(Write::ChannelSetToken {
-            channel_id,
-            sha256: crate::auth::sha256_hex(token),
-        })
-        .await
-        .map(|_| ())
-    }
-
-    /// Queued jobs of a channel.
-    pub async fn channel_queue_depth(&self, channel_id: i64) -> Result<i64> {
-        Ok(sqlx::query_scalar!(
-            r#"SELECT count(*) AS "n!: i64" FROM jobs WHERE channel_id = ?1 AND state = 'queued'"#,
-            channel_id
-        )
-        .fetch_one(&self.read)
-        .await?)
-    }
-
-    /// Ids of jobs starting with `prefix` (at most `limit`), so people can type a short id.
-    pub async fn job_ids_with_prefix(&self, prefix: &str, limit: i64) -> Result<Vec<String>> {
-        let upper = format!("{prefix}\u{10FFFF}");
-        Ok(sqlx::query_scalar!(
-            r#"SELECT id AS "id!" FROM jobs WHERE id >= ?1 AND id < ?2 ORDER BY id LIMIT ?3"#,
-            prefix,
-            upper,
-            limit
-        )
-        .fetch_all(&self.read)
-        .await?)
-    }
-
     /// The job a Matrix message asked for, with who sent it.
     pub async fn job_by_matrix_prompt(
         &self,
@@ -172,7 +115,7 @@ impl Store {
         error: Option<String>,
         now: Millis,
     ) -> Result<()> {
-        self.write(Write::MatrixBot {
+        self.write(BotState {
             user_id: user_id.to_string(),
             device_id: device_id.to_string(),
             state,
@@ -180,7 +123,6 @@ impl Store {
             now,
         })
         .await
-        .map(|_| ())
     }
 
     /// Records what the bot did for a job's reply.
@@ -190,12 +132,77 @@ impl Store {
         u: MatrixReplyUpdate,
         now: Millis,
     ) -> Result<()> {
-        self.write(Write::MatrixReply {
+        self.write(ReplyUpdate {
             job_id: job_id.to_string(),
             u,
             now,
         })
         .await
-        .map(|_| ())
+    }
+}
+
+struct BotState {
+    user_id: String,
+    device_id: String,
+    state: &'static str,
+    error: Option<String>,
+    now: Millis,
+}
+
+impl Write for BotState {
+    type Output = ();
+
+    async fn apply(&self, conn: &mut Conn) -> Applied<()> {
+        sqlx::query!(
+            r#"INSERT INTO matrix_bot (id, user_id, device_id, state, ready_at, error, updated_at)
+               VALUES (1, ?1, ?2, ?3, CASE WHEN ?3 = 'syncing' THEN ?5 END, ?4, ?5)
+               ON CONFLICT (id) DO UPDATE SET
+                   user_id = excluded.user_id, device_id = excluded.device_id,
+                   state = excluded.state, error = excluded.error,
+                   ready_at = coalesce(excluded.ready_at, matrix_bot.ready_at),
+                   updated_at = excluded.updated_at"#,
+            self.user_id,
+            self.device_id,
+            self.state,
+            self.error,
+            self.now
+        )
+        .execute(&mut *conn)
+        .await?;
+        Ok(Ok(()))
+    }
+}
+
+struct ReplyUpdate {
+    job_id: String,
+    u: MatrixReplyUpdate,
+    now: Millis,
+}
+
+impl Write for ReplyUpdate {
+    type Output = ();
+
+    async fn apply(&self, conn: &mut Conn) -> Applied<()> {
+        let u = &self.u;
+        sqlx::query!(
+            r#"UPDATE matrix_replies
+               SET reaction_key = ?2, reaction_event_id = ?3, reply_event_id = ?4, edits = ?5,
+                   rendered_seq = ?6, noted_attempt = ?7, done = ?8, error = ?9,
+                   updated_at = ?10
+               WHERE job_id = ?1"#,
+            self.job_id,
+            u.reaction_key,
+            u.reaction_event_id,
+            u.reply_event_id,
+            u.edits,
+            u.rendered_seq,
+            u.noted_attempt,
+            u.done,
+            u.error,
+            self.now
+        )
+        .execute(&mut *conn)
+        .await?;
+        Ok(Ok(()))
     }
 }

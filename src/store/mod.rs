@@ -1,15 +1,32 @@
-//! The store: every SQL statement gorp runs lives here (and in `writer.rs`).
+//! The store: every SQL statement gorp runs lives here, one file per table.
+//!
+//! - [`jobs`](self::jobs): the queue: enqueue, claim, heartbeat, fenced outcomes, cancel,
+//!   rescue, retention, reads.
+//! - `events`: a job's event log and output.
+//! - `channels`: channels and their webhook credentials, rooms and ACP sessions.
+//! - `warm`: the warm-session lease table.
+//! - `schedules`: schedules and their guarded firing.
+//! - `matrix`: the Matrix bot's state and per-job reply rows.
+//! - `writer`: the group-commit loop every write goes through.
 //!
 //! Writes go through one writer task that owns the only write connection: it takes whatever
 //! write operations are waiting, applies them in one `BEGIN IMMEDIATE` transaction (concurrent
 //! enqueues become one multi-row `INSERT`, events likewise) and answers each caller only after
-//! the commit. Reads use a separate pool of `query_only` connections. Methods are named
-//! noun-first (`job_claim_many`, `job_complete_if_running`) so a table's operations sort
-//! together; a method that moves a job out of `running` ends in `_if_running` and reports
-//! whether its fence held.
+//! the commit. Each table's writes are [`writer::Write`] values that carry their own output
+//! type. Reads use a separate pool of `query_only` connections. Methods are named noun-first
+//! (`job_claim_many`, `job_complete_if_running`) so a table's operations sort together; a
+//! method that moves a job out of `running` ends in `_if_running` and reports whether its
+//! fence held.
+//!
+//! The seam for a second database backend is [`Store`]'s methods and the row types of
+//! `types`: no caller outside this module sees SQL, a connection or a `sqlx` type (the one
+//! exception, [`Store::read_pool`], serves the metrics gauges).
 //!
 //! Every query takes `now` from its caller, so tests control time.
 
+mod channels;
+mod events;
+mod jobs;
 mod matrix;
 mod schedules;
 mod types;
@@ -25,12 +42,12 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::ConnectOptions;
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
 pub use matrix::{MatrixReply, MatrixReplyUpdate, MatrixTarget};
 pub use types::*;
 pub use warm::WarmUpdate;
-use writer::Op;
+use writer::{Op, Write};
 
 use crate::config::{DatabaseConfig, Synchronous};
 
@@ -188,411 +205,25 @@ impl Store {
         &self.read
     }
 
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Op) -> Result<T> {
-        let (tx, rx) = oneshot::channel();
+    async fn send(&self, op: Op) -> Result<()> {
         self.writer
-            .send(make(tx))
+            .send(op)
             .await
-            .map_err(|_| StoreError::WriterGone)?;
+            .map_err(|_| StoreError::WriterGone)
+    }
+
+    /// Sends one write to the writer and waits for its committed result.
+    async fn write<W: Write>(&self, w: W) -> Result<W::Output> {
+        let (op, rx) = Op::write(w);
+        self.send(op).await?;
         rx.await.map_err(|_| StoreError::WriterGone)?
     }
 
     /// Waits until every write sent before this call is committed.
     pub async fn flush(&self) -> Result<()> {
-        self.call(Op::Flush).await
-    }
-
-    // ----- channels -------------------------------------------------------------------------
-
-    pub async fn channel_insert(&self, ch: NewChannel, now: Millis) -> Result<Channel> {
-        validate_channel_name(&ch.name).map_err(StoreError::Invalid)?;
-        if let Some(p) = &ch.permission_policy {
-            if !matches!(p.as_str(), "allow" | "deny") {
-                return Err(StoreError::Invalid(format!(
-                    "invalid permission policy {p:?}; expected allow or deny"
-                )));
-            }
-        }
-        let name = ch.name.clone();
-        match self
-            .call(|reply| Op::ChannelInsert { ch, now, reply })
-            .await
-        {
-            Err(e) if e.is_unique_violation() => Err(StoreError::ChannelExists(name)),
-            other => other,
-        }
-    }
-
-    pub async fn channel_get(&self, name: &str) -> Result<Option<Channel>> {
-        Ok(sqlx::query_as!(
-            Channel,
-            r#"SELECT id AS "id!", name, webhook_id, agent_binary, agent_args, permission_policy,
-                      matrix_room_id, acp_session_id, created_at, webhook_token_sha256,
-                      webhook_secret, webhook_template
-               FROM channels WHERE name = ?1"#,
-            name
-        )
-        .fetch_optional(&self.read)
-        .await?)
-    }
-
-    pub async fn channel_get_by_webhook_id(&self, webhook_id: &str) -> Result<Option<Channel>> {
-        Ok(sqlx::query_as!(
-            Channel,
-            r#"SELECT id AS "id!", name, webhook_id, agent_binary, agent_args, permission_policy,
-                      matrix_room_id, acp_session_id, created_at, webhook_token_sha256,
-                      webhook_secret, webhook_template
-               FROM channels WHERE webhook_id = ?1"#,
-            webhook_id
-        )
-        .fetch_optional(&self.read)
-        .await?)
-    }
-
-    pub async fn channel_list(&self) -> Result<Vec<Channel>> {
-        Ok(sqlx::query_as!(
-            Channel,
-            r#"SELECT id AS "id!", name, webhook_id, agent_binary, agent_args, permission_policy,
-                      matrix_room_id, acp_session_id, created_at, webhook_token_sha256,
-                      webhook_secret, webhook_template
-               FROM channels ORDER BY name"#
-        )
-        .fetch_all(&self.read)
-        .await?)
-    }
-
-    /// Deletes a channel and its job history. Refused while one of its jobs is running.
-    pub async fn channel_delete(&self, name: &str) -> Result<()> {
-        let name = name.to_string();
-        self.call(|reply| Op::ChannelDelete { name, reply }).await
-    }
-
-    /// Stores the ACP session a channel's conversation continues in.
-    pub async fn channel_set_acp_session(
-        &self,
-        channel_id: i64,
-        session: Option<String>,
-    ) -> Result<()> {
-        self.call(|reply| Op::ChannelSetSession {
-            channel_id,
-            session,
-            reply,
-        })
-        .await
-    }
-
-    // ----- jobs: writes ---------------------------------------------------------------------
-
-    /// Enqueues one job. Concurrent calls share one transaction (group commit). Returns once the
-    /// row is committed. With an idempotency key that already exists for the source, returns
-    /// the existing job with `created: false`.
-    pub async fn job_insert(&self, job: NewJob, now: Millis) -> Result<Enqueued> {
-        job.validate().map_err(StoreError::Invalid)?;
-        self.call(|reply| Op::Enqueue { job, now, reply }).await
-    }
-
-    /// Enqueues many jobs in one transaction.
-    pub async fn job_insert_many(&self, jobs: Vec<NewJob>, now: Millis) -> Result<Vec<Enqueued>> {
-        for j in &jobs {
-            j.validate().map_err(StoreError::Invalid)?;
-        }
-        self.call(|reply| Op::EnqueueMany { jobs, now, reply })
-            .await
-    }
-
-    /// Claims up to `limit` due jobs for `owner`, at most one per channel and never one whose
-    /// channel already has a running job, in priority order. One statement.
-    pub async fn job_claim_many(
-        &self,
-        owner: &str,
-        limit: i64,
-        now: Millis,
-        lease_ms: i64,
-    ) -> Result<Vec<Job>> {
-        let owner = owner.to_string();
-        self.call(|reply| Op::Claim {
-            owner,
-            limit,
-            now,
-            lease_until: now + lease_ms,
-            reply,
-        })
-        .await
-    }
-
-    /// Renews the leases of every job `owner` is running. Returns (job id, attempt,
-    /// cancel requested) for each renewed job.
-    pub async fn job_heartbeat(
-        &self,
-        owner: &str,
-        now: Millis,
-        lease_ms: i64,
-    ) -> Result<Vec<(String, i64, bool)>> {
-        let owner = owner.to_string();
-        self.call(|reply| Op::Heartbeat {
-            owner,
-            lease_until: now + lease_ms,
-            reply,
-        })
-        .await
-    }
-
-    /// `running → succeeded`, if the lease still holds.
-    pub async fn job_complete_if_running(
-        &self,
-        lease: &Lease,
-        stop_reason: Option<String>,
-        now: Millis,
-    ) -> Result<bool> {
-        let lease = lease.clone();
-        self.call(|reply| Op::Complete {
-            lease,
-            stop_reason,
-            now,
-            reply,
-        })
-        .await
-    }
-
-    /// `running → succeeded`, and in the same transaction claims the same channel's next due
-    /// job for the same owner. Returns whether the fence held and the claimed job.
-    pub async fn job_complete_and_claim(
-        &self,
-        lease: &Lease,
-        stop_reason: Option<String>,
-        now: Millis,
-        lease_ms: i64,
-    ) -> Result<(bool, Option<Job>)> {
-        let lease = lease.clone();
-        self.call(|reply| Op::CompleteClaim {
-            lease,
-            stop_reason,
-            now,
-            lease_until: now + lease_ms,
-            reply,
-        })
-        .await
-    }
-
-    /// `running → queued` (retry at `retry_at`, when given and attempts are left) or
-    /// `running → failed`. Returns the new state, or `None` when the fence did not hold.
-    pub async fn job_fail_if_running(
-        &self,
-        lease: &Lease,
-        error: String,
-        retry_at: Option<Millis>,
-        now: Millis,
-    ) -> Result<Option<JobState>> {
-        let lease = lease.clone();
-        self.call(|reply| Op::Fail {
-            lease,
-            error,
-            retry_at,
-            now,
-            reply,
-        })
-        .await
-    }
-
-    /// `running → cancelled`, if the lease still holds.
-    pub async fn job_cancel_if_running(
-        &self,
-        lease: &Lease,
-        reason: String,
-        now: Millis,
-    ) -> Result<bool> {
-        let lease = lease.clone();
-        self.call(|reply| Op::CancelRunning {
-            lease,
-            reason,
-            now,
-            reply,
-        })
-        .await
-    }
-
-    /// `running → queued` without counting the attempt (graceful shutdown).
-    pub async fn job_release_if_running(&self, lease: &Lease, now: Millis) -> Result<bool> {
-        let lease = lease.clone();
-        self.call(|reply| Op::Release { lease, now, reply }).await
-    }
-
-    /// Cancels a queued job at once, or asks the worker of a running job to stop.
-    pub async fn job_cancel(&self, job_id: &str, now: Millis) -> Result<CancelOutcome> {
-        let job_id = job_id.to_string();
-        self.call(|reply| Op::Cancel { job_id, now, reply }).await
-    }
-
-    /// Returns running jobs whose lease expired to `queued`, recording why. The interrupted
-    /// run does not count as a failed attempt; a job interrupted more than `max_rescues` times
-    /// is failed instead, and one with a pending cancel is cancelled.
-    pub async fn job_rescue_expired(&self, now: Millis, max_rescues: i64) -> Result<Vec<Rescued>> {
-        self.call(|reply| Op::Rescue {
-            now,
-            max_rescues,
-            reply,
-        })
-        .await
-    }
-
-    /// Deletes up to `limit` finished jobs (and their events) that finished before `before`.
-    pub async fn job_delete_finished_before(&self, before: Millis, limit: i64) -> Result<u64> {
-        self.call(|reply| Op::Clean {
-            before,
-            limit,
-            reply,
-        })
-        .await
-    }
-
-    /// Appends events without waiting for the commit. Ordering is kept with every later write
-    /// from this process, so a transition sent afterwards commits after these events.
-    pub async fn job_events_append(&self, events: Vec<NewEvent>) -> Result<()> {
-        if events.is_empty() {
-            return Ok(());
-        }
-        self.writer
-            .send(Op::Events { events })
-            .await
-            .map_err(|_| StoreError::WriterGone)
-    }
-
-    // ----- jobs: reads ----------------------------------------------------------------------
-
-    pub async fn job_get(&self, id: &str) -> Result<Option<Job>> {
-        Ok(sqlx::query_as!(
-            Job,
-            r#"SELECT j.id AS "id!", j.channel_id, c.name AS channel,
-                      j.source AS "source: Source", j.prompt, j.state AS "state: JobState",
-                      j.priority, j.attempt, j.max_attempts, j.interruptions, j.run_at, j.lease_owner,
-                      j.lease_expires_at, j.cancel_requested AS "cancel_requested: bool",
-                      j.idempotency_key, j.reply_target, j.stop_reason, j.error, j.created_at,
-                      j.started_at, j.finished_at, j.schedule_id, j.scheduled_for
-               FROM jobs j JOIN channels c ON c.id = j.channel_id
-               WHERE j.id = ?1"#,
-            id
-        )
-        .fetch_optional(&self.read)
-        .await?)
-    }
-
-    /// Jobs newest first, filtered; `before` is the id of the last job of the previous page.
-    pub async fn job_list(&self, f: &JobFilter) -> Result<Vec<Job>> {
-        let state = f.state.map(|s| s.as_str());
-        let source = f.source.map(|s| s.as_str());
-        let limit = if f.limit <= 0 { 50 } else { f.limit.min(1000) };
-        Ok(sqlx::query_as!(
-            Job,
-            r#"SELECT j.id AS "id!", j.channel_id, c.name AS channel,
-                      j.source AS "source: Source", j.prompt, j.state AS "state: JobState",
-                      j.priority, j.attempt, j.max_attempts, j.interruptions, j.run_at, j.lease_owner,
-                      j.lease_expires_at, j.cancel_requested AS "cancel_requested: bool",
-                      j.idempotency_key, j.reply_target, j.stop_reason, j.error, j.created_at,
-                      j.started_at, j.finished_at, j.schedule_id, j.scheduled_for
-               FROM jobs j JOIN channels c ON c.id = j.channel_id
-               WHERE (?1 IS NULL OR j.state = ?1)
-                 AND (?2 IS NULL OR c.name = ?2)
-                 AND (?3 IS NULL OR j.source = ?3)
-                 AND (?4 IS NULL OR j.id < ?4)
-               ORDER BY j.id DESC
-               LIMIT ?5"#,
-            state,
-            f.channel,
-            source,
-            f.before,
-            limit
-        )
-        .fetch_all(&self.read)
-        .await?)
-    }
-
-    /// Events of a job with `seq > after`, oldest first.
-    pub async fn job_events_list(
-        &self,
-        job_id: &str,
-        after: i64,
-        limit: i64,
-    ) -> Result<Vec<Event>> {
-        let rows = sqlx::query!(
-            r#"SELECT seq AS "seq!", job_id, attempt, kind, text, data, at
-               FROM job_events WHERE job_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"#,
-            job_id,
-            after,
-            limit
-        )
-        .fetch_all(&self.read)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| Event {
-                seq: r.seq,
-                job_id: r.job_id,
-                attempt: r.attempt,
-                kind: r.kind,
-                text: r.text,
-                data: r.data.and_then(|d| serde_json::from_str(&d).ok()),
-                at: r.at,
-            })
-            .collect())
-    }
-
-    /// The output text of a job's latest attempt: its message chunks joined in order.
-    pub async fn job_output(&self, job_id: &str) -> Result<String> {
-        let out: Option<String> = sqlx::query_scalar!(
-            r#"SELECT group_concat(text, '') AS "out?: String" FROM (
-                   SELECT e.text FROM job_events e JOIN jobs j ON j.id = e.job_id
-                   WHERE e.job_id = ?1 AND e.kind = 'message' AND e.attempt = j.attempt
-                   ORDER BY e.seq)"#,
-            job_id
-        )
-        .fetch_one(&self.read)
-        .await?;
-        Ok(out.unwrap_or_default())
-    }
-
-    /// Whether a job the claim would take is due now, and the earliest future `run_at` of such
-    /// a job: the claim takes each idle channel's next job in queue order, so only those count
-    /// (a job behind a head that waits for its retry is not claimable).
-    pub async fn job_next_due(&self, now: Millis) -> Result<(bool, Option<Millis>)> {
-        let r = sqlx::query!(
-            r#"WITH heads AS (
-                   SELECT (SELECT q.run_at FROM jobs q
-                           WHERE q.channel_id = c.id AND q.state = 'queued'
-                           ORDER BY q.priority DESC, q.created_at, q.id
-                           LIMIT 1) AS run_at
-                   FROM channels c
-                   WHERE NOT EXISTS (SELECT 1 FROM jobs r
-                                     WHERE r.channel_id = c.id AND r.state = 'running'))
-               SELECT
-                 EXISTS(SELECT 1 FROM heads WHERE run_at <= ?1) AS "due!: bool",
-                 (SELECT min(run_at) FROM heads WHERE run_at > ?1) AS "next?: i64""#,
-            now
-        )
-        .fetch_one(&self.read)
-        .await?;
-        Ok((r.due, r.next))
-    }
-
-    /// Running jobs of `owner` whose cancel was requested: (job id, attempt).
-    pub async fn job_cancel_requests(&self, owner: &str) -> Result<Vec<(String, i64)>> {
-        let rows = sqlx::query!(
-            r#"SELECT id AS "id!", attempt FROM jobs
-               WHERE state = 'running' AND lease_owner = ?1 AND cancel_requested = 1"#,
-            owner
-        )
-        .fetch_all(&self.read)
-        .await?;
-        Ok(rows.into_iter().map(|r| (r.id, r.attempt)).collect())
-    }
-
-    /// Job counts by state (for `gorp jobs` summaries and metrics).
-    pub async fn job_count_by_state(&self) -> Result<Vec<(JobState, i64)>> {
-        let rows = sqlx::query!(
-            r#"SELECT state AS "state!: JobState", count(*) AS "n!: i64" FROM jobs GROUP BY state"#
-        )
-        .fetch_all(&self.read)
-        .await?;
-        Ok(rows.into_iter().map(|r| (r.state, r.n)).collect())
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.send(Op::Flush(reply)).await?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
     }
 }
 

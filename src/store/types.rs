@@ -24,120 +24,9 @@ pub fn format_ms(ms: Millis) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
-/// ```text
-///            claim              complete
-///  queued ──────────► running ──────────► succeeded
-///    ▲  ▲                │ │ │
-///    │  └── retry/rescue ┘ │ └──────────► failed     (attempts spent, or not retryable)
-///    │      release        │
-///    └─────────────────────┘ cancel ────► cancelled  (queued: at once; running: by its worker)
-/// ```
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema,
-)]
-#[serde(rename_all = "lowercase")]
-#[sqlx(type_name = "TEXT", rename_all = "lowercase")]
-pub enum JobState {
-    Queued,
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
-
-impl JobState {
-    pub const ALL: [JobState; 5] = [
-        JobState::Queued,
-        JobState::Running,
-        JobState::Succeeded,
-        JobState::Failed,
-        JobState::Cancelled,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobState::Queued => "queued",
-            JobState::Running => "running",
-            JobState::Succeeded => "succeeded",
-            JobState::Failed => "failed",
-            JobState::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            JobState::Succeeded | JobState::Failed | JobState::Cancelled
-        )
-    }
-}
-
-impl std::fmt::Display for JobState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for JobState {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        JobState::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| {
-                format!("unknown job state {s:?}; expected queued, running, succeeded, failed or cancelled")
-            })
-    }
-}
-
-/// Where a job came from.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema,
-)]
-#[serde(rename_all = "lowercase")]
-#[sqlx(type_name = "TEXT", rename_all = "lowercase")]
-pub enum Source {
-    Webhook,
-    Matrix,
-    Schedule,
-    Cli,
-}
-
-impl Source {
-    pub const ALL: [Source; 4] = [
-        Source::Webhook,
-        Source::Matrix,
-        Source::Schedule,
-        Source::Cli,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Webhook => "webhook",
-            Source::Matrix => "matrix",
-            Source::Schedule => "schedule",
-            Source::Cli => "cli",
-        }
-    }
-}
-
-impl std::fmt::Display for Source {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Source {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Source::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| {
-                format!("unknown source {s:?}; expected webhook, matrix, schedule or cli")
-            })
-    }
-}
+pub use crate::kinds::{
+    CatchUp, EventKind, JobState, Overlap, PermissionPolicy, Source, WarmState,
+};
 
 /// A named conversation with one agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -148,7 +37,7 @@ pub struct Channel {
     pub agent_binary: Option<String>,
     /// JSON array of extra agent arguments, if overridden.
     pub agent_args: Option<String>,
-    pub permission_policy: String,
+    pub permission_policy: PermissionPolicy,
     pub matrix_room_id: Option<String>,
     pub acp_session_id: Option<String>,
     pub created_at: Millis,
@@ -176,7 +65,7 @@ pub struct NewChannel {
     pub name: String,
     pub agent_binary: Option<String>,
     pub agent_args: Option<Vec<String>>,
-    pub permission_policy: Option<String>,
+    pub permission_policy: Option<PermissionPolicy>,
     pub matrix_room_id: Option<String>,
     /// The channel's own webhook bearer token; only its SHA-256 is stored.
     pub webhook_token: Option<String>,
@@ -395,7 +284,7 @@ pub struct WarmSession {
     pub channel_id: i64,
     pub channel: String,
     pub holder: Option<String>,
-    pub state: String,
+    pub state: WarmState,
     pub acp_session_id: Option<String>,
     pub pid: Option<i64>,
     pub last_used_at: Option<Millis>,
@@ -430,8 +319,8 @@ pub struct Schedule {
     pub timezone: String,
     pub prompt: String,
     pub enabled: bool,
-    pub catch_up: String,
-    pub overlap: String,
+    pub catch_up: CatchUp,
+    pub overlap: Overlap,
     pub next_run_at: Option<Millis>,
     pub last_fired_at: Option<Millis>,
     pub done: bool,
@@ -448,8 +337,8 @@ pub struct NewSchedule {
     pub cron: Option<String>,
     pub timezone: String,
     pub prompt: String,
-    pub catch_up: String,
-    pub overlap: String,
+    pub catch_up: CatchUp,
+    pub overlap: Overlap,
     pub next_run_at: Millis,
     pub created_by: String,
 }
@@ -465,7 +354,7 @@ pub struct Firing {
     /// Missed slots passed over under the `catch_up` policy, for the record.
     pub skipped_slots: usize,
     /// The schedule's `catch_up` policy, named in the record of skipped slots.
-    pub catch_up: String,
+    pub catch_up: CatchUp,
     pub max_attempts: i64,
 }
 

@@ -1,12 +1,12 @@
-//! The warm-session lease table and per-job run facts.
+//! The `warm_sessions` table: which channel's agent is warm, who holds it, until when.
 
-use super::writer::{Op, Write};
+use super::writer::{Applied, Conn, Write};
 use super::*;
 
 /// What a warm-session row should say after an upsert.
 #[derive(Debug, Clone)]
 pub struct WarmUpdate {
-    pub state: &'static str,
+    pub state: WarmState,
     pub pid: Option<i64>,
     pub session: Option<String>,
     pub lease_until: Millis,
@@ -16,11 +16,26 @@ pub struct WarmUpdate {
     pub used: bool,
 }
 
-impl Store {
-    pub(super) async fn write(&self, w: Write) -> Result<u64> {
-        self.call(|reply| Op::Write { w, reply }).await
-    }
+/// `SELECT` of whole [`WarmSession`] rows (`w`, with its channel `c`; a warm session whose
+/// channel has a running job shows as `busy`); the rest of the query follows.
+macro_rules! select_warm {
+    ($tail:tt $(, $arg:expr)* $(,)?) => {
+        sqlx::query_as!(
+            WarmSession,
+            r#"SELECT w.channel_id AS "channel_id!", c.name AS channel, w.holder,
+                      CASE WHEN w.state = 'warm' AND EXISTS (
+                               SELECT 1 FROM jobs j
+                               WHERE j.channel_id = w.channel_id AND j.state = 'running')
+                           THEN 'busy' ELSE w.state END AS "state!: WarmState",
+                      w.acp_session_id, w.pid, w.last_used_at, w.expires_at, w.warm_at,
+                      w.lease_expires_at, w.started_at, w.error, w.updated_at
+               FROM warm_sessions w JOIN channels c ON c.id = w.channel_id "# + $tail
+            $(, $arg)*
+        )
+    };
+}
 
+impl Store {
     /// Takes (or keeps) the row of a channel for `holder` with the given state.
     pub async fn warm_upsert(
         &self,
@@ -29,19 +44,13 @@ impl Store {
         u: WarmUpdate,
         now: Millis,
     ) -> Result<()> {
-        self.write(Write::WarmUpsert {
+        self.write(Upsert {
             channel_id,
             holder: holder.to_string(),
-            state: u.state,
-            pid: u.pid,
-            session: u.session,
+            u,
             now,
-            lease_until: u.lease_until,
-            expires_at: u.expires_at,
-            used: u.used,
         })
         .await
-        .map(|_| ())
     }
 
     /// Marks a session `holder` had as stopped (or failed), with why. Returns false when
@@ -54,16 +63,18 @@ impl Store {
         note: Option<String>,
         now: Millis,
     ) -> Result<bool> {
-        let state = if failed { "failed" } else { "stopped" };
-        self.write(Write::WarmStop {
+        self.write(Stop {
             channel_id,
             holder: holder.to_string(),
-            state,
+            state: if failed {
+                WarmState::Failed
+            } else {
+                WarmState::Stopped
+            },
             error: note,
             now,
         })
         .await
-        .map(|n| n == 1)
     }
 
     /// Asks for the channel's agent to be warm at `at` (`None` clears the request).
@@ -73,18 +84,17 @@ impl Store {
         at: Option<Millis>,
         now: Millis,
     ) -> Result<()> {
-        self.write(Write::WarmRequest {
+        self.write(Request {
             channel_id,
             at,
             now,
         })
         .await
-        .map(|_| ())
     }
 
     /// Renews the leases of every session `holder` keeps.
     pub async fn warm_heartbeat(&self, holder: &str, lease_until: Millis) -> Result<u64> {
-        self.write(Write::WarmHeartbeat {
+        self.write(Heartbeat {
             holder: holder.to_string(),
             lease_until,
         })
@@ -93,7 +103,7 @@ impl Store {
 
     /// On shutdown: keeps `holder`'s sessions marked warm but lets the next gorp take them over.
     pub async fn warm_release_leases(&self, holder: &str, now: Millis) -> Result<u64> {
-        self.write(Write::WarmReleaseLeases {
+        self.write(ReleaseLeases {
             holder: holder.to_string(),
             now,
         })
@@ -102,7 +112,7 @@ impl Store {
 
     /// Marks sessions stopped whose holder is gone and whose keep-alive ran out.
     pub async fn warm_expire_orphans(&self, now: Millis) -> Result<u64> {
-        self.write(Write::WarmExpireOrphans { now }).await
+        self.write(ExpireOrphans { now }).await
     }
 
     /// Marks one orphaned session stopped (it will not be warmed again), if `holder` (the gone
@@ -114,102 +124,215 @@ impl Store {
         note: &str,
         now: Millis,
     ) -> Result<bool> {
-        self.write(Write::WarmStopOrphan {
+        self.write(StopOrphan {
             channel_id,
             holder: holder.map(str::to_string),
             note: note.to_string(),
             now,
         })
         .await
-        .map(|n| n == 1)
-    }
-
-    /// Channels that have queued jobs.
-    pub async fn channel_ids_with_queued_jobs(&self) -> Result<std::collections::HashSet<i64>> {
-        Ok(sqlx::query_scalar!(
-            r#"SELECT DISTINCT channel_id AS "id!" FROM jobs WHERE state = 'queued'"#
-        )
-        .fetch_all(&self.read)
-        .await?
-        .into_iter()
-        .collect())
     }
 
     pub async fn warm_list(&self) -> Result<Vec<WarmSession>> {
-        Ok(sqlx::query_as!(
-            WarmSession,
-            r#"SELECT w.channel_id AS "channel_id!", c.name AS channel, w.holder,
-                      CASE WHEN w.state = 'warm' AND EXISTS (
-                               SELECT 1 FROM jobs j WHERE j.channel_id = w.channel_id AND j.state = 'running')
-                           THEN 'busy' ELSE w.state END AS "state!: String",
-                      w.acp_session_id, w.pid, w.last_used_at, w.expires_at, w.warm_at,
-                      w.lease_expires_at, w.started_at, w.error, w.updated_at
-               FROM warm_sessions w JOIN channels c ON c.id = w.channel_id
-               ORDER BY c.name"#
-        )
-        .fetch_all(&self.read)
-        .await?)
+        Ok(select_warm!("ORDER BY c.name")
+            .fetch_all(&self.read)
+            .await?)
     }
 
     pub async fn warm_get(&self, channel_id: i64) -> Result<Option<WarmSession>> {
-        Ok(sqlx::query_as!(
-            WarmSession,
-            r#"SELECT w.channel_id AS "channel_id!", c.name AS channel, w.holder,
-                      CASE WHEN w.state = 'warm' AND EXISTS (
-                               SELECT 1 FROM jobs j WHERE j.channel_id = w.channel_id AND j.state = 'running')
-                           THEN 'busy' ELSE w.state END AS "state!: String",
-                      w.acp_session_id, w.pid, w.last_used_at, w.expires_at, w.warm_at,
-                      w.lease_expires_at, w.started_at, w.error, w.updated_at
-               FROM warm_sessions w JOIN channels c ON c.id = w.channel_id
-               WHERE w.channel_id = ?1"#,
-            channel_id
+        Ok(select_warm!("WHERE w.channel_id = ?1", channel_id)
+            .fetch_optional(&self.read)
+            .await?)
+    }
+}
+
+struct Upsert {
+    channel_id: i64,
+    holder: String,
+    u: WarmUpdate,
+    now: Millis,
+}
+
+impl Write for Upsert {
+    type Output = ();
+
+    async fn apply(&self, conn: &mut Conn) -> Applied<()> {
+        let u = &self.u;
+        sqlx::query!(
+            r#"INSERT INTO warm_sessions (channel_id, holder, state, pid, acp_session_id,
+                                          lease_expires_at, expires_at, started_at,
+                                          last_used_at, updated_at)
+               VALUES (?1, ?2, ?3, ?4, ?5, ?7, ?8, ?6, CASE WHEN ?9 THEN ?6 END, ?6)
+               ON CONFLICT (channel_id) DO UPDATE SET
+                   holder = excluded.holder,
+                   state = excluded.state,
+                   pid = excluded.pid,
+                   acp_session_id = coalesce(excluded.acp_session_id, acp_session_id),
+                   lease_expires_at = excluded.lease_expires_at,
+                   expires_at = coalesce(excluded.expires_at, expires_at),
+                   started_at = CASE WHEN excluded.state = 'starting' THEN excluded.started_at
+                                     ELSE started_at END,
+                   last_used_at = coalesce(excluded.last_used_at, last_used_at),
+                   error = NULL,
+                   updated_at = excluded.updated_at"#,
+            self.channel_id,
+            self.holder,
+            u.state,
+            u.pid,
+            u.session,
+            self.now,
+            u.lease_until,
+            u.expires_at,
+            u.used
         )
-        .fetch_optional(&self.read)
-        .await?)
+        .execute(&mut *conn)
+        .await?;
+        Ok(Ok(()))
     }
+}
 
-    /// Records warm/cold, time to first output and usage for one attempt. Sent in order with
-    /// the attempt's outcome, so it commits no later than the outcome.
-    pub async fn job_record_run(&self, job_id: &str, attempt: i64, facts: RunFacts) -> Result<()> {
-        self.write(Write::JobRecordRun {
-            job_id: job_id.to_string(),
-            attempt,
-            facts,
-        })
-        .await
-        .map(|_| ())
-    }
+struct Stop {
+    channel_id: i64,
+    holder: String,
+    state: WarmState,
+    error: Option<String>,
+    now: Millis,
+}
 
-    pub async fn channel_get_by_id(&self, id: i64) -> Result<Option<Channel>> {
-        Ok(sqlx::query_as!(
-            Channel,
-            r#"SELECT id AS "id!", name, webhook_id, agent_binary, agent_args, permission_policy,
-                      matrix_room_id, acp_session_id, created_at, webhook_token_sha256,
-                      webhook_secret, webhook_template
-               FROM channels WHERE id = ?1"#,
-            id
+impl Write for Stop {
+    type Output = bool;
+
+    async fn apply(&self, conn: &mut Conn) -> Applied<bool> {
+        let r = sqlx::query!(
+            r#"UPDATE warm_sessions
+               SET state = ?3, error = ?4, pid = NULL, lease_expires_at = NULL, updated_at = ?5
+               WHERE channel_id = ?1 AND holder = ?2"#,
+            self.channel_id,
+            self.holder,
+            self.state,
+            self.error,
+            self.now
         )
-        .fetch_optional(&self.read)
-        .await?)
+        .execute(&mut *conn)
+        .await?;
+        Ok(Ok(r.rows_affected() == 1))
     }
+}
 
-    /// Lease owners of running jobs (for finding owners that died on this host).
-    pub async fn job_lease_owners(&self) -> Result<Vec<String>> {
-        Ok(sqlx::query_scalar!(
-            r#"SELECT DISTINCT lease_owner AS "owner!" FROM jobs WHERE state = 'running'"#
+struct Request {
+    channel_id: i64,
+    at: Option<Millis>,
+    now: Millis,
+}
+
+impl Write for Request {
+    type Output = ();
+
+    async fn apply(&self, conn: &mut Conn) -> Applied<()> {
+        sqlx::query!(
+            r#"INSERT INTO warm_sessions (channel_id, state, warm_at, updated_at)
+               VALUES (?1, 'stopped', ?2, ?3)
+               ON CONFLICT (channel_id) DO UPDATE SET warm_at = excluded.warm_at,
+                                                      updated_at = excluded.updated_at"#,
+            self.channel_id,
+            self.at,
+            self.now
         )
-        .fetch_all(&self.read)
-        .await?)
+        .execute(&mut *conn)
+        .await?;
+        Ok(Ok(()))
     }
+}
 
-    /// Expires the leases of `owner`'s running jobs at once (the owner is known to be dead),
-    /// so the next rescuer pass re-queues them.
-    pub async fn job_expire_owner(&self, owner: &str, now: Millis) -> Result<u64> {
-        let owner = owner.to_string();
-        self.call(|reply| Op::Write {
-            w: Write::JobExpireOwner { owner, now },
-            reply,
-        })
-        .await
+struct Heartbeat {
+    holder: String,
+    lease_until: Millis,
+}
+
+impl Write for Heartbeat {
+    type Output = u64;
+
+    async fn apply(&self, conn: &mut Conn) -> Applied<u64> {
+        let r = sqlx::query!(
+            r#"UPDATE warm_sessions SET lease_expires_at = ?2
+               WHERE holder = ?1 AND state IN ('starting', 'warm', 'busy')"#,
+            self.holder,
+            self.lease_until
+        )
+        .execute(&mut *conn)
+        .await?;
+        Ok(Ok(r.rows_affected()))
+    }
+}
+
+/// Rows stay warm (so the next gorp re-warms them) but anyone may take them over.
+struct ReleaseLeases {
+    holder: String,
+    now: Millis,
+}
+
+impl Write for ReleaseLeases {
+    type Output = u64;
+
+    async fn apply(&self, conn: &mut Conn) -> Applied<u64> {
+        let r = sqlx::query!(
+            r#"UPDATE warm_sessions SET lease_expires_at = ?2, pid = NULL, updated_at = ?2
+               WHERE holder = ?1 AND state IN ('starting', 'warm', 'busy')"#,
+            self.holder,
+            self.now
+        )
+        .execute(&mut *conn)
+        .await?;
+        Ok(Ok(r.rows_affected()))
+    }
+}
+
+/// Sessions nobody holds any more and whose keep-alive ran out.
+struct ExpireOrphans {
+    now: Millis,
+}
+
+impl Write for ExpireOrphans {
+    type Output = u64;
+
+    async fn apply(&self, conn: &mut Conn) -> Applied<u64> {
+        let r = sqlx::query!(
+            r#"UPDATE warm_sessions SET state = 'stopped', pid = NULL, updated_at = ?1
+               WHERE state IN ('starting', 'warm', 'busy')
+                 AND (lease_expires_at IS NULL OR lease_expires_at < ?1)
+                 AND expires_at IS NOT NULL AND expires_at <= ?1"#,
+            self.now
+        )
+        .execute(&mut *conn)
+        .await?;
+        Ok(Ok(r.rows_affected()))
+    }
+}
+
+struct StopOrphan {
+    channel_id: i64,
+    holder: Option<String>,
+    note: String,
+    now: Millis,
+}
+
+impl Write for StopOrphan {
+    type Output = bool;
+
+    async fn apply(&self, conn: &mut Conn) -> Applied<bool> {
+        let r = sqlx::query!(
+            r#"UPDATE warm_sessions
+               SET state = 'stopped', error = ?3, pid = NULL, lease_expires_at = NULL,
+                   updated_at = ?4
+               WHERE channel_id = ?1 AND holder IS ?2
+                 AND state IN ('starting', 'warm', 'busy')"#,
+            self.channel_id,
+            self.holder,
+            self.note,
+            self.now
+        )
+        .execute(&mut *conn)
+        .await?;
+        Ok(Ok(r.rows_affected() == 1))
     }
 }

@@ -196,7 +196,7 @@ async fn warm_session_is_reused_for_the_next_job() {
     assert_eq!(g.history_session(&j1.id).await.as_deref(), Some("cold"));
     assert_eq!(g.history_session(&j2.id).await.as_deref(), Some("warm"));
     let row = g.store.warm_get(ch).await.unwrap().unwrap();
-    assert_eq!(row.state, "warm");
+    assert_eq!(row.state, gorp::store::WarmState::Warm);
     assert_eq!(row.pid.map(|p| p.to_string()), Some(pid1.clone()));
     assert_eq!(row.holder.as_deref(), Some("gorp-a"));
     let expires = row.expires_at.unwrap() - row.last_used_at.unwrap();
@@ -225,7 +225,7 @@ async fn expired_session_is_shut_down_and_the_next_job_resumes_the_conversation(
     assert_eq!(g.warm.live_pid(ch), None);
     assert_eq!(
         g.store.warm_get(ch).await.unwrap().unwrap().state,
-        "stopped"
+        gorp::store::WarmState::Stopped
     );
     eventually(WAIT, "agent process to exit", || async {
         (!pid_alive(pid)).then_some(())
@@ -410,7 +410,9 @@ async fn permission_decisions_follow_the_channel_policy_and_are_recorded() {
     let g = Gorp::start(|_| {}).await;
     let allow = g.channel("allow", |_| {}).await;
     let deny = g
-        .channel("deny", |c| c.permission_policy = Some("deny".into()))
+        .channel("deny", |c| {
+            c.permission_policy = Some(gorp::store::PermissionPolicy::Deny)
+        })
         .await;
     for (ch, want) in [(allow, "allow"), (deny, "reject")] {
         let (job, out) = g.run(ch, "@permission Run rm -rf build").await;
@@ -538,7 +540,7 @@ async fn missing_or_non_acp_agents_fail_fast_with_a_clear_error() {
         t.elapsed()
     );
     let row = g.store.warm_get(cat).await.unwrap().unwrap();
-    assert_eq!(row.state, "failed");
+    assert_eq!(row.state, gorp::store::WarmState::Failed);
     g.stop().await;
 }
 
@@ -645,7 +647,7 @@ async fn restart_rewarms_a_bounded_number_within_the_cap_queued_channels_first()
     for ch in &channels[1..4] {
         assert!(b.warm.live_pid(*ch).is_none());
         let row = b.store.warm_get(*ch).await.unwrap().unwrap();
-        assert_eq!(row.state, "stopped");
+        assert_eq!(row.state, gorp::store::WarmState::Stopped);
         assert!(
             row.error
                 .as_deref()
@@ -767,6 +769,9 @@ async fn least_recently_used_session_is_evicted_at_the_cap() {
     assert!(g.warm.live_pid(a).is_some());
     assert!(g.warm.live_pid(b).is_none(), "b evicted");
     assert!(g.warm.live_pid(c).is_some());
-    assert_eq!(g.store.warm_get(b).await.unwrap().unwrap().state, "stopped");
+    assert_eq!(
+        g.store.warm_get(b).await.unwrap().unwrap().state,
+        gorp::store::WarmState::Stopped
+    );
     g.stop().await;
 }

@@ -98,7 +98,9 @@ async fn claude_tool_call_asks_permission_and_the_channel_policy_decides() {
     let g = start(&fake).await;
     let allow = g.channel("allow", |_| {}).await;
     let deny = g
-        .channel("deny", |c| c.permission_policy = Some("deny".into()))
+        .channel("deny", |c| {
+            c.permission_policy = Some(gorp::store::PermissionPolicy::Deny)
+        })
         .await;
 
     for (ch, name, chosen) in [(allow, "allow", "allow"), (deny, "deny", "reject")] {

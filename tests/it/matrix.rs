@@ -902,10 +902,10 @@ async fn webhook_and_scheduled_jobs_post_to_the_channel_room_and_long_output_is_
 
     // A schedule due now fires into the room.
     let at = (chrono::Utc::now() + chrono::Duration::seconds(1)).to_rfc3339();
-    gorp::scheduler::add(
+    gorp::service::schedules::add(
         &w.store,
         &w.config,
-        gorp::scheduler::AddSchedule {
+        gorp::service::schedules::AddSchedule {
             channel: "feed".into(),
             when: at,
             prompt: "@reply from the schedule".into(),

@@ -1,0 +1,109 @@
+//! Channels: create one with its workspace, rotate its webhook token, delete it.
+
+use std::path::PathBuf;
+
+use crate::config::Config;
+use crate::store::{
+    now_ms, validate_channel_name, Channel, NewChannel, PermissionPolicy, Store, StoreError,
+};
+
+/// A channel to create. Unset fields take the defaults of `[acp]`.
+#[derive(Debug, Clone, Default)]
+pub struct NewChannelSpec {
+    pub name: String,
+    pub agent_binary: Option<String>,
+    pub agent_args: Option<Vec<String>>,
+    /// Default: `[acp] permission_policy`.
+    pub permission_policy: Option<PermissionPolicy>,
+    pub matrix_room_id: Option<String>,
+    pub webhook_secret: Option<String>,
+    pub webhook_template: Option<String>,
+}
+
+/// A new channel and what its creator is shown once.
+#[derive(Debug, Clone)]
+pub struct Created {
+    pub channel: Channel,
+    pub workspace: PathBuf,
+    /// The channel's own webhook bearer token (only its hash is stored).
+    pub webhook_token: String,
+}
+
+impl Created {
+    /// The webhook path (`/webhook/session/<id>`), relative to gorp's public URL.
+    pub fn webhook_path(&self) -> String {
+        webhook_path(&self.channel)
+    }
+}
+
+/// The webhook path of a channel, relative to gorp's public URL.
+pub fn webhook_path(channel: &Channel) -> String {
+    format!("/webhook/session/{}", channel.webhook_id)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The workspace directory cannot be created (a problem of the machine).
+    #[error("cannot create the workspace {path}: {error}")]
+    Workspace { path: String, error: String },
+}
+
+/// Creates a channel: checks the name, makes its workspace directory, then inserts the row
+/// with a new webhook token. A name that is invalid or taken writes nothing (an existing
+/// channel's workspace is left as it is).
+pub async fn create(
+    store: &Store,
+    config: &Config,
+    spec: NewChannelSpec,
+) -> Result<Created, ChannelError> {
+    validate_channel_name(&spec.name).map_err(StoreError::Invalid)?;
+    let workspace = config.channel_dir(&spec.name);
+    std::fs::create_dir_all(&workspace).map_err(|e| ChannelError::Workspace {
+        path: workspace.display().to_string(),
+        error: e.to_string(),
+    })?;
+    let token = crate::auth::new_token();
+    let channel = store
+        .channel_insert(
+            NewChannel {
+                name: spec.name,
+                agent_binary: spec.agent_binary,
+                agent_args: spec.agent_args,
+                permission_policy: Some(
+                    spec.permission_policy
+                        .unwrap_or(config.acp.permission_policy),
+                ),
+                matrix_room_id: spec.matrix_room_id,
+                webhook_token: Some(token.clone()),
+                webhook_secret: spec.webhook_secret,
+                webhook_template: spec.webhook_template,
+            },
+            now_ms(),
+        )
+        .await?;
+    Ok(Created {
+        channel,
+        workspace,
+        webhook_token: token,
+    })
+}
+
+/// Gives a channel a new webhook bearer token; the old one stops working at once. Returns the
+/// channel and the new token (shown once).
+pub async fn rotate_token(store: &Store, name: &str) -> Result<(Channel, String), StoreError> {
+    let channel = store
+        .channel_get(name)
+        .await?
+        .ok_or_else(|| StoreError::UnknownChannel(name.to_string()))?;
+    let token = crate::auth::new_token();
+    store.channel_set_webhook_token(channel.id, &token).await?;
+    Ok((channel, token))
+}
+
+/// Deletes a channel and its job history (its workspace stays). Refused while one of its jobs
+/// is running.
+pub async fn delete(store: &Store, name: &str) -> Result<(), StoreError> {
+    store.channel_delete(name).await
+}
