@@ -6,9 +6,13 @@
 //! comes back as the same device and end-to-end encryption keeps working.
 //!
 //! - [`command`]: the pure parser of `!` commands.
+//! - [`commands`]: one handler per command group (channels, agent, jobs, schedules).
+//! - [`strings`]: every text the bot posts, so it speaks with one voice.
+//! - [`failure`]: the person's refusals versus gorp's internal errors (logged with an error id;
+//!   the room sees only the id).
 //! - [`render`]: job output → Markdown/HTML, split without breaking code fences.
-//! - [`bot`]: event handlers (invites, messages, reactions, verification) and the command
-//!   dispatcher. Handlers only write rows and hand off; they never wait for an agent.
+//! - [`bot`]: event handlers (invites, messages, reactions, verification) and the dispatch of
+//!   commands. Handlers only write rows and hand off; they never wait for an agent.
 //! - [`pump`]: the reply pump. It reads the job rows and their event rows (the single source of
 //!   truth) and turns them into status reactions, one streamed reply per job, typing notices and
 //!   restart notices, recording its progress in `matrix_replies`.
@@ -19,8 +23,11 @@
 
 pub mod bot;
 pub mod command;
+mod commands;
+pub mod failure;
 pub mod pump;
 pub mod render;
+pub mod strings;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -40,6 +47,19 @@ use crate::config::{Config, MatrixConfig};
 use crate::store::Store;
 use crate::warm::WarmSessionManager;
 use crate::worker::PoolHandle;
+
+/// Log filter directives for what matrix-sdk reports at warn/error level although nothing is
+/// wrong for gorp, to be added to the process's default filter (an explicit `GORP_LOG` still
+/// decides):
+/// - `matrix_sdk_crypto::backups`: "Trying to backup room keys but no backup key was found",
+///   every time room keys change, because gorp does not enable key backup;
+/// - `matrix_sdk::encryption`: "Couldn't setup and resume recovery" / "Couldn't update the
+///   recovery state" on every start when the account has no secret storage (no
+///   `[matrix] recovery_key`); gorp logs the outcome of its own recovery in [`run`].
+pub const LOG_DIRECTIVES: &[&str] = &[
+    "matrix_sdk_crypto::backups=error",
+    "matrix_sdk::encryption=off",
+];
 
 /// The long-poll timeout of each `/sync`.
 pub const LONG_POLL: Duration = Duration::from_secs(30);

@@ -10,6 +10,8 @@ use pulldown_cmark::{CowStr, Event as MdEvent, Options, Parser, Tag, TagEnd};
 
 use crate::store::{Event, JobState, Source};
 
+use super::strings::{self, state_emoji};
+
 /// The size a reply is split to, in bytes. A Matrix event may be 64 KiB, and the plain body,
 /// the HTML `formatted_body` and, for edits, the `m.new_content` copy all count toward it.
 pub const MAX_PART_BYTES: usize = 16 * 1024;
@@ -442,7 +444,8 @@ pub struct ReplyInput<'a> {
 ///   closed before it and reopened after it.
 /// - Without output: `⏳ working…` while running, `👀 queued` while queued.
 /// - Finished jobs end with `❌ failed: <error>` (unless an `error` event already showed that
-///   text), `🛑 cancelled[: <error or stop reason>]`, or, for a success without any output,
+///   text), `🛑 cancelled`, `🛑 cancelled before it started` or `🛑 cancelled: <reason>`
+///   ([`strings::reply_cancelled`]: a cancellation is said once), or, for a success without any output,
 ///   `✅ done (no output)`.
 /// - `show_source` puts the source and the first 8 characters of the job id first, e.g.
 ///   ``**webhook** job `0190abcd` ``, then a blank line.
@@ -462,35 +465,46 @@ pub fn render_reply(input: &ReplyInput) -> String {
         .collect();
     let error = input.error.map(str::trim).filter(|e| !e.is_empty());
     let last_line = match input.state {
-        JobState::Queued if !has_output => Some(status_item("👀 queued", None)),
-        JobState::Running if !has_output => Some(status_item("⏳ working…", None)),
+        JobState::Queued if !has_output => Some(status_item(
+            state_emoji(JobState::Queued),
+            Some(strings::REPLY_QUEUED),
+        )),
+        JobState::Running if !has_output => Some(status_item(
+            state_emoji(JobState::Running),
+            Some(strings::REPLY_WORKING),
+        )),
         JobState::Failed => match error {
             Some(e) if shown_errors.contains(&e) => None,
-            Some(e) => Some(status_item("❌", Some(&format!("failed: {e}")))),
-            None => Some(status_item("❌ failed", None)),
+            Some(e) => Some(status_item(
+                state_emoji(JobState::Failed),
+                Some(&strings::reply_failed(e)),
+            )),
+            None => Some(status_item(
+                state_emoji(JobState::Failed),
+                Some(strings::REPLY_FAILED),
+            )),
         },
         JobState::Cancelled => {
             let reason = input
                 .stop_reason
                 .map(str::trim)
                 .filter(|r| !r.is_empty() && !r.eq_ignore_ascii_case("cancelled"));
-            Some(match error.or(reason) {
-                Some(why) => status_item("🛑", Some(&format!("cancelled: {why}"))),
-                None => status_item("🛑 cancelled", None),
-            })
+            Some(status_item(
+                state_emoji(JobState::Cancelled),
+                Some(&strings::reply_cancelled(error.or(reason))),
+            ))
         }
-        JobState::Succeeded if !has_output => Some(status_item("✅ done (no output)", None)),
+        JobState::Succeeded if !has_output => Some(status_item(
+            state_emoji(JobState::Succeeded),
+            Some(strings::REPLY_DONE_NO_OUTPUT),
+        )),
         _ => None,
     };
     items.extend(last_line);
     let mut out = String::new();
     if input.show_source {
         let id8: String = input.job_id.chars().take(8).collect();
-        out.push_str(&format!(
-            "**{}** job {}\n\n",
-            input.source.as_str(),
-            inline_code(&id8)
-        ));
+        out.push_str(&strings::reply_source_head(input.source.as_str(), &id8));
     }
     out.push_str(&layout(&items));
     out
@@ -594,10 +608,12 @@ fn reply_items(events: &[Event]) -> Vec<Item> {
                 }
             }
             "permission" => {
-                let text = format!("permission: {}", text.unwrap_or("unknown"));
-                items.push(status_item("🔐", Some(&text)));
+                items.push(status_item("🔐", Some(&strings::reply_permission(text))));
             }
-            "fs_denied" => items.push(status_item("🚫", Some(text.unwrap_or("access denied")))),
+            "fs_denied" => items.push(status_item(
+                "🚫",
+                Some(text.unwrap_or(strings::REPLY_ACCESS_DENIED)),
+            )),
             "error" => {
                 let text = text.unwrap_or("error");
                 let mut item = status_item("❌", Some(text));
@@ -1452,7 +1468,7 @@ mod tests {
                 Some("cancelled"),
                 &[msg(1, 1, "x")]
             ),
-            "x\n\n🛑 cancelled: cancelled by user"
+            "x\n\n🛑 cancelled"
         );
         assert_eq!(
             reply_with(JobState::Cancelled, None, Some("cancelled"), &[]),
