@@ -48,18 +48,28 @@ use crate::store::Store;
 use crate::warm::WarmSessionManager;
 use crate::worker::PoolHandle;
 
-/// Log filter directives for what matrix-sdk reports at warn/error level although nothing is
-/// wrong for gorp, to be added to the process's default filter (an explicit `GORP_LOG` still
-/// decides):
-/// - `matrix_sdk_crypto::backups`: "Trying to backup room keys but no backup key was found",
-///   every time room keys change, because gorp does not enable key backup;
-/// - `matrix_sdk::encryption`: "Couldn't setup and resume recovery" / "Couldn't update the
-///   recovery state" on every start when the account has no secret storage (no
-///   `[matrix] recovery_key`); gorp logs the outcome of its own recovery in [`run`].
+/// Log filter directives that quiet what matrix-sdk reports as a warning or an error although
+/// nothing is wrong for gorp. [`log_filter`] adds them to a default filter; an explicit
+/// `GORP_LOG` still decides.
+/// - `matrix_sdk_crypto::backups` warns "Trying to backup room keys but no backup key was
+///   found" whenever room keys change, because gorp does not enable key backup.
+/// - `matrix_sdk::http_client` logs every failed request as an error, among them the 404s for
+///   the secret-storage key account data on every start of an account without secret storage
+///   (which matrix-sdk then reads as "none"). Every request whose failure matters is returned
+///   to its caller and logged there: gorp's own (sync, sends, login) and matrix-sdk's
+///   end-to-end encryption requests (`matrix_sdk::client`, `matrix_sdk::encryption`).
 pub const LOG_DIRECTIVES: &[&str] = &[
     "matrix_sdk_crypto::backups=error",
-    "matrix_sdk::encryption=off",
+    "matrix_sdk::http_client=off",
 ];
+
+/// `base` (e.g. `info,sqlx=warn`) followed by [`LOG_DIRECTIVES`].
+pub fn log_filter(base: &str) -> String {
+    std::iter::once(base)
+        .chain(LOG_DIRECTIVES.iter().copied())
+        .collect::<Vec<_>>()
+        .join(",")
+}
 
 /// The long-poll timeout of each `/sync`.
 pub const LONG_POLL: Duration = Duration::from_secs(30);
@@ -456,6 +466,63 @@ async fn sync_forever(
                 }
                 backoff = (backoff * 2).min(max_wait);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The expected matrix-sdk noise is dropped; gorp's lines and matrix-sdk's real failures
+    /// are kept.
+    #[test]
+    fn the_log_filter_quiets_expected_matrix_sdk_noise() {
+        assert_eq!(
+            log_filter("info,sqlx=warn"),
+            "info,sqlx=warn,matrix_sdk_crypto::backups=error,matrix_sdk::http_client=off"
+        );
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(log_filter(
+                "info,sqlx=warn",
+            )))
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(target: "matrix_sdk_crypto::backups", "Trying to backup room keys but no backup key was found");
+            tracing::error!(target: "matrix_sdk::http_client", "Error while sending request: 404 Account data not found");
+            tracing::error!(target: "matrix_sdk::client", "Error while sending outgoing E2EE requests");
+            tracing::error!(target: "matrix_sdk_crypto::backups", "a real backup failure");
+            tracing::info!(target: "gorp::matrix::bot", "refused a message");
+        });
+        let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert!(!log.contains("no backup key"), "{log}");
+        assert!(!log.contains("Account data not found"), "{log}");
+        for kept in [
+            "outgoing E2EE",
+            "a real backup failure",
+            "refused a message",
+        ] {
+            assert!(log.contains(kept), "{kept}: {log}");
         }
     }
 }
