@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gorp::acp::client::{AgentProcess, AgentSpec, PermissionPolicy, Timeouts};
-use gorp::acp::AcpExecutor;
+use gorp::agent::pool::WarmSessionManager;
+use gorp::agent::AcpExecutor;
 use gorp::config::Config;
 use gorp::store::{now_ms, JobState, NewChannel, NewEvent, NewJob, Source, Store};
-use gorp::warm::WarmSessionManager;
 use gorp::worker::WorkerPool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection};

@@ -279,7 +279,7 @@ async fn run() {
     let gorp = tokio::spawn(gorp::app::run(
         config,
         store.clone(),
-        gorp::app::instance_id(),
+        gorp::instance::InstanceId::new(),
         stop.clone(),
     ));
     loop {

@@ -6,55 +6,26 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::acp::AcpExecutor;
+use crate::agent::pool::WarmSessionManager;
+use crate::agent::AcpExecutor;
+use crate::background;
 use crate::cleaner::Cleaner;
 use crate::config::Config;
 use crate::http::HttpState;
+use crate::instance::InstanceId;
 use crate::rescuer::Rescuer;
 use crate::store::Store;
-use crate::warm::WarmSessionManager;
 use crate::worker::{PoolConfig, WorkerPool};
-
-/// A unique id for this process start, used as the lease owner of its jobs:
-/// `host:pid:random`.
-pub fn instance_id() -> String {
-    let host = hostname();
-    let rand = uuid::Uuid::new_v4().simple().to_string();
-    format!("{host}:{}:{}", std::process::id(), &rand[..8])
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
-}
-
-/// True when `instance` (an [`instance_id`]) names a process on this host that no longer
-/// exists, so its leases can be taken over without waiting for them to expire.
-pub fn instance_is_dead(instance: &str) -> bool {
-    let mut parts = instance.split(':');
-    let (Some(host), Some(pid)) = (parts.next(), parts.next()) else {
-        return false;
-    };
-    let Ok(pid) = pid.parse::<i32>() else {
-        return false;
-    };
-    if host != hostname() || pid <= 0 || pid as u32 == std::process::id() {
-        return false;
-    }
-    // SAFETY: signal 0 only checks that the process exists; nothing is sent.
-    let r = unsafe { libc::kill(pid, 0) };
-    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
-}
 
 /// Runs gorp (ACP executor on warm sessions) until `shutdown` fires; returns after the pool
 /// has drained and the agents are stopped.
 pub async fn run(
     config: Config,
     store: Store,
-    instance_id: String,
+    instance: InstanceId,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let instance_id = instance.to_string();
     let config = Arc::new(config);
     let addr = format!("{}:{}", config.webhook.bind, config.webhook.port);
     let listener = tokio::net::TcpListener::bind(&addr)
@@ -77,9 +48,9 @@ pub async fn run(
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(crate::http::serve(listener, http_state, http_stop.clone()));
     let keeper_stop = CancellationToken::new();
-    let keeper = tokio::spawn(warm.clone().run(keeper_stop.clone()));
+    let keeper = tokio::spawn(background::run(warm.clone(), keeper_stop.clone()));
     let scheduler = crate::scheduler::Scheduler::new(store.clone(), config.clone());
-    let scheduler = tokio::spawn(scheduler.run(keeper_stop.clone()));
+    let scheduler = tokio::spawn(background::run(scheduler, keeper_stop.clone()));
     // Matrix is optional: gorp without it (or with the homeserver down) keeps working.
     let matrix = config.matrix.is_some().then(|| {
         let services = crate::matrix::Services {
@@ -135,8 +106,8 @@ pub async fn run_pool(
         Duration::from_secs(u64::from(config.database.retention_days) * 86_400),
         Duration::from_secs(w.clean_interval_secs),
     );
-    let r = tokio::spawn(rescuer.run(services.clone()));
-    let c = tokio::spawn(cleaner.run(services.clone()));
+    let r = tokio::spawn(background::run(rescuer, services.clone()));
+    let c = tokio::spawn(background::run(cleaner, services.clone()));
     tracing::info!(instance = %pool.handle().owner(), db = %config.database.path.display(), "gorp started");
     pool.run(shutdown).await;
     services.cancel();

@@ -3,9 +3,8 @@
 
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
-
-use crate::store::{now_ms, Millis, Store, StoreError};
+use crate::background::Service;
+use crate::store::{Millis, Store, StoreError};
 
 /// Rows deleted per statement.
 pub const BATCH: i64 = 1000;
@@ -42,20 +41,21 @@ impl Cleaner {
             tokio::task::yield_now().await;
         }
     }
+}
 
-    pub async fn run(self, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(self.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            match self.run_once(now_ms()).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(deleted = n, "retention cleaner removed finished jobs"),
-                Err(e) => tracing::warn!(error = %e, "retention cleaner failed"),
-            }
-        }
+impl Service for Cleaner {
+    type Report = u64;
+    const NAME: &'static str = "cleaner";
+
+    fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    async fn run_once(&self, now: Millis) -> Result<u64, StoreError> {
+        Cleaner::run_once(self, now).await
+    }
+
+    fn counts(deleted: &u64) -> Vec<(&'static str, u64)> {
+        vec![("deleted", *deleted)]
     }
 }

@@ -309,7 +309,7 @@ async fn dispatch(cli: &Cli) -> CmdResult {
 
 async fn start(config: Config) -> CmdResult {
     let store = Store::open(&config.database).await?;
-    let instance = crate::app::instance_id();
+    let instance = crate::instance::InstanceId::new();
     let shutdown = crate::app::shutdown_on_signals();
     crate::app::run(config, store.clone(), instance, shutdown).await?;
     store.close().await;

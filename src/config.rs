@@ -18,7 +18,7 @@ pub const CONFIG_PATH_ENV: &str = "GORP_CONFIG_PATH";
 pub const ENV_PREFIX: &str = "GORP_";
 
 /// `GORP_*` variables that are not config keys.
-const NON_CONFIG_VARS: &[&str] = &[CONFIG_PATH_ENV, "GORP_LOG"];
+const NON_CONFIG_VARS: &[&str] = &[CONFIG_PATH_ENV, "GORP_LOG", "GORP_LOG_FORMAT"];
 
 /// Config sections, in the order `gorp config check` prints them.
 const SECTIONS: &[&str] = &[

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{now_ms, Job, NewEvent, Store};
+use crate::store::{now_ms, EventKind, Job, NewEvent, Store};
 
 /// How a job attempt ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,11 +65,16 @@ impl JobContext {
     }
 
     /// Appends an event to the job's log (committed before the job's outcome).
-    pub async fn emit(&self, kind: &str, text: Option<String>, data: Option<serde_json::Value>) {
+    pub async fn emit(
+        &self,
+        kind: EventKind,
+        text: Option<String>,
+        data: Option<serde_json::Value>,
+    ) {
         let ev = NewEvent {
             job_id: self.job.id.clone(),
             attempt: self.job.attempt,
-            kind: kind.to_string(),
+            kind: kind.as_str().to_string(),
             text,
             data,
             at: now_ms(),

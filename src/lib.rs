@@ -22,19 +22,22 @@
 #![recursion_limit = "256"]
 
 pub mod acp;
+pub mod agent;
 pub mod app;
 pub mod auth;
+pub mod background;
 pub mod cleaner;
 pub mod cli;
 pub mod config;
 pub mod executor;
 pub mod http;
+pub mod instance;
 pub mod kinds;
+pub mod logging;
 pub mod matrix;
 pub mod metrics;
 pub mod rescuer;
 pub mod scheduler;
 pub mod service;
 pub mod store;
-pub mod warm;
 pub mod worker;

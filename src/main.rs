@@ -12,12 +12,10 @@ fn main() {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_env("GORP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    if let Err(e) = gorp::logging::init() {
+        eprintln!("gorp: {e}");
+        std::process::exit(gorp::cli::EXIT_USAGE);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -5,9 +5,8 @@
 
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
-
-use crate::store::{now_ms, Millis, Rescued, Store, StoreError};
+use crate::background::Service;
+use crate::store::{Millis, Rescued, Store, StoreError};
 
 /// How often the rescuer looks for expired leases, unless configured.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
@@ -31,31 +30,32 @@ impl Rescuer {
     /// once instead of after their lease runs out.
     pub async fn run_once(&self, now: Millis) -> Result<Vec<Rescued>, StoreError> {
         for owner in self.store.job_lease_owners().await? {
-            if crate::app::instance_is_dead(&owner) {
+            if crate::instance::holder_is_dead(&owner) {
                 tracing::warn!(owner = %owner, "lease owner died; rescuing its jobs now");
                 self.store.job_expire_owner(&owner, now).await?;
             }
         }
-        self.store.job_rescue_expired(now, self.max_rescues).await
+        let rescued = self.store.job_rescue_expired(now, self.max_rescues).await?;
+        for j in &rescued {
+            tracing::warn!(job = %j.job_id, attempt = j.attempt, state = %j.state, "rescued job with expired lease");
+        }
+        Ok(rescued)
+    }
+}
+
+impl Service for Rescuer {
+    type Report = Vec<Rescued>;
+    const NAME: &'static str = "rescuer";
+
+    fn interval(&self) -> Duration {
+        self.interval
     }
 
-    pub async fn run(self, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(self.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            match self.run_once(now_ms()).await {
-                Ok(r) if !r.is_empty() => {
-                    for j in &r {
-                        tracing::warn!(job = %j.job_id, attempt = j.attempt, state = %j.state, "rescued job with expired lease");
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "rescuer pass failed"),
-            }
-        }
+    async fn run_once(&self, now: Millis) -> Result<Vec<Rescued>, StoreError> {
+        Rescuer::run_once(self, now).await
+    }
+
+    fn counts(report: &Vec<Rescued>) -> Vec<(&'static str, u64)> {
+        vec![("rescued", report.len() as u64)]
     }
 }

@@ -22,11 +22,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
-
+use crate::background::Service;
 use crate::config::Config;
 use crate::service::schedules::{next_after, parse_cron, parse_tz};
-use crate::store::{now_ms, CatchUp, Firing, Millis, Schedule, Store, StoreError, WarmState};
+use crate::store::{CatchUp, Firing, Millis, Schedule, Store, StoreError, WarmState};
 
 /// How often the scheduler looks for due slots.
 pub const TICK: Duration = Duration::from_secs(1);
@@ -159,27 +158,28 @@ impl Scheduler {
             max_attempts,
         })
     }
+}
 
-    pub async fn run(self, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            match self.run_once(now_ms()).await {
-                Ok(r) if r.fired + r.prewarmed + r.lost > 0 => tracing::info!(
-                    fired = r.fired,
-                    jobs = r.jobs,
-                    skipped = r.skipped,
-                    lost = r.lost,
-                    prewarmed = r.prewarmed,
-                    "scheduler"
-                ),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "scheduler pass failed"),
-            }
-        }
+impl Service for Scheduler {
+    type Report = TickReport;
+    const NAME: &'static str = "scheduler";
+
+    fn interval(&self) -> Duration {
+        TICK
+    }
+
+    async fn run_once(&self, now: Millis) -> Result<TickReport, StoreError> {
+        Scheduler::run_once(self, now).await
+    }
+
+    fn counts(r: &TickReport) -> Vec<(&'static str, u64)> {
+        let n = |v: usize| v as u64;
+        vec![
+            ("fired", n(r.fired)),
+            ("jobs", n(r.jobs)),
+            ("skipped", n(r.skipped)),
+            ("lost", n(r.lost)),
+            ("prewarmed", n(r.prewarmed)),
+        ]
     }
 }

@@ -20,7 +20,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::WorkerConfig;
 use crate::executor::{Executor, JobContext, Outcome, StopCause};
-use crate::store::{now_ms, Job, JobState, Lease, Millis, NewEvent, Store};
+use tracing::Instrument;
+
+use crate::store::{now_ms, EventKind, Job, JobState, Lease, Millis, NewEvent, Store};
 
 /// How long stopped jobs get to wind down after the grace period before the pool gives up.
 const STOP_WAIT: Duration = Duration::from_secs(10);
@@ -268,7 +270,15 @@ async fn run_jobs(
     let mut next = Some(ctx);
     while let Some(ctx) = next.take() {
         let claim_next = !shutdown.is_cancelled();
-        if let Some(job) = run_job(&ctx, &store, &executor, &cfg, &running, claim_next).await {
+        let span = tracing::info_span!(
+            "job",
+            job = %ctx.job.id,
+            attempt = ctx.job.attempt,
+            channel = %ctx.job.channel,
+            source = %ctx.job.source,
+        );
+        let run = run_job(&ctx, &store, &executor, &cfg, &running, claim_next);
+        if let Some(job) = run.instrument(span).await {
             let ctx = JobContext::new(job, store.clone());
             running
                 .lock()
@@ -303,7 +313,7 @@ async fn run_job(
         ),
     };
     ctx.emit(
-        "started",
+        EventKind::Started,
         Some(format!("started by {}{}", lease.owner, rerun)),
         Some(serde_json::json!({ "owner": lease.owner, "attempt": job.attempt })),
     )
@@ -311,7 +321,7 @@ async fn run_job(
 
     // The executor runs in its own task so a panic fails the attempt instead of the worker.
     let exec_ctx = ctx.clone();
-    let outcome = match tokio::spawn(executor.run(exec_ctx)).await {
+    let outcome = match tokio::spawn(executor.run(exec_ctx).in_current_span()).await {
         Ok(o) => o,
         Err(e) => Outcome::Failed {
             error: format!("executor panicked: {e}"),
@@ -378,7 +388,7 @@ async fn finish(
             let failures = job.counted_attempts();
             let delay = retry_delay(cfg.retry_base, cfg.retry_max, failures, &mut rand::rng());
             let retry_at = retryable.then(|| now + delay.as_millis() as i64);
-            ctx.emit("error", Some(error.clone()), None).await;
+            ctx.emit(EventKind::Error, Some(error.clone()), None).await;
             match store.job_fail_if_running(lease, error, retry_at, now).await {
                 Ok(Some(JobState::Queued)) => {
                     let at = retry_at.unwrap_or(now);

@@ -92,6 +92,20 @@ use tokio::task::JoinHandle;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use tokio_util::sync::CancellationToken;
 
+mod fs;
+mod permission;
+mod process;
+mod updates;
+
+pub use fs::confine;
+#[cfg(test)]
+use fs::select_lines;
+#[cfg(test)]
+use process::stat_is_live_member;
+use process::{describe_exit, group_alive};
+use updates::{enum_str, RawSessionUpdate};
+pub use updates::{raw_update_event, update_event, AgentEvent};
+
 /// How to start an agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentSpec {
@@ -141,27 +155,7 @@ const GROUP_POLL: Duration = Duration::from_millis(20);
 pub const STDERR_TAIL_LINES: usize = 100;
 const STDERR_LINE_MAX: usize = 4096;
 
-pub use crate::kinds::PermissionPolicy;
-
-/// Everything the agent sends during a prompt, in order. `kind` is a short
-/// stable string (see the module docs for the list); `text` is the human text
-/// if any; `data` is JSON detail.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AgentEvent {
-    pub kind: String,
-    pub text: Option<String>,
-    pub data: Value,
-}
-
-impl AgentEvent {
-    fn new(kind: &str, text: Option<String>, data: Value) -> Self {
-        Self {
-            kind: kind.to_string(),
-            text,
-            data,
-        }
-    }
-}
+pub use crate::kinds::{EventKind, PermissionPolicy};
 
 /// Errors of [`AgentProcess`].
 #[derive(Debug, thiserror::Error)]
@@ -327,7 +321,11 @@ impl Shared {
         };
         for tx in prompts {
             let _ = tx
-                .send(AgentEvent::new("stderr", Some(line.clone()), json!({})))
+                .send(AgentEvent::new(
+                    EventKind::Stderr.as_str(),
+                    Some(line.clone()),
+                    json!({}),
+                ))
                 .await;
         }
     }
@@ -367,413 +365,6 @@ impl Shared {
         };
         let session = note.session_id.0.to_string();
         self.route(&session, || update_event(&note.update)).await;
-    }
-
-    async fn decide_permission(&self, req: &RequestPermissionRequest) -> RequestPermissionResponse {
-        let preferred: &[PermissionOptionKind] = match self.policy {
-            PermissionPolicy::Allow => &[
-                PermissionOptionKind::AllowOnce,
-                PermissionOptionKind::AllowAlways,
-            ],
-            PermissionPolicy::Deny => &[
-                PermissionOptionKind::RejectOnce,
-                PermissionOptionKind::RejectAlways,
-            ],
-        };
-        let chosen = preferred
-            .iter()
-            .find_map(|kind| req.options.iter().find(|o| o.kind == *kind));
-        let options: Vec<Value> = req
-            .options
-            .iter()
-            .map(|o| json!({ "id": o.option_id.to_string(), "name": o.name, "kind": enum_str(&o.kind) }))
-            .collect();
-        let policy = match self.policy {
-            PermissionPolicy::Allow => "allow",
-            PermissionPolicy::Deny => "deny",
-        };
-        let tool_call = serde_json::to_value(&req.tool_call).unwrap_or(Value::Null);
-        let (event, response) = match chosen {
-            Some(option) => (
-                AgentEvent::new(
-                    "permission",
-                    Some(option.option_id.to_string()),
-                    json!({
-                        "policy": policy,
-                        "outcome": "selected",
-                        "optionId": option.option_id.to_string(),
-                        "optionKind": enum_str(&option.kind),
-                        "options": options,
-                        "toolCall": tool_call,
-                    }),
-                ),
-                RequestPermissionResponse::new(RequestPermissionOutcome::Selected(
-                    SelectedPermissionOutcome::new(option.option_id.clone()),
-                )),
-            ),
-            None => (
-                AgentEvent::new(
-                    "permission",
-                    Some("cancelled".to_string()),
-                    json!({
-                        "policy": policy,
-                        "outcome": "cancelled",
-                        "optionId": null,
-                        "optionKind": null,
-                        "options": options,
-                        "toolCall": tool_call,
-                    }),
-                ),
-                RequestPermissionResponse::new(RequestPermissionOutcome::Cancelled),
-            ),
-        };
-        self.emit(&req.session_id.0, event).await;
-        response
-    }
-
-    async fn deny(
-        &self,
-        session: &str,
-        op: &str,
-        path: &Path,
-        reason: String,
-    ) -> agent_client_protocol::Error {
-        self.emit(
-            session,
-            AgentEvent::new(
-                "fs_denied",
-                Some(reason.clone()),
-                json!({ "op": op, "path": path.display().to_string(), "reason": reason }),
-            ),
-        )
-        .await;
-        agent_client_protocol::Error::new(
-            ErrorCode::INVALID_PARAMS,
-            format!("access denied: {reason}"),
-        )
-    }
-
-    async fn fs_failed(
-        &self,
-        session: &str,
-        op: &str,
-        path: &Path,
-        resolved: &Path,
-        err: std::io::Error,
-    ) -> agent_client_protocol::Error {
-        let code = if err.kind() == std::io::ErrorKind::NotFound {
-            ErrorCode::RESOURCE_NOT_FOUND
-        } else {
-            ErrorCode::INTERNAL_ERROR
-        };
-        let message = format!("{op} {}: {err}", path.display());
-        self.emit(
-            session,
-            AgentEvent::new(
-                "fs_error",
-                Some(message.clone()),
-                json!({
-                    "op": op,
-                    "path": path.display().to_string(),
-                    "resolved": resolved.display().to_string(),
-                    "error": err.to_string(),
-                }),
-            ),
-        )
-        .await;
-        agent_client_protocol::Error::new(code, message)
-    }
-
-    async fn fs_read(
-        &self,
-        req: &ReadTextFileRequest,
-    ) -> Result<ReadTextFileResponse, agent_client_protocol::Error> {
-        let session = req.session_id.0.to_string();
-        let resolved = match confine(&self.fs_root, &req.path) {
-            Ok(r) => r,
-            Err(reason) => return Err(self.deny(&session, "read", &req.path, reason).await),
-        };
-        let content = match tokio::fs::read_to_string(&resolved).await {
-            Ok(c) => c,
-            Err(e) => {
-                return Err(self
-                    .fs_failed(&session, "read", &req.path, &resolved, e)
-                    .await)
-            }
-        };
-        let content = select_lines(&content, req.line, req.limit);
-        self.emit(
-            &session,
-            AgentEvent::new(
-                "fs_read",
-                Some(req.path.display().to_string()),
-                json!({
-                    "path": req.path.display().to_string(),
-                    "resolved": resolved.display().to_string(),
-                    "bytes": content.len(),
-                    "line": req.line,
-                    "limit": req.limit,
-                }),
-            ),
-        )
-        .await;
-        Ok(ReadTextFileResponse::new(content))
-    }
-
-    async fn fs_write(
-        &self,
-        req: &WriteTextFileRequest,
-    ) -> Result<WriteTextFileResponse, agent_client_protocol::Error> {
-        let session = req.session_id.0.to_string();
-        let resolved = match confine(&self.fs_root, &req.path) {
-            Ok(r) => r,
-            Err(reason) => return Err(self.deny(&session, "write", &req.path, reason).await),
-        };
-        let result = async {
-            if let Some(parent) = resolved.parent() {
-                tokio::fs::create_dir_all(parent).await?;
-            }
-            tokio::fs::write(&resolved, req.content.as_bytes()).await
-        }
-        .await;
-        if let Err(e) = result {
-            return Err(self
-                .fs_failed(&session, "write", &req.path, &resolved, e)
-                .await);
-        }
-        self.emit(
-            &session,
-            AgentEvent::new(
-                "fs_write",
-                Some(req.path.display().to_string()),
-                json!({
-                    "path": req.path.display().to_string(),
-                    "resolved": resolved.display().to_string(),
-                    "bytes": req.content.len(),
-                }),
-            ),
-        )
-        .await;
-        Ok(WriteTextFileResponse::new())
-    }
-}
-
-/// Serialises a unit enum to its wire string (`"allow_once"`).
-fn enum_str<T: serde::Serialize>(value: &T) -> Value {
-    serde_json::to_value(value).unwrap_or(Value::Null)
-}
-
-fn block_text(block: &ContentBlock) -> Option<String> {
-    match block {
-        ContentBlock::Text(t) => Some(t.text.clone()),
-        ContentBlock::ResourceLink(l) => Some(l.uri.clone()),
-        _ => None,
-    }
-}
-
-/// `session/update` with its params kept as JSON. The SDK's typed
-/// `SessionNotification` handler drops a notification whose params fail to
-/// deserialise (with only a trace-level log); this type always parses, and
-/// [`Shared::on_update`] does the typed parse itself.
-#[derive(Debug, Clone)]
-struct RawSessionUpdate(Value);
-
-const SESSION_UPDATE: &str = "session/update";
-
-impl JsonRpcMessage for RawSessionUpdate {
-    fn matches_method(method: &str) -> bool {
-        method == SESSION_UPDATE
-    }
-
-    fn method(&self) -> &str {
-        SESSION_UPDATE
-    }
-
-    fn to_untyped_message(&self) -> Result<UntypedMessage, agent_client_protocol::Error> {
-        UntypedMessage::new(SESSION_UPDATE, &self.0)
-    }
-
-    fn parse_message(method: &str, params: &Value) -> Result<Self, agent_client_protocol::Error> {
-        if method != SESSION_UPDATE {
-            return Err(agent_client_protocol::Error::method_not_found());
-        }
-        Ok(Self(params.clone()))
-    }
-}
-
-impl JsonRpcNotification for RawSessionUpdate {}
-
-/// The event kind for a `sessionUpdate` wire tag (the tag itself when unknown).
-fn kind_for_tag(tag: &str) -> &str {
-    match tag {
-        "agent_message_chunk" => "message",
-        "agent_thought_chunk" => "thought",
-        "user_message_chunk" => "user_message",
-        "available_commands_update" => "commands",
-        "current_mode_update" => "mode",
-        "usage_update" => "usage",
-        "config_option_update" => "config",
-        "session_info_update" => "session_info",
-        other => other,
-    }
-}
-
-/// Maps the raw JSON of an update that failed schema parsing to an
-/// [`AgentEvent`]: kind from the `sessionUpdate` tag, text from
-/// `content.text` or `title` when present, data = the update plus
-/// `parseError`.
-pub fn raw_update_event(update: &Value, error: &str) -> AgentEvent {
-    let tag = update
-        .get("sessionUpdate")
-        .and_then(Value::as_str)
-        .unwrap_or("other");
-    let text = update
-        .pointer("/content/text")
-        .or_else(|| update.get("title"))
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    let mut data = update.clone();
-    if let Value::Object(map) = &mut data {
-        map.insert("parseError".into(), error.into());
-    } else {
-        data = json!({ "update": update, "parseError": error });
-    }
-    AgentEvent::new(kind_for_tag(tag), text, data)
-}
-
-/// Maps one `session/update` to an [`AgentEvent`].
-pub fn update_event(update: &SessionUpdate) -> AgentEvent {
-    let mut data = serde_json::to_value(update).unwrap_or(Value::Null);
-    let (kind, text): (String, Option<String>) = match update {
-        SessionUpdate::AgentMessageChunk(c) => ("message".into(), block_text(&c.content)),
-        SessionUpdate::AgentThoughtChunk(c) => ("thought".into(), block_text(&c.content)),
-        SessionUpdate::UserMessageChunk(c) => ("user_message".into(), block_text(&c.content)),
-        SessionUpdate::ToolCall(tc) => {
-            if let Value::Object(map) = &mut data {
-                map.insert("id".into(), tc.tool_call_id.to_string().into());
-                map.insert("title".into(), tc.title.clone().into());
-                map.insert("kind".into(), enum_str(&tc.kind));
-                map.insert("status".into(), enum_str(&tc.status));
-            }
-            ("tool_call".into(), Some(tc.title.clone()))
-        }
-        SessionUpdate::ToolCallUpdate(u) => {
-            if let Value::Object(map) = &mut data {
-                map.insert("id".into(), u.tool_call_id.to_string().into());
-                if let Some(title) = &u.fields.title {
-                    map.insert("title".into(), title.clone().into());
-                }
-                if let Some(kind) = &u.fields.kind {
-                    map.insert("kind".into(), enum_str(kind));
-                }
-                if let Some(status) = &u.fields.status {
-                    map.insert("status".into(), enum_str(status));
-                }
-            }
-            ("tool_call_update".into(), u.fields.title.clone())
-        }
-        SessionUpdate::Plan(p) => (
-            "plan".into(),
-            Some(
-                p.entries
-                    .iter()
-                    .map(|e| e.content.as_str())
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            ),
-        ),
-        SessionUpdate::AvailableCommandsUpdate(c) => (
-            "commands".into(),
-            Some(
-                c.available_commands
-                    .iter()
-                    .map(|c| c.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(" "),
-            ),
-        ),
-        SessionUpdate::CurrentModeUpdate(m) => ("mode".into(), Some(m.current_mode_id.to_string())),
-        SessionUpdate::UsageUpdate(_) => ("usage".into(), None),
-        SessionUpdate::ConfigOptionUpdate(_) => ("config".into(), None),
-        SessionUpdate::SessionInfoUpdate(_) => ("session_info".into(), None),
-        _ => (
-            data.get("sessionUpdate")
-                .and_then(Value::as_str)
-                .unwrap_or("other")
-                .to_string(),
-            None,
-        ),
-    };
-    AgentEvent { kind, text, data }
-}
-
-/// Applies the 1-based `line` start and `limit` line count of a read request.
-fn select_lines(content: &str, line: Option<u32>, limit: Option<u32>) -> String {
-    if line.is_none() && limit.is_none() {
-        return content.to_string();
-    }
-    let skip = line.map(|l| l.saturating_sub(1) as usize).unwrap_or(0);
-    let take = limit.map(|l| l as usize).unwrap_or(usize::MAX);
-    content
-        .split_inclusive('\n')
-        .skip(skip)
-        .take(take)
-        .collect()
-}
-
-/// Resolves `requested` inside the canonical directory `root`, or says why
-/// not. See the module docs for the rules.
-pub fn confine(root: &Path, requested: &Path) -> Result<PathBuf, String> {
-    if requested
-        .components()
-        .any(|c| matches!(c, Component::ParentDir))
-    {
-        return Err(format!("{} contains '..'", requested.display()));
-    }
-    let joined = if requested.is_absolute() {
-        requested.to_path_buf()
-    } else {
-        root.join(requested)
-    };
-    // Split into the deepest existing ancestor and the missing tail.
-    let mut existing = joined.as_path();
-    let mut missing: Vec<std::ffi::OsString> = Vec::new();
-    while std::fs::symlink_metadata(existing).is_err() {
-        match (existing.parent(), existing.file_name()) {
-            (Some(parent), Some(name)) => {
-                missing.push(name.to_os_string());
-                existing = parent;
-            }
-            _ => return Err(format!("{} has no existing ancestor", joined.display())),
-        }
-    }
-    let canonical = existing
-        .canonicalize()
-        .map_err(|e| format!("cannot resolve {}: {e}", existing.display()))?;
-    if !canonical.starts_with(root) {
-        return Err(format!(
-            "{} resolves to {}, outside {}",
-            requested.display(),
-            canonical.display(),
-            root.display()
-        ));
-    }
-    let mut resolved = canonical;
-    for name in missing.iter().rev() {
-        resolved.push(name);
-    }
-    Ok(resolved)
-}
-
-fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match status {
-        Ok(s) => match (s.code(), s.signal()) {
-            (Some(code), _) => format!("exit code {code}"),
-            (None, Some(sig)) => format!("killed by signal {sig}"),
-            _ => format!("{s}"),
-        },
-        Err(e) => format!("unknown exit status: {e}"),
     }
 }
 
@@ -1181,7 +772,7 @@ impl AgentProcess {
                 if let Some(usage) = &resp.usage {
                     let _ = events
                         .send(AgentEvent::new(
-                            "turn_usage",
+                            EventKind::TurnUsage.as_str(),
                             None,
                             serde_json::to_value(usage).unwrap_or(Value::Null),
                         ))
@@ -1415,43 +1006,6 @@ impl Drop for AgentProcess {
             }
         }
     }
-}
-
-/// Whether process group `group` still has a member that is not a zombie.
-/// Zombies count as gone: an orphaned member is reparented to init (or to
-/// a subreaper, possibly this process) and may stay unreaped.
-fn group_alive(group: i32) -> bool {
-    // SAFETY: signal 0 only checks that the group exists.
-    if unsafe { libc::killpg(group, 0) } != 0 {
-        return std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
-    }
-    match std::fs::read_dir("/proc") {
-        Ok(entries) => entries
-            .flatten()
-            .any(|entry| live_member_of(&entry.path().join("stat"), group)),
-        Err(_) => true,
-    }
-}
-
-/// Whether the `/proc/<pid>/stat` file at `stat` names a live (not zombie or
-/// dead) process in process group `group`.
-fn live_member_of(stat: &Path, group: i32) -> bool {
-    let Ok(text) = std::fs::read_to_string(stat) else {
-        return false;
-    };
-    stat_is_live_member(&text, group)
-}
-
-/// Parses the fields after the `comm` field of a `/proc/<pid>/stat` line:
-/// `state ppid pgrp ...`.
-fn stat_is_live_member(stat: &str, group: i32) -> bool {
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-        return false;
-    };
-    let mut fields = rest.split_whitespace();
-    let state = fields.next().unwrap_or("Z");
-    let pgrp = fields.nth(1).and_then(|f| f.parse::<i32>().ok());
-    pgrp == Some(group) && !matches!(state, "Z" | "X" | "x")
 }
 
 fn is_transport_end(e: &agent_client_protocol::Error) -> bool {

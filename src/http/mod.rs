@@ -28,9 +28,9 @@ use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
+use crate::agent::pool::WarmSessionManager;
 use crate::config::Config;
 use crate::store::Store;
-use crate::warm::WarmSessionManager;
 use crate::worker::PoolHandle;
 
 /// What handlers share.

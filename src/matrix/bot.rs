@@ -1,35 +1,34 @@
-//! The bot's event handlers and the command dispatcher.
+//! The bot's event handlers and the dispatch of commands to [`commands`].
 //!
 //! Handlers run inside the sync loop, so they only validate, write rows and hand off: a message
 //! becomes a committed job (the reply pump reacts 👀 once it sees the row), a command runs in its
 //! own task. Only `allowed_users` are served; their invites are joined, everyone else's are
-//! rejected, and verification requests are cancelled, never accepted.
+//! rejected (and logged), and verification requests are cancelled, never accepted.
+//!
+//! Each handler runs in a span with the room and the event (and the job, once one is enqueued
+//! or found); a command's task carries that span along.
 
 use std::sync::Arc;
 
 use anyhow::Context;
-use matrix_sdk::ruma::api::client::room::create_room::v3::{Request as CreateRoom, RoomPreset};
 use matrix_sdk::ruma::events::key::verification::request::ToDeviceKeyVerificationRequestEvent;
 use matrix_sdk::ruma::events::reaction::OriginalSyncReactionEvent;
 use matrix_sdk::ruma::events::room::encrypted::OriginalSyncRoomEncryptedEvent;
-use matrix_sdk::ruma::events::room::encryption::RoomEncryptionEventContent;
 use matrix_sdk::ruma::events::room::member::{
     MembershipState, OriginalSyncRoomMemberEvent, StrippedRoomMemberEvent,
 };
 use matrix_sdk::ruma::events::room::message::{
     MessageType, OriginalSyncRoomMessageEvent, Relation, RoomMessageEventContent,
 };
-use matrix_sdk::ruma::events::InitialStateEvent;
-use matrix_sdk::ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
+use matrix_sdk::ruma::{OwnedRoomId, OwnedUserId, UserId};
 use matrix_sdk::{Client, Room, RoomState};
+use tracing::Instrument;
 
-use super::command::{self, Command, ScheduleCommand};
+use super::command::{self, Command};
+use super::failure::{self, Failure};
 use super::render::markdown_to_html;
-use super::Services;
-use crate::store::{
-    format_ms, now_ms, CancelOutcome, Channel, JobFilter, JobState, MatrixTarget, NewChannel,
-    NewJob, Source, StoreError,
-};
+use super::{commands, strings, Services};
+use crate::store::{CancelOutcome, MatrixTarget, NewJob, Source, StoreError};
 
 /// The bot: a logged-in client and gorp's services.
 #[derive(Clone)]
@@ -99,7 +98,7 @@ impl Bot {
                     return;
                 };
                 let key = (room.room_id().to_owned(), user);
-                let welcome = bot.inner.welcomes.lock().expect("welcomes").remove(&key);
+                let welcome = bot.take_welcome(&key);
                 tracing::debug!(room = %key.0, user = %key.1, pending = welcome.is_some(), "member joined");
                 if let Some(text) = welcome {
                     tokio::spawn(async move { bot.say(&room, &text).await });
@@ -144,6 +143,7 @@ impl Bot {
         }
     }
 
+    #[tracing::instrument(name = "matrix_invite", skip_all, fields(room = %room.room_id(), from = %ev.sender))]
     async fn on_invite(&self, ev: StrippedRoomMemberEvent, room: Room) {
         if ev.state_key != self.inner.me
             || ev.content.membership != MembershipState::Invite
@@ -153,7 +153,10 @@ impl Bot {
         }
         let bot = self.clone();
         // Joining waits for the homeserver; the sync loop must not.
-        tokio::spawn(async move { bot.answer_invite(&ev.sender, room).await });
+        tokio::spawn(
+            async move { bot.answer_invite(&ev.sender, room).await }
+                .instrument(tracing::Span::current()),
+        );
     }
 
     async fn answer_invite(&self, inviter: &UserId, room: Room) {
@@ -180,12 +183,14 @@ impl Bot {
         }
     }
 
+    #[tracing::instrument(name = "matrix_message", skip_all, fields(room = %room.room_id(), event = %ev.event_id, job = tracing::field::Empty))]
     async fn on_message(&self, ev: OriginalSyncRoomMessageEvent, room: Room) {
         if ev.sender == self.inner.me || room.state() != RoomState::Joined {
             return;
         }
         if !self.is_allowed(&ev.sender) {
-            tracing::debug!(room = %room.room_id(), from = %ev.sender, "ignoring a message from a user who is not allowed");
+            // Who and where, never what: the body is a stranger's text.
+            tracing::info!(from = %ev.sender, "refused a message from a user who is not allowed");
             metrics::counter!(crate::metrics::MATRIX_EVENTS, "kind" => "refused").increment(1);
             return;
         }
@@ -202,49 +207,31 @@ impl Bot {
             metrics::counter!(crate::metrics::MATRIX_EVENTS, "kind" => "command").increment(1);
             let bot = self.clone();
             let sender = ev.sender.clone();
-            tokio::spawn(async move {
-                let mut leave = false;
-                let text = match parsed {
-                    Ok(cmd) => {
-                        // Deleting the channel of this very room: answer first, then leave.
-                        if let Command::Delete { name } = &cmd {
-                            leave = bot.room_channel(&room).await.is_ok_and(|c| &c.name == name);
-                        }
-                        bot.dispatch(cmd, &room, &sender).await
-                    }
-                    Err(e) => e.message,
-                };
-                bot.say(&room, &text).await;
-                let store = &bot.inner.services.store;
-                if leave
-                    && matches!(
-                        store.channel_get_by_room(room.room_id().as_str()).await,
-                        Ok(None)
-                    )
-                {
-                    let _ = room.leave().await;
-                }
-            });
+            tokio::spawn(
+                async move { bot.run_command(parsed, room, sender).await }
+                    .instrument(tracing::Span::current()),
+            );
             return;
         }
-        let store = &self.inner.services.store;
-        let channel = match store.channel_get_by_room(room.room_id().as_str()).await {
-            Ok(Some(c)) => c,
-            Ok(None) => {
-                self.say(
-                    &room,
-                    "This room is not a gorp channel. `!create <name>` makes one, `!help` lists the commands.",
-                )
-                .await;
-                return;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the channel of a room");
-                self.say(&room, &format!("❌ cannot read the channel: {e}"))
-                    .await;
-                return;
-            }
+        let text = match self.enqueue(&ev, &room, body).await {
+            Ok(()) => return,
+            Err(failure) => failure.answer(),
         };
+        self.say(&room, &text).await;
+    }
+
+    /// Turns a prompt into a job of the room's channel.
+    async fn enqueue(
+        &self,
+        ev: &OriginalSyncRoomMessageEvent,
+        room: &Room,
+        body: String,
+    ) -> Result<(), Failure> {
+        let store = &self.inner.services.store;
+        let channel = store
+            .channel_get_by_room(room.room_id().as_str())
+            .await?
+            .ok_or_else(|| failure::refuse(strings::NOT_A_CHANNEL))?;
         metrics::counter!(crate::metrics::MATRIX_EVENTS, "kind" => "prompt").increment(1);
         let target = MatrixTarget {
             room_id: room.room_id().to_string(),
@@ -255,19 +242,60 @@ impl Bot {
         // A message delivered twice (a sync replayed after a crash) stays one job.
         job.idempotency_key = Some(ev.event_id.to_string());
         job.reply_target = Some(serde_json::to_string(&target).expect("target serialises"));
-        match store.job_insert(job, now_ms()).await {
+        match crate::service::jobs::enqueue(store, job, std::time::Instant::now()).await {
             Ok(e) => {
-                tracing::info!(job = %e.job_id, channel = %channel.name, created = e.created, "Matrix message enqueued")
+                tracing::Span::current().record("job", e.job_id.as_str());
+                tracing::info!(channel = %channel.name, created = e.created, "Matrix message enqueued");
+                Ok(())
             }
+            Err(StoreError::Invalid(why)) => Err(failure::refuse(strings::not_queued(&why))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Runs a parsed command and answers it. Deleting the channel of this very room answers
+    /// first, then leaves.
+    async fn run_command(
+        &self,
+        parsed: Result<Command, command::CommandError>,
+        room: Room,
+        sender: OwnedUserId,
+    ) {
+        let cmd = match parsed {
+            Ok(cmd) => cmd,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot enqueue a Matrix message");
-                self.say(&room, &format!("❌ not queued: {e}")).await;
+                self.say(&room, &failure::refuse(e.message).answer()).await;
+                return;
             }
+        };
+        let leaving = match &cmd {
+            Command::Delete { name } => self
+                .inner
+                .services
+                .store
+                .channel_get_by_room(room.room_id().as_str())
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|c| &c.name == name),
+            _ => false,
+        };
+        let text = commands::run(self, cmd, &room, &sender).await;
+        self.say(&room, &text).await;
+        let store = &self.inner.services.store;
+        if leaving
+            && matches!(
+                store.channel_get_by_room(room.room_id().as_str()).await,
+                Ok(None)
+            )
+        {
+            let _ = room.leave().await;
         }
     }
 
     /// A message gorp cannot decrypt (its room key never reached gorp's device, e.g. a client
     /// that shares keys only with verified devices): say so instead of staying silent.
+    #[tracing::instrument(name = "matrix_undecryptable", skip_all, fields(room = %room.room_id(), event = %ev.event_id))]
     async fn on_undecryptable(&self, ev: OriginalSyncRoomEncryptedEvent, room: Room) {
         if ev.sender == self.inner.me
             || !self.is_allowed(&ev.sender)
@@ -275,16 +303,16 @@ impl Bot {
         {
             return;
         }
-        tracing::warn!(room = %room.room_id(), from = %ev.sender, event = %ev.event_id, "cannot decrypt a message");
+        tracing::warn!(from = %ev.sender, "cannot decrypt a message");
         metrics::counter!(crate::metrics::MATRIX_EVENTS, "kind" => "undecryptable").increment(1);
         let bot = self.clone();
-        let text = format!(
-            "🔒 gorp could not decrypt a message from {}: its room key did not reach gorp's device. Nothing was run. Send it again; if this keeps happening, let your client share keys with unverified devices (gorp's device is never verified).",
-            ev.sender
+        let text = strings::undecryptable(&ev.sender);
+        tokio::spawn(
+            async move { bot.say(&room, &text).await }.instrument(tracing::Span::current()),
         );
-        tokio::spawn(async move { bot.say(&room, &text).await });
     }
 
+    #[tracing::instrument(name = "matrix_reaction", skip_all, fields(room = %room.room_id(), event = %ev.event_id, job = tracing::field::Empty))]
     async fn on_reaction(&self, ev: OriginalSyncReactionEvent, room: Room) {
         if ev.sender == self.inner.me || !self.is_allowed(&ev.sender) {
             return;
@@ -307,526 +335,50 @@ impl Bot {
         if sender.as_deref() != Some(ev.sender.as_str()) {
             return;
         }
-        tracing::info!(job = %job_id, by = %ev.sender, "cancel by 🛑 reaction");
+        tracing::Span::current().record("job", job_id.as_str());
+        tracing::info!(by = %ev.sender, "cancel by 🛑 reaction");
         metrics::counter!(crate::metrics::MATRIX_EVENTS, "kind" => "cancel_reaction").increment(1);
-        let _ = self.cancel(&job_id).await;
+        if let Err(e) = self.cancel(&job_id).await {
+            tracing::error!(error = %e, "cannot cancel the job of a 🛑 reaction");
+        }
     }
 
-    async fn cancel(&self, job_id: &str) -> Result<CancelOutcome, StoreError> {
+    /// Cancels a job: at once when it is queued, by asking its worker when it runs.
+    pub(super) async fn cancel(&self, job_id: &str) -> Result<CancelOutcome, StoreError> {
         let s = &self.inner.services;
-        let outcome = s.store.job_cancel(job_id, now_ms()).await?;
-        if outcome == CancelOutcome::Requested {
-            if let Some(pool) = &s.pool {
-                pool.cancel_local(job_id);
-            }
-        }
-        Ok(outcome)
+        crate::service::jobs::cancel(&s.store, s.pool.as_ref(), job_id).await
     }
 
     /// Posts a Markdown notice.
-    async fn say(&self, room: &Room, markdown: &str) {
+    pub(super) async fn say(&self, room: &Room, markdown: &str) {
         let content = RoomMessageEventContent::notice_html(markdown, markdown_to_html(markdown));
         if let Err(e) = room.send(content).await {
             tracing::warn!(room = %room.room_id(), error = %e, "cannot post to the room");
         }
     }
 
-    /// Runs a command; returns the Markdown answer.
-    pub async fn dispatch(&self, cmd: Command, room: &Room, sender: &UserId) -> String {
-        match self.run_command(cmd, room, sender).await {
-            Ok(text) => text,
-            Err(e) => format!("❌ {e:#}"),
-        }
+    pub(super) fn client(&self) -> &Client {
+        &self.inner.client
     }
 
-    async fn room_channel(&self, room: &Room) -> anyhow::Result<Channel> {
-        self.inner
-            .services
-            .store
-            .channel_get_by_room(room.room_id().as_str())
-            .await?
-            .context("this room is not a channel; `!create <name>` makes one")
+    pub(super) fn services(&self) -> &Services {
+        &self.inner.services
     }
 
-    async fn run_command(
-        &self,
-        cmd: Command,
-        room: &Room,
-        sender: &UserId,
-    ) -> anyhow::Result<String> {
-        let s = &self.inner.services;
-        let store = &s.store;
-        Ok(match cmd {
-            Command::Help => command::HELP.to_string(),
-            Command::Create { name } => self.create(&name, sender).await?,
-            Command::Join { name } => {
-                let ch = store
-                    .channel_get(&name)
-                    .await?
-                    .with_context(|| format!("no channel {name}"))?;
-                match &ch.matrix_room_id {
-                    Some(rid) => {
-                        let rid = RoomId::parse(rid.as_str())?;
-                        let target = self
-                            .inner
-                            .client
-                            .get_room(&rid)
-                            .context("gorp is not in the channel's room")?;
-                        if target.get_member_no_sync(sender).await?.is_some_and(|m| {
-                            matches!(
-                                m.membership(),
-                                MembershipState::Join | MembershipState::Invite
-                            )
-                        }) {
-                            format!("You are already in **{name}**'s room ({}).", link(&rid))
-                        } else {
-                            target.invite_user_by_id(sender).await?;
-                            format!("Invited you to **{name}**'s room ({}).", link(&rid))
-                        }
-                    }
-                    None => {
-                        let rid = self.create_room(&name, sender).await?;
-                        store.channel_set_room(ch.id, Some(rid.to_string())).await?;
-                        format!(
-                            "Channel **{name}** had no room; created {} and invited you.",
-                            link(&rid)
-                        )
-                    }
-                }
-            }
-            Command::List => {
-                let list = store.channel_list().await?;
-                if list.is_empty() {
-                    "No channels yet. `!create <name>` makes one.".into()
-                } else {
-                    let mut out = String::from("Channels:\n");
-                    for c in list {
-                        let depth = store.channel_queue_depth(c.id).await?;
-                        out.push_str(&format!(
-                            "- **{}** — {} — {} queued\n",
-                            c.name,
-                            c.matrix_room_id
-                                .as_deref()
-                                .map(|r| format!("`{r}`"))
-                                .unwrap_or_else(|| "no room".into()),
-                            depth
-                        ));
-                    }
-                    out
-                }
-            }
-            Command::Delete { name } => {
-                let ch = store
-                    .channel_get(&name)
-                    .await?
-                    .with_context(|| format!("no channel {name}"))?;
-                store.channel_delete(&name).await?;
-                let dir = s.config.channel_dir(&name);
-                if let Some(rid) = ch
-                    .matrix_room_id
-                    .as_deref()
-                    .and_then(|r| RoomId::parse(r).ok())
-                {
-                    if rid != room.room_id() {
-                        if let Some(r) = self.inner.client.get_room(&rid) {
-                            self.say(
-                                &r,
-                                &format!("Channel **{name}** was deleted; gorp leaves this room."),
-                            )
-                            .await;
-                            let _ = r.leave().await;
-                        }
-                    }
-                }
-                format!(
-                    "Deleted channel **{name}** and its job history. Its workspace `{}` is kept on disk.",
-                    dir.display()
-                )
-            }
-            Command::Status => {
-                let ch = self.room_channel(room).await?;
-                let warm = store.warm_get(ch.id).await?;
-                let depth = store.channel_queue_depth(ch.id).await?;
-                let running = store
-                    .job_list(&JobFilter {
-                        state: Some(JobState::Running),
-                        channel: Some(ch.name.clone()),
-                        limit: 1,
-                        ..Default::default()
-                    })
-                    .await?;
-                let warm_line = match &warm {
-                    // The store already reports a warm agent with a running job as `busy`.
-                    Some(w) => {
-                        let state = w.state.as_str();
-                        let mut l = state.to_string();
-                        if let Some(pid) = w.pid.filter(|_| state == "warm" || state == "busy") {
-                            l.push_str(&format!(" (pid {pid})"));
-                        }
-                        if let Some(exp) = w.expires_at.filter(|_| state == "warm") {
-                            l.push_str(&format!(", stays warm until {} UTC", format_ms(exp)));
-                        }
-                        l
-                    }
-                    None => "cold".into(),
-                };
-                let run_line = match running.first() {
-                    Some(j) => format!(
-                        "`{}` since {} UTC (attempt {})",
-                        j.id,
-                        j.started_at.map(format_ms).unwrap_or_default(),
-                        j.attempt
-                    ),
-                    None => "none".into(),
-                };
-                format!(
-                    "**{}**\n- agent: {}\n- queued: {}\n- running: {}\n- ACP session: {}\n- workspace: `{}`",
-                    ch.name,
-                    warm_line,
-                    depth,
-                    run_line,
-                    ch.acp_session_id
-                        .as_deref()
-                        .map(|x| format!("`{x}`"))
-                        .unwrap_or_else(|| "none (the next job starts one)".into()),
-                    s.config.channel_dir(&ch.name).display()
-                )
-            }
-            Command::Jobs { limit } => {
-                let ch = store.channel_get_by_room(room.room_id().as_str()).await?;
-                let jobs = store
-                    .job_list(&JobFilter {
-                        channel: ch.as_ref().map(|c| c.name.clone()),
-                        limit,
-                        ..Default::default()
-                    })
-                    .await?;
-                if jobs.is_empty() {
-                    "No jobs.".into()
-                } else {
-                    let mut out = String::new();
-                    for j in jobs {
-                        out.push_str(&format!(
-                            "- `{}` {} {} {} — {}\n",
-                            j.id,
-                            state_emoji(j.state),
-                            j.channel,
-                            j.source,
-                            one_line(&j.prompt, 60)
-                        ));
-                    }
-                    out
-                }
-            }
-            Command::Job { id } => {
-                let id = self.resolve_job(&id).await?;
-                let j = store.job_get(&id).await?.context("job vanished")?;
-                let output = store.job_output(&id).await?;
-                let mut out = format!(
-                    "`{}` {} **{}** on **{}** from {}\n- created {} UTC, attempt {} of {}\n",
-                    j.id,
-                    state_emoji(j.state),
-                    j.state.as_str(),
-                    j.channel,
-                    j.source,
-                    format_ms(j.created_at),
-                    j.attempt,
-                    j.max_attempts
-                );
-                if let Some(e) = &j.error {
-                    out.push_str(&format!("- error: {}\n", one_line(e, 300)));
-                }
-                out.push_str(&format!("- prompt: {}\n", one_line(&j.prompt, 200)));
-                if !output.is_empty() {
-                    let cut = super::render::split_message(&output, 4000);
-                    out.push('\n');
-                    out.push_str(&cut[0]);
-                    if cut.len() > 1 {
-                        out.push_str("\n\n… (`gorp job ");
-                        out.push_str(&j.id);
-                        out.push_str("` shows all of it)");
-                    }
-                }
-                out
-            }
-            Command::Cancel { id } => {
-                let id = match id {
-                    Some(id) => self.resolve_job(&id).await?,
-                    None => {
-                        let ch = self.room_channel(room).await?;
-                        store
-                            .job_list(&JobFilter {
-                                state: Some(JobState::Running),
-                                channel: Some(ch.name.clone()),
-                                limit: 1,
-                                ..Default::default()
-                            })
-                            .await?
-                            .into_iter()
-                            .next()
-                            .with_context(|| format!("nothing is running in **{}**", ch.name))?
-                            .id
-                    }
-                };
-                match self.cancel(&id).await? {
-                    CancelOutcome::Cancelled => format!("🛑 `{id}` cancelled before it ran."),
-                    CancelOutcome::Requested => format!("🛑 stopping `{id}`…"),
-                    CancelOutcome::AlreadyFinished(st) => {
-                        format!("`{id}` already finished ({}).", st.as_str())
-                    }
-                }
-            }
-            Command::Reset => {
-                let ch = self.room_channel(room).await?;
-                match &s.warm {
-                    Some(w) => w.reset(ch.id).await?,
-                    None => store.channel_set_acp_session(ch.id, None).await?,
-                }
-                format!(
-                    "**{}**: the next job starts a new conversation (ACP session).",
-                    ch.name
-                )
-            }
-            Command::Warm => {
-                let ch = self.room_channel(room).await?;
-                let now = now_ms();
-                store.warm_request(ch.id, Some(now), now).await?;
-                format!(
-                    "**{}**: warming the agent; `!status` shows when it is ready.",
-                    ch.name
-                )
-            }
-            Command::Token => {
-                let ch = self.room_channel(room).await?;
-                // A secret is only ever posted where the homeserver cannot read it.
-                if !room.latest_encryption_state().await?.is_encrypted() {
-                    anyhow::bail!(
-                        "this room is not encrypted; gorp posts tokens only in encrypted rooms"
-                    );
-                }
-                let token = crate::auth::new_token();
-                store.channel_set_webhook_token(ch.id, &token).await?;
-                format!(
-                    "New webhook token for **{}** (the old one no longer works):\n\n`POST {}/webhook/session/{}` with `Authorization: Bearer {token}`",
-                    ch.name,
-                    s.config.public_url(),
-                    ch.webhook_id
-                )
-            }
-            Command::Schedule(sc) => self.schedule(sc, room, sender).await?,
-        })
-    }
-
-    async fn schedule(
-        &self,
-        sc: ScheduleCommand,
-        room: &Room,
-        sender: &UserId,
-    ) -> anyhow::Result<String> {
-        use crate::service::schedules::{self as scheduler, AddSchedule, ScheduleError};
-        let s = &self.inner.services;
-        let store = &s.store;
-        let invalid = |e: ScheduleError| anyhow::anyhow!("{e}");
-        Ok(match sc {
-            ScheduleCommand::Add { spec, prompt } => {
-                let ch = self.room_channel(room).await?;
-                let sch = scheduler::add(
-                    store,
-                    &s.config,
-                    AddSchedule {
-                        channel: ch.name.clone(),
-                        when: spec,
-                        prompt,
-                        timezone: None,
-                        catch_up: None,
-                        overlap: None,
-                        created_by: format!("matrix:{sender}"),
-                    },
-                    now_ms(),
-                )
-                .await
-                .map_err(invalid)?;
-                format!(
-                    "Schedule **{}** added: {} ({}), next run {} UTC.",
-                    sch.id,
-                    sch.cron
-                        .as_deref()
-                        .map(|c| format!("`{c}`"))
-                        .unwrap_or_else(|| "once".into()),
-                    sch.timezone,
-                    sch.next_run_at.map(format_ms).unwrap_or_else(|| "-".into())
-                )
-            }
-            ScheduleCommand::List => {
-                let ch = store.channel_get_by_room(room.room_id().as_str()).await?;
-                let list: Vec<_> = store
-                    .schedule_list()
-                    .await?
-                    .into_iter()
-                    .filter(|x| ch.as_ref().is_none_or(|c| c.id == x.channel_id))
-                    .collect();
-                if list.is_empty() {
-                    "No schedules.".into()
-                } else {
-                    let mut out = String::new();
-                    for x in list {
-                        out.push_str(&format!(
-                            "- **{}** {} {} ({}) next {} — {}\n",
-                            x.id,
-                            if x.enabled { "▶" } else { "⏸" },
-                            x.cron
-                                .as_deref()
-                                .map(|c| format!("`{c}`"))
-                                .unwrap_or_else(|| "once".into()),
-                            x.timezone,
-                            x.next_run_at
-                                .map(|t| format!("{} UTC", format_ms(t)))
-                                .unwrap_or_else(|| "-".into()),
-                            one_line(&x.prompt, 60)
-                        ));
-                    }
-                    out
-                }
-            }
-            ScheduleCommand::Pause { id } => {
-                if !store.schedule_set_enabled(id, false, None).await? {
-                    anyhow::bail!("no schedule {id}");
-                }
-                format!("Schedule **{id}** paused.")
-            }
-            ScheduleCommand::Resume { id } => {
-                if !scheduler::resume(store, id, now_ms())
-                    .await
-                    .map_err(invalid)?
-                {
-                    anyhow::bail!("no schedule {id}");
-                }
-                format!("Schedule **{id}** resumed.")
-            }
-            ScheduleCommand::Rm { id } => {
-                if !store.schedule_delete(id).await? {
-                    anyhow::bail!("no schedule {id}");
-                }
-                format!("Schedule **{id}** deleted.")
-            }
-            ScheduleCommand::Next { spec } => {
-                let tz_name = scheduler::default_timezone(&s.config);
-                let zone = scheduler::parse_tz(&tz_name).map_err(invalid)?;
-                let cron = scheduler::parse_cron(&spec).map_err(invalid)?;
-                let times = scheduler::upcoming(&cron, zone, now_ms(), 5);
-                let mut out = format!("`{spec}` in {tz_name} runs next at:\n");
-                for t in times {
-                    out.push_str(&format!("- {}\n", t.to_rfc3339()));
-                }
-                out
-            }
-        })
-    }
-
-    async fn resolve_job(&self, prefix: &str) -> anyhow::Result<String> {
-        let ids = self
-            .inner
-            .services
-            .store
-            .job_ids_with_prefix(prefix, 2)
-            .await?;
-        match ids.as_slice() {
-            [one] => Ok(one.clone()),
-            [] => anyhow::bail!("no job {prefix}"),
-            _ => anyhow::bail!("`{prefix}` matches more than one job; give more of the id"),
-        }
-    }
-
-    /// `!create`: an encrypted private room, the workspace directory and the channel row.
-    async fn create(&self, name: &str, sender: &UserId) -> anyhow::Result<String> {
-        let s = &self.inner.services;
-        if s.store.channel_get(name).await?.is_some() {
-            anyhow::bail!("channel **{name}** exists; `!join {name}` invites you to its room");
-        }
-        let dir = s.config.channel_dir(name);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create the workspace {}", dir.display()))?;
-        let rid = self.create_room(name, sender).await?;
-        let token = crate::auth::new_token();
-        let inserted = s
-            .store
-            .channel_insert(
-                NewChannel {
-                    name: name.to_string(),
-                    permission_policy: Some(s.config.acp.permission_policy),
-                    matrix_room_id: Some(rid.to_string()),
-                    webhook_token: Some(token.clone()),
-                    ..Default::default()
-                },
-                now_ms(),
-            )
-            .await;
-        let ch = match inserted {
-            Ok(c) => c,
-            Err(e) => {
-                if let Some(r) = self.inner.client.get_room(&rid) {
-                    let _ = r.leave().await;
-                }
-                return Err(e.into());
-            }
-        };
-        let url = format!(
-            "{}/webhook/session/{}",
-            s.config.public_url(),
-            ch.webhook_id
-        );
-        let welcome = format!(
-            "This room is gorp channel **{name}**. Every message here is a prompt for its agent (workspace `{}`); `!help` lists the commands.\n\nWebhook: `POST {url}` with `Authorization: Bearer {token}` (the token is shown only here; gorp keeps its hash).",
-            dir.display()
-        );
-        let key = (rid.clone(), sender.to_owned());
+    /// Keeps `text` to post in `key.0` once `key.1` has joined it (see [`Bot::take_welcome`]).
+    pub(super) fn expect_welcome(&self, key: (OwnedRoomId, OwnedUserId), text: String) {
         self.inner
             .welcomes
             .lock()
             .expect("welcomes")
-            .insert(key.clone(), welcome);
-        // The join may have been synced already: then post now (whoever removes it posts it).
-        if let Some(r) = self.inner.client.get_room(&rid) {
-            let joined = r
-                .get_member_no_sync(sender)
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|m| *m.membership() == MembershipState::Join);
-            let pending = joined
-                .then(|| self.inner.welcomes.lock().expect("welcomes").remove(&key))
-                .flatten();
-            tracing::debug!(room = %rid, joined, posting = pending.is_some(), "welcome registered");
-            if let Some(text) = pending {
-                self.say(&r, &text).await;
-            }
-        }
-        Ok(format!(
-            "Created channel **{name}**: {} (you are invited).\n\nWebhook: `POST {url}` — its token is in the new room.",
-            link(&rid)
-        ))
+            .insert(key, text);
     }
 
-    async fn create_room(&self, name: &str, invite: &UserId) -> anyhow::Result<OwnedRoomId> {
-        let mut req = CreateRoom::new();
-        req.name = Some(format!("gorp: {name}"));
-        req.topic = Some(format!("gorp channel {name}"));
-        req.preset = Some(RoomPreset::PrivateChat);
-        req.invite = vec![invite.to_owned()];
-        req.initial_state = vec![InitialStateEvent::with_empty_state_key(
-            RoomEncryptionEventContent::with_recommended_defaults(),
-        )
-        .to_raw_any()];
-        let room = self
-            .inner
-            .client
-            .create_room(req)
-            .await
-            .context("cannot create the room")?;
-        Ok(room.room_id().to_owned())
+    /// The welcome waiting for `key.1` in `key.0`, removed: whoever takes it posts it.
+    pub(super) fn take_welcome(&self, key: &(OwnedRoomId, OwnedUserId)) -> Option<String> {
+        self.inner.welcomes.lock().expect("welcomes").remove(key)
     }
 }
-
 /// Removes a rich reply's quoted fallback (`> ` lines and the blank line after them).
 fn strip_reply_fallback(body: &str) -> String {
     if !body.starts_with("> <") {
@@ -837,28 +389,14 @@ fn strip_reply_fallback(body: &str) -> String {
     rest.join("\n").trim_start_matches('\n').to_string()
 }
 
-fn link(room: &RoomId) -> String {
-    format!("[{room}](https://matrix.to/#/{room})")
-}
-
-fn one_line(s: &str, max: usize) -> String {
+/// The first line of `s`, cut to `max` characters (`…` marks a cut), backticks made quotes.
+pub(super) fn one_line(s: &str, max: usize) -> String {
     let line = s.lines().next().unwrap_or("").trim();
     let mut out: String = line.chars().take(max).collect();
     if line.chars().count() > max || s.lines().nth(1).is_some() {
         out.push('…');
     }
     out.replace('`', "'")
-}
-
-/// The status reaction for a job state.
-pub fn state_emoji(s: JobState) -> &'static str {
-    match s {
-        JobState::Queued => "👀",
-        JobState::Running => "⏳",
-        JobState::Succeeded => "✅",
-        JobState::Failed => "❌",
-        JobState::Cancelled => "🛑",
-    }
 }
 
 #[cfg(test)]

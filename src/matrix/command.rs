@@ -11,7 +11,7 @@
 
 use crate::store::validate_channel_name;
 
-use super::render::inline_code;
+use super::strings::{self, usage};
 
 /// What `!jobs` lists when no count is given.
 pub const DEFAULT_JOBS: i64 = 10;
@@ -23,7 +23,7 @@ pub const MAX_JOB_ID_LEN: usize = 64;
 /// A well-formed command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    /// `!help`: the list of commands ([`HELP`]).
+    /// `!help`: the list of commands ([`strings::HELP`]).
     Help,
     /// `!create <name>`: a new channel with its own room.
     Create { name: String },
@@ -83,49 +83,6 @@ impl std::fmt::Display for CommandError {
 
 impl std::error::Error for CommandError {}
 
-/// The `!help` text (Markdown): every command with its usage and what it does.
-pub const HELP: &str = "\
-**gorp commands**
-
-- `!help` — this list
-- `!create <name>` — create a channel with its own room and invite you
-- `!join <name>` — invite you to a channel's room
-- `!list` — list the channels
-- `!delete <name>` — delete a channel and its job history (its workspace stays on disk)
-- `!status` — this room's agent, queue and session
-- `!jobs [n]` — the newest jobs (10 by default, at most 50)
-- `!job <id>` — one job and its output (an id prefix is enough)
-- `!cancel [id]` — cancel a job, or the one running in this room
-- `!reset` — the next job starts a new conversation
-- `!warm` — start this room's agent now so the next job starts fast
-- `!token` — a new webhook token for this room's channel (the old one stops working)
-- `!schedule add \"<cron or one-off>\" <prompt>` — run a prompt on a schedule
-- `!schedule list` — this room's schedules
-- `!schedule pause <id>` / `!schedule resume <id>` / `!schedule rm <id>` — pause, resume or delete a schedule
-- `!schedule next \"<cron>\"` — when a schedule would fire
-
-Any other message in a channel's room is a prompt for its agent.";
-
-const USAGE_HELP: &str = "!help";
-const USAGE_CREATE: &str = "!create <name>";
-const USAGE_JOIN: &str = "!join <name>";
-const USAGE_LIST: &str = "!list";
-const USAGE_DELETE: &str = "!delete <name>";
-const USAGE_STATUS: &str = "!status";
-const USAGE_JOBS: &str = "!jobs [n]";
-const USAGE_JOB: &str = "!job <id>";
-const USAGE_CANCEL: &str = "!cancel [id]";
-const USAGE_RESET: &str = "!reset";
-const USAGE_WARM: &str = "!warm";
-const USAGE_TOKEN: &str = "!token";
-const USAGE_SCHEDULE: &str = "!schedule add|list|pause|resume|rm|next …";
-const USAGE_SCHEDULE_ADD: &str = "!schedule add \"<cron or one-off>\" <prompt>";
-const USAGE_SCHEDULE_LIST: &str = "!schedule list";
-const USAGE_SCHEDULE_PAUSE: &str = "!schedule pause <id>";
-const USAGE_SCHEDULE_RESUME: &str = "!schedule resume <id>";
-const USAGE_SCHEDULE_RM: &str = "!schedule rm <id>";
-const USAGE_SCHEDULE_NEXT: &str = "!schedule next \"<cron>\"";
-
 /// Characters accepted as the opening quote of a schedule spec: ASCII and the typographic
 /// quotes (English “…”, German „…“) that chat clients put in place of `"`.
 const OPEN_QUOTES: [char; 4] = ['"', '“', '”', '„'];
@@ -145,21 +102,21 @@ pub fn parse(body: &str) -> Option<Result<Command, CommandError>> {
     let (word, args) = split_word(rest);
     let lower = word.to_lowercase();
     Some(match lower.as_str() {
-        "help" => no_args(args, USAGE_HELP, Command::Help),
-        "create" => one_name(args, USAGE_CREATE).map(|name| Command::Create { name }),
-        "join" => one_name(args, USAGE_JOIN).map(|name| Command::Join { name }),
-        "list" => no_args(args, USAGE_LIST, Command::List),
-        "delete" => one_name(args, USAGE_DELETE).map(|name| Command::Delete { name }),
-        "status" => no_args(args, USAGE_STATUS, Command::Status),
+        "help" => no_args(args, usage::HELP, Command::Help),
+        "create" => one_name(args, usage::CREATE).map(|name| Command::Create { name }),
+        "join" => one_name(args, usage::JOIN).map(|name| Command::Join { name }),
+        "list" => no_args(args, usage::LIST, Command::List),
+        "delete" => one_name(args, usage::DELETE).map(|name| Command::Delete { name }),
+        "status" => no_args(args, usage::STATUS, Command::Status),
         "jobs" => jobs(args),
-        "job" => match one_arg(args, "missing job id", USAGE_JOB) {
-            Ok(arg) => job_id(arg, USAGE_JOB).map(|id| Command::Job { id }),
+        "job" => match one_arg(args, strings::MISSING_JOB_ID, usage::JOB) {
+            Ok(arg) => job_id(arg, usage::JOB).map(|id| Command::Job { id }),
             Err(e) => Err(e),
         },
         "cancel" => cancel(args),
-        "reset" => no_args(args, USAGE_RESET, Command::Reset),
-        "warm" => no_args(args, USAGE_WARM, Command::Warm),
-        "token" => no_args(args, USAGE_TOKEN, Command::Token),
+        "reset" => no_args(args, usage::RESET, Command::Reset),
+        "warm" => no_args(args, usage::WARM, Command::Warm),
+        "token" => no_args(args, usage::TOKEN, Command::Token),
         "schedule" => schedule(args).map(Command::Schedule),
         _ => Err(unknown_command(word)),
     })
@@ -176,23 +133,20 @@ fn split_word(s: &str) -> (&str, &str) {
 /// The error for a malformed command: the problem, then the usage as inline code.
 fn usage_error(problem: &str, usage: &str) -> CommandError {
     CommandError {
-        message: format!("{problem}; usage: {}", inline_code(usage)),
+        message: strings::usage_error(problem, usage),
     }
 }
 
 /// The error for an unknown command word (echoed back, shortened).
 fn unknown_command(word: &str) -> CommandError {
     let message = if word.is_empty() {
-        "unknown command `!`; `!help` lists the commands".to_string()
+        strings::unknown_command(None)
     } else {
         let mut shown: String = word.chars().take(MAX_ECHO_CHARS).collect();
         if word.chars().nth(MAX_ECHO_CHARS).is_some() {
             shown.push('…');
         }
-        format!(
-            "unknown command {}; `!help` lists the commands",
-            inline_code(&format!("!{shown}"))
-        )
+        strings::unknown_command(Some(&shown))
     };
     CommandError { message }
 }
@@ -202,7 +156,7 @@ fn no_args(args: &str, usage: &str, cmd: Command) -> Result<Command, CommandErro
     if args.trim().is_empty() {
         Ok(cmd)
     } else {
-        Err(usage_error("this command takes no arguments", usage))
+        Err(usage_error(strings::NO_ARGUMENTS, usage))
     }
 }
 
@@ -212,13 +166,13 @@ fn one_arg<'a>(args: &'a str, missing: &str, usage: &str) -> Result<&'a str, Com
     match (words.next(), words.next()) {
         (Some(arg), None) => Ok(arg),
         (None, _) => Err(usage_error(missing, usage)),
-        (Some(_), Some(_)) => Err(usage_error("too many arguments", usage)),
+        (Some(_), Some(_)) => Err(usage_error(strings::TOO_MANY_ARGUMENTS, usage)),
     }
 }
 
 /// Exactly one argument that is a valid channel name.
 fn one_name(args: &str, usage: &str) -> Result<String, CommandError> {
-    let name = one_arg(args, "missing channel name", usage)?;
+    let name = one_arg(args, strings::MISSING_CHANNEL_NAME, usage)?;
     validate_channel_name(name).map_err(|e| usage_error(&e, usage))?;
     Ok(name.to_string())
 }
@@ -232,12 +186,12 @@ fn jobs(args: &str) -> Result<Command, CommandError> {
             Ok(n) if (1..=MAX_JOBS).contains(&n) => n,
             _ => {
                 return Err(usage_error(
-                    &format!("the number of jobs must be between 1 and {MAX_JOBS}"),
-                    USAGE_JOBS,
+                    &strings::jobs_count_range(MAX_JOBS),
+                    usage::JOBS,
                 ))
             }
         },
-        (Some(_), Some(_)) => return Err(usage_error("too many arguments", USAGE_JOBS)),
+        (Some(_), Some(_)) => return Err(usage_error(strings::TOO_MANY_ARGUMENTS, usage::JOBS)),
     };
     Ok(Command::Jobs { limit })
 }
@@ -247,8 +201,8 @@ fn cancel(args: &str) -> Result<Command, CommandError> {
     let mut words = args.split_whitespace();
     match (words.next(), words.next()) {
         (None, _) => Ok(Command::Cancel { id: None }),
-        (Some(arg), None) => job_id(arg, USAGE_CANCEL).map(|id| Command::Cancel { id: Some(id) }),
-        (Some(_), Some(_)) => Err(usage_error("too many arguments", USAGE_CANCEL)),
+        (Some(arg), None) => job_id(arg, usage::CANCEL).map(|id| Command::Cancel { id: Some(id) }),
+        (Some(_), Some(_)) => Err(usage_error(strings::TOO_MANY_ARGUMENTS, usage::CANCEL)),
     }
 }
 
@@ -261,12 +215,7 @@ fn job_id(arg: &str, usage: &str) -> Result<String, CommandError> {
     if ok {
         Ok(arg.to_ascii_lowercase())
     } else {
-        Err(usage_error(
-            &format!(
-                "a job id is 1-{MAX_JOB_ID_LEN} characters 0-9, a-f or '-', starting with a digit or letter (a prefix is enough)"
-            ),
-            usage,
-        ))
+        Err(usage_error(strings::JOB_ID_SHAPE, usage))
     }
 }
 
@@ -274,12 +223,12 @@ fn job_id(arg: &str, usage: &str) -> Result<String, CommandError> {
 fn schedule(args: &str) -> Result<ScheduleCommand, CommandError> {
     let (sub, rest) = split_word(args.trim_start());
     match sub.to_lowercase().as_str() {
-        "" => Err(usage_error("missing subcommand", USAGE_SCHEDULE)),
+        "" => Err(usage_error(strings::MISSING_SUBCOMMAND, usage::SCHEDULE)),
         "add" => {
-            let (spec, after) = quoted_spec(rest, USAGE_SCHEDULE_ADD)?;
+            let (spec, after) = quoted_spec(rest, usage::SCHEDULE_ADD)?;
             let prompt = after.trim();
             if prompt.is_empty() {
-                return Err(usage_error("missing prompt", USAGE_SCHEDULE_ADD));
+                return Err(usage_error(strings::MISSING_PROMPT, usage::SCHEDULE_ADD));
             }
             Ok(ScheduleCommand::Add {
                 spec,
@@ -287,9 +236,12 @@ fn schedule(args: &str) -> Result<ScheduleCommand, CommandError> {
             })
         }
         "next" => {
-            let (spec, after) = quoted_spec(rest, USAGE_SCHEDULE_NEXT)?;
+            let (spec, after) = quoted_spec(rest, usage::SCHEDULE_NEXT)?;
             if !after.trim().is_empty() {
-                return Err(usage_error("too many arguments", USAGE_SCHEDULE_NEXT));
+                return Err(usage_error(
+                    strings::TOO_MANY_ARGUMENTS,
+                    usage::SCHEDULE_NEXT,
+                ));
             }
             Ok(ScheduleCommand::Next { spec })
         }
@@ -297,27 +249,24 @@ fn schedule(args: &str) -> Result<ScheduleCommand, CommandError> {
             if rest.trim().is_empty() {
                 Ok(ScheduleCommand::List)
             } else {
-                Err(usage_error(
-                    "this command takes no arguments",
-                    USAGE_SCHEDULE_LIST,
-                ))
+                Err(usage_error(strings::NO_ARGUMENTS, usage::SCHEDULE_LIST))
             }
         }
-        "pause" => schedule_id(rest, USAGE_SCHEDULE_PAUSE).map(|id| ScheduleCommand::Pause { id }),
+        "pause" => schedule_id(rest, usage::SCHEDULE_PAUSE).map(|id| ScheduleCommand::Pause { id }),
         "resume" => {
-            schedule_id(rest, USAGE_SCHEDULE_RESUME).map(|id| ScheduleCommand::Resume { id })
+            schedule_id(rest, usage::SCHEDULE_RESUME).map(|id| ScheduleCommand::Resume { id })
         }
-        "rm" => schedule_id(rest, USAGE_SCHEDULE_RM).map(|id| ScheduleCommand::Rm { id }),
-        _ => Err(usage_error("unknown subcommand", USAGE_SCHEDULE)),
+        "rm" => schedule_id(rest, usage::SCHEDULE_RM).map(|id| ScheduleCommand::Rm { id }),
+        _ => Err(usage_error(strings::UNKNOWN_SUBCOMMAND, usage::SCHEDULE)),
     }
 }
 
 /// Exactly one argument that is a positive schedule id.
 fn schedule_id(args: &str, usage: &str) -> Result<i64, CommandError> {
-    let arg = one_arg(args, "missing schedule id", usage)?;
+    let arg = one_arg(args, strings::MISSING_SCHEDULE_ID, usage)?;
     match arg.parse::<i64>() {
         Ok(id) if id > 0 => Ok(id),
-        _ => Err(usage_error("a schedule id is a positive number", usage)),
+        _ => Err(usage_error(strings::SCHEDULE_ID_SHAPE, usage)),
     }
 }
 
@@ -326,19 +275,19 @@ fn schedule_id(args: &str, usage: &str) -> Result<i64, CommandError> {
 fn quoted_spec<'a>(args: &'a str, usage: &str) -> Result<(String, &'a str), CommandError> {
     let args = args.trim_start();
     let Some(open) = args.chars().next() else {
-        return Err(usage_error("missing schedule spec", usage));
+        return Err(usage_error(strings::MISSING_SPEC, usage));
     };
     if !OPEN_QUOTES.contains(&open) {
-        return Err(usage_error("put the schedule spec in double quotes", usage));
+        return Err(usage_error(strings::SPEC_NOT_QUOTED, usage));
     }
     let inner = &args[open.len_utf8()..];
     let line_end = inner.find('\n').unwrap_or(inner.len());
     let Some(close) = inner[..line_end].find(CLOSE_QUOTES) else {
-        return Err(usage_error("the schedule spec has no closing quote", usage));
+        return Err(usage_error(strings::SPEC_NOT_CLOSED, usage));
     };
     let spec = inner[..close].trim();
     if spec.is_empty() {
-        return Err(usage_error("the schedule spec is empty", usage));
+        return Err(usage_error(strings::SPEC_EMPTY, usage));
     }
     let close_len = inner[close..].chars().next().map_or(0, char::len_utf8);
     Ok((spec.to_string(), &inner[close + close_len..]))
@@ -537,9 +486,9 @@ mod tests {
             ("!jobs 1 2", "too many arguments"),
             ("!job", "missing job id; usage: `!job <id>`"),
             ("!job xyz", "usage: `!job <id>`"),
-            ("!job -abc", "a job id is"),
+            ("!job -abc", "a job id looks like `0190a5d2-"),
             ("!job a b", "too many arguments"),
-            ("!job ０", "a job id is"),
+            ("!job ０", "a job id looks like"),
             ("!cancel nope", "usage: `!cancel [id]`"),
             ("!cancel a b", "too many arguments"),
             (
@@ -643,7 +592,7 @@ mod tests {
             "!schedule rm",
             "!schedule next",
         ] {
-            assert!(HELP.contains(word), "HELP lacks {word}");
+            assert!(strings::HELP.contains(word), "HELP lacks {word}");
         }
         // Each usage in HELP parses once its placeholders are filled in.
         assert_eq!(

@@ -6,9 +6,13 @@
 //! comes back as the same device and end-to-end encryption keeps working.
 //!
 //! - [`command`]: the pure parser of `!` commands.
+//! - [`commands`]: one handler per command group (channels, agent, jobs, schedules).
+//! - [`strings`]: every text the bot posts, so it speaks with one voice.
+//! - [`failure`]: the person's refusals versus gorp's internal errors (logged with an error id;
+//!   the room sees only the id).
 //! - [`render`]: job output → Markdown/HTML, split without breaking code fences.
-//! - [`bot`]: event handlers (invites, messages, reactions, verification) and the command
-//!   dispatcher. Handlers only write rows and hand off; they never wait for an agent.
+//! - [`bot`]: event handlers (invites, messages, reactions, verification) and the dispatch of
+//!   commands. Handlers only write rows and hand off; they never wait for an agent.
 //! - [`pump`]: the reply pump. It reads the job rows and their event rows (the single source of
 //!   truth) and turns them into status reactions, one streamed reply per job, typing notices and
 //!   restart notices, recording its progress in `matrix_replies`.
@@ -19,8 +23,11 @@
 
 pub mod bot;
 pub mod command;
+mod commands;
+pub mod failure;
 pub mod pump;
 pub mod render;
+pub mod strings;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,10 +43,33 @@ use matrix_sdk_base::crypto::{CollectStrategy, DecryptionSettings, TrustRequirem
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::pool::WarmSessionManager;
 use crate::config::{Config, MatrixConfig};
 use crate::store::Store;
-use crate::warm::WarmSessionManager;
 use crate::worker::PoolHandle;
+
+/// Log filter directives that quiet what matrix-sdk reports as a warning or an error although
+/// nothing is wrong for gorp. [`log_filter`] adds them to a default filter; an explicit
+/// `GORP_LOG` still decides.
+/// - `matrix_sdk_crypto::backups` warns "Trying to backup room keys but no backup key was
+///   found" whenever room keys change, because gorp does not enable key backup.
+/// - `matrix_sdk::http_client` logs every failed request as an error, among them the 404s for
+///   the secret-storage key account data on every start of an account without secret storage
+///   (which matrix-sdk then reads as "none"). Every request whose failure matters is returned
+///   to its caller and logged there: gorp's own (sync, sends, login) and matrix-sdk's
+///   end-to-end encryption requests (`matrix_sdk::client`, `matrix_sdk::encryption`).
+pub const LOG_DIRECTIVES: &[&str] = &[
+    "matrix_sdk_crypto::backups=error",
+    "matrix_sdk::http_client=off",
+];
+
+/// `base` (e.g. `info,sqlx=warn`) followed by [`LOG_DIRECTIVES`].
+pub fn log_filter(base: &str) -> String {
+    std::iter::once(base)
+        .chain(LOG_DIRECTIVES.iter().copied())
+        .collect::<Vec<_>>()
+        .join(",")
+}
 
 /// The long-poll timeout of each `/sync`.
 pub const LONG_POLL: Duration = Duration::from_secs(30);
@@ -436,6 +466,63 @@ async fn sync_forever(
                 }
                 backoff = (backoff * 2).min(max_wait);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The expected matrix-sdk noise is dropped; gorp's lines and matrix-sdk's real failures
+    /// are kept.
+    #[test]
+    fn the_log_filter_quiets_expected_matrix_sdk_noise() {
+        assert_eq!(
+            log_filter("info,sqlx=warn"),
+            "info,sqlx=warn,matrix_sdk_crypto::backups=error,matrix_sdk::http_client=off"
+        );
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(log_filter(
+                "info,sqlx=warn",
+            )))
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(target: "matrix_sdk_crypto::backups", "Trying to backup room keys but no backup key was found");
+            tracing::error!(target: "matrix_sdk::http_client", "Error while sending request: 404 Account data not found");
+            tracing::error!(target: "matrix_sdk::client", "Error while sending outgoing E2EE requests");
+            tracing::error!(target: "matrix_sdk_crypto::backups", "a real backup failure");
+            tracing::info!(target: "gorp::matrix::bot", "refused a message");
+        });
+        let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert!(!log.contains("no backup key"), "{log}");
+        assert!(!log.contains("Account data not found"), "{log}");
+        for kept in [
+            "outgoing E2EE",
+            "a real backup failure",
+            "refused a message",
+        ] {
+            assert!(log.contains(kept), "{kept}: {log}");
         }
     }
 }

@@ -9,23 +9,32 @@
 //!
 //! Progress is written to `matrix_replies`, so after a restart the pump continues each open
 //! reply where it stopped (the worst case is one edit or one part posted twice).
+//!
+//! A prompt never shows two status reactions of gorp at once: the old one is redacted before
+//! the new one is sent. Each reply is brought up to date inside a span with its job, channel
+//! and room.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
+
+use anyhow::Context;
 
 use matrix_sdk::ruma::events::reaction::ReactionEventContent;
 use matrix_sdk::ruma::events::relation::{Annotation, InReplyTo, Reply};
 use matrix_sdk::ruma::events::room::message::{
     Relation, ReplacementMetadata, RoomMessageEventContent,
 };
-use matrix_sdk::ruma::{EventId, OwnedEventId, OwnedRoomId, RoomId};
+use matrix_sdk::ruma::{EventId, OwnedRoomId, RoomId};
 use matrix_sdk::{Client, Room};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
-use super::bot::state_emoji;
 use super::render::{markdown_to_html, render_reply, split_message, ReplyInput, MAX_PART_BYTES};
+use super::strings::{self, state_emoji};
 use crate::config::Config;
-use crate::store::{now_ms, Event, JobState, MatrixReply, MatrixReplyUpdate, Source, Store};
+use crate::store::{
+    now_ms, Event, EventKind, JobState, MatrixReply, MatrixReplyUpdate, Source, Store,
+};
 
 /// Open replies handled per pass.
 const BATCH: i64 = 200;
@@ -49,6 +58,8 @@ pub struct Pump {
     last_edit: HashMap<String, Instant>,
     failures: HashMap<String, Failing>,
     typing: HashSet<OwnedRoomId>,
+    /// The channel name of each room seen (for the spans), `-` for a room that is no channel.
+    channels: HashMap<String, String>,
 }
 
 impl Pump {
@@ -62,6 +73,7 @@ impl Pump {
             last_edit: HashMap::new(),
             failures: HashMap::new(),
             typing: HashSet::new(),
+            channels: HashMap::new(),
         }
     }
 
@@ -69,6 +81,7 @@ impl Pump {
     /// every `edit_interval` while replies are open.
     /// `recoveries` changes when the homeserver is reachable again: replies that were backing
     /// off are retried at once.
+    #[tracing::instrument(name = "matrix_pump", skip_all)]
     pub async fn run(
         mut self,
         mut recoveries: tokio::sync::watch::Receiver<u64>,
@@ -134,7 +147,14 @@ impl Pump {
             if r.state == JobState::Running {
                 running_rooms.insert(room_id.clone());
             }
-            match self.handle(&room, &r).await {
+            let channel = self.channel_of(&r.room_id).await;
+            let span = tracing::info_span!(
+                "matrix_reply",
+                job = %r.job_id,
+                channel = %channel,
+                room = %r.room_id
+            );
+            match self.update(&room, &r).instrument(span).await {
                 Ok(done) => {
                     self.failures.remove(&r.job_id);
                     if !done {
@@ -196,36 +216,33 @@ impl Pump {
         let _ = self.store.matrix_reply_update(&r.job_id, u, now_ms()).await;
     }
 
-    /// Brings one job's room up to date with its rows. Returns true when the reply is final.
-    /// Replaced status reactions are removed last, so they do not delay the reply.
-    async fn handle(&mut self, room: &Room, r: &MatrixReply) -> anyhow::Result<bool> {
-        let mut stale = Vec::new();
-        let done = self.update(room, r, &mut stale).await?;
-        for old in stale {
-            if let Err(e) = room.redact(&old, None, None).await {
-                tracing::debug!(error = %e, "cannot remove the previous status reaction");
-            }
+    /// The name of the channel whose room is `room_id`, for the reply's span (read once).
+    async fn channel_of(&mut self, room_id: &str) -> String {
+        if let Some(name) = self.channels.get(room_id) {
+            return name.clone();
         }
-        Ok(done)
+        match self.store.channel_get_by_room(room_id).await {
+            Ok(found) => {
+                let name = found.map_or_else(|| "-".to_string(), |c| c.name);
+                self.channels.insert(room_id.to_string(), name.clone());
+                name
+            }
+            Err(_) => "?".into(),
+        }
     }
 
-    async fn update(
-        &mut self,
-        room: &Room,
-        r: &MatrixReply,
-        stale: &mut Vec<OwnedEventId>,
-    ) -> anyhow::Result<bool> {
+    /// Brings one job's room up to date with its rows. Returns true when the reply is final.
+    async fn update(&mut self, room: &Room, r: &MatrixReply) -> anyhow::Result<bool> {
         let mut u = r.update();
         let prompt = match &r.prompt_event_id {
             Some(p) => Some(EventId::parse(p.as_str())?),
             None => None,
         };
         // 👀 first, whatever the job's state by now: the prompt is committed.
-        let mut changed = false;
         if let Some(prompt) = &prompt {
             if u.reaction_key.is_none() {
-                react(room, prompt, state_emoji(JobState::Queued), &mut u, stale).await?;
-                changed = true;
+                self.react(room, r, prompt, state_emoji(JobState::Queued), &mut u)
+                    .await?;
             }
         }
         // Then the text, then the state's reaction, so ✅ comes after the answer.
@@ -233,11 +250,10 @@ impl Pump {
         if let Some(prompt) = &prompt {
             let want = state_emoji(r.state);
             if u.reaction_key.as_deref() != Some(want) {
-                react(room, prompt, want, &mut u, stale).await?;
-                changed = true;
+                self.react(room, r, prompt, want, &mut u).await?;
             }
         }
-        if changed || posted {
+        if posted {
             self.store
                 .matrix_reply_update(&r.job_id, u.clone(), now_ms())
                 .await?;
@@ -282,15 +298,10 @@ impl Pump {
 
         // A restart interrupted this job: say so once per interrupted attempt.
         let noted = u.noted_attempt;
-        for ev in events
-            .iter()
-            .filter(|e| e.kind == "rescued" && e.attempt > noted && e.attempt <= finished_attempts)
-        {
-            let text = format!(
-                "↻ gorp restarted while job `{}` was running: {}",
-                short_id(&r.job_id),
-                ev.text.as_deref().unwrap_or("its lease expired")
-            );
+        for ev in events.iter().filter(|e| {
+            e.kind == EventKind::Rescued && e.attempt > noted && e.attempt <= finished_attempts
+        }) {
+            let text = strings::restart_notice(short_id(&r.job_id), ev.text.as_deref());
             room.send(RoomMessageEventContent::notice_plain(text))
                 .await?;
             count("notice");
@@ -376,6 +387,42 @@ impl Pump {
         Ok(changed)
     }
 
+    /// Makes `key` the prompt's status reaction: the one it replaces is redacted first, so the
+    /// prompt never shows two. The new reaction is recorded at once, so a later failure in the
+    /// same pass cannot leave it behind unrecorded.
+    async fn react(
+        &mut self,
+        room: &Room,
+        r: &MatrixReply,
+        prompt: &EventId,
+        key: &str,
+        u: &mut MatrixReplyUpdate,
+    ) -> anyhow::Result<()> {
+        if let Some(old) = u
+            .reaction_event_id
+            .as_deref()
+            .and_then(|o| EventId::parse(o).ok())
+        {
+            // On failure the pass fails and is retried (with backoff) before anything is sent.
+            room.redact(&old, None, None)
+                .await
+                .context("cannot remove the previous status reaction")?;
+        }
+        let sent = room
+            .send(ReactionEventContent::new(Annotation::new(
+                prompt.to_owned(),
+                key.to_string(),
+            )))
+            .await?;
+        count("reaction");
+        u.reaction_key = Some(key.to_string());
+        u.reaction_event_id = Some(sent.response.event_id.to_string());
+        self.store
+            .matrix_reply_update(&r.job_id, u.clone(), now_ms())
+            .await?;
+        Ok(())
+    }
+
     /// The reply's first message: an answer to the prompt when there is one.
     fn first_message(&self, markdown: &str, r: &MatrixReply) -> RoomMessageEventContent {
         let mut content = message(markdown);
@@ -388,33 +435,6 @@ impl Pump {
         }
         content
     }
-}
-
-/// Puts `key` on the prompt; the reaction it replaces is removed later (`stale`).
-async fn react(
-    room: &Room,
-    prompt: &EventId,
-    key: &str,
-    u: &mut MatrixReplyUpdate,
-    stale: &mut Vec<OwnedEventId>,
-) -> anyhow::Result<()> {
-    let sent = room
-        .send(ReactionEventContent::new(Annotation::new(
-            prompt.to_owned(),
-            key.to_string(),
-        )))
-        .await?;
-    count("reaction");
-    if let Some(old) = u
-        .reaction_event_id
-        .as_deref()
-        .and_then(|o| EventId::parse(o).ok())
-    {
-        stale.push(old);
-    }
-    u.reaction_key = Some(key.to_string());
-    u.reaction_event_id = Some(sent.response.event_id.to_string());
-    Ok(())
 }
 
 /// Counts what the pump posted, by kind (`reaction`, `reply`, `edit`, `part`, `notice`).

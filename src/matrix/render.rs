@@ -8,7 +8,9 @@ use std::collections::HashMap;
 
 use pulldown_cmark::{CowStr, Event as MdEvent, Options, Parser, Tag, TagEnd};
 
-use crate::store::{Event, JobState, Source};
+use crate::store::{Event, EventKind, JobState, Source};
+
+use super::strings::{self, state_emoji};
 
 /// The size a reply is split to, in bytes. A Matrix event may be 64 KiB, and the plain body,
 /// the HTML `formatted_body` and, for edits, the `m.new_content` copy all count toward it.
@@ -442,7 +444,8 @@ pub struct ReplyInput<'a> {
 ///   closed before it and reopened after it.
 /// - Without output: `⏳ working…` while running, `👀 queued` while queued.
 /// - Finished jobs end with `❌ failed: <error>` (unless an `error` event already showed that
-///   text), `🛑 cancelled[: <error or stop reason>]`, or, for a success without any output,
+///   text), `🛑 cancelled`, `🛑 cancelled before it started` or `🛑 cancelled: <reason>`
+///   ([`strings::reply_cancelled`]: a cancellation is said once), or, for a success without any output,
 ///   `✅ done (no output)`.
 /// - `show_source` puts the source and the first 8 characters of the job id first, e.g.
 ///   ``**webhook** job `0190abcd` ``, then a blank line.
@@ -462,35 +465,46 @@ pub fn render_reply(input: &ReplyInput) -> String {
         .collect();
     let error = input.error.map(str::trim).filter(|e| !e.is_empty());
     let last_line = match input.state {
-        JobState::Queued if !has_output => Some(status_item("👀 queued", None)),
-        JobState::Running if !has_output => Some(status_item("⏳ working…", None)),
+        JobState::Queued if !has_output => Some(status_item(
+            state_emoji(JobState::Queued),
+            Some(strings::REPLY_QUEUED),
+        )),
+        JobState::Running if !has_output => Some(status_item(
+            state_emoji(JobState::Running),
+            Some(strings::REPLY_WORKING),
+        )),
         JobState::Failed => match error {
             Some(e) if shown_errors.contains(&e) => None,
-            Some(e) => Some(status_item("❌", Some(&format!("failed: {e}")))),
-            None => Some(status_item("❌ failed", None)),
+            Some(e) => Some(status_item(
+                state_emoji(JobState::Failed),
+                Some(&strings::reply_failed(e)),
+            )),
+            None => Some(status_item(
+                state_emoji(JobState::Failed),
+                Some(strings::REPLY_FAILED),
+            )),
         },
         JobState::Cancelled => {
             let reason = input
                 .stop_reason
                 .map(str::trim)
                 .filter(|r| !r.is_empty() && !r.eq_ignore_ascii_case("cancelled"));
-            Some(match error.or(reason) {
-                Some(why) => status_item("🛑", Some(&format!("cancelled: {why}"))),
-                None => status_item("🛑 cancelled", None),
-            })
+            Some(status_item(
+                state_emoji(JobState::Cancelled),
+                Some(&strings::reply_cancelled(error.or(reason))),
+            ))
         }
-        JobState::Succeeded if !has_output => Some(status_item("✅ done (no output)", None)),
+        JobState::Succeeded if !has_output => Some(status_item(
+            state_emoji(JobState::Succeeded),
+            Some(strings::REPLY_DONE_NO_OUTPUT),
+        )),
         _ => None,
     };
     items.extend(last_line);
     let mut out = String::new();
     if input.show_source {
         let id8: String = input.job_id.chars().take(8).collect();
-        out.push_str(&format!(
-            "**{}** job {}\n\n",
-            input.source.as_str(),
-            inline_code(&id8)
-        ));
+        out.push_str(&strings::reply_source_head(input.source.as_str(), &id8));
     }
     out.push_str(&layout(&items));
     out
@@ -513,25 +527,28 @@ enum Item {
 
 /// The blocks of the reply's output, from the events that count (see [`render_reply`]).
 fn reply_items(events: &[Event]) -> Vec<Item> {
-    const OUTPUT: [&str; 3] = ["message", "tool_call", "tool_call_update"];
-    const SHOWN: [&str; 6] = [
-        "message",
-        "tool_call",
-        "tool_call_update",
-        "permission",
-        "fs_denied",
-        "error",
+    use EventKind::*;
+    const OUTPUT: [EventKind; 3] = [Message, ToolCall, ToolCallUpdate];
+    const SHOWN: [EventKind; 6] = [
+        Message,
+        ToolCall,
+        ToolCallUpdate,
+        Permission,
+        FsDenied,
+        Error,
     ];
-    let mut events: Vec<&Event> = events
+    // Kinds gorp does not name (an agent's own update tags) are not shown.
+    let mut events: Vec<(&Event, EventKind)> = events
         .iter()
-        .filter(|e| SHOWN.contains(&e.kind.as_str()))
+        .filter_map(|e| Some((e, e.kind.parse::<EventKind>().ok()?)))
+        .filter(|(_, k)| SHOWN.contains(k))
         .collect();
-    events.sort_by_key(|e| e.seq);
-    let latest = |kinds: &[&str]| {
+    events.sort_by_key(|(e, _)| e.seq);
+    let latest = |kinds: &[EventKind]| {
         events
             .iter()
-            .filter(|e| kinds.contains(&e.kind.as_str()))
-            .map(|e| e.attempt)
+            .filter(|(_, k)| kinds.contains(k))
+            .map(|(e, _)| e.attempt)
             .max()
     };
     let Some(attempt) = latest(&OUTPUT).or_else(|| latest(&SHOWN)) else {
@@ -540,10 +557,10 @@ fn reply_items(events: &[Event]) -> Vec<Item> {
 
     let mut items: Vec<Item> = Vec::new();
     let mut tools: HashMap<String, usize> = HashMap::new();
-    for e in events.into_iter().filter(|e| e.attempt >= attempt) {
+    for (e, kind) in events.into_iter().filter(|(e, _)| e.attempt >= attempt) {
         let text = e.text.as_deref();
-        match e.kind.as_str() {
-            "message" => {
+        match kind {
+            Message => {
                 let text = text.unwrap_or("");
                 if text.is_empty() {
                     continue;
@@ -553,7 +570,7 @@ fn reply_items(events: &[Event]) -> Vec<Item> {
                     _ => items.push(Item::Text(text.to_string())),
                 }
             }
-            "tool_call" | "tool_call_update" => {
+            ToolCall | ToolCallUpdate => {
                 let data = e.data.as_ref();
                 let field = |name: &str| {
                     data.and_then(|d| d.get(name))
@@ -580,7 +597,7 @@ fn reply_items(events: &[Event]) -> Vec<Item> {
                         }
                     }
                     _ => {
-                        if e.kind == "tool_call_update" && id.is_none() {
+                        if kind == ToolCallUpdate && id.is_none() {
                             continue;
                         }
                         if let Some(id) = id {
@@ -593,12 +610,14 @@ fn reply_items(events: &[Event]) -> Vec<Item> {
                     }
                 }
             }
-            "permission" => {
-                let text = format!("permission: {}", text.unwrap_or("unknown"));
-                items.push(status_item("🔐", Some(&text)));
+            Permission => {
+                items.push(status_item("🔐", Some(&strings::reply_permission(text))));
             }
-            "fs_denied" => items.push(status_item("🚫", Some(text.unwrap_or("access denied")))),
-            "error" => {
+            FsDenied => items.push(status_item(
+                "🚫",
+                Some(text.unwrap_or(strings::REPLY_ACCESS_DENIED)),
+            )),
+            Error => {
                 let text = text.unwrap_or("error");
                 let mut item = status_item("❌", Some(text));
                 if let Item::Status { error, .. } = &mut item {
@@ -1452,7 +1471,7 @@ mod tests {
                 Some("cancelled"),
                 &[msg(1, 1, "x")]
             ),
-            "x\n\n🛑 cancelled: cancelled by user"
+            "x\n\n🛑 cancelled"
         );
         assert_eq!(
             reply_with(JobState::Cancelled, None, Some("cancelled"), &[]),

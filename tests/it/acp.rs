@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use gorp::acp::AcpExecutor;
+use gorp::agent::pool::WarmSessionManager;
+use gorp::agent::AcpExecutor;
 use gorp::config::Config;
 use gorp::store::{now_ms, Job, JobState, NewChannel, NewJob, Source, Store};
-use gorp::warm::WarmSessionManager;
 use gorp::worker::{PoolConfig, PoolHandle, WorkerPool};
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;

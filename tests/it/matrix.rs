@@ -2,6 +2,9 @@
 //! warm sessions, scheduler and the bot) with the scripted ACP agent; a person is a real
 //! matrix-sdk client with its own encrypted store, syncing in the background.
 
+use std::collections::HashSet;
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use gorp::config::{Config, MatrixConfig};
@@ -9,6 +12,7 @@ use gorp::store::{now_ms, JobState, NewJob, Source, Store};
 use matrix_sdk::config::SyncSettings;
 use matrix_sdk::deserialized_responses::EncryptionInfo;
 use matrix_sdk::event_handler::SyncEvent;
+use matrix_sdk::room::MessagesOptions;
 use matrix_sdk::ruma::api::client::room::create_room::v3::{Request as CreateRoom, RoomPreset};
 use matrix_sdk::ruma::events::reaction::{OriginalSyncReactionEvent, ReactionEventContent};
 use matrix_sdk::ruma::events::relation::Annotation;
@@ -36,6 +40,50 @@ use crate::support::synapse::Synapse;
 
 /// The longest any single wait may take.
 const WAIT: Duration = Duration::from_secs(30);
+
+/// Everything gorp logs at info and above (and gorp's own debug), kept for the tests to read.
+/// One buffer per process: nextest runs each test in its own.
+fn log_buffer() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOG.get_or_init(Default::default)
+}
+
+struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        log_buffer().lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Logs to the test output (filtered by `RUST_LOG`) and to [`log_buffer`].
+fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_test_writer()
+                .with_filter(EnvFilter::from_default_env()),
+        )
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(|| LogWriter)
+                .with_filter(EnvFilter::new("info,gorp=debug")),
+        )
+        .try_init();
+}
+
+/// The log so far.
+fn logged() -> String {
+    String::from_utf8_lossy(&log_buffer().lock().unwrap()).into_owned()
+}
 
 /// An event a person's client saw.
 struct Seen<Ev> {
@@ -313,10 +361,7 @@ impl World {
 
     /// Synapse, the accounts and the config, without gorp running yet.
     async fn prepare(token: bool, tweak: impl FnOnce(&mut Config)) -> World {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
+        init_logging();
         let synapse = Synapse::start().await.expect("start Synapse");
         let registered = if token {
             synapse.register("gorp", "gorp-password", false).await
@@ -365,7 +410,7 @@ impl World {
         let task = tokio::spawn(gorp::app::run(
             self.config.clone(),
             self.store.clone(),
-            gorp::app::instance_id(),
+            gorp::instance::InstanceId::new(),
             stop.clone(),
         ));
         let task = tokio::spawn(async move {
@@ -472,6 +517,72 @@ impl World {
                 .unwrap()
         })
         .await
+    }
+
+    /// The bot's events in `room`, in timeline order: event id, type (`m.room.encrypted` for
+    /// what Alice cannot decrypt, such as redacted encrypted events) and what it redacts.
+    async fn bot_timeline(&self, room: &RoomId) -> Vec<(String, String, Option<String>)> {
+        let room = self.alice.room(room);
+        let mut out = Vec::new();
+        let mut from: Option<String> = None;
+        loop {
+            let mut opts = MessagesOptions::forward();
+            opts.limit = 100u32.into();
+            opts.from = from.clone();
+            let page = room.messages(opts).await.expect("/messages");
+            for ev in &page.chunk {
+                let v: serde_json::Value = ev.raw().deserialize_as().expect("event JSON");
+                if v["sender"] != self.bot.as_str() {
+                    continue;
+                }
+                let redacts = v["redacts"]
+                    .as_str()
+                    .or_else(|| v["content"]["redacts"].as_str())
+                    .map(str::to_string);
+                out.push((
+                    v["event_id"].as_str().unwrap_or_default().to_string(),
+                    v["type"].as_str().unwrap_or_default().to_string(),
+                    redacts,
+                ));
+            }
+            match page.end {
+                Some(end) if !page.chunk.is_empty() => from = Some(end),
+                _ => return out,
+            }
+        }
+    }
+
+    /// Reads `room`'s timeline: at no point does gorp show two status reactions at once (each
+    /// replaced reaction is redacted before the next is sent), and at least `min` were sent.
+    async fn assert_one_status_reaction_at_a_time(&self, room: &RoomId, min: usize) {
+        let timeline = self.bot_timeline(room).await;
+        // gorp redacts only its status reactions; redacted ones can no longer be decrypted.
+        let redacted: HashSet<&str> = timeline
+            .iter()
+            .filter_map(|(_, _, r)| r.as_deref())
+            .collect();
+        let reactions: HashSet<&str> = timeline
+            .iter()
+            .filter(|(id, kind, _)| kind == "m.reaction" || redacted.contains(id.as_str()))
+            .map(|(id, _, _)| id.as_str())
+            .collect();
+        assert!(
+            reactions.len() >= min,
+            "at least {min} status reactions: {timeline:?}"
+        );
+        let mut shown = 0;
+        for (id, _, redacts) in &timeline {
+            if reactions.contains(id.as_str()) {
+                shown += 1;
+                assert!(
+                    shown <= 1,
+                    "two status reactions at once at {id}: {timeline:?}"
+                );
+            }
+            if redacts.as_deref().is_some_and(|r| reactions.contains(r)) {
+                shown -= 1;
+            }
+        }
     }
 
     async fn count(&self, sql: &str) -> i64 {
@@ -614,6 +725,8 @@ async fn a_prompt_in_a_channel_room_streams_one_edited_reply_with_status_reactio
         first_edit.len() < text.len(),
         "earlier edits show less of the answer: {first_edit:?}"
     );
+    // 👀, ⏳ and ✅, one after the other.
+    w.assert_one_status_reaction_at_a_time(&room, 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -652,11 +765,34 @@ async fn only_allowed_users_reach_the_agent() {
             .unwrap(),
         0
     );
-    let _ = hers_cmd;
     assert!(
         w.store.channel_get("guarded").await.unwrap().is_some(),
         "her command did nothing"
     );
+    // Each refusal is one log line with who and where, never what she wrote.
+    let refusals = || {
+        logged()
+            .lines()
+            .filter(|l| l.contains("refused a message from a user who is not allowed"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let lines = eventually(WAIT, "both refusals in the log", || async {
+        let lines = refusals();
+        (lines.len() >= 2).then_some(lines)
+    })
+    .await;
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for (line, event) in lines.iter().zip([&hers, &hers_cmd]) {
+        assert!(line.contains(mallory.user_id.as_str()), "{line}");
+        assert!(line.contains(room.as_str()), "{line}");
+        assert!(line.contains(event.as_str()), "{line}");
+        assert!(
+            !line.contains("pwned") && !line.contains("!delete"),
+            "{line}"
+        );
+    }
+    assert!(!logged().contains("pwned"), "her message is not logged");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -685,13 +821,24 @@ async fn commands_answer_and_bad_ones_get_usage() {
 
     let unknown = w.command(&room, "!frobnicate").await;
     assert!(unknown.contains("unknown command"), "{unknown}");
+    assert!(unknown.starts_with("❌ "), "{unknown}");
     let bad = w.command(&room, "!jobs 0").await;
     assert!(bad.contains("!jobs"), "{bad}");
+    assert!(bad.starts_with("❌ "), "{bad}");
     let bad_name = w.command(&room, "!create ../etc").await;
     assert!(
         bad_name.to_lowercase().contains("invalid channel name"),
         "{bad_name}"
     );
+    assert!(bad_name.starts_with("❌ "), "{bad_name}");
+    // A job id is described plainly.
+    let bad_id = w.command(&room, "!job nonexistent").await;
+    assert!(bad_id.starts_with("❌ "), "{bad_id}");
+    assert!(
+        bad_id.contains("a job id looks like `0190a5d2-ac96-7c4b-bcce-b302099a8057`"),
+        "{bad_id}"
+    );
+    assert!(!bad_id.contains("starting with"), "{bad_id}");
     assert_eq!(
         w.count("SELECT count(*) FROM channels").await,
         1,
@@ -713,6 +860,7 @@ async fn commands_answer_and_bad_ones_get_usage() {
     );
     let missing = w.command(&room, "!job ffffffff").await;
     assert!(missing.contains("no job"), "{missing}");
+    assert!(missing.starts_with("❌ "), "{missing}");
 
     let status = w.command(&room, "!status").await;
     assert!(
@@ -791,12 +939,28 @@ async fn commands_answer_and_bad_ones_get_usage() {
 
     let nothing = w.command(&room, "!cancel").await;
     assert!(nothing.contains("nothing is running"), "{nothing}");
+    assert!(nothing.starts_with("❌ "), "{nothing}");
 
     // Schedules.
     let next_runs = w.command(&room, "!schedule next \"0 9 * * MON\"").await;
     assert_eq!(next_runs.matches("T09:00:00").count(), 5, "{next_runs}");
     let bad_cron = w.command(&room, "!schedule add \"61 * * * *\" hi").await;
     assert!(bad_cron.starts_with("❌"), "{bad_cron}");
+    assert!(bad_cron.contains("minute is 0-59"), "{bad_cron}");
+    // Not a cron at all: gorp's own words, one consistent field count, not croner's.
+    let not_cron = w.command(&room, "!schedule add \"not a cron\" x").await;
+    assert!(not_cron.starts_with("❌ "), "{not_cron}");
+    assert!(
+        not_cron.contains("`not a cron` has 3 fields but a cron expression has 5 fields"),
+        "{not_cron}"
+    );
+    assert!(not_cron.contains("6 with seconds first"), "{not_cron}");
+    for croner in ["between 5 and 7", "Pattern", "expected 5 or 6 fields"] {
+        assert!(!not_cron.contains(croner), "{not_cron}");
+    }
+    let next_bad = w.command(&room, "!schedule next \"not a cron\"").await;
+    assert!(next_bad.starts_with("❌ "), "{next_bad}");
+    assert!(next_bad.contains("has 3 fields"), "{next_bad}");
     assert_eq!(w.count("SELECT count(*) FROM schedules").await, 0);
     let added = w
         .command(&room, "!schedule add \"0 9 * * *\" say good morning")
@@ -820,10 +984,11 @@ async fn commands_answer_and_bad_ones_get_usage() {
     assert!(w.store.schedule_get(1).await.unwrap().unwrap().enabled);
     assert!(w.command(&room, "!schedule rm 1").await.contains("deleted"));
     assert!(w.store.schedule_get(1).await.unwrap().is_none());
-    assert!(w
-        .command(&room, "!schedule rm 1")
-        .await
-        .contains("no schedule 1"));
+    let gone = w.command(&room, "!schedule rm 1").await;
+    assert!(
+        gone.starts_with("❌ ") && gone.contains("no schedule 1"),
+        "{gone}"
+    );
 
     // Join: the bot invites Alice again to a room she left.
     w.alice.room(&room).leave().await.unwrap();
@@ -866,10 +1031,63 @@ async fn reacting_stop_to_ones_own_prompt_cancels_it() {
             shown(e).contains("🛑 cancelled")
         })
         .await;
+    let text = shown(&reply.event);
+    assert!(text.contains("started"), "output so far stays");
+    // Said once, as a person would.
+    assert!(text.ends_with("🛑 cancelled"), "{text}");
+    assert_eq!(text.matches("cancelled").count(), 1, "{text}");
+    // 👀, ⏳ and 🛑, one after the other.
+    w.assert_one_status_reaction_at_a_time(&room, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_internal_error_shows_only_an_error_id_whose_details_are_in_the_log() {
+    let mut w = World::start(|_| {}).await;
+    let (room, _) = w.create_channel("fragile").await;
+    use sqlx::ConnectOptions;
+    // The database refuses new schedules with a message only the operator should see.
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&w.config.database.path)
+        .connect()
+        .await
+        .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER refuse_schedules BEFORE INSERT ON schedules \
+         BEGIN SELECT RAISE(ABORT, 'secret detail 7c1d at /var/lib/gorp'); END",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    drop(conn);
+
+    let answer = w
+        .command(&room, "!schedule add \"0 9 * * *\" say good morning")
+        .await;
     assert!(
-        shown(&reply.event).contains("started"),
-        "output so far stays"
+        answer.starts_with("❌ Something went wrong on gorp's side (error id "),
+        "{answer}"
     );
+    assert!(!answer.contains("secret detail"), "{answer}");
+    assert!(!answer.contains("/var/lib"), "{answer}");
+    let id = answer
+        .split("error id ")
+        .nth(1)
+        .and_then(|rest| rest.get(..8))
+        .expect("an error id");
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{answer}");
+    let log = logged();
+    let line = log
+        .lines()
+        .find(|l| l.contains(id))
+        .unwrap_or_else(|| panic!("no log line with {id}"));
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(
+        line.contains("secret detail 7c1d at /var/lib/gorp"),
+        "{line}"
+    );
+    // The line carries the request's span: the room and the event.
+    assert!(line.contains(room.as_str()), "{line}");
+    assert_eq!(w.count("SELECT count(*) FROM schedules").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -11,6 +11,7 @@ use gorp::executor::{Executor, JobContext, Outcome};
 use gorp::store::{now_ms, JobState, NewJob, Source, Store};
 use gorp::worker::{PoolConfig, WorkerPool};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::support::{eventually, setup};
 
@@ -83,8 +84,12 @@ impl Executor for ExclusiveExec {
             tokio::time::sleep(Duration::from_millis(2)).await; // hold the slot across other claims
             me.total.fetch_sub(1, Ordering::SeqCst);
             *me.live.lock().unwrap().get_mut(&ch).unwrap() -= 1;
-            ctx.emit("message", Some(format!("done {}", ctx.job.prompt)), None)
-                .await;
+            ctx.emit(
+                gorp::store::EventKind::Message,
+                Some(format!("done {}", ctx.job.prompt)),
+                None,
+            )
+            .await;
             Outcome::Succeeded {
                 stop_reason: Some("end_turn".into()),
             }
@@ -157,7 +162,8 @@ impl Executor for Chatty {
         let n = self.0;
         Box::pin(async move {
             for i in 0..n {
-                ctx.emit("message", Some(format!("{i},")), None).await;
+                ctx.emit(gorp::store::EventKind::Message, Some(format!("{i},")), None)
+                    .await;
             }
             Outcome::Succeeded {
                 stop_reason: Some("end_turn".into()),
@@ -200,7 +206,12 @@ struct UntilCancelled;
 impl Executor for UntilCancelled {
     fn run(&self, ctx: JobContext) -> BoxFuture<'static, Outcome> {
         Box::pin(async move {
-            ctx.emit("message", Some("working".into()), None).await;
+            ctx.emit(
+                gorp::store::EventKind::Message,
+                Some("working".into()),
+                None,
+            )
+            .await;
             ctx.cancelled().await;
             Outcome::Cancelled {
                 reason: format!("stopped: {:?}", ctx.stop_cause()),
@@ -335,7 +346,8 @@ impl Executor for FailOnce {
                     retryable: true,
                 }
             } else {
-                ctx.emit("message", Some("ok".into()), None).await;
+                ctx.emit(gorp::store::EventKind::Message, Some("ok".into()), None)
+                    .await;
                 Outcome::Succeeded { stop_reason: None }
             }
         })
@@ -415,4 +427,75 @@ async fn executor_panic_fails_the_attempt_not_the_worker() {
     assert!(j.error.unwrap().contains("panicked"));
     stop.cancel();
     h.await.unwrap();
+}
+
+/// Writes log output into a shared buffer.
+#[derive(Clone, Default)]
+struct LogBuf(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct LoggingExec;
+
+impl Executor for LoggingExec {
+    fn run(&self, _ctx: JobContext) -> BoxFuture<'static, Outcome> {
+        Box::pin(async move {
+            // A task the executor spawns logs inside the job's span too.
+            tokio::spawn(
+                async { tracing::info!("from the executor's own task") }.in_current_span(),
+            )
+            .await
+            .unwrap();
+            tracing::info!("from the executor");
+            Outcome::Succeeded { stop_reason: None }
+        })
+    }
+}
+
+/// Every log line of a job's run carries the job's id, attempt and channel (from the worker's
+/// span), in the JSON form `GORP_LOG_FORMAT=json` writes.
+#[tokio::test]
+async fn a_jobs_log_lines_carry_its_id_attempt_and_channel() {
+    let buf = LogBuf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_current_span(true)
+        .with_span_list(true)
+        .with_writer(move || writer.clone())
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let s = setup().await;
+    let ch = s.channel("logged").await;
+    let enq = s
+        .store
+        .job_insert(NewJob::new(ch.id, Source::Cli, "log me"), now_ms())
+        .await
+        .unwrap();
+    let (stop, task, _) = spawn_pool(&s.store, Arc::new(LoggingExec), pool_config(1), "w-log");
+    wait_state(&s.store, &enq.job_id, JobState::Succeeded).await;
+    stop.cancel();
+    task.await.unwrap();
+    let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    for msg in ["from the executor", "from the executor's own task"] {
+        let line = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|v| v["fields"]["message"] == msg)
+            .unwrap_or_else(|| panic!("no line {msg:?} in {text}"));
+        let span = &line["span"];
+        assert_eq!(span["name"], "job", "{line}");
+        assert_eq!(span["job"], enq.job_id.as_str(), "{line}");
+        assert_eq!(span["attempt"], 1, "{line}");
+        assert_eq!(span["channel"], "logged", "{line}");
+    }
 }

@@ -1,7 +1,10 @@
 //! `gorp-script-agent`: an ACP agent over stdio whose behaviour is scripted by
-//! prompt directives. See `gorp::acp::script_agent` for the directive syntax.
+//! prompt directives (see `script.rs` for the directive syntax). The test suite, the soak and
+//! the benchmarks drive gorp with it; it is not part of the library.
 
-use gorp::acp::script_agent::{run_stdio, ScriptAgentConfig};
+mod script;
+
+use script::{run_stdio, ScriptAgentConfig};
 
 fn main() -> anyhow::Result<()> {
     let config = match ScriptAgentConfig::from_args(std::env::args().skip(1)) {

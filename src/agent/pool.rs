@@ -614,7 +614,7 @@ impl WarmSessionManager {
                     || row
                         .holder
                         .as_deref()
-                        .is_some_and(crate::app::instance_is_dead))
+                        .is_some_and(crate::instance::holder_is_dead))
             {
                 orphaned.push(row);
             }
@@ -701,29 +701,6 @@ impl WarmSessionManager {
         }
     }
 
-    /// Runs the keeper every [`KEEPER_INTERVAL`] until `shutdown`.
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(KEEPER_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            match self.run_once(now_ms()).await {
-                Ok(r) if r.stopped + r.warming > 0 => {
-                    tracing::info!(
-                        stopped = r.stopped,
-                        warming = r.warming,
-                        "warm-session keeper"
-                    )
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "warm-session keeper pass failed"),
-            }
-        }
-    }
-
     /// Shuts every agent down. The rows stay warm with released leases, so the next gorp
     /// warms them again.
     pub async fn shutdown(&self) {
@@ -766,5 +743,23 @@ fn last_lines(s: &str, n: usize) -> String {
         "no stderr output".into()
     } else {
         format!("stderr: {tail}")
+    }
+}
+
+/// The keeper: one pass every [`KEEPER_INTERVAL`].
+impl crate::background::Service for Arc<WarmSessionManager> {
+    type Report = KeeperReport;
+    const NAME: &'static str = "warm-keeper";
+
+    fn interval(&self) -> Duration {
+        KEEPER_INTERVAL
+    }
+
+    async fn run_once(&self, now: Millis) -> Result<KeeperReport, crate::store::StoreError> {
+        WarmSessionManager::run_once(self, now).await
+    }
+
+    fn counts(r: &KeeperReport) -> Vec<(&'static str, u64)> {
+        vec![("stopped", r.stopped as u64), ("warming", r.warming as u64)]
     }
 }

@@ -1,0 +1,517 @@
+//! Every text the Matrix bot posts in a room: command answers, errors, hints, help, usage, the
+//! status words of job replies and notices. Kept in one place so gorp speaks with one voice.
+//!
+//! Conventions:
+//! - Texts are Markdown; names and ids are shown bold (`**ops**`) or as inline code.
+//! - Every error a room sees goes through [`error`], so it starts with ❌. Error texts themselves
+//!   (the `problem` of a usage error, what [`no_job`] returns, …) are lowercase fragments
+//!   without the mark; [`error`] adds it.
+//! - An internal error (gorp's fault, not the person's) shows only [`internal_error`]: a fixed
+//!   sentence and the error id that the log line carries.
+
+use std::fmt::Display;
+
+use crate::store::JobState;
+
+use super::render::inline_code;
+
+/// The mark every error reply starts with.
+pub const ERROR_MARK: &str = "❌";
+
+/// An error reply: [`ERROR_MARK`], then `text`.
+pub fn error(text: &str) -> String {
+    format!("{ERROR_MARK} {text}")
+}
+
+/// The answer to an internal error: no details, only the id under which they were logged.
+pub fn internal_error(error_id: &str) -> String {
+    error(&format!(
+        "Something went wrong on gorp's side (error id {error_id}); the operator can find it in the log."
+    ))
+}
+
+/// The status reaction for a job state.
+pub fn state_emoji(s: JobState) -> &'static str {
+    match s {
+        JobState::Queued => "👀",
+        JobState::Running => "⏳",
+        JobState::Succeeded => "✅",
+        JobState::Failed => "❌",
+        JobState::Cancelled => "🛑",
+    }
+}
+
+// ---- help and usage ----
+
+/// The `!help` text (Markdown): every command with its usage and what it does.
+pub const HELP: &str = "\
+**gorp commands**
+
+- `!help` — this list
+- `!create <name>` — create a channel with its own room and invite you
+- `!join <name>` — invite you to a channel's room
+- `!list` — list the channels
+- `!delete <name>` — delete a channel and its job history (its workspace stays on disk)
+- `!status` — this room's agent, queue and session
+- `!jobs [n]` — the newest jobs (10 by default, at most 50)
+- `!job <id>` — one job and its output (the first few characters of the id are enough)
+- `!cancel [id]` — cancel a job, or the one running in this room
+- `!reset` — the next job starts a new conversation
+- `!warm` — start this room's agent now so the next job starts fast
+- `!token` — a new webhook token for this room's channel (the old one stops working)
+- `!schedule add \"<cron or one-off>\" <prompt>` — run a prompt on a schedule
+- `!schedule list` — this room's schedules
+- `!schedule pause <id>` / `!schedule resume <id>` / `!schedule rm <id>` — pause, resume or delete a schedule
+- `!schedule next \"<cron>\"` — when a schedule would fire
+
+Any other message in a channel's room is a prompt for its agent.";
+
+/// The usage line of each command, as shown after `usage:`.
+pub mod usage {
+    pub const HELP: &str = "!help";
+    pub const CREATE: &str = "!create <name>";
+    pub const JOIN: &str = "!join <name>";
+    pub const LIST: &str = "!list";
+    pub const DELETE: &str = "!delete <name>";
+    pub const STATUS: &str = "!status";
+    pub const JOBS: &str = "!jobs [n]";
+    pub const JOB: &str = "!job <id>";
+    pub const CANCEL: &str = "!cancel [id]";
+    pub const RESET: &str = "!reset";
+    pub const WARM: &str = "!warm";
+    pub const TOKEN: &str = "!token";
+    pub const SCHEDULE: &str = "!schedule add|list|pause|resume|rm|next …";
+    pub const SCHEDULE_ADD: &str = "!schedule add \"<cron or one-off>\" <prompt>";
+    pub const SCHEDULE_LIST: &str = "!schedule list";
+    pub const SCHEDULE_PAUSE: &str = "!schedule pause <id>";
+    pub const SCHEDULE_RESUME: &str = "!schedule resume <id>";
+    pub const SCHEDULE_RM: &str = "!schedule rm <id>";
+    pub const SCHEDULE_NEXT: &str = "!schedule next \"<cron>\"";
+}
+
+// ---- malformed commands (the parser's problems; one line each) ----
+
+/// A malformed command: the problem, then the usage as inline code.
+pub fn usage_error(problem: &str, usage: &str) -> String {
+    format!("{problem}; usage: {}", inline_code(usage))
+}
+
+/// An unknown command word; `shown` is the word as echoed back (already shortened), `None`
+/// for a lone `!`.
+pub fn unknown_command(shown: Option<&str>) -> String {
+    match shown {
+        None => "unknown command `!`; `!help` lists the commands".to_string(),
+        Some(word) => format!(
+            "unknown command {}; `!help` lists the commands",
+            inline_code(&format!("!{word}"))
+        ),
+    }
+}
+
+pub const NO_ARGUMENTS: &str = "this command takes no arguments";
+pub const TOO_MANY_ARGUMENTS: &str = "too many arguments";
+pub const MISSING_CHANNEL_NAME: &str = "missing channel name";
+pub const MISSING_JOB_ID: &str = "missing job id";
+pub const MISSING_SCHEDULE_ID: &str = "missing schedule id";
+pub const MISSING_SUBCOMMAND: &str = "missing subcommand";
+pub const UNKNOWN_SUBCOMMAND: &str = "unknown subcommand";
+pub const MISSING_PROMPT: &str = "missing prompt";
+pub const MISSING_SPEC: &str = "missing schedule spec";
+pub const SPEC_NOT_QUOTED: &str = "put the schedule spec in double quotes";
+pub const SPEC_NOT_CLOSED: &str = "the schedule spec has no closing quote";
+pub const SPEC_EMPTY: &str = "the schedule spec is empty";
+pub const SCHEDULE_ID_SHAPE: &str = "a schedule id is a positive number";
+
+/// `!jobs n` out of range.
+pub fn jobs_count_range(max: i64) -> String {
+    format!("the number of jobs must be between 1 and {max}")
+}
+
+/// What a job id looks like (gorp's ids are UUIDs, version 7, written with dashes).
+pub const JOB_ID_SHAPE: &str = "a job id looks like `0190a5d2-ac96-7c4b-bcce-b302099a8057` (digits, letters a-f and dashes); its first few characters are enough";
+
+// ---- rooms and channels ----
+
+/// A message or command that needs a channel, in a room that is none.
+pub const NOT_A_CHANNEL: &str =
+    "this room is not a gorp channel; `!create <name>` makes one and `!help` lists the commands";
+
+pub fn no_channel(name: &str) -> String {
+    format!("no channel **{name}**; `!list` shows the channels")
+}
+
+pub fn channel_exists(name: &str) -> String {
+    format!("channel **{name}** exists; `!join {name}` invites you to its room")
+}
+
+pub fn channel_busy(name: &str) -> String {
+    format!("channel **{name}** has a running job; `!cancel` it first")
+}
+
+pub fn not_in_channel_room(name: &str) -> String {
+    format!("gorp is not in **{name}**'s room")
+}
+
+/// A Markdown link to a room.
+pub fn room_link(room: &impl Display) -> String {
+    format!("[{room}](https://matrix.to/#/{room})")
+}
+
+pub fn already_in_room(name: &str, link: &str) -> String {
+    format!("You are already in **{name}**'s room ({link}).")
+}
+
+pub fn invited(name: &str, link: &str) -> String {
+    format!("Invited you to **{name}**'s room ({link}).")
+}
+
+pub fn room_created_for(name: &str, link: &str) -> String {
+    format!("Channel **{name}** had no room; created {link} and invited you.")
+}
+
+pub const NO_CHANNELS: &str = "No channels yet. `!create <name>` makes one.";
+pub const CHANNELS_HEADER: &str = "Channels:\n";
+
+pub fn channel_line(name: &str, room: Option<&str>, queued: i64) -> String {
+    let room = room
+        .map(|r| format!("`{r}`"))
+        .unwrap_or_else(|| "no room".into());
+    format!("- **{name}** — {room} — {queued} queued\n")
+}
+
+/// Posted in a deleted channel's room before gorp leaves it.
+pub fn channel_deleted_notice(name: &str) -> String {
+    format!("Channel **{name}** was deleted; gorp leaves this room.")
+}
+
+pub fn channel_deleted(name: &str, workspace: &impl Display) -> String {
+    format!("Deleted channel **{name}** and its job history. Its workspace `{workspace}` is kept on disk.")
+}
+
+pub fn room_name(name: &str) -> String {
+    format!("gorp: {name}")
+}
+
+pub fn room_topic(name: &str) -> String {
+    format!("gorp channel {name}")
+}
+
+/// The first message in a new channel's room, with its webhook token (shown only there).
+pub fn welcome(name: &str, workspace: &impl Display, url: &str, token: &str) -> String {
+    format!(
+        "This room is gorp channel **{name}**. Every message here is a prompt for its agent (workspace `{workspace}`); `!help` lists the commands.\n\nWebhook: `POST {url}` with `Authorization: Bearer {token}` (the token is shown only here; gorp keeps its hash)."
+    )
+}
+
+pub fn channel_created(name: &str, link: &str, url: &str) -> String {
+    format!(
+        "Created channel **{name}**: {link} (you are invited).\n\nWebhook: `POST {url}` — its token is in the new room."
+    )
+}
+
+pub const TOKEN_NEEDS_ENCRYPTION: &str =
+    "this room is not encrypted; gorp posts tokens only in encrypted rooms";
+
+pub fn new_token(name: &str, url: &str, token: &str) -> String {
+    format!(
+        "New webhook token for **{name}** (the old one no longer works):\n\n`POST {url}` with `Authorization: Bearer {token}`"
+    )
+}
+
+// ---- the channel's agent ----
+
+pub fn reset_done(name: &str) -> String {
+    format!("**{name}**: the next job starts a new conversation (ACP session).")
+}
+
+pub fn warming(name: &str) -> String {
+    format!("**{name}**: warming the agent; `!status` shows when it is ready.")
+}
+
+/// What `!status` says about the agent process: its state, pid and warm deadline.
+pub fn agent_line(state: &str, pid: Option<i64>, warm_until: Option<&str>) -> String {
+    let mut l = state.to_string();
+    if let Some(pid) = pid {
+        l.push_str(&format!(" (pid {pid})"));
+    }
+    if let Some(until) = warm_until {
+        l.push_str(&format!(", stays warm until {until} UTC"));
+    }
+    l
+}
+
+pub const AGENT_COLD: &str = "cold";
+pub const NOTHING_RUNNING: &str = "none";
+pub const NO_SESSION: &str = "none (the next job starts one)";
+
+pub fn running_line(job_id: &str, since: &str, attempt: i64) -> String {
+    format!("`{job_id}` since {since} UTC (attempt {attempt})")
+}
+
+pub fn status(
+    name: &str,
+    agent: &str,
+    queued: i64,
+    running: &str,
+    session: Option<&str>,
+    workspace: &impl Display,
+) -> String {
+    let session = session
+        .map(|x| format!("`{x}`"))
+        .unwrap_or_else(|| NO_SESSION.into());
+    format!(
+        "**{name}**\n- agent: {agent}\n- queued: {queued}\n- running: {running}\n- ACP session: {session}\n- workspace: `{workspace}`"
+    )
+}
+
+// ---- jobs ----
+
+pub const NO_JOBS: &str = "No jobs.";
+
+pub fn job_line(id: &str, state: JobState, channel: &str, source: &str, prompt: &str) -> String {
+    format!(
+        "- `{id}` {} {channel} {source} — {prompt}\n",
+        state_emoji(state)
+    )
+}
+
+/// The head of `!job`: id, state, channel, source, creation time and attempts.
+#[allow(clippy::too_many_arguments)]
+pub fn job_head(
+    id: &str,
+    state: JobState,
+    channel: &str,
+    source: &str,
+    created: &str,
+    attempt: i64,
+    max_attempts: i64,
+) -> String {
+    format!(
+        "`{id}` {} **{}** on **{channel}** from {source}\n- created {created} UTC, attempt {attempt} of {max_attempts}\n",
+        state_emoji(state),
+        state.as_str()
+    )
+}
+
+pub fn job_error_line(error: &str) -> String {
+    format!("- error: {error}\n")
+}
+
+pub fn job_prompt_line(prompt: &str) -> String {
+    format!("- prompt: {prompt}\n")
+}
+
+/// After the first part of a long output in `!job`.
+pub fn job_output_cut(id: &str) -> String {
+    format!("\n\n… (`gorp job {id}` shows all of it)")
+}
+
+pub fn no_job(prefix: &str) -> String {
+    format!("no job matches `{prefix}`; `!jobs` lists the recent ones")
+}
+
+pub fn ambiguous_job(prefix: &str) -> String {
+    format!("`{prefix}` matches more than one job; give more of the id")
+}
+
+pub fn nothing_running(channel: &str) -> String {
+    format!("nothing is running in **{channel}**")
+}
+
+pub fn cancelled_before_start(id: &str) -> String {
+    format!("🛑 `{id}` cancelled before it ran.")
+}
+
+pub fn stopping(id: &str) -> String {
+    format!("🛑 stopping `{id}`…")
+}
+
+pub fn already_finished(id: &str, state: JobState) -> String {
+    format!("`{id}` already finished ({}).", state.as_str())
+}
+
+/// A prompt the store refused (e.g. too long); `why` is the store's reason.
+pub fn not_queued(why: &str) -> String {
+    format!("not queued: {why}")
+}
+
+/// A message gorp could not decrypt.
+pub fn undecryptable(sender: &impl Display) -> String {
+    error(&format!(
+        "gorp could not decrypt a message from {sender}: its room key did not reach gorp's device. Nothing was run. Send it again; if this keeps happening, let your client share keys with unverified devices (gorp's device is never verified)."
+    ))
+}
+
+// ---- schedules ----
+
+pub const NO_SCHEDULES: &str = "No schedules.";
+
+/// How a schedule fires, as listed: the cron expression or "once".
+pub fn schedule_when(cron: Option<&str>) -> String {
+    cron.map(|c| format!("`{c}`"))
+        .unwrap_or_else(|| "once".into())
+}
+
+pub fn schedule_added(id: i64, when: &str, timezone: &str, next: &str) -> String {
+    format!("Schedule **{id}** added: {when} ({timezone}), next run {next} UTC.")
+}
+
+pub fn schedule_line(
+    id: i64,
+    enabled: bool,
+    when: &str,
+    timezone: &str,
+    next: Option<&str>,
+    prompt: &str,
+) -> String {
+    let next = next
+        .map(|t| format!("{t} UTC"))
+        .unwrap_or_else(|| "-".into());
+    format!(
+        "- **{id}** {} {when} ({timezone}) next {next} — {prompt}\n",
+        if enabled { "▶" } else { "⏸" }
+    )
+}
+
+pub fn schedule_paused(id: i64) -> String {
+    format!("Schedule **{id}** paused.")
+}
+
+pub fn schedule_resumed(id: i64) -> String {
+    format!("Schedule **{id}** resumed.")
+}
+
+pub fn schedule_deleted(id: i64) -> String {
+    format!("Schedule **{id}** deleted.")
+}
+
+pub fn no_schedule(id: i64) -> String {
+    format!("no schedule {id}")
+}
+
+pub fn next_runs_header(spec: &str, timezone: &str) -> String {
+    format!("`{spec}` in {timezone} runs next at:\n")
+}
+
+/// What gorp reads as a cron expression, said the same way everywhere.
+const CRON_FORMS: &str = "5 fields (minute hour day-of-month month day-of-week, e.g. `0 9 * * 1-5`), 6 with seconds first, or an alias such as `@daily`";
+
+/// The one-off forms `!schedule add` accepts besides cron.
+const ONE_OFF_FORMS: &str = "`in 30m` (s, m, h or d) or a time such as `2026-12-01T09:00:00+01:00`";
+
+/// A spec with the wrong number of fields for a cron expression.
+pub fn cron_field_count(spec: &str, fields: usize, one_off_too: bool) -> String {
+    let or_one_off = if one_off_too {
+        format!("; a one-off is {ONE_OFF_FORMS}")
+    } else {
+        String::new()
+    };
+    format!(
+        "{} has {fields} field{} but a cron expression has {CRON_FORMS}{or_one_off}",
+        inline_code(spec),
+        if fields == 1 { "" } else { "s" }
+    )
+}
+
+/// A cron expression with the right number of fields whose values gorp cannot read, or an
+/// unknown alias.
+pub fn cron_invalid(spec: &str) -> String {
+    format!(
+        "{} is not a valid cron expression: minute is 0-59, hour 0-23, day-of-month 1-31, month 1-12 or JAN-DEC, day-of-week 0-7 or SUN-SAT (seconds 0-59 come first in the 6-field form); the aliases are @yearly, @monthly, @weekly, @daily and @hourly",
+        inline_code(spec)
+    )
+}
+
+// ---- job replies (rendered by `render`, posted by `pump`) ----
+
+pub const REPLY_QUEUED: &str = "queued";
+pub const REPLY_WORKING: &str = "working…";
+pub const REPLY_DONE_NO_OUTPUT: &str = "done (no output)";
+pub const REPLY_FAILED: &str = "failed";
+
+pub fn reply_failed(error: &str) -> String {
+    format!("failed: {error}")
+}
+
+/// The last line of a cancelled job's reply (after 🛑), said once: `cancelled`, the reason when
+/// it already reads as a cancellation (`cancelled before it started`), else
+/// `cancelled: <reason>`. A plain cancel by a person (`cancelled by user`, from `!cancel` or
+/// a 🛑 reaction, both visible in the room) is just `cancelled`.
+pub fn reply_cancelled(why: Option<&str>) -> String {
+    let why = why.map(str::trim).filter(|w| {
+        !w.is_empty()
+            && !w.eq_ignore_ascii_case("cancelled")
+            && !w.eq_ignore_ascii_case("cancelled by user")
+    });
+    match why {
+        None => "cancelled".into(),
+        Some(w) if w.to_lowercase().starts_with("cancelled ") => w.to_string(),
+        Some(w) => format!("cancelled: {w}"),
+    }
+}
+
+pub fn reply_permission(what: Option<&str>) -> String {
+    format!("permission: {}", what.unwrap_or("unknown"))
+}
+
+pub const REPLY_ACCESS_DENIED: &str = "access denied";
+
+/// The head of a reply to a job that did not come from the room (webhook, schedule, CLI).
+pub fn reply_source_head(source: &str, id8: &str) -> String {
+    format!("**{source}** job {}\n\n", inline_code(id8))
+}
+
+/// Posted when gorp restarted while a job ran (the job runs again).
+pub fn restart_notice(id8: &str, why: Option<&str>) -> String {
+    format!(
+        "↻ gorp restarted while job `{id8}` was running: {}",
+        why.unwrap_or("its lease expired")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_start_with_the_mark() {
+        assert_eq!(error("no job"), "❌ no job");
+        let internal = internal_error("3f9a1c2e");
+        assert!(internal.starts_with("❌ "), "{internal}");
+        assert!(internal.contains("error id 3f9a1c2e"), "{internal}");
+        assert!(undecryptable(&"@a:b").starts_with("❌ "));
+    }
+
+    #[test]
+    fn a_cancel_is_said_once() {
+        assert_eq!(reply_cancelled(None), "cancelled");
+        assert_eq!(reply_cancelled(Some("cancelled")), "cancelled");
+        assert_eq!(reply_cancelled(Some("cancelled by user")), "cancelled");
+        assert_eq!(
+            reply_cancelled(Some("cancelled before it started")),
+            "cancelled before it started"
+        );
+        assert_eq!(
+            reply_cancelled(Some("gorp is shutting down")),
+            "cancelled: gorp is shutting down"
+        );
+        for why in [
+            None,
+            Some("cancelled by user"),
+            Some("cancelled before it started"),
+        ] {
+            let text = reply_cancelled(why);
+            assert_eq!(text.matches("cancelled").count(), 1, "{text}");
+        }
+    }
+
+    #[test]
+    fn the_job_id_shape_is_plain() {
+        assert!(!JOB_ID_SHAPE.contains("starting with"), "{JOB_ID_SHAPE}");
+        // The example is a real UUID v7 as gorp writes job ids.
+        let example = JOB_ID_SHAPE.split('`').nth(1).unwrap();
+        let id = uuid::Uuid::parse_str(example).unwrap();
+        assert_eq!(id.get_version_num(), 7);
+        assert_eq!(id.to_string(), example);
+    }
+}
