@@ -2,21 +2,30 @@
 //! durable SQLite job queue.
 //!
 //! # Layout
+//! From the ground up; a module refers only to the ones above it in this list (checked by
+//! `layers.py`, see the README's Architecture section).
+//! - [`kinds`]: the closed sets of values stored as text (states, sources, event kinds, policies).
 //! - [`config`]: `Config::load()`, `GORP_*` overrides, validation, masked printing.
-//! - [`store`]: every SQL statement; the single writer task with group commit; read pool.
+//! - [`auth`]: bearer tokens and GitHub signatures, compared in constant time.
+//! - [`instance`]: instance ids (`host:pid:nonce`) and "is this holder dead on this host".
+//! - [`store`]: every SQL statement, one file per table; the group-commit writer; read pool.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`background`]: the one loop the rescuer, cleaner, scheduler and warm keeper run in.
+//! - [`acp`]: the ACP client (process, connection, updates, fs confinement, permissions).
 //! - [`executor`]: the interface the worker runs jobs through, and the job context.
 //! - [`worker`]: the worker pool: claim, heartbeat, fenced outcomes, graceful shutdown.
-//! - [`acp`]: the ACP client, the scripted test agent, and the executor on warm sessions.
-//! - [`warm`]: `WarmSessionManager`: live agent processes driven by the `warm_sessions` table.
-//! - [`scheduler`]: cron schedules (croner) that fire exactly once per slot; pre-warm.
-//! - [`rescuer`]: returns jobs whose lease expired.
-//! - [`cleaner`]: deletes finished jobs past retention.
+//! - [`agent`]: the warm pool of agent processes and the executor that runs jobs on them.
+//! - [`rescuer`]: returns jobs whose lease expired. [`cleaner`]: deletes finished jobs past
+//!   retention. [`scheduler`]: fires cron schedules exactly once per slot; pre-warm.
+//! - [`service`]: domain operations every front end calls (channels, jobs, schedules).
 //! - [`http`]: webhooks, the JSON/SSE API, health, metrics, OpenAPI (axum).
 //! - [`matrix`]: the Matrix bot: rooms as channels, `!` commands, streamed replies, E2EE.
-//! - [`auth`]: bearer tokens and GitHub signatures, compared in constant time.
-//! - [`metrics`]: Prometheus metrics.
-//! - [`app`]: `gorp start`: wires the services together until shutdown.
-//! - [`cli`]: the `gorp` command line.
+//! - [`cli`]: the `gorp` command line. [`app`]: `gorp start` wires the services together.
+//! - [`logging`]: log filter and format (`GORP_LOG`, `GORP_LOG_FORMAT=json`).
+//!
+//! A webhook job: `http::webhook` → `service::jobs::enqueue` → `store` (writer, group commit)
+//! → `worker` claims it and runs it in a `job` span → `agent::executor` on a session from
+//! `agent::pool` over `acp::client` → events and the fenced outcome back through `store`.
 
 // matrix-sdk's sync futures are deeply nested types.
 #![recursion_limit = "256"]

@@ -89,7 +89,7 @@ pub fn answer(result: Answer) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::io::Write;
     use std::sync::{Arc, Mutex};
 
@@ -97,7 +97,7 @@ mod tests {
 
     /// A writer the test reads back.
     #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
+    pub(in crate::matrix) struct Captured(pub(in crate::matrix) Arc<Mutex<Vec<u8>>>);
 
     impl Write for Captured {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
