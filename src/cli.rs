@@ -1,6 +1,9 @@
 //! The `gorp` command line. Human-readable tables by default, `--json` for scripts.
 //!
 //! Exit codes (stable, for scripts): see the `EXIT_*` constants.
+//!
+//! Why one file: every command is a thin adapter (parse, call a service or the store, print a
+//! table or JSON); the tables share one renderer.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

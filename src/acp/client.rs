@@ -62,6 +62,10 @@
 //! `access denied: ...`) and emit `fs_denied`. The checks are path based; a
 //! process racing to swap directories for symlinks between the check and the
 //! access is out of scope.
+//!
+//! Why one file (about 1,100 lines): the process, the connection and the prompt turn share one
+//! state (routes, backpressure, shutdown). Update mapping, fs confinement, permission answers
+//! and process-group checks are in `client/`.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Component, Path, PathBuf};

@@ -21,6 +21,9 @@
 //! heavy to start: many at once on a small machine time out). After a restart the keeper warms
 //! the orphaned rows a few at a time, channels with queued jobs first, then the most recently
 //! used, and only as many as fit under `max_warm_sessions`: the rest are marked stopped.
+//!
+//! Why one file: acquire, release, the keeper pass and shutdown share the per-channel slots
+//! and their locking; split, the locking rules would be spread over files.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

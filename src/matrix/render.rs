@@ -3,6 +3,9 @@
 //!
 //! Everything here is pure: the reply pump and the command dispatcher read the rows and send
 //! the messages.
+//!
+//! Why one file: rendering and splitting share the fence and list rules, and half of the file
+//! is their unit tests (the splitter's edge cases).
 
 use std::collections::HashMap;
 

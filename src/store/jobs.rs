@@ -1,6 +1,9 @@
 //! The `jobs` table: the queue. Enqueue (multi-row, idempotent per channel), claim (one job
 //! per idle channel, in queue order), heartbeat, the fenced outcomes, cancel, rescue of
 //! expired leases, retention, and the reads of jobs.
+//!
+//! Why one file: it is the queue table; its writes are the state machine, kept together so
+//! every transition out of `running` can be read side by side with its fence.
 
 use std::collections::HashSet;
 

@@ -68,6 +68,9 @@
 //! Whenever the turn is cancelled (`session/cancel` for the session, or
 //! `$/cancel_request` for the prompt request), the running directive stops at
 //! its next wait and the prompt answers with stop reason `cancelled`.
+//!
+//! Why one file: the directive parser and the agent that plays it are one small program; a
+//! tenth of it is tests.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
