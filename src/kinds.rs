@@ -18,9 +18,12 @@ macro_rules! text_enum {
             Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
             sqlx::Type, utoipa::ToSchema,
         )]
-        #[sqlx(type_name = "TEXT")]
+        // The stored text is the variant's name in snake_case (the tests check `as_str`
+        // against serde); serde, sqlx and the OpenAPI schema all read `rename_all`.
+        #[serde(rename_all = "snake_case")]
+        #[sqlx(type_name = "TEXT", rename_all = "snake_case")]
         $vis enum $name {
-            $( $(#[$vmeta])* #[serde(rename = $text)] #[sqlx(rename = $text)] $variant ),+
+            $( $(#[$vmeta])* $variant ),+
         }
 
         impl $name {
@@ -206,9 +209,32 @@ mod tests {
         for s in JobState::ALL {
             assert_eq!(s.as_str().parse::<JobState>(), Ok(*s));
         }
+        fn same_text<T>(all: &[T], as_str: fn(&T) -> &'static str)
+        where
+            T: serde::Serialize + utoipa::ToSchema + std::fmt::Debug,
+        {
+            let schema = serde_json::to_value(T::schema()).unwrap();
+            let listed: Vec<&str> = schema["enum"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            let texts: Vec<&str> = all.iter().map(as_str).collect();
+            assert_eq!(listed, texts, "the OpenAPI schema lists the stored texts");
+            for v in all {
+                assert_eq!(serde_json::to_value(v).unwrap(), as_str(v), "{v:?}");
+            }
+        }
+        same_text(JobState::ALL, |v| v.as_str());
+        same_text(Source::ALL, |v| v.as_str());
+        same_text(PermissionPolicy::ALL, |v| v.as_str());
+        same_text(CatchUp::ALL, |v| v.as_str());
+        same_text(Overlap::ALL, |v| v.as_str());
+        same_text(WarmState::ALL, |v| v.as_str());
+        same_text(EventKind::ALL, |v| v.as_str());
         for k in EventKind::ALL {
             assert_eq!(k.to_string().parse::<EventKind>(), Ok(*k));
-            assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
         }
         assert_eq!(
             "x".parse::<JobState>().unwrap_err(),
