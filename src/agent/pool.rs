@@ -159,14 +159,18 @@ impl WarmSessionManager {
             .clone()
     }
 
-    /// The pid of the channel's live agent here, if any (for tests and `gorp warm`).
-    pub fn live_pid(&self, channel_id: i64) -> Option<u32> {
-        let slot = self
-            .slots
+    /// The channel's slot, if this process has one (without making it).
+    fn existing_slot(&self, channel_id: i64) -> Option<Arc<Slot>> {
+        self.slots
             .lock()
             .expect("slots lock")
             .get(&channel_id)
-            .cloned()?;
+            .cloned()
+    }
+
+    /// The pid of the channel's live agent here, if any (for tests and `gorp warm`).
+    pub fn live_pid(&self, channel_id: i64) -> Option<u32> {
+        let slot = self.existing_slot(channel_id)?;
         let guard = slot.live.try_lock().ok()?;
         guard.as_ref().map(|l| l.agent.pid())
     }
@@ -195,12 +199,7 @@ impl WarmSessionManager {
         channel_id: i64,
         cancel: &CancellationToken,
     ) -> Option<SessionGuard> {
-        let slot = self
-            .slots
-            .lock()
-            .expect("slots lock")
-            .get(&channel_id)
-            .cloned()?;
+        let slot = self.existing_slot(channel_id)?;
         let mut guard = tokio::select! {
             g = slot.live.clone().lock_owned() => g,
             _ = cancel.cancelled() => return None,

@@ -714,6 +714,60 @@ async fn concurrent_enqueues_are_all_committed() {
     assert_eq!(s.count("jobs").await, 600);
 }
 
+/// Writes sent together share one transaction, yet each fails alone: a refusal of its own
+/// (channel exists, channel busy) and a database error (a job for a channel that does not
+/// exist breaks the group's multi-row insert, which is then retried one operation at a time)
+/// fail only their own callers; every other write of the group commits.
+#[tokio::test]
+async fn one_failing_write_fails_only_itself_not_its_group() {
+    let s = setup().await;
+    let a = s.channel("a").await;
+    let busy = s.channel("busy").await;
+    s.store.job_insert(job(busy.id, "run"), T0).await.unwrap();
+    let claimed = s.store.job_claim_many("w", 1, T0, LEASE).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+
+    let st = &s.store;
+    let good =
+        futures::future::join_all((0..20).map(|i| st.job_insert(job(a.id, &format!("g{i}")), T0)));
+    let (good, orphan, dup, busy_delete, new_channel) = futures::join!(
+        good,
+        st.job_insert(job(999_999, "no such channel"), T0),
+        st.channel_insert(
+            gorp::store::NewChannel {
+                name: "a".into(),
+                ..Default::default()
+            },
+            T0
+        ),
+        st.channel_delete("busy"),
+        st.channel_insert(
+            gorp::store::NewChannel {
+                name: "fresh".into(),
+                ..Default::default()
+            },
+            T0
+        ),
+    );
+    assert!(
+        good.iter().all(|r| r.as_ref().is_ok_and(|e| e.created)),
+        "{good:?}"
+    );
+    assert!(matches!(orphan, Err(StoreError::Db(_))), "{orphan:?}");
+    assert!(matches!(dup, Err(StoreError::ChannelExists(_))), "{dup:?}");
+    assert!(
+        matches!(busy_delete, Err(StoreError::ChannelBusy(_))),
+        "{busy_delete:?}"
+    );
+    assert_eq!(new_channel.unwrap().name, "fresh");
+    assert_eq!(
+        s.count("jobs").await,
+        21,
+        "the 20 good jobs and the running one"
+    );
+    assert_eq!(s.count("channels").await, 3);
+}
+
 #[tokio::test]
 async fn cancel_queued_is_immediate_and_running_sets_the_flag() {
     let s = setup().await;

@@ -499,3 +499,25 @@ async fn a_jobs_log_lines_carry_its_id_attempt_and_channel() {
         assert_eq!(span["channel"], "logged", "{line}");
     }
 }
+
+/// An idle pool is woken by the enqueue's commit, not by its poll: with an hour between polls,
+/// a job enqueued after the pool went idle still runs at once.
+#[tokio::test]
+async fn an_enqueue_wakes_an_idle_pool() {
+    let s = setup().await;
+    let a = s.channel("a").await;
+    let mut cfg = pool_config(1);
+    cfg.poll_interval = Duration::from_secs(3600);
+    let (stop, h, _) = spawn_pool(&s.store, Arc::new(LoggingExec), cfg, "w");
+    for prompt in ["first", "after the pool went idle"] {
+        let id = s
+            .store
+            .job_insert(NewJob::new(a.id, Source::Cli, prompt), now_ms())
+            .await
+            .unwrap()
+            .job_id;
+        wait_state(&s.store, &id, JobState::Succeeded).await;
+    }
+    stop.cancel();
+    h.await.unwrap();
+}

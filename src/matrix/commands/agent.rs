@@ -4,7 +4,7 @@
 use super::super::failure::Answer;
 use super::super::strings;
 use super::Ctx;
-use crate::store::{format_ms, now_ms, JobFilter, JobState};
+use crate::store::{format_ms, now_ms, WarmState};
 
 /// `!status`.
 pub(super) async fn status(cx: &Ctx<'_>) -> Answer {
@@ -12,25 +12,22 @@ pub(super) async fn status(cx: &Ctx<'_>) -> Answer {
     let store = cx.store();
     let warm = store.warm_get(ch.id).await?;
     let depth = store.channel_queue_depth(ch.id).await?;
-    let running = store
-        .job_list(&JobFilter {
-            state: Some(JobState::Running),
-            channel: Some(ch.name.clone()),
-            limit: 1,
-            ..Default::default()
-        })
-        .await?;
+    let running = cx.running_job(&ch).await?;
     let agent = match &warm {
         // The store already reports a warm agent with a running job as `busy`.
         Some(w) => {
-            let state = w.state.as_str();
-            let pid = w.pid.filter(|_| state == "warm" || state == "busy");
-            let until = w.expires_at.filter(|_| state == "warm").map(format_ms);
-            strings::agent_line(state, pid, until.as_deref())
+            let pid = w
+                .pid
+                .filter(|_| matches!(w.state, WarmState::Warm | WarmState::Busy));
+            let until = w
+                .expires_at
+                .filter(|_| w.state == WarmState::Warm)
+                .map(format_ms);
+            strings::agent_line(w.state.as_str(), pid, until.as_deref())
         }
         None => strings::AGENT_COLD.into(),
     };
-    let running = match running.first() {
+    let running = match &running {
         Some(j) => strings::running_line(
             &j.id,
             &j.started_at.map(format_ms).unwrap_or_default(),

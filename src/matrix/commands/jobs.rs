@@ -6,7 +6,7 @@ use super::super::failure::{refuse, Answer};
 use super::super::render::split_message;
 use super::super::strings;
 use super::Ctx;
-use crate::store::{format_ms, CancelOutcome, JobFilter, JobState};
+use crate::store::{format_ms, CancelOutcome, JobFilter};
 
 /// The most of a job's output `!job` shows; `gorp job` shows the rest.
 const MAX_OUTPUT_SHOWN: usize = 4000;
@@ -77,18 +77,9 @@ pub(super) async fn cancel(cx: &Ctx<'_>, prefix: Option<&str>) -> Answer {
         Some(prefix) => cx.resolve_job(prefix).await?,
         None => {
             let ch = cx.room_channel().await?;
-            let running = cx
-                .store()
-                .job_list(&JobFilter {
-                    state: Some(JobState::Running),
-                    channel: Some(ch.name.clone()),
-                    limit: 1,
-                    ..Default::default()
-                })
-                .await?;
-            let job = running
-                .into_iter()
-                .next()
+            let job = cx
+                .running_job(&ch)
+                .await?
                 .ok_or_else(|| refuse(strings::nothing_running(&ch.name)))?;
             tracing::Span::current().record("job", job.id.as_str());
             job.id

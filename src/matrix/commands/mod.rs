@@ -21,7 +21,7 @@ use super::bot::Bot;
 use super::command::Command;
 use super::failure::{self, refuse};
 use super::strings;
-use crate::store::Channel;
+use crate::store::{Channel, Job, JobFilter, JobState};
 
 /// What a handler knows about the request: the bot, the room it came from and who sent it.
 pub(super) struct Ctx<'a> {
@@ -74,6 +74,20 @@ impl Ctx<'_> {
             .store()
             .channel_get_by_room(self.room.room_id().as_str())
             .await?)
+    }
+
+    /// The job running in channel `ch`, if any.
+    async fn running_job(&self, ch: &Channel) -> Result<Option<Job>, failure::Failure> {
+        let running = self
+            .store()
+            .job_list(&JobFilter {
+                state: Some(JobState::Running),
+                channel: Some(ch.name.clone()),
+                limit: 1,
+                ..Default::default()
+            })
+            .await?;
+        Ok(running.into_iter().next())
     }
 
     /// The one job whose id starts with `prefix`; refused when none or several do.
