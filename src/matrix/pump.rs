@@ -58,8 +58,6 @@ pub struct Pump {
     last_edit: HashMap<String, Instant>,
     failures: HashMap<String, Failing>,
     typing: HashSet<OwnedRoomId>,
-    /// The channel name of each room seen (for the spans), `-` for a room that is no channel.
-    channels: HashMap<String, String>,
 }
 
 impl Pump {
@@ -73,7 +71,6 @@ impl Pump {
             last_edit: HashMap::new(),
             failures: HashMap::new(),
             typing: HashSet::new(),
-            channels: HashMap::new(),
         }
     }
 
@@ -147,11 +144,10 @@ impl Pump {
             if r.state == JobState::Running {
                 running_rooms.insert(room_id.clone());
             }
-            let channel = self.channel_of(&r.room_id).await;
             let span = tracing::info_span!(
                 "matrix_reply",
                 job = %r.job_id,
-                channel = %channel,
+                channel = %r.channel,
                 room = %r.room_id
             );
             match self.update(&room, &r).instrument(span).await {
@@ -214,21 +210,6 @@ impl Pump {
         u.done = true;
         u.error = Some(error.to_string());
         let _ = self.store.matrix_reply_update(&r.job_id, u, now_ms()).await;
-    }
-
-    /// The name of the channel whose room is `room_id`, for the reply's span (read once).
-    async fn channel_of(&mut self, room_id: &str) -> String {
-        if let Some(name) = self.channels.get(room_id) {
-            return name.clone();
-        }
-        match self.store.channel_get_by_room(room_id).await {
-            Ok(found) => {
-                let name = found.map_or_else(|| "-".to_string(), |c| c.name);
-                self.channels.insert(room_id.to_string(), name.clone());
-                name
-            }
-            Err(_) => "?".into(),
-        }
     }
 
     /// Brings one job's room up to date with its rows. Returns true when the reply is final.

@@ -18,6 +18,8 @@ pub struct MatrixTarget {
 #[derive(Debug, Clone, PartialEq)]
 pub struct MatrixReply {
     pub job_id: String,
+    /// The job's channel.
+    pub channel: String,
     pub room_id: String,
     pub prompt_event_id: Option<String>,
     pub sender: Option<String>,
@@ -89,7 +91,7 @@ impl Store {
     pub async fn matrix_open_replies(&self, limit: i64) -> Result<Vec<MatrixReply>> {
         Ok(sqlx::query_as!(
             MatrixReply,
-            r#"SELECT r.job_id AS "job_id!", r.room_id, r.prompt_event_id, r.sender,
+            r#"SELECT r.job_id AS "job_id!", c.name AS channel, r.room_id, r.prompt_event_id, r.sender,
                       r.reaction_key, r.reaction_event_id, r.reply_event_id, r.edits,
                       r.rendered_seq, r.noted_attempt, r.updated_at,
                       j.source AS "source: Source", j.state AS "state: JobState", j.attempt,
@@ -97,6 +99,7 @@ impl Store {
                       coalesce((SELECT max(seq) FROM job_events WHERE job_id = j.id), 0)
                           AS "last_seq!: i64"
                FROM matrix_replies r JOIN jobs j ON j.id = r.job_id
+                    JOIN channels c ON c.id = j.channel_id
                WHERE r.done = 0
                ORDER BY r.job_id
                LIMIT ?1"#,
