@@ -12,7 +12,6 @@ use super::super::failure::{refuse, Answer, Failure};
 use super::super::strings;
 use super::Ctx;
 use crate::service::channels;
-use crate::store::validate_channel_name;
 
 /// `!create <name>`: an encrypted private room, the workspace directory and the channel row.
 /// The webhook token is posted only in the new room, once the sender has joined it.
@@ -21,7 +20,6 @@ pub(super) async fn create(cx: &Ctx<'_>, name: &str) -> Answer {
     if s.store.channel_get(name).await?.is_some() {
         return Err(refuse(strings::channel_exists(name)));
     }
-    validate_channel_name(name).map_err(refuse)?;
     let rid = create_room(cx, name, cx.sender).await?;
     let created = channels::create(
         &s.store,
