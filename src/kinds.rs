@@ -182,6 +182,10 @@ text_enum! {
         /// A line the agent wrote to stderr.
         Stderr = "stderr",
         Error = "error",
+        /// A failed attempt will run again after its backoff.
+        RetryScheduled = "retry_scheduled",
+        /// gorp shut down during the attempt; the job runs again after restart.
+        Released = "released",
         Rescued = "rescued",
         CancelRequested = "cancel_requested",
         Cancelled = "cancelled",

@@ -22,7 +22,7 @@ use crate::config::WorkerConfig;
 use crate::executor::{Executor, JobContext, Outcome, StopCause};
 use tracing::Instrument;
 
-use crate::store::{now_ms, EventKind, Job, JobState, Lease, Millis, NewEvent, Store};
+use crate::store::{now_ms, EventKind, Job, JobState, Lease, Millis, Store};
 
 /// How long stopped jobs get to wind down after the grace period before the pool gives up.
 const STOP_WAIT: Duration = Duration::from_secs(10);
@@ -346,13 +346,8 @@ async fn finish(
     let released = || async {
         let ok = store.job_release_if_running(lease, now).await;
         if matches!(ok, Ok(true)) {
-            append(
-                store,
-                job,
-                "released",
-                "gorp shut down before the job finished; it runs again after restart",
-            )
-            .await;
+            let text = "gorp shut down before the job finished; it runs again after restart";
+            ctx.emit(EventKind::Released, Some(text.into()), None).await;
         }
         ok
     };
@@ -392,18 +387,13 @@ async fn finish(
             match store.job_fail_if_running(lease, error, retry_at, now).await {
                 Ok(Some(JobState::Queued)) => {
                     let at = retry_at.unwrap_or(now);
-                    append(
-                        store,
-                        job,
-                        "retry_scheduled",
-                        &format!(
-                            "attempt {} of {} failed; retry in {:.1}s",
-                            failures,
-                            job.max_attempts,
-                            (at - now) as f64 / 1000.0
-                        ),
-                    )
-                    .await;
+                    let text = format!(
+                        "attempt {} of {} failed; retry in {:.1}s",
+                        failures,
+                        job.max_attempts,
+                        (at - now) as f64 / 1000.0
+                    );
+                    ctx.emit(EventKind::RetryScheduled, Some(text), None).await;
                     Ok(true)
                 }
                 Ok(s) => Ok(s.is_some()),
@@ -423,18 +413,6 @@ async fn finish(
         }
     }
     next
-}
-
-async fn append(store: &Store, job: &Job, kind: &str, text: &str) {
-    let ev = NewEvent {
-        job_id: job.id.clone(),
-        attempt: job.attempt,
-        kind: kind.into(),
-        text: Some(text.into()),
-        data: None,
-        at: now_ms(),
-    };
-    let _ = store.job_events_append(vec![ev]).await;
 }
 
 async fn heartbeat_loop(

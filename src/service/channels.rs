@@ -60,12 +60,13 @@ pub async fn create(
 ) -> Result<Created, ChannelError> {
     validate_channel_name(&spec.name).map_err(StoreError::Invalid)?;
     let workspace = config.channel_dir(&spec.name);
+    let made = !workspace.exists();
     std::fs::create_dir_all(&workspace).map_err(|e| ChannelError::Workspace {
         path: workspace.display().to_string(),
         error: e.to_string(),
     })?;
     let token = crate::auth::new_token();
-    let channel = store
+    let inserted = store
         .channel_insert(
             NewChannel {
                 name: spec.name,
@@ -82,7 +83,17 @@ pub async fn create(
             },
             now_ms(),
         )
-        .await?;
+        .await;
+    let channel = match inserted {
+        Ok(c) => c,
+        Err(e) => {
+            // A directory made for a channel that was not created goes again (if still empty).
+            if made {
+                let _ = std::fs::remove_dir(&workspace);
+            }
+            return Err(e.into());
+        }
+    };
     Ok(Created {
         channel,
         workspace,

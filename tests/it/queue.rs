@@ -1148,3 +1148,47 @@ async fn completing_claims_the_next_job_in_the_same_transaction() {
         .unwrap();
     assert!(won && none.is_none(), "nothing left on this channel");
 }
+
+/// Creating a channel makes its workspace, then its row. A taken name leaves the existing
+/// channel's workspace as it is; an invalid name makes no directory at all.
+#[tokio::test]
+async fn channel_creation_makes_the_workspace_and_refusals_leave_directories_alone() {
+    use gorp::service::channels::{create, NewChannelSpec};
+    let s = setup().await;
+    let root = tempfile::tempdir().unwrap();
+    let mut config = gorp::config::Config::default();
+    config.workspace.path = root.path().to_path_buf();
+    let spec = |name: &str| NewChannelSpec {
+        name: name.into(),
+        ..Default::default()
+    };
+    let made = create(&s.store, &config, spec("alpha")).await.unwrap();
+    assert_eq!(made.workspace, root.path().join("alpha"));
+    assert!(made.workspace.is_dir());
+    assert_eq!(made.channel.permission_policy, config.acp.permission_policy);
+    std::fs::write(made.workspace.join("notes.md"), "kept").unwrap();
+
+    let again = create(&s.store, &config, spec("alpha")).await.unwrap_err();
+    assert!(matches!(
+        again,
+        gorp::service::channels::ChannelError::Store(StoreError::ChannelExists(_))
+    ));
+    assert_eq!(
+        std::fs::read_to_string(made.workspace.join("notes.md")).unwrap(),
+        "kept"
+    );
+
+    let bad = create(&s.store, &config, spec("../escape"))
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        bad,
+        gorp::service::channels::ChannelError::Store(StoreError::Invalid(_))
+    ));
+    assert_eq!(
+        std::fs::read_dir(root.path()).unwrap().count(),
+        1,
+        "only alpha"
+    );
+    assert_eq!(s.count("channels").await, 1);
+}
