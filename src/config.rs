@@ -203,14 +203,23 @@ pub struct AcpConfig {
     pub initialize_timeout_secs: u64,
     pub session_timeout_secs: u64,
     pub prompt_timeout_secs: u64,
-    /// Default permission policy for new channels: `allow` or `deny`.
+    /// Default permission policy for new channels: `allow`, `deny` or `ask`.
     pub permission_policy: PermissionPolicy,
     /// Extra environment variables for agent processes (gorp's own environment is inherited,
     /// except its `GORP_*` variables).
     pub env: BTreeMap<String, String>,
     /// After a cancelled prompt, restart the agent and resume its session with `session/load`
-    /// (some agents answer the prompt after a cancel out of turn).
+    /// (claude-agent-acp 0.23 answered the prompt after a cancel out of turn; the current agent
+    /// does not, so it is off by default).
     pub recycle_after_cancel: bool,
+    /// The session mode gorp puts every agent session in, so that the agent asks gorp before it
+    /// uses a tool and the channel's permission policy decides. Unset: the first mode the agent
+    /// offers of `acp::client::ASKING_MODES` (Claude Code's `default`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_mode: Option<String>,
+    /// Under the policy `ask`, a permission request nobody decides in this long is denied
+    /// (`timeout`). The wait does not count against `prompt_timeout_secs`.
+    pub approval_timeout_secs: u64,
 }
 
 impl Default for AcpConfig {
@@ -227,7 +236,9 @@ impl Default for AcpConfig {
             prompt_timeout_secs: 3_600,
             permission_policy: PermissionPolicy::Allow,
             env: BTreeMap::new(),
-            recycle_after_cancel: true,
+            recycle_after_cancel: false,
+            session_mode: None,
+            approval_timeout_secs: 600,
         }
     }
 }
@@ -471,6 +482,23 @@ impl Config {
         }
         if self.acp.agent_binary.trim().is_empty() {
             return bad("acp.agent_binary", "expected a program name or path");
+        }
+        if self
+            .acp
+            .session_mode
+            .as_deref()
+            .is_some_and(|m| m.trim().is_empty() || m.trim() != m)
+        {
+            return bad(
+                "acp.session_mode",
+                "expected a mode id the agent offers, such as \"default\"",
+            );
+        }
+        if self.acp.approval_timeout_secs == 0 || self.acp.approval_timeout_secs > 7 * 86_400 {
+            return bad(
+                "acp.approval_timeout_secs",
+                "expected 1 to 604800 seconds (a week)",
+            );
         }
         if self.acp.max_warm_sessions == 0 {
             return bad("acp.max_warm_sessions", "expected at least 1");

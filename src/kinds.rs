@@ -113,6 +113,41 @@ text_enum! {
         Allow = "allow",
         /// Pick a reject option (`reject_once`, else `reject_always`); cancel if none.
         Deny = "deny",
+        /// Ask a person: the request becomes an approval row decided from Matrix, HTTP or the
+        /// CLI (or by a standing rule, or denied when it times out).
+        Ask = "ask",
+    }
+}
+
+text_enum! {
+    /// ```text
+    ///  pending ──► allowed | denied | expired | cancelled
+    /// ```
+    /// `expired`: gorp stopped (or the attempt ended) while it waited; `cancelled`: the job was
+    /// cancelled or the agent withdrew the request.
+    pub enum ApprovalState ("approval state") {
+        Pending = "pending",
+        Allowed = "allowed",
+        Denied = "denied",
+        Expired = "expired",
+        Cancelled = "cancelled",
+    }
+}
+
+text_enum! {
+    /// How an approval was decided.
+    pub enum DecidedVia ("decision channel") {
+        Matrix = "matrix",
+        Http = "http",
+        Cli = "cli",
+        /// A standing "allow always" rule of the channel.
+        Rule = "rule",
+        /// `[acp] approval_timeout_secs` passed: denied.
+        Timeout = "timeout",
+        /// gorp stopped while the request was pending: expired.
+        Restart = "restart",
+        /// The job's attempt ended (cancelled, failed, the agent withdrew the request).
+        Job = "job",
     }
 }
 
@@ -175,6 +210,8 @@ text_enum! {
         TurnUsage = "turn_usage",
         /// A permission request and how it was answered.
         Permission = "permission",
+        /// A permission request under `ask`, waiting for a person (its approval row).
+        PermissionRequest = "permission_request",
         FsRead = "fs_read",
         FsWrite = "fs_write",
         FsDenied = "fs_denied",
@@ -237,6 +274,8 @@ mod tests {
         same_text(Overlap::ALL, |v| v.as_str());
         same_text(WarmState::ALL, |v| v.as_str());
         same_text(EventKind::ALL, |v| v.as_str());
+        same_text(ApprovalState::ALL, |v| v.as_str());
+        same_text(DecidedVia::ALL, |v| v.as_str());
         for k in EventKind::ALL {
             assert_eq!(k.to_string().parse::<EventKind>(), Ok(*k));
         }
@@ -246,7 +285,7 @@ mod tests {
         );
         assert_eq!(
             "x".parse::<PermissionPolicy>().unwrap_err(),
-            "unknown permission policy \"x\"; expected allow or deny"
+            "unknown permission policy \"x\"; expected allow, deny or ask"
         );
         let kind = String::from("tool_call");
         assert!(kind == EventKind::ToolCall);

@@ -20,6 +20,9 @@ pub const HTTP_REQUESTS: &str = "gorp_http_requests_total";
 pub const MATRIX_EVENTS: &str = "gorp_matrix_events_total";
 pub const MATRIX_SENDS: &str = "gorp_matrix_sends_total";
 pub const MATRIX_SYNC_FAILURES: &str = "gorp_matrix_sync_failures_total";
+pub const APPROVALS_PENDING: &str = "gorp_approvals_pending";
+pub const APPROVAL_DECISIONS: &str = "gorp_approval_decisions_total";
+pub const APPROVAL_WAIT_SECONDS: &str = "gorp_approval_wait_seconds";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -61,6 +64,9 @@ pub async fn render(store: &Store) -> String {
             let n = rows.iter().filter(|r| r.state == st).count();
             metrics::gauge!(WARM_SESSIONS, "state" => st.as_str()).set(n as f64);
         }
+    }
+    if let Ok(n) = store.approval_pending_count().await {
+        metrics::gauge!(APPROVALS_PENDING).set(n as f64);
     }
     h.render()
 }

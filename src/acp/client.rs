@@ -78,7 +78,7 @@ use std::time::Duration;
 use agent_client_protocol::schema::ProtocolVersion;
 use agent_client_protocol::v1::schema::{
     CancelNotification, ClientCapabilities, ContentBlock, FileSystemCapabilities, Implementation,
-    InitializeRequest, InitializeResponse, LoadSessionRequest, NewSessionRequest,
+    InitializeRequest, InitializeResponse, LoadSessionRequest, NewSessionRequest, PermissionOption,
     PermissionOptionKind, PromptRequest, PromptResponse, ReadTextFileRequest, ReadTextFileResponse,
     RequestPermissionOutcome, RequestPermissionRequest, RequestPermissionResponse,
     SelectedPermissionOutcome, SessionId, SessionNotification, SessionUpdate, WriteTextFileRequest,
@@ -97,6 +97,7 @@ use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use tokio_util::sync::CancellationToken;
 
 mod fs;
+mod modes;
 mod permission;
 mod process;
 mod updates;
@@ -104,6 +105,8 @@ mod updates;
 pub use fs::confine;
 #[cfg(test)]
 use fs::select_lines;
+pub use modes::{ModeControl, SessionModes, ASKING_MODES};
+pub use permission::{Answerer, AskAnswer};
 #[cfg(test)]
 use process::stat_is_live_member;
 use process::{describe_exit, group_alive};
@@ -233,9 +236,18 @@ enum Route {
 }
 
 struct Shared {
-    policy: PermissionPolicy,
+    policy: Mutex<PermissionPolicy>,
+    /// `ask` requests waiting for their answer, by ask id.
+    asks: Mutex<HashMap<u64, permission::PendingAsk>>,
+    next_ask: AtomicU64,
+    /// Per session: how long its prompt waited for people (moves the prompt's deadline).
+    ask_clocks: Mutex<HashMap<String, permission::AskClock>>,
+    /// Cancelled when the connection stops.
+    stopped: CancellationToken,
     fs_root: PathBuf,
     routes: Mutex<HashMap<String, Route>>,
+    /// The modes each session offers and is in (sessions whose agent advertised modes).
+    modes: Mutex<HashMap<String, SessionModes>>,
     stderr: Mutex<VecDeque<String>>,
     unrouted: AtomicU64,
     unparsed: AtomicU64,
@@ -368,6 +380,7 @@ impl Shared {
             }
         };
         let session = note.session_id.0.to_string();
+        self.note_mode_update(&session, &note.update);
         self.route(&session, || update_event(&note.update)).await;
     }
 }
@@ -421,6 +434,7 @@ struct RouteGuard<'a> {
 impl Drop for RouteGuard<'_> {
     fn drop(&mut self) {
         self.shared.routes.lock().unwrap().remove(&self.session);
+        self.shared.drop_asks(&self.session);
     }
 }
 
@@ -488,10 +502,16 @@ impl AgentProcess {
         let stderr = child.stderr.take().expect("stderr is piped");
         tracing::debug!(pid, binary = %spec.binary, "agent process started");
 
+        let stop = CancellationToken::new();
         let shared = Arc::new(Shared {
-            policy,
+            policy: Mutex::new(policy),
+            asks: Mutex::new(HashMap::new()),
+            next_ask: AtomicU64::new(0),
+            ask_clocks: Mutex::new(HashMap::new()),
+            stopped: stop.clone(),
             fs_root,
             routes: Mutex::new(HashMap::new()),
+            modes: Mutex::new(HashMap::new()),
             stderr: Mutex::new(VecDeque::new()),
             unrouted: AtomicU64::new(0),
             unparsed: AtomicU64::new(0),
@@ -537,7 +557,6 @@ impl AgentProcess {
             let _ = stderr_tx.send(true);
         });
 
-        let stop = CancellationToken::new();
         let (cx_tx, cx_rx) = oneshot::channel();
         let conn_task = tokio::spawn(run_connection(
             shared.clone(),
@@ -626,6 +645,11 @@ impl AgentProcess {
         self.pid
     }
 
+    /// The permission policy this process answers `session/request_permission` with.
+    pub fn policy(&self) -> PermissionPolicy {
+        self.shared.policy()
+    }
+
     /// Whether the agent advertised `loadSession`.
     pub fn supports_load_session(&self) -> bool {
         self.init.agent_capabilities.load_session
@@ -684,7 +708,17 @@ impl AgentProcess {
                 self.timeouts.new_session,
             )
             .await?;
-        Ok(resp.session_id.0.to_string())
+        let id = resp.session_id.0.to_string();
+        self.remember_modes(&id, SessionModes::from_new(&resp));
+        Ok(id)
+    }
+
+    fn remember_modes(&self, session: &str, modes: Option<SessionModes>) {
+        let mut all = self.shared.modes.lock().unwrap();
+        match modes {
+            Some(m) => all.insert(session.to_string(), m),
+            None => all.remove(session),
+        };
     }
 
     /// Loads a session. The history the agent replays is not job output: it
@@ -701,12 +735,14 @@ impl AgentProcess {
         }
         let count = Arc::new(AtomicUsize::new(0));
         let _guard = self.register(id, Route::Load(count.clone()))?;
-        self.request(
-            "session/load",
-            LoadSessionRequest::new(SessionId::new(id), self.cwd.clone()),
-            self.timeouts.load_session,
-        )
-        .await?;
+        let resp = self
+            .request(
+                "session/load",
+                LoadSessionRequest::new(SessionId::new(id), self.cwd.clone()),
+                self.timeouts.load_session,
+            )
+            .await?;
+        self.remember_modes(id, SessionModes::from_load(&resp));
         Ok(count.load(Ordering::Relaxed))
     }
 
@@ -740,7 +776,7 @@ impl AgentProcess {
             r = &mut fut => Race::Done(r),
             _ = exited(self.exit_rx.clone()) => Race::Exited,
             _ = cancel.cancelled() => Race::Cancelled,
-            _ = tokio::time::sleep(self.timeouts.prompt) => Race::TimedOut,
+            _ = self.prompt_deadline(session_id) => Race::TimedOut,
         };
         let result = match race {
             Race::Done(r) => r,
@@ -841,6 +877,28 @@ impl AgentProcess {
     }
 
     // -- internals --------------------------------------------------------
+
+    /// Ends when the prompt of `session` has run `timeouts.prompt` plus the time it waited
+    /// for people to answer permission requests (a wait is not a stalled agent).
+    async fn prompt_deadline(&self, session: &str) {
+        let start = tokio::time::Instant::now();
+        loop {
+            let clock = self.shared.ask_clock(session);
+            let due = start + self.timeouts.prompt + clock.total();
+            if clock.is_waiting() {
+                // Asking: check again once the wait could have ended.
+                tokio::time::sleep_until(
+                    due.max(tokio::time::Instant::now() + Duration::from_secs(1)),
+                )
+                .await;
+                continue;
+            }
+            if tokio::time::Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    }
 
     fn register(&self, session: &str, route: Route) -> Result<RouteGuard<'_>, AcpError> {
         let mut routes = self.shared.routes.lock().unwrap();

@@ -4,15 +4,20 @@
 //! turn's end to the job's [`Outcome`].
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use tracing::Instrument;
 
-use super::pool::{WarmError, WarmSessionManager};
-use crate::acp::client::{self, AcpError, AgentEvent};
+use super::pool::{Live, WarmError, WarmSessionManager};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::acp::client::{self, AcpError, AgentEvent, Answerer, AskAnswer, ASKING_MODES};
 use crate::executor::{Executor, JobContext, Outcome, StopCause};
-use crate::store::{EventKind, RunFacts};
+use crate::kinds::PermissionPolicy;
+use crate::service::approvals;
+use crate::store::{Approval, ApprovalState, DecidedVia, EventKind, RunFacts};
 
 /// Event kinds that count as the agent's first output.
 const OUTPUT_KINDS: &[EventKind] = &[
@@ -126,10 +131,30 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
         }
     };
     let live = session.live();
+    // The channel's policy as it is now (it may have changed since the agent started).
+    let policy = match ctx.store().channel_get_by_id(job.channel_id).await {
+        Ok(Some(c)) => c.permission_policy,
+        Ok(None) => {
+            warm.release(job.channel_id, session).await;
+            return failed(format!("channel {} no longer exists", job.channel), false);
+        }
+        Err(e) => {
+            warm.release(job.channel_id, session).await;
+            return failed(format!("cannot read channel: {e}"), true);
+        }
+    };
+    live.agent.set_policy(policy);
+    let mode = match put_in_asking_mode(live, warm.config().acp.session_mode.as_deref()).await {
+        Ok(mode) => mode,
+        Err(refusal) => {
+            warm.release(job.channel_id, session).await;
+            return failed(refusal, false);
+        }
+    };
     ctx.emit(
         EventKind::Session,
         Some(format!(
-            "{} session {} (pid {}){}",
+            "{} session {} (pid {}){}{}",
             if session.warm { "warm" } else { "cold" },
             live.session_id,
             live.agent.pid(),
@@ -137,7 +162,8 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
                 ", resumed with session/load"
             } else {
                 ""
-            }
+            },
+            mode.describe(),
         )),
         Some(serde_json::json!({
             "warm": session.warm,
@@ -145,6 +171,11 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
             "session_id": live.session_id,
             "resumed": live.resumed,
             "start_ms": session.start_time.as_millis() as u64,
+            "policy": live.agent.policy(),
+            "mode": mode.mode,
+            "mode_before": mode.before,
+            "mode_set_with": mode.set_with,
+            "modes": mode.available,
         })),
     )
     .await;
@@ -152,6 +183,14 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
     // Forward the agent's updates to the job's events in order, noting first output and usage.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<AgentEvent>(client::EVENT_QUEUE);
     let fwd_ctx = ctx.clone();
+    let asks_done = CancellationToken::new();
+    let mut asker = Asker {
+        ctx: ctx.clone(),
+        answerer: live.agent.answerer(),
+        timeout: Duration::from_secs(warm.config().acp.approval_timeout_secs),
+        stop: asks_done.clone(),
+        waiting: tokio::task::JoinSet::new(),
+    };
     let forward = tokio::spawn(
         async move {
             let mut facts = RunFacts::default();
@@ -162,6 +201,12 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
             while rx.recv_many(&mut batch, client::EVENT_QUEUE).await > 0 {
                 let mut events = Vec::with_capacity(batch.len());
                 for mut ev in batch.drain(..) {
+                    if ev.kind == EventKind::PermissionRequest {
+                        // Everything before it is committed first; its row and event follow.
+                        fwd_ctx.emit_all(std::mem::take(&mut events)).await;
+                        asker.open(ev).await;
+                        continue;
+                    }
                     boundaries.mark(&mut ev);
                     if facts.first_output_ms.is_none() && is_one_of(&ev.kind, OUTPUT_KINDS) {
                         facts.first_output_ms = Some(started.elapsed().as_secs_f64() * 1e3);
@@ -172,6 +217,7 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
                 }
                 fwd_ctx.emit_all(events).await;
             }
+            asker.finish().await;
             facts
         }
         .in_current_span(),
@@ -185,6 +231,8 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
             ctx.cancel_token().clone(),
         )
         .await;
+    // Requests still waiting end with the turn (the agent has been answered `cancelled`).
+    asks_done.cancel();
     let mut facts = forward.await.unwrap_or_default();
     facts.warm = Some(session.warm);
     let _ = ctx
@@ -218,6 +266,188 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
         // The same prompt would make the agent do it again.
         Err(e @ AcpError::MessageTooLarge { .. }) => failed(e.to_string(), false),
         Err(e) => failed(e.to_string(), true),
+    }
+}
+
+/// Opens an approval for each `permission_request` of the turn and answers the agent once it
+/// is decided.
+struct Asker {
+    ctx: JobContext,
+    answerer: Answerer,
+    timeout: Duration,
+    /// Cancelled when the turn ended.
+    stop: CancellationToken,
+    waiting: tokio::task::JoinSet<()>,
+}
+
+impl Asker {
+    async fn open(&mut self, ev: AgentEvent) {
+        let Some(ask_id) = ev.data["askId"].as_u64() else {
+            return;
+        };
+        let req = approvals::Request::from_event_data(&ev.data);
+        let opened = approvals::open(self.ctx.store(), &self.ctx.job, req, self.timeout).await;
+        let approval = match opened {
+            Ok(approvals::Opened::Pending(a)) => a,
+            Ok(approvals::Opened::Decided(a)) => {
+                self.answerer.answer(ask_id, answer_of(&a));
+                return;
+            }
+            Ok(approvals::Opened::NotRunning) => {
+                self.answerer.answer(
+                    ask_id,
+                    AskAnswer::cancelled(json!({ "reason": "the attempt is no longer running" })),
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record a permission request");
+                self.answerer.answer(
+                    ask_id,
+                    AskAnswer::cancelled(json!({ "reason": format!("cannot record it: {e}") })),
+                );
+                return;
+            }
+        };
+        tracing::info!(approval = %approval.id, title = ?approval.title, "waiting for a decision");
+        let ctx = self.ctx.clone();
+        let answerer = self.answerer.clone();
+        // The turn ends, or the job is stopped (cancel, shutdown, lease lost).
+        let stop = self.stop.clone();
+        let job_stop = self.ctx.cancel_token().clone();
+        let either = CancellationToken::new();
+        let guard = either.clone();
+        self.waiting.spawn(
+            async move {
+                let watcher = tokio::spawn(async move {
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = job_stop.cancelled() => {}
+                    }
+                    guard.cancel();
+                });
+                let end = || match ctx.stop_cause() {
+                    Some(StopCause::Shutdown | StopCause::LeaseLost) => {
+                        (ApprovalState::Expired, DecidedVia::Restart)
+                    }
+                    _ => (ApprovalState::Cancelled, DecidedVia::Job),
+                };
+                let answer = match approvals::wait(ctx.store(), approval, &either, end).await {
+                    Ok(decided) => {
+                        tracing::info!(approval = %decided.id, state = %decided.state, via = ?decided.decided_via, by = ?decided.decided_by, "permission request decided");
+                        answer_of(&decided)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read a permission request's decision");
+                        AskAnswer::cancelled(json!({ "reason": format!("cannot read its decision: {e}") }))
+                    }
+                };
+                answerer.answer(ask_id, answer);
+                watcher.abort();
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// Waits for every open request to end (after the turn they end at once).
+    async fn finish(&mut self) {
+        while self.waiting.join_next().await.is_some() {}
+    }
+}
+
+/// The agent's answer for a decided approval, with who decided it for the `permission` event.
+fn answer_of(a: &Approval) -> AskAnswer {
+    AskAnswer {
+        option_id: approvals::answer(a),
+        detail: json!({
+            "approval": a.id,
+            "state": a.state,
+            "by": a.decided_by,
+            "via": a.decided_via,
+            "rule": a.rule_id,
+        }),
+    }
+}
+
+/// The session mode a prompt runs in, as recorded in the job's `session` event.
+#[derive(Debug, Default, PartialEq)]
+struct ModeFacts {
+    /// The mode the session is in; `None` when the agent advertises no modes.
+    mode: Option<String>,
+    /// The mode it was in before gorp changed it (only when gorp changed it).
+    before: Option<String>,
+    /// The ACP method gorp changed it with.
+    set_with: Option<&'static str>,
+    available: Vec<String>,
+}
+
+impl ModeFacts {
+    /// `, mode default (was auto)`; nothing for an agent without modes.
+    fn describe(&self) -> String {
+        match (&self.mode, &self.before) {
+            (None, _) => String::new(),
+            (Some(m), Some(b)) => format!(", mode {m} (was {b})"),
+            (Some(m), None) => format!(", mode {m}"),
+        }
+    }
+}
+
+/// Puts the session in a mode in which the agent asks gorp before it uses a tool, so the
+/// channel's permission policy is the one that holds. Under `deny` an agent that offers
+/// modes but none that asks (or will not switch) is refused with the reason; under `allow`
+/// it runs in its own mode, recorded. An agent that advertises no modes has one behaviour,
+/// asking per ACP; it runs.
+async fn put_in_asking_mode(live: &Live, wanted: Option<&str>) -> Result<ModeFacts, String> {
+    let agent = &live.agent;
+    let Some(modes) = agent.session_modes(&live.session_id) else {
+        return Ok(ModeFacts::default());
+    };
+    let policy = agent.policy();
+    let enforced = policy != PermissionPolicy::Allow;
+    let mut facts = ModeFacts {
+        mode: Some(modes.current.clone()),
+        available: modes.available.clone(),
+        ..ModeFacts::default()
+    };
+    let Some(target) = modes.asking_mode(wanted) else {
+        let why = match wanted {
+            Some(w) => format!("[acp] session_mode = {w:?} is not one of the agent's modes"),
+            None => format!(
+                "the agent offers no mode in which it asks before using a tool (gorp knows {}; \
+                 set [acp] session_mode to one)",
+                ASKING_MODES.join(", ")
+            ),
+        };
+        if enforced {
+            return Err(format!(
+                "refused: permission policy {policy} cannot hold on this agent: its session runs \
+                 in mode {:?} (modes: {}) and {why}",
+                modes.current,
+                modes.available.join(", ")
+            ));
+        }
+        tracing::warn!(mode = %modes.current, "the agent decides permissions itself in its mode: {why}");
+        return Ok(facts);
+    };
+    if modes.current == target {
+        return Ok(facts);
+    }
+    match agent.set_session_mode(&live.session_id, &target).await {
+        Ok(()) => {
+            facts.before = Some(modes.current);
+            facts.mode = Some(target);
+            facts.set_with = Some(modes.control.method());
+            Ok(facts)
+        }
+        Err(e) if enforced => Err(format!(
+            "refused: permission policy {policy} cannot hold on this agent: putting its session in \
+             mode {target:?} (from {:?}) failed: {e}",
+            modes.current
+        )),
+        Err(e) => {
+            tracing::warn!(mode = %modes.current, "cannot put the session in mode {target}: {e}");
+            Ok(facts)
+        }
     }
 }
 

@@ -9,6 +9,7 @@
 //! listener; [`serve`] runs it until shutdown, letting in-flight requests finish.
 
 pub mod api;
+pub mod approvals;
 pub mod conn;
 pub mod error;
 pub mod ops;
@@ -162,6 +163,7 @@ pub fn routes() -> (Router<HttpState>, utoipa::openapi::OpenApi) {
     let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(webhook::routes())
         .merge(api::routes())
+        .merge(approvals::routes())
         .merge(ops::routes())
         .split_for_parts();
     utoipa::Modify::modify(&CommonErrors, &mut doc);

@@ -84,9 +84,23 @@ pub struct Accepted {
     pub created: bool,
     pub status_url: String,
     pub events_url: String,
-    /// With `?wait`: the state when the wait ran out.
+    /// With `?wait`: the state when the wait ended without the job ending.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state: Option<JobState>,
+    /// With `?wait`: the job is `running` and waits for these permission requests (policy
+    /// `ask`); the wait ends as soon as one is pending. Decide them with `POST` to their `url`.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub pending_approvals: Vec<PendingApproval>,
+}
+
+/// A permission request a `?wait` caller's job waits for.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PendingApproval {
+    pub id: String,
+    pub title: Option<String>,
+    pub kind: Option<String>,
+    /// `/api/approvals/{id}`: `GET` it, or `POST` a decision to it.
+    pub url: String,
 }
 
 /// The job ended (with `?wait`).
@@ -172,12 +186,13 @@ async fn webhook(
             status_url,
             events_url,
             state: None,
+            pending_approvals: Vec::new(),
         };
         return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
     };
     let wait = Duration::from_secs(wait.min(st.config.webhook.max_wait_secs));
     match wait_for_end(&st, &enq.job_id, wait).await? {
-        Some(state) => {
+        WaitEnd::Finished(state) => {
             let job = st
                 .store
                 .job_get(&enq.job_id)
@@ -196,7 +211,7 @@ async fn webhook(
             };
             Ok((StatusCode::OK, Json(body)).into_response())
         }
-        None => {
+        WaitEnd::Waiting(pending) => {
             let state = st.store.job_get(&enq.job_id).await?.map(|j| j.state);
             let body = Accepted {
                 job_id: enq.job_id,
@@ -204,6 +219,15 @@ async fn webhook(
                 status_url,
                 events_url,
                 state,
+                pending_approvals: pending
+                    .into_iter()
+                    .map(|a| PendingApproval {
+                        url: format!("/api/approvals/{}", a.id),
+                        id: a.id,
+                        title: a.title,
+                        kind: a.kind,
+                    })
+                    .collect(),
             };
             Ok((StatusCode::ACCEPTED, Json(body)).into_response())
         }
@@ -411,13 +435,17 @@ fn github_prompt(
 pub const DEFAULT_GITHUB_TEMPLATE: &str =
     "GitHub sent a `{event}` event ({action}) for {repository} (delivery {delivery}).\n\nPayload:\n```json\n{payload}\n```";
 
-/// Waits until the job is in a terminal state (returned) or `max` passes (`None`). Woken by
-/// commits in this process; rows written by other processes are seen within a second.
-pub async fn wait_for_end(
-    st: &HttpState,
-    job_id: &str,
-    max: Duration,
-) -> ApiResult<Option<JobState>> {
+/// How a `?wait` ended.
+pub enum WaitEnd {
+    /// The job ended in this state.
+    Finished(JobState),
+    /// The wait ran out, or the job waits for these pending approvals.
+    Waiting(Vec<crate::store::Approval>),
+}
+
+/// Waits until the job is in a terminal state, has a pending approval, or `max` passes. Woken
+/// by commits in this process; rows written by other processes are seen within a second.
+pub async fn wait_for_end(st: &HttpState, job_id: &str, max: Duration) -> ApiResult<WaitEnd> {
     let store = &st.store;
     let deadline = tokio::time::Instant::now() + max;
     let mut commits = store.subscribe_commits();
@@ -428,16 +456,29 @@ pub async fn wait_for_end(
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("no job {job_id}")))?;
         if job.state.is_terminal() {
-            return Ok(Some(job.state));
+            return Ok(WaitEnd::Finished(job.state));
+        }
+        if job.state == JobState::Running {
+            let pending = store
+                .approval_list(&crate::store::ApprovalFilter {
+                    state: Some(crate::store::ApprovalState::Pending),
+                    job_id: Some(job_id.to_string()),
+                    limit: 100,
+                    ..Default::default()
+                })
+                .await?;
+            if !pending.is_empty() {
+                return Ok(WaitEnd::Waiting(pending));
+            }
         }
         let now = tokio::time::Instant::now();
         if now >= deadline {
-            return Ok(None);
+            return Ok(WaitEnd::Waiting(Vec::new()));
         }
         let step = (deadline - now).min(Duration::from_secs(1));
         tokio::select! {
             _ = tokio::time::timeout(step, commits.changed()) => {}
-            _ = st.shutdown.cancelled() => return Ok(None),
+            _ = st.shutdown.cancelled() => return Ok(WaitEnd::Waiting(Vec::new())),
         }
     }
 }

@@ -314,7 +314,20 @@ impl Bot {
 
     #[tracing::instrument(name = "matrix_reaction", skip_all, fields(room = %room.room_id(), event = %ev.event_id, job = tracing::field::Empty))]
     async fn on_reaction(&self, ev: OriginalSyncReactionEvent, room: Room) {
-        if ev.sender == self.inner.me || !self.is_allowed(&ev.sender) {
+        // An answer to a posted permission request (decided only by allowed users).
+        let allowed = self.is_allowed(&ev.sender);
+        if super::approvals::on_reaction(
+            &self.inner.services.store,
+            &self.inner.me,
+            allowed,
+            &ev,
+            &room,
+        )
+        .await
+        {
+            return;
+        }
+        if ev.sender == self.inner.me || !allowed {
             return;
         }
         let key = ev.content.relates_to.key.trim_end_matches('\u{fe0f}');

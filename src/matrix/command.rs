@@ -9,7 +9,7 @@
 //! [`parse`] only checks the shape of a command. Whether a channel, job or schedule exists is
 //! the dispatcher's business; it also resolves job id prefixes to full ids.
 
-use crate::store::validate_channel_name;
+use crate::store::{validate_channel_name, PermissionPolicy};
 
 use super::strings::{self, usage};
 
@@ -49,6 +49,17 @@ pub enum Command {
     Token,
     /// `!schedule …`: cron and one-off jobs of this room's channel.
     Schedule(ScheduleCommand),
+    /// `!allow [id]` / `!always [id]`: allows a pending permission request (the room's only
+    /// pending one when `id` is `None`); `always` also stores a standing rule.
+    Allow { id: Option<String>, always: bool },
+    /// `!deny [id]`: denies a pending permission request.
+    Deny { id: Option<String> },
+    /// `!approvals`: the pending permission requests of this room's channel.
+    Approvals,
+    /// `!rules` / `!rules rm <id>`: this room's channel's standing rules.
+    Rules { remove: Option<i64> },
+    /// `!policy [allow|deny|ask]`: shows or sets this room's channel's permission policy.
+    Policy { set: Option<PermissionPolicy> },
 }
 
 /// The subcommands of `!schedule`.
@@ -118,6 +129,12 @@ pub fn parse(body: &str) -> Option<Result<Command, CommandError>> {
         "warm" => no_args(args, usage::WARM, Command::Warm),
         "token" => no_args(args, usage::TOKEN, Command::Token),
         "schedule" => schedule(args).map(Command::Schedule),
+        "allow" => approval_id(args, usage::ALLOW).map(|id| Command::Allow { id, always: false }),
+        "always" => approval_id(args, usage::ALWAYS).map(|id| Command::Allow { id, always: true }),
+        "deny" => approval_id(args, usage::DENY).map(|id| Command::Deny { id }),
+        "approvals" => no_args(args, usage::APPROVALS, Command::Approvals),
+        "rules" => rules(args),
+        "policy" => policy(args),
         _ => Err(unknown_command(word)),
     })
 }
@@ -203,6 +220,55 @@ fn cancel(args: &str) -> Result<Command, CommandError> {
         (None, _) => Ok(Command::Cancel { id: None }),
         (Some(arg), None) => job_id(arg, usage::CANCEL).map(|id| Command::Cancel { id: Some(id) }),
         (Some(_), Some(_)) => Err(usage_error(strings::TOO_MANY_ARGUMENTS, usage::CANCEL)),
+    }
+}
+
+/// Longest accepted approval id or id prefix (an approval id has 32 characters).
+pub const MAX_APPROVAL_ID_LEN: usize = 32;
+
+/// An optional approval id or a prefix of one: 1 to [`MAX_APPROVAL_ID_LEN`] hex digits,
+/// returned lowercase.
+fn approval_id(args: &str, usage: &str) -> Result<Option<String>, CommandError> {
+    let mut words = args.split_whitespace();
+    match (words.next(), words.next()) {
+        (None, _) => Ok(None),
+        (Some(arg), None) => {
+            if arg.len() <= MAX_APPROVAL_ID_LEN && arg.bytes().all(|b| b.is_ascii_hexdigit()) {
+                Ok(Some(arg.to_ascii_lowercase()))
+            } else {
+                Err(usage_error(strings::APPROVAL_ID_SHAPE, usage))
+            }
+        }
+        (Some(_), Some(_)) => Err(usage_error(strings::TOO_MANY_ARGUMENTS, usage)),
+    }
+}
+
+/// `!rules` or `!rules rm <id>`.
+fn rules(args: &str) -> Result<Command, CommandError> {
+    let (sub, rest) = split_word(args.trim_start());
+    match sub.to_lowercase().as_str() {
+        "" => Ok(Command::Rules { remove: None }),
+        "rm" => {
+            let arg = one_arg(rest, strings::MISSING_RULE_ID, usage::RULES_RM)?;
+            match arg.parse::<i64>() {
+                Ok(id) if id > 0 => Ok(Command::Rules { remove: Some(id) }),
+                _ => Err(usage_error(strings::RULE_ID_SHAPE, usage::RULES_RM)),
+            }
+        }
+        _ => Err(usage_error(strings::UNKNOWN_SUBCOMMAND, usage::RULES)),
+    }
+}
+
+/// `!policy [allow|deny|ask]`.
+fn policy(args: &str) -> Result<Command, CommandError> {
+    let mut words = args.split_whitespace();
+    match (words.next(), words.next()) {
+        (None, _) => Ok(Command::Policy { set: None }),
+        (Some(p), None) => match p.to_lowercase().parse::<PermissionPolicy>() {
+            Ok(policy) => Ok(Command::Policy { set: Some(policy) }),
+            Err(_) => Err(usage_error(strings::UNKNOWN_POLICY, usage::POLICY)),
+        },
+        (Some(_), Some(_)) => Err(usage_error(strings::TOO_MANY_ARGUMENTS, usage::POLICY)),
     }
 }
 
@@ -443,6 +509,57 @@ mod tests {
                     spec: name("@hourly"),
                 }),
             ),
+            (
+                "!allow",
+                Command::Allow {
+                    id: None,
+                    always: false,
+                },
+            ),
+            (
+                "!allow 0190A5d2",
+                Command::Allow {
+                    id: Some(name("0190a5d2")),
+                    always: false,
+                },
+            ),
+            (
+                "!always",
+                Command::Allow {
+                    id: None,
+                    always: true,
+                },
+            ),
+            (
+                "!ALWAYS ab12",
+                Command::Allow {
+                    id: Some(name("ab12")),
+                    always: true,
+                },
+            ),
+            ("!deny", Command::Deny { id: None }),
+            (
+                "!deny  f00 ",
+                Command::Deny {
+                    id: Some(name("f00")),
+                },
+            ),
+            ("!approvals", Command::Approvals),
+            ("!rules", Command::Rules { remove: None }),
+            ("!rules rm 3", Command::Rules { remove: Some(3) }),
+            ("!policy", Command::Policy { set: None }),
+            (
+                "!policy ASK",
+                Command::Policy {
+                    set: Some(PermissionPolicy::Ask),
+                },
+            ),
+            (
+                "!policy deny",
+                Command::Policy {
+                    set: Some(PermissionPolicy::Deny),
+                },
+            ),
         ];
         for (body, want) in cases {
             assert_eq!(ok(body), want, "{body:?}");
@@ -462,6 +579,26 @@ mod tests {
             ("!help,", "unknown command `!help,`"),
             ("!日本", "unknown command `!日本`"),
             ("!help me", "takes no arguments; usage: `!help`"),
+            ("!allow xyz", "a request id is up to 32 digits"),
+            ("!allow a b", "too many arguments; usage: `!allow [id]`"),
+            ("!deny 0190a5d2-ac96", "a request id is up to 32"),
+            (
+                "!always aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                "a request id is up to 32",
+            ),
+            ("!approvals all", "takes no arguments; usage: `!approvals`"),
+            (
+                "!rules add x",
+                "unknown subcommand; usage: `!rules [rm <id>]`",
+            ),
+            ("!rules rm", "missing rule id; usage: `!rules rm <id>`"),
+            ("!rules rm 0", "a rule id is a positive number"),
+            ("!rules rm 1 2", "too many arguments"),
+            (
+                "!policy maybe",
+                "the policy is allow, deny or ask; usage: `!policy [allow|deny|ask]`",
+            ),
+            ("!policy ask now", "too many arguments"),
             ("!create", "missing channel name; usage: `!create <name>`"),
             ("!create a b", "too many arguments; usage: `!create <name>`"),
             ("!create Foo", "invalid channel name \"Foo\""),
@@ -591,6 +728,12 @@ mod tests {
             "!schedule resume",
             "!schedule rm",
             "!schedule next",
+            "!policy",
+            "!approvals",
+            "!allow",
+            "!always",
+            "!deny",
+            "!rules",
         ] {
             assert!(strings::HELP.contains(word), "HELP lacks {word}");
         }

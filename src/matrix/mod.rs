@@ -16,11 +16,14 @@
 //! - [`pump`]: the reply pump. It reads the job rows and their event rows (the single source of
 //!   truth) and turns them into status reactions, one streamed reply per job, typing notices and
 //!   restart notices, recording its progress in `matrix_replies`.
+//! - [`approvals`]: permission requests of `ask` channels posted in their rooms, edited when
+//!   decided, and answered by the reactions of allowed users.
 //!
 //! Startup: log in or restore, one catch-up `/sync` with a zero timeout *before* any handler
 //! is attached (so nothing sent while gorp was down is answered), then a loop of long-poll
 //! syncs with exponential backoff on errors.
 
+pub mod approvals;
 pub mod bot;
 pub mod command;
 mod commands;
@@ -357,8 +360,11 @@ pub async fn run_client(
     status.set("syncing", None).await;
     let pump = pump::Pump::new(client.clone(), services.store.clone(), &services.config);
     let pump = tokio::spawn(pump.run(recoveries, shutdown.clone()));
+    let approvals =
+        approvals::ApprovalPump::new(client.clone(), services.store.clone(), &services.config);
+    let approvals = tokio::spawn(approvals.run(shutdown.clone()));
     sync_forever(&client, &shutdown, &status, max_backoff(&services.config)).await;
-    let _ = pump.await;
+    let _ = tokio::join!(pump, approvals);
     status.set("stopped", None).await;
     Ok(())
 }

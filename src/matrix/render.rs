@@ -668,7 +668,7 @@ fn status_item(emoji: &str, text: Option<&str>) -> Item {
 }
 
 /// `text` in a backtick code block whose fence is longer than any backtick run inside it.
-fn code_block(text: &str) -> String {
+pub(super) fn code_block(text: &str) -> String {
     let longest = text.split(|c| c != '`').map(str::len).max().unwrap_or(0);
     let fence = "`".repeat(longest.max(2) + 1);
     format!("{fence}\n{text}\n{fence}")

@@ -63,6 +63,10 @@ pub const HELP: &str = "\
 - `!schedule list` — this room's schedules
 - `!schedule pause <id>` / `!schedule resume <id>` / `!schedule rm <id>` — pause, resume or delete a schedule
 - `!schedule next \"<cron>\"` — when a schedule would fire
+- `!policy [allow|deny|ask]` — show or set what happens when the agent asks to use a tool
+- `!approvals` — the agent's requests waiting for a decision
+- `!allow [id]` / `!always [id]` / `!deny [id]` — answer a request (or react ✅ ♾️ ❌ to it)
+- `!rules` / `!rules rm <id>` — the \"allow always\" rules of this room's channel
 
 Any other message in a channel's room is a prompt for its agent.";
 
@@ -87,6 +91,13 @@ pub mod usage {
     pub const SCHEDULE_RESUME: &str = "!schedule resume <id>";
     pub const SCHEDULE_RM: &str = "!schedule rm <id>";
     pub const SCHEDULE_NEXT: &str = "!schedule next \"<cron>\"";
+    pub const ALLOW: &str = "!allow [id]";
+    pub const ALWAYS: &str = "!always [id]";
+    pub const DENY: &str = "!deny [id]";
+    pub const APPROVALS: &str = "!approvals";
+    pub const RULES: &str = "!rules [rm <id>]";
+    pub const RULES_RM: &str = "!rules rm <id>";
+    pub const POLICY: &str = "!policy [allow|deny|ask]";
 }
 
 // ---- malformed commands (the parser's problems; one line each) ----
@@ -121,6 +132,11 @@ pub const SPEC_NOT_QUOTED: &str = "put the schedule spec in double quotes";
 pub const SPEC_NOT_CLOSED: &str = "the schedule spec has no closing quote";
 pub const SPEC_EMPTY: &str = "the schedule spec is empty";
 pub const SCHEDULE_ID_SHAPE: &str = "a schedule id is a positive number";
+pub const APPROVAL_ID_SHAPE: &str =
+    "a request id is up to 32 digits and letters a-f; its first few characters are enough";
+pub const MISSING_RULE_ID: &str = "missing rule id";
+pub const RULE_ID_SHAPE: &str = "a rule id is a positive number";
+pub const UNKNOWN_POLICY: &str = "the policy is allow, deny or ask";
 
 /// `!jobs n` out of range.
 pub fn jobs_count_range(max: i64) -> String {
@@ -467,6 +483,251 @@ pub fn restart_notice(id8: &str, why: Option<&str>) -> String {
         "↻ gorp restarted while job `{id8}` was running: {}",
         why.unwrap_or("its lease expired")
     )
+}
+
+// ---- approvals ----
+
+/// The reaction keys that answer a posted permission request.
+pub const ALLOW_ONCE_KEY: &str = "✅";
+pub const ALLOW_ALWAYS_KEY: &str = "♾️";
+pub const DENY_KEY: &str = "❌";
+
+/// Longest excerpt of a tool's input shown in a request (characters).
+const MAX_INPUT_CHARS: usize = 3000;
+/// Most lines of a tool's input shown in a request.
+const MAX_INPUT_LINES: usize = 40;
+
+/// The short form of an approval id people type (`!allow 0190a5d2`).
+pub fn short_approval(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+/// At most [`MAX_INPUT_LINES`] lines and [`MAX_INPUT_CHARS`] characters of `text`, saying how
+/// much was left out.
+fn excerpt(text: &str) -> String {
+    let mut out = String::new();
+    for (shown, line) in text.lines().enumerate() {
+        if shown == MAX_INPUT_LINES || out.chars().count() + line.chars().count() > MAX_INPUT_CHARS
+        {
+            let left = text.lines().count() - shown;
+            out.push_str(&format!("… ({left} more lines)"));
+            return out;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out.trim_end_matches('\n').to_string()
+}
+
+/// The tool's input as a code block: the command, the diff of an edit, the content of a new
+/// file, else the JSON the agent sent.
+pub fn approval_input(kind: Option<&str>, input: &serde_json::Value) -> String {
+    let raw = &input["rawInput"];
+    if let Some(cmd) = raw["command"].as_str() {
+        return super::render::code_block(&excerpt(cmd));
+    }
+    let diffs: Vec<String> = input["content"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["type"] == "diff")
+        .map(|c| {
+            let mut d = format!("--- {}\n", c["path"].as_str().unwrap_or("?"));
+            for l in c["oldText"].as_str().unwrap_or_default().lines() {
+                d.push_str(&format!("-{l}\n"));
+            }
+            for l in c["newText"].as_str().unwrap_or_default().lines() {
+                d.push_str(&format!("+{l}\n"));
+            }
+            d
+        })
+        .collect();
+    if !diffs.is_empty() {
+        return super::render::code_block(&excerpt(&diffs.join("\n")));
+    }
+    if let Some(content) = raw["content"].as_str() {
+        let path = raw["file_path"].as_str().unwrap_or("a new file");
+        return format!(
+            "{}\n{}",
+            inline_code(path),
+            super::render::code_block(&excerpt(content))
+        );
+    }
+    if raw.is_null() || (raw.is_object() && raw.as_object().is_some_and(|o| o.is_empty())) {
+        return String::new();
+    }
+    let _ = kind;
+    let json = serde_json::to_string_pretty(raw).unwrap_or_default();
+    super::render::code_block(&excerpt(&json))
+}
+
+/// A permission request, as posted in the channel's room.
+pub fn approval_request(
+    id: &str,
+    job: &str,
+    title: Option<&str>,
+    kind: Option<&str>,
+    input: &serde_json::Value,
+    timeout_secs: u64,
+) -> String {
+    let short = short_approval(id);
+    let title = title.filter(|t| !t.trim().is_empty()).unwrap_or("a tool");
+    let mut s = format!(
+        "🔐 **The agent asks to use a tool** ({}, job {})\n\n{}{}\n",
+        inline_code(short),
+        inline_code(job.get(..8).unwrap_or(job)),
+        inline_code(title),
+        kind.map(|k| format!(" — {k}")).unwrap_or_default(),
+    );
+    let body = approval_input(kind, input);
+    if !body.is_empty() {
+        s.push('\n');
+        s.push_str(&body);
+        s.push('\n');
+    }
+    s.push_str(&format!(
+        "\nReact {ALLOW_ONCE_KEY} allow once · {ALLOW_ALWAYS_KEY} allow always · {DENY_KEY} deny, or \
+         send `!allow {short}`, `!always {short}`, `!deny {short}`. Denied if nobody answers \
+         within {}.",
+        duration_words(timeout_secs)
+    ));
+    s
+}
+
+fn duration_words(secs: u64) -> String {
+    match secs {
+        s if s % 3600 == 0 && s >= 3600 => format!("{} h", s / 3600),
+        s if s % 60 == 0 && s >= 60 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
+}
+
+/// The request's message once decided: what was decided, by whom and how.
+pub fn approval_decided(
+    id: &str,
+    title: Option<&str>,
+    state: crate::store::ApprovalState,
+    by: Option<&str>,
+    via: Option<crate::store::DecidedVia>,
+    rule: Option<&str>,
+) -> String {
+    use crate::store::{ApprovalState as S, DecidedVia as V};
+    let title = inline_code(title.unwrap_or("a tool"));
+    let short = inline_code(short_approval(id));
+    let by = by.unwrap_or("someone");
+    let how = match via {
+        Some(V::Matrix) => " in Matrix",
+        Some(V::Http) => " over HTTP",
+        Some(V::Cli) => " from the command line",
+        _ => "",
+    };
+    let what = match (state, via) {
+        (S::Allowed, _) if rule.is_some() => format!(
+            "{ALLOW_ALWAYS_KEY} **Allowed always** by {by}{how}; rule: {}",
+            inline_code(rule.unwrap_or_default())
+        ),
+        (S::Allowed, _) => format!("{ALLOW_ONCE_KEY} **Allowed once** by {by}{how}"),
+        (S::Denied, Some(V::Timeout)) => "⌛ **Denied**: nobody answered in time".to_string(),
+        (S::Denied, _) => format!("{DENY_KEY} **Denied** by {by}{how}"),
+        (S::Expired, _) => {
+            "⚠️ **Expired**: gorp stopped while this request waited; the job runs again and asks again"
+                .to_string()
+        }
+        (S::Cancelled, _) => "🛑 **Withdrawn**: the job ended before anyone answered".to_string(),
+        (S::Pending, _) => "🔐 waiting".to_string(),
+    };
+    format!("{what} — {title} ({short})")
+}
+
+/// `!approvals` with nothing pending.
+pub fn no_pending_approvals(channel: &str) -> String {
+    format!("Nothing in **{channel}** is waiting for a decision.")
+}
+
+/// One line of `!approvals`.
+pub fn approval_line(id: &str, title: Option<&str>, kind: Option<&str>, job: &str) -> String {
+    format!(
+        "- {} {} ({}) — job {}",
+        inline_code(short_approval(id)),
+        inline_code(title.unwrap_or("a tool")),
+        kind.unwrap_or("other"),
+        inline_code(job.get(..8).unwrap_or(job))
+    )
+}
+
+pub fn no_approval(prefix: &str) -> String {
+    format!("no request of this room's channel starts with `{prefix}`")
+}
+
+pub fn ambiguous_approval(prefix: &str) -> String {
+    format!("`{prefix}` matches more than one request; give more of the id")
+}
+
+pub const NO_PENDING_TO_DECIDE: &str = "nothing in this room is waiting for a decision";
+
+pub fn several_pending(n: usize) -> String {
+    format!("{n} requests are waiting; give the id (`!approvals` lists them)")
+}
+
+pub fn approval_not_pending(id: &str, state: crate::store::ApprovalState) -> String {
+    format!(
+        "request {} is already {state}",
+        inline_code(short_approval(id))
+    )
+}
+
+pub fn approval_not_offered(what: &str) -> String {
+    format!("the agent did not offer that answer: {what}")
+}
+
+pub fn decided_reply(id: &str, state: crate::store::ApprovalState) -> String {
+    format!(
+        "{} request {} {state}.",
+        match state {
+            crate::store::ApprovalState::Allowed => ALLOW_ONCE_KEY,
+            _ => DENY_KEY,
+        },
+        inline_code(short_approval(id))
+    )
+}
+
+pub fn policy_is(channel: &str, policy: crate::store::PermissionPolicy) -> String {
+    format!(
+        "**{channel}** permission policy: **{policy}** ({})",
+        policy_words(policy)
+    )
+}
+
+pub fn policy_set(channel: &str, policy: crate::store::PermissionPolicy) -> String {
+    format!(
+        "**{channel}** permission policy is now **{policy}** ({}); the next prompt runs under it.",
+        policy_words(policy)
+    )
+}
+
+fn policy_words(policy: crate::store::PermissionPolicy) -> &'static str {
+    use crate::store::PermissionPolicy as P;
+    match policy {
+        P::Allow => "the agent may use every tool",
+        P::Deny => "every tool request is refused",
+        P::Ask => "tool requests are posted here for a decision",
+    }
+}
+
+pub fn no_rules(channel: &str) -> String {
+    format!("**{channel}** has no \"allow always\" rules.")
+}
+
+pub fn rule_line(id: i64, kind: &str, matcher: &str, by: &str) -> String {
+    format!("- {id}: {kind} {} (by {by})", inline_code(matcher))
+}
+
+pub fn rule_removed(id: i64) -> String {
+    format!("Rule {id} removed; requests it matched ask again.")
+}
+
+pub fn no_rule(id: i64) -> String {
+    format!("this room's channel has no rule {id}")
 }
 
 #[cfg(test)]

@@ -113,6 +113,19 @@ pub async fn rotate_token(store: &Store, name: &str) -> Result<(Channel, String)
     Ok((channel, token))
 }
 
+/// Sets a channel's permission policy (its next prompt runs under it); `None` when there is
+/// no such channel.
+pub async fn set_policy(
+    store: &Store,
+    name: &str,
+    policy: PermissionPolicy,
+) -> Result<Option<Channel>, StoreError> {
+    if !store.channel_set_policy(name, policy).await? {
+        return Ok(None);
+    }
+    store.channel_get(name).await
+}
+
 /// Deletes a channel and its job history (its workspace stays). Refused while one of its jobs
 /// is running.
 pub async fn delete(store: &Store, name: &str) -> Result<(), StoreError> {

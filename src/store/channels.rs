@@ -100,6 +100,35 @@ impl Store {
         })
         .await
     }
+
+    /// Sets the channel's permission policy; false when there is no such channel.
+    pub async fn channel_set_policy(&self, name: &str, policy: PermissionPolicy) -> Result<bool> {
+        self.write(SetPolicy {
+            name: name.to_string(),
+            policy,
+        })
+        .await
+    }
+}
+
+struct SetPolicy {
+    name: String,
+    policy: PermissionPolicy,
+}
+
+impl Write for SetPolicy {
+    type Output = bool;
+
+    async fn apply(&self, conn: &mut Conn) -> Applied<bool> {
+        let r = sqlx::query!(
+            "UPDATE channels SET permission_policy = ?2 WHERE name = ?1",
+            self.name,
+            self.policy
+        )
+        .execute(&mut *conn)
+        .await?;
+        Ok(Ok(r.rows_affected() == 1))
+    }
 }
 
 struct Insert {

@@ -802,6 +802,7 @@ impl Write for Rescue {
             else {
                 continue;
             };
+            super::approvals::expire_for_attempt(conn, &job.id, job.attempt, now).await?;
             let text = match (r.state, job.in_turn) {
                 (JobState::Cancelled, _) => {
                     format!("{}; cancel was pending, job cancelled", r.error)

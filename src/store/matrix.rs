@@ -209,3 +209,118 @@ impl Write for ReplyUpdate {
         Ok(Ok(()))
     }
 }
+
+/// An approval the Matrix bot has to post (no `event_id` yet) or whose message it has to edit
+/// to show the decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MatrixApprovalDue {
+    pub approval_id: String,
+    pub room_id: String,
+    /// The posted message, when there is one.
+    pub event_id: Option<String>,
+    pub state: ApprovalState,
+    pub attempts: i64,
+}
+
+impl Store {
+    /// Approvals of channels with a room that are pending and not posted yet, or decided and
+    /// posted but not yet shown as decided; oldest first.
+    pub async fn matrix_approvals_due(&self, limit: i64) -> Result<Vec<MatrixApprovalDue>> {
+        Ok(sqlx::query_as!(
+            MatrixApprovalDue,
+            r#"SELECT a.id AS "approval_id!", c.matrix_room_id AS "room_id!: String",
+                      NULL AS "event_id?: String", a.state AS "state!: ApprovalState",
+                      coalesce(ma.attempts, 0) AS "attempts!: i64"
+               FROM approvals a
+               JOIN channels c ON c.id = a.channel_id
+               LEFT JOIN matrix_approvals ma ON ma.approval_id = a.id
+               WHERE a.state = 'pending' AND c.matrix_room_id IS NOT NULL
+                 AND ma.event_id IS NULL
+               UNION ALL
+               SELECT a.id, ma.room_id, ma.event_id, a.state, ma.attempts
+               FROM matrix_approvals ma JOIN approvals a ON a.id = ma.approval_id
+               WHERE ma.shown_state IS NULL AND ma.event_id IS NOT NULL
+                 AND a.state <> 'pending'
+               LIMIT ?1"#,
+            limit
+        )
+        .fetch_all(&self.read)
+        .await?)
+    }
+
+    /// Records where an approval was posted, or (with `event_id` `None`) a failed attempt to
+    /// post or edit it with its `error`; `shown` is the decided state its message now shows.
+    pub async fn matrix_approval_record(
+        &self,
+        approval_id: &str,
+        room_id: &str,
+        event_id: Option<&str>,
+        shown: Option<ApprovalState>,
+        error: Option<&str>,
+        now: Millis,
+    ) -> Result<()> {
+        self.write(ApprovalPost {
+            approval_id: approval_id.to_string(),
+            room_id: room_id.to_string(),
+            event_id: event_id.map(String::from),
+            shown,
+            error: error.map(String::from),
+            now,
+        })
+        .await
+    }
+
+    /// The approval posted as `event_id` in `room_id`, if any.
+    pub async fn matrix_approval_by_event(
+        &self,
+        room_id: &str,
+        event_id: &str,
+    ) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar!(
+            r#"SELECT approval_id AS "approval_id!" FROM matrix_approvals
+               WHERE event_id = ?1 AND room_id = ?2"#,
+            event_id,
+            room_id
+        )
+        .fetch_optional(&self.read)
+        .await?)
+    }
+}
+
+struct ApprovalPost {
+    approval_id: String,
+    room_id: String,
+    event_id: Option<String>,
+    shown: Option<ApprovalState>,
+    error: Option<String>,
+    now: Millis,
+}
+
+impl Write for ApprovalPost {
+    type Output = ();
+
+    async fn apply(&self, conn: &mut Conn) -> Applied<()> {
+        let failed = i64::from(self.error.is_some());
+        sqlx::query!(
+            r#"INSERT INTO matrix_approvals (approval_id, room_id, event_id, posted_at, shown_state,
+                                             attempts, last_error)
+               VALUES (?1, ?2, ?3, CASE WHEN ?3 IS NULL THEN NULL ELSE ?6 END, ?4, ?5, ?7)
+               ON CONFLICT (approval_id) DO UPDATE
+               SET event_id = coalesce(excluded.event_id, matrix_approvals.event_id),
+                   posted_at = coalesce(matrix_approvals.posted_at, excluded.posted_at),
+                   shown_state = coalesce(excluded.shown_state, matrix_approvals.shown_state),
+                   attempts = matrix_approvals.attempts + ?5,
+                   last_error = excluded.last_error"#,
+            self.approval_id,
+            self.room_id,
+            self.event_id,
+            self.shown,
+            failed,
+            self.now,
+            self.error
+        )
+        .execute(&mut *conn)
+        .await?;
+        Ok(Ok(()))
+    }
+}

@@ -6,6 +6,7 @@
 //! - `channels`: channels and their webhook credentials, rooms and ACP sessions.
 //! - `warm`: the warm-session lease table.
 //! - `schedules`: schedules and their guarded firing.
+//! - `approvals`: permission requests under `ask`, their decisions, standing rules.
 //! - `matrix`: the Matrix bot's state and per-job reply rows.
 //! - `writer`: the group-commit loop every write goes through.
 //!
@@ -24,6 +25,7 @@
 //!
 //! Every query takes `now` from its caller, so tests control time.
 
+mod approvals;
 mod channels;
 mod events;
 mod jobs;
@@ -44,7 +46,7 @@ use sqlx::sqlite::{
 use sqlx::ConnectOptions;
 use tokio::sync::{mpsc, watch, Notify};
 
-pub use matrix::{MatrixReply, MatrixReplyUpdate, MatrixTarget};
+pub use matrix::{MatrixApprovalDue, MatrixReply, MatrixReplyUpdate, MatrixTarget};
 pub use types::*;
 pub use warm::WarmUpdate;
 use writer::{Op, Write};

@@ -367,3 +367,132 @@ pub struct Fired {
     /// Why no job was inserted for a slot (overlap `skip`).
     pub skipped: Option<String>,
 }
+
+pub use crate::kinds::{ApprovalState, DecidedVia};
+
+/// One option of a permission request, as the agent offered it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ApprovalOption {
+    /// The agent's option id (answered back to it).
+    pub id: String,
+    pub name: String,
+    /// `allow_once`, `allow_always`, `reject_once` or `reject_always`.
+    pub kind: String,
+}
+
+impl From<ApprovalOption> for serde_json::Value {
+    fn from(o: ApprovalOption) -> Self {
+        serde_json::json!({ "id": o.id, "name": o.name, "kind": o.kind })
+    }
+}
+
+/// A permission request under the policy `ask`, and its decision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Approval {
+    pub id: String,
+    pub job_id: String,
+    pub attempt: i64,
+    pub channel_id: i64,
+    pub channel: String,
+    /// The channel's Matrix room, if it has one (where the request is posted).
+    pub matrix_room_id: Option<String>,
+    pub tool_call_id: Option<String>,
+    pub title: Option<String>,
+    /// The tool's kind as the agent named it (`edit`, `execute`, `read`, `fetch`, …).
+    pub kind: Option<String>,
+    /// The tool's input as the agent sent it: `rawInput` (command, path, content), `content`
+    /// (diffs) and `locations`.
+    #[schema(value_type = Object)]
+    pub input: serde_json::Value,
+    pub options: Vec<ApprovalOption>,
+    pub state: ApprovalState,
+    /// The option the agent was answered with.
+    pub option_id: Option<String>,
+    /// Who decided: a Matrix user id, `http`, the CLI's user, or `gorp`.
+    pub decided_by: Option<String>,
+    pub decided_via: Option<DecidedVia>,
+    /// The standing rule that decided it, or that its "allow always" created.
+    pub rule_id: Option<i64>,
+    pub created_at: Millis,
+    /// When it is denied with `timeout` if nobody decides.
+    pub expires_at: Millis,
+    pub decided_at: Option<Millis>,
+}
+
+impl Approval {
+    /// The offered option with this id.
+    pub fn option(&self, id: &str) -> Option<&ApprovalOption> {
+        self.options.iter().find(|o| o.id == id)
+    }
+
+    /// The first offered option of one of `kinds`, in the order of `kinds`.
+    pub fn option_of_kind(&self, kinds: &[&str]) -> Option<&ApprovalOption> {
+        kinds
+            .iter()
+            .find_map(|k| self.options.iter().find(|o| o.kind == *k))
+    }
+}
+
+/// What `approval_insert` needs; `event` is the job's `permission_request` event, committed
+/// with the row.
+#[derive(Debug, Clone)]
+pub struct NewApproval {
+    pub id: String,
+    pub job_id: String,
+    pub attempt: i64,
+    pub tool_call_id: Option<String>,
+    pub title: Option<String>,
+    pub kind: Option<String>,
+    pub input: serde_json::Value,
+    pub options: Vec<ApprovalOption>,
+    pub expires_at: Millis,
+    pub event: NewEvent,
+}
+
+/// A decision on a pending approval.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub state: ApprovalState,
+    pub option_id: Option<String>,
+    pub by: String,
+    pub via: DecidedVia,
+    /// The rule that decided it.
+    pub rule_id: Option<i64>,
+    /// The rule its "allow always" creates (in the same transaction).
+    pub new_rule: Option<NewRule>,
+}
+
+/// Filter of `approval_list`.
+#[derive(Debug, Clone, Default)]
+pub struct ApprovalFilter {
+    pub state: Option<ApprovalState>,
+    pub channel: Option<String>,
+    pub job_id: Option<String>,
+    pub limit: i64,
+}
+
+/// A standing "allow always" rule to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRule {
+    pub channel_id: i64,
+    pub tool_kind: String,
+    pub matcher: String,
+    pub created_by: String,
+    pub created_via: String,
+    pub approval_id: Option<String>,
+}
+
+/// A channel's standing rule: later requests of `tool_kind` matching `matcher` are allowed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Rule {
+    pub id: i64,
+    pub channel_id: i64,
+    pub channel: String,
+    pub tool_kind: String,
+    /// `program:<name>`, `path:<directory>/` or `title:<exact title>`.
+    pub matcher: String,
+    pub created_by: String,
+    pub created_via: String,
+    pub approval_id: Option<String>,
+    pub created_at: Millis,
+}

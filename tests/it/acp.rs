@@ -360,7 +360,7 @@ async fn hung_prompt_times_out_and_sends_session_cancel() {
 
 #[tokio::test]
 async fn user_cancel_stops_a_running_prompt_and_the_session_resumes_in_a_fresh_agent() {
-    let g = Gorp::start(|_| {}).await;
+    let g = Gorp::start(|c| c.acp.recycle_after_cancel = true).await;
     let ch = g.channel("alpha", |_| {}).await;
     let id = g.enqueue(ch, "@reply working\n@hang").await;
     eventually(WAIT, "first output", || async {
@@ -432,6 +432,162 @@ async fn permission_decisions_follow_the_channel_policy_and_are_recorded() {
             "{data}"
         );
     }
+    g.stop().await;
+}
+
+/// The `session` event of a job.
+async fn session_event(g: &Gorp, job: &str) -> gorp::store::Event {
+    g.store
+        .job_events_list(job, 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|e| e.kind == "session")
+        .expect("session event")
+}
+
+/// gorp with the script agent advertising `modes` (starting in the first) by `control`.
+async fn gorp_with_modes(modes: &str, control: &str) -> Gorp {
+    Gorp::start(|c| {
+        c.acp
+            .agent_args
+            .extend(["--modes", modes, "--mode-control", control].map(String::from));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_session_in_a_self_deciding_mode_is_put_in_the_asking_mode_for_every_policy() {
+    for control in ["set-mode", "config-option"] {
+        let g = gorp_with_modes("auto,default,plan", control).await;
+        let deny = g
+            .channel("deny", |c| {
+                c.permission_policy = Some(gorp::store::PermissionPolicy::Deny)
+            })
+            .await;
+        let allow = g.channel("allow", |_| {}).await;
+        for (ch, policy, want) in [(deny, "deny", "reject"), (allow, "allow", "allow")] {
+            let (job, out) = g.run(ch, "@permission Run rm -rf build").await;
+            assert_eq!(job.state, JobState::Succeeded, "{control}: {:?}", job.error);
+            // In `auto` the agent would have approved the tool itself.
+            assert_eq!(out, format!("permission: {want}"), "{control}");
+            let session = session_event(&g, &job.id).await;
+            let data = session.data.unwrap();
+            assert_eq!(data["policy"], policy);
+            assert_eq!(data["mode"], "default", "{control}: {data}");
+            assert_eq!(data["mode_before"], "auto", "{control}: {data}");
+            let method = if control == "set-mode" {
+                "session/set_mode"
+            } else {
+                "session/set_config_option"
+            };
+            assert_eq!(data["mode_set_with"], method);
+            assert_eq!(
+                data["modes"],
+                serde_json::json!(["auto", "default", "plan"])
+            );
+            assert!(
+                session.text.unwrap().ends_with("mode default (was auto)"),
+                "{control}"
+            );
+        }
+        // The agent switches mode by itself during a turn: the next prompt is put back.
+        let (job, _) = g.run(deny, "@mode auto\n@reply switched").await;
+        assert_eq!(job.state, JobState::Succeeded);
+        let (job, out) = g.run(deny, "@permission Write /etc/passwd").await;
+        assert_eq!(out, "permission: reject", "{control}");
+        let data = session_event(&g, &job.id).await.data.unwrap();
+        assert_eq!(data["mode_before"], "auto", "{control}: {data}");
+        g.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn deny_on_an_agent_that_cannot_ask_is_refused_and_allow_runs_in_its_mode() {
+    let g = gorp_with_modes("auto,plan", "set-mode").await;
+    let deny = g
+        .channel("deny", |c| {
+            c.permission_policy = Some(gorp::store::PermissionPolicy::Deny)
+        })
+        .await;
+    let allow = g.channel("allow", |_| {}).await;
+    let (job, out) = g.run(deny, "@permission Run rm -rf build").await;
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.attempt, 1, "not retried");
+    let error = job.error.unwrap();
+    assert!(
+        error.contains("permission policy deny cannot hold on this agent")
+            && error.contains("mode \"auto\" (modes: auto, plan)"),
+        "{error}"
+    );
+    assert_eq!(out, "", "the prompt never reached the agent");
+    let (job, out) = g.run(allow, "@permission Run ls").await;
+    assert_eq!(job.state, JobState::Succeeded);
+    assert_eq!(out, "permission: self-approved in mode auto");
+    let data = session_event(&g, &job.id).await.data.unwrap();
+    assert_eq!(data["mode"], "auto");
+    assert!(data["mode_before"].is_null());
+    g.stop().await;
+
+    // An agent whose set_mode fails is refused too.
+    let g = gorp_with_modes("auto,default", "refuse").await;
+    let deny = g
+        .channel("deny", |c| {
+            c.permission_policy = Some(gorp::store::PermissionPolicy::Deny)
+        })
+        .await;
+    let (job, _) = g.run(deny, "@permission Run rm -rf build").await;
+    assert_eq!(job.state, JobState::Failed);
+    let error = job.error.unwrap();
+    assert!(
+        error.contains("putting its session in mode \"default\" (from \"auto\") failed"),
+        "{error}"
+    );
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn a_configured_session_mode_must_be_one_the_agent_offers() {
+    let g = Gorp::start(|c| {
+        c.acp
+            .agent_args
+            .extend(["--modes", "auto,default,ask"].map(String::from));
+        c.acp.session_mode = Some("ask".into());
+    })
+    .await;
+    let deny = g
+        .channel("deny", |c| {
+            c.permission_policy = Some(gorp::store::PermissionPolicy::Deny)
+        })
+        .await;
+    let (job, _) = g.run(deny, "@reply hi").await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    let data = session_event(&g, &job.id).await.data.unwrap();
+    assert_eq!(data["mode"], "ask");
+    g.stop().await;
+
+    let g = Gorp::start(|c| {
+        c.acp
+            .agent_args
+            .extend(["--modes", "auto,default"].map(String::from));
+        c.acp.session_mode = Some("manual".into());
+    })
+    .await;
+    let deny = g
+        .channel("deny", |c| {
+            c.permission_policy = Some(gorp::store::PermissionPolicy::Deny)
+        })
+        .await;
+    let (job, _) = g.run(deny, "@reply hi").await;
+    assert_eq!(job.state, JobState::Failed);
+    assert!(
+        job.error
+            .as_deref()
+            .unwrap()
+            .contains("[acp] session_mode = \"manual\" is not one of the agent's modes"),
+        "{:?}",
+        job.error
+    );
     g.stop().await;
 }
 

@@ -3,7 +3,6 @@
 //! streamed into event rows, a tool call behind a permission request, a cancel, and
 //! `session/load` after a gorp restart. Nothing leaves 127.0.0.1.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use gorp::config::Config;
@@ -92,8 +91,20 @@ async fn claude_text_turn_streams_into_event_rows() {
     assert_no_outbound(&fake);
 }
 
+/// The session event of a job: the mode gorp put the agent's session in.
+async fn session_data(g: &Gorp, job: &str) -> serde_json::Value {
+    g.store
+        .job_events_list(job, 0, 10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|e| e.kind == "session")
+        .and_then(|e| e.data)
+        .expect("session event")
+}
+
 #[tokio::test]
-async fn claude_tool_call_asks_permission_and_the_channel_policy_decides() {
+async fn claude_tool_calls_ask_permission_and_the_channel_policy_holds() {
     let fake = FakeAnthropic::start().await;
     let g = start(&fake).await;
     let allow = g.channel("allow", |_| {}).await;
@@ -103,40 +114,57 @@ async fn claude_tool_call_asks_permission_and_the_channel_policy_decides() {
         })
         .await;
 
-    for (ch, name, chosen) in [(allow, "allow", "allow"), (deny, "deny", "reject")] {
-        let target: PathBuf = g.config.channel_dir(name).join("hello.txt");
-        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-        let target = target
-            .parent()
-            .unwrap()
-            .canonicalize()
-            .unwrap()
-            .join("hello.txt");
+    for (ch, name, kind) in [
+        (allow, "allow", "allow_once"),
+        (deny, "deny", "reject_once"),
+    ] {
+        let dir = g.config.channel_dir(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let dir = dir.canonicalize().unwrap();
+        let target = dir.join("hello.txt");
         fake.push(Reply::tool(
             "Write",
             json!({ "file_path": target, "content": "hi from claude\n" }),
         ));
         fake.push(Reply::text("Done."));
+        fake.push(Reply::tool(
+            "Bash",
+            json!({ "command": "touch ran.txt", "description": "Make ran.txt" }),
+        ));
+        fake.push(Reply::text("Ran."));
         let (job, out) = g.run(ch, "write hello.txt").await;
         assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
         assert_eq!(out, "Done.");
-        let events = g.store.job_events_list(&job.id, 0, 10_000).await.unwrap();
-        let perm = events
-            .iter()
-            .find(|e| e.kind == "permission")
-            .expect("permission event");
-        assert_eq!(perm.text.as_deref(), Some(chosen), "{name}");
+        let (job2, out2) = g.run(ch, "run a command").await;
+        assert_eq!(job2.state, JobState::Succeeded, "{:?}", job2.error);
+        assert_eq!(out2, "Ran.");
+        for (j, title) in [(&job.id, "Write hello.txt"), (&job2.id, "touch ran.txt")] {
+            let events = g.store.job_events_list(j, 0, 10_000).await.unwrap();
+            let perm: Vec<_> = events.iter().filter(|e| e.kind == "permission").collect();
+            assert_eq!(perm.len(), 1, "{name}: gorp decided: {events:#?}");
+            let data = perm[0].data.as_ref().unwrap();
+            assert_eq!(data["optionKind"], kind, "{name}");
+            assert_eq!(data["policy"], name);
+            assert_eq!(data["toolCall"]["title"], title);
+            let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+            let pos = |k: &str| kinds.iter().position(|x| *x == k).unwrap();
+            assert!(pos("tool_call") < pos("permission"), "{kinds:?}");
+            let session = session_data(&g, j).await;
+            assert_eq!(session["mode"], "default", "{name}: {session}");
+            assert_eq!(session["policy"], name);
+        }
+        let first = session_data(&g, &job.id).await;
         assert_eq!(
-            perm.data.as_ref().unwrap()["toolCall"]["title"],
-            "Write hello.txt"
+            first["mode_set_with"], "session/set_config_option",
+            "{first}"
         );
-        let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
-        let pos = |k: &str| kinds.iter().position(|x| *x == k).unwrap();
-        assert!(pos("tool_call") < pos("permission"), "{kinds:?}");
+        assert!(first["modes"].as_array().unwrap().len() > 1, "{first}");
+        let allowed = name == "allow";
+        assert_eq!(target.exists(), allowed, "{name}: the file was written?");
         assert_eq!(
-            target.exists(),
-            name == "allow",
-            "{name}: the policy decides whether the tool ran"
+            dir.join("ran.txt").exists(),
+            allowed,
+            "{name}: the command ran?"
         );
     }
     g.stop().await;
@@ -144,39 +172,133 @@ async fn claude_tool_call_asks_permission_and_the_channel_policy_decides() {
 }
 
 #[tokio::test]
-async fn claude_cancel_stops_the_turn_and_the_next_job_answers_in_turn() {
+async fn claude_under_ask_waits_for_a_person_and_runs_the_tool_once_allowed() {
+    use gorp::service::approvals::{self, Choice};
+    use gorp::store::{ApprovalFilter, ApprovalState, DecidedVia};
     let fake = FakeAnthropic::start().await;
-    fake.push(Reply::Hang);
     let g = start(&fake).await;
-    let ch = g.channel("claude", |_| {}).await;
-    let id = g.enqueue(ch, "think forever").await;
-    eventually(WAIT, "the hanging turn to stream", || async {
-        (!messages(&g, &id).await.is_empty()).then_some(())
-    })
-    .await;
-    assert_eq!(
-        g.store.job_cancel(&id, now_ms()).await.unwrap(),
-        gorp::store::CancelOutcome::Requested
-    );
-    assert!(g.pool.cancel_local(&id));
-    let job = g.wait_done(&id).await;
-    assert_eq!(job.state, JobState::Cancelled);
-    assert_eq!(job.stop_reason.as_deref(), Some("cancelled"));
-    fake.wait_hangs(WAIT, |h| h.disconnected == 1).await;
-
-    // The agent is recycled and the session resumed, so the next answer is the right one.
-    fake.push(Reply::text("Back again."));
-    let (next, out) = g.run(ch, "are you there?").await;
-    assert_eq!(next.state, JobState::Succeeded, "{:?}", next.error);
-    assert_eq!(out, "Back again.");
-    let model = fake.requests_of(RequestKind::Model);
-    let last = model.last().unwrap().messages_json();
-    assert!(
-        last.contains("think forever") && last.contains("are you there?"),
-        "{last}"
-    );
+    let ch = g
+        .channel("asks", |c| {
+            c.permission_policy = Some(gorp::store::PermissionPolicy::Ask)
+        })
+        .await;
+    let dir = g.config.channel_dir("asks");
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir = dir.canonicalize().unwrap();
+    fake.push(Reply::tool(
+        "Bash",
+        json!({ "command": "touch asked.txt", "description": "Make asked.txt" }),
+    ));
+    fake.push(Reply::text("Made it."));
+    fake.push(Reply::tool(
+        "Bash",
+        json!({ "command": "touch refused.txt", "description": "Make refused.txt" }),
+    ));
+    fake.push(Reply::text("Understood, I did not."));
+    for (file, choice, answer, state) in [
+        (
+            "asked.txt",
+            Choice::AllowOnce,
+            "Made it.",
+            ApprovalState::Allowed,
+        ),
+        (
+            "refused.txt",
+            Choice::Deny,
+            "Understood, I did not.",
+            ApprovalState::Denied,
+        ),
+    ] {
+        let job = g.enqueue(ch, &format!("make {file}")).await;
+        let pending = eventually(WAIT, "a pending approval", || async {
+            g.store
+                .approval_list(&ApprovalFilter {
+                    state: Some(ApprovalState::Pending),
+                    job_id: Some(job.clone()),
+                    limit: 5,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_iter()
+                .next()
+        })
+        .await;
+        assert_eq!(pending.kind.as_deref(), Some("execute"));
+        assert_eq!(
+            pending.title.as_deref(),
+            Some(format!("touch {file}").as_str())
+        );
+        assert_eq!(
+            pending.input["rawInput"]["command"],
+            format!("touch {file}")
+        );
+        assert!(!dir.join(file).exists(), "nothing runs before the decision");
+        let d = approvals::decide(&g.store, &pending.id, choice, "@alice:x", DecidedVia::Http)
+            .await
+            .unwrap();
+        assert_eq!(d.state, state);
+        let done = g.wait_done(&job).await;
+        assert_eq!(done.state, JobState::Succeeded, "{:?}", done.error);
+        assert_eq!(g.store.job_output(&job).await.unwrap(), answer);
+        assert_eq!(
+            dir.join(file).exists(),
+            state == ApprovalState::Allowed,
+            "{file}"
+        );
+    }
     g.stop().await;
     assert_no_outbound(&fake);
+}
+
+/// With the current agent the prompt after a cancel is answered in turn whether or not the
+/// agent is recycled (`recycle_after_cancel`; the old 0.23 agent answered out of turn without
+/// it), so gorp keeps the warm agent by default.
+#[tokio::test]
+async fn claude_cancel_stops_the_turn_and_the_next_job_answers_in_turn() {
+    for recycle in [false, true] {
+        let fake = FakeAnthropic::start().await;
+        fake.push(Reply::Hang);
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = claude_config(dir.path(), &fake);
+        config.acp.recycle_after_cancel = recycle;
+        let g = Gorp::start_on(dir, config, "gorp-claude").await;
+        let ch = g.channel("claude", |_| {}).await;
+        let id = g.enqueue(ch, "think forever").await;
+        eventually(WAIT, "the hanging turn to stream", || async {
+            (!messages(&g, &id).await.is_empty()).then_some(())
+        })
+        .await;
+        let pid = session_data(&g, &id).await["pid"].clone();
+        assert_eq!(
+            g.store.job_cancel(&id, now_ms()).await.unwrap(),
+            gorp::store::CancelOutcome::Requested
+        );
+        assert!(g.pool.cancel_local(&id));
+        let job = g.wait_done(&id).await;
+        assert_eq!(job.state, JobState::Cancelled);
+        assert_eq!(job.stop_reason.as_deref(), Some("cancelled"));
+        fake.wait_hangs(WAIT, |h| h.disconnected == 1).await;
+
+        fake.push(Reply::text("Back again."));
+        let (next, out) = g.run(ch, "are you there?").await;
+        assert_eq!(next.state, JobState::Succeeded, "{:?}", next.error);
+        assert_eq!(out, "Back again.", "recycle_after_cancel = {recycle}");
+        let now = session_data(&g, &next.id).await["pid"].clone();
+        assert_eq!(now == pid, !recycle, "recycled only when configured");
+        let model = fake.requests_of(RequestKind::Model);
+        let last = model.last().unwrap().messages_json();
+        assert!(
+            last.contains("think forever") && last.contains("are you there?"),
+            "{last}"
+        );
+        // And the answer after that is in turn too.
+        fake.push(Reply::text("Still here."));
+        let (_, out) = g.run(ch, "and now?").await;
+        assert_eq!(out, "Still here.", "recycle_after_cancel = {recycle}");
+        g.stop().await;
+        assert_no_outbound(&fake);
+    }
 }
 
 #[tokio::test]

@@ -819,6 +819,12 @@ async fn openapi_document_matches_the_routes() {
         ("DELETE", "/api/schedules/{id}"),
         ("POST", "/api/schedules/{id}/pause"),
         ("POST", "/api/schedules/{id}/resume"),
+        ("GET", "/api/approvals"),
+        ("GET", "/api/approvals/{id}"),
+        ("POST", "/api/approvals/{id}"),
+        ("PATCH", "/api/channels/{name}"),
+        ("GET", "/api/channels/{name}/rules"),
+        ("DELETE", "/api/channels/{name}/rules/{id}"),
         ("GET", "/healthz"),
         ("GET", "/readyz"),
         ("GET", "/metrics"),
@@ -834,7 +840,11 @@ async fn openapi_document_matches_the_routes() {
         } else {
             "does-not-exist"
         };
-        let url = format!("{}{}", r.base, path.replace("{id}", id));
+        let url = format!(
+            "{}{}",
+            r.base,
+            path.replace("{id}", id).replace("{name}", "nochannel")
+        );
         let resp = r
             .http
             .request(method.parse().unwrap(), url)

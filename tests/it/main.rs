@@ -4,6 +4,7 @@ mod support;
 
 mod acp;
 mod agent_process;
+mod approvals;
 mod claude;
 mod claude_agent;
 mod cli;

@@ -31,6 +31,13 @@
 //!   reason, or `error: …`). A turn with a `start` and no `end` was cut short
 //!   by the process dying (SIGKILL, or a panic). Soak tests use it to check
 //!   that two turns of one channel never overlap.
+//! * `--modes A,B,…` makes every session advertise permission modes, starting in `A`;
+//!   `--mode-control set-mode` (default) advertises them as `modes` (changed with
+//!   `session/set_mode`), `config-option` as a session config option of category `mode`
+//!   (`session/set_config_option`), `refuse` as `modes` whose `session/set_mode` fails. Like
+//!   Claude Code, only the mode `default` asks the client: in any other mode `@permission`
+//!   decides by itself and replies `permission: self-approved in mode <id>`. Without
+//!   `--modes` no modes are advertised and `@permission` always asks.
 //!
 //! # Directives
 //!
@@ -85,9 +92,11 @@ use agent_client_protocol::v1::schema::{
     LoadSessionRequest, LoadSessionResponse, NewSessionRequest, NewSessionResponse,
     PermissionOption, PermissionOptionKind, Plan, PlanEntry, PlanEntryPriority, PlanEntryStatus,
     PromptRequest, PromptResponse, ReadTextFileRequest, RequestPermissionOutcome,
-    RequestPermissionRequest, SessionId, SessionNotification, SessionUpdate, StopReason, ToolCall,
-    ToolCallStatus, ToolCallUpdate, ToolCallUpdateFields, ToolKind, Usage, UsageUpdate,
-    WriteTextFileRequest,
+    RequestPermissionRequest, SessionConfigOption, SessionConfigOptionCategory,
+    SessionConfigSelectOption, SessionId, SessionMode, SessionModeState, SessionNotification,
+    SessionUpdate, SetSessionConfigOptionRequest, SetSessionConfigOptionResponse,
+    SetSessionModeRequest, SetSessionModeResponse, StopReason, ToolCall, ToolCallStatus,
+    ToolCallUpdate, ToolCallUpdateFields, ToolKind, Usage, UsageUpdate, WriteTextFileRequest,
 };
 use agent_client_protocol::v1::{ConnectionTo, Responder};
 use agent_client_protocol::{Agent, Client, Error, ErrorCode, Stdio};
@@ -109,7 +118,24 @@ pub struct ScriptAgentConfig {
     pub state_dir: PathBuf,
     /// `--turn-log FILE`: append a JSON line per turn start/end (see the module docs).
     pub turn_log: Option<PathBuf>,
+    /// `--modes A,B`: the permission modes sessions advertise (the first is the initial one).
+    pub modes: Vec<String>,
+    /// `--mode-control`: how the modes are advertised and changed.
+    pub mode_control: ModeControl,
 }
+
+/// How the script agent advertises its modes (`--mode-control`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ModeControl {
+    #[default]
+    SetMode,
+    ConfigOption,
+    /// `modes`, but `session/set_mode` answers with an error.
+    Refuse,
+}
+
+/// The one mode in which the script agent asks the client before a tool runs.
+pub const ASKING_MODE: &str = "default";
 
 impl Default for ScriptAgentConfig {
     fn default() -> Self {
@@ -117,6 +143,8 @@ impl Default for ScriptAgentConfig {
             startup_delay: Duration::ZERO,
             state_dir: default_state_dir(),
             turn_log: None,
+            modes: Vec::new(),
+            mode_control: ModeControl::SetMode,
         }
     }
 }
@@ -128,7 +156,8 @@ pub fn default_state_dir() -> PathBuf {
 
 /// Usage text of the binary.
 pub const USAGE: &str =
-    "usage: gorp-script-agent [--startup-delay-ms N] [--state-dir DIR] [--turn-log FILE]\n\
+    "usage: gorp-script-agent [--startup-delay-ms N] [--state-dir DIR] [--turn-log FILE] \
+     [--modes A,B,...] [--mode-control set-mode|config-option|refuse]\n\
 Speaks ACP over stdio; see the gorp::acp::script_agent docs for the prompt directives.";
 
 impl ScriptAgentConfig {
@@ -158,6 +187,22 @@ impl ScriptAgentConfig {
                 }
                 "--state-dir" => config.state_dir = PathBuf::from(value("--state-dir")?),
                 "--turn-log" => config.turn_log = Some(PathBuf::from(value("--turn-log")?)),
+                "--modes" => {
+                    config.modes = value("--modes")?
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|m| !m.is_empty())
+                        .map(String::from)
+                        .collect();
+                }
+                "--mode-control" => {
+                    config.mode_control = match value("--mode-control")?.as_str() {
+                        "set-mode" => ModeControl::SetMode,
+                        "config-option" => ModeControl::ConfigOption,
+                        "refuse" => ModeControl::Refuse,
+                        v => return Err(format!("--mode-control: unknown value {v}")),
+                    }
+                }
                 "-h" | "--help" => return Err(USAGE.to_string()),
                 other => return Err(format!("unknown argument: {other}\n{USAGE}")),
             }
@@ -413,6 +458,8 @@ struct AgentState {
     client_can_read: AtomicBool,
     client_can_write: AtomicBool,
     sessions: Mutex<HashMap<String, Arc<Mutex<Session>>>>,
+    /// The current permission mode of each session (with `--modes`).
+    modes: Mutex<HashMap<String, String>>,
     counter: AtomicU64,
 }
 
@@ -504,6 +551,74 @@ fn read_session(bytes: &[u8]) -> Result<SessionFile, String> {
 }
 
 impl AgentState {
+    /// The modes and mode config option to advertise for `session` (none without `--modes`);
+    /// a session seen for the first time starts in the first mode.
+    fn advertise(
+        &self,
+        session: &str,
+    ) -> (Option<SessionModeState>, Option<Vec<SessionConfigOption>>) {
+        let Some(first) = self.config.modes.first() else {
+            return (None, None);
+        };
+        let current = self
+            .modes
+            .lock()
+            .unwrap()
+            .entry(session.to_string())
+            .or_insert_with(|| first.clone())
+            .clone();
+        match self.config.mode_control {
+            ModeControl::SetMode | ModeControl::Refuse => (
+                Some(SessionModeState::new(
+                    current,
+                    self.config
+                        .modes
+                        .iter()
+                        .map(|m| SessionMode::new(m.clone(), m.clone()))
+                        .collect(),
+                )),
+                None,
+            ),
+            ModeControl::ConfigOption => (None, Some(vec![self.mode_option(current)])),
+        }
+    }
+
+    fn mode_option(&self, current: String) -> SessionConfigOption {
+        let values: Vec<SessionConfigSelectOption> = self
+            .config
+            .modes
+            .iter()
+            .map(|m| SessionConfigSelectOption::new(m.clone(), m.clone()))
+            .collect();
+        SessionConfigOption::select("mode", "Mode", current, values)
+            .category(SessionConfigOptionCategory::Mode)
+    }
+
+    /// Changes `session`'s mode; an error text when the mode is unknown.
+    fn set_mode(&self, session: &str, mode: &str) -> Result<(), String> {
+        if !self.config.modes.iter().any(|m| m == mode) {
+            return Err(format!("unknown mode {mode:?}"));
+        }
+        let mut modes = self.modes.lock().unwrap();
+        match modes.get_mut(session) {
+            Some(current) => {
+                *current = mode.to_string();
+                Ok(())
+            }
+            None => Err(format!("unknown session {session:?}")),
+        }
+    }
+
+    /// The session's mode when it decides permissions itself (any mode but [`ASKING_MODE`]).
+    fn self_deciding_mode(&self, session: &str) -> Option<String> {
+        self.modes
+            .lock()
+            .unwrap()
+            .get(session)
+            .filter(|m| *m != ASKING_MODE)
+            .cloned()
+    }
+
     fn session(&self, id: &str) -> Option<Arc<Mutex<Session>>> {
         self.sessions.lock().unwrap().get(id).cloned()
     }
@@ -592,12 +707,15 @@ async fn serve_stdio(config: ScriptAgentConfig) -> Result<(), Error> {
         client_can_read: AtomicBool::new(false),
         client_can_write: AtomicBool::new(false),
         sessions: Mutex::new(HashMap::new()),
+        modes: Mutex::new(HashMap::new()),
         counter: AtomicU64::new(0),
     });
 
     let s_init = state.clone();
     let s_new = state.clone();
     let s_load = state.clone();
+    let s_mode = state.clone();
+    let s_option = state.clone();
     let s_prompt = state.clone();
     let s_cancel = state;
 
@@ -646,7 +764,12 @@ async fn serve_stdio(config: ScriptAgentConfig) -> Result<(), Error> {
                     id.clone(),
                     Arc::new(Mutex::new(Session { file, cancel: None })),
                 );
-                responder.respond(NewSessionResponse::new(id))
+                let (modes, options) = s_new.advertise(&id);
+                responder.respond(
+                    NewSessionResponse::new(id)
+                        .modes(modes)
+                        .config_options(options),
+                )
             },
             agent_client_protocol::on_receive_request!(),
         )
@@ -655,6 +778,43 @@ async fn serve_stdio(config: ScriptAgentConfig) -> Result<(), Error> {
                         responder: Responder<LoadSessionResponse>,
                         cx: ConnectionTo<Client>| {
                 handle_load(&s_load, req, responder, &cx)
+            },
+            agent_client_protocol::on_receive_request!(),
+        )
+        .on_receive_request(
+            async move |req: SetSessionModeRequest,
+                        responder: Responder<SetSessionModeResponse>,
+                        _cx| {
+                if s_mode.config.mode_control != ModeControl::SetMode {
+                    return responder.respond_with_error(rpc_error(
+                        ErrorCode::INTERNAL_ERROR,
+                        "session/set_mode is refused by --mode-control",
+                    ));
+                }
+                match s_mode.set_mode(&req.session_id.0, &req.mode_id.0) {
+                    Ok(()) => responder.respond(SetSessionModeResponse::new()),
+                    Err(e) => responder.respond_with_error(rpc_error(ErrorCode::INVALID_PARAMS, e)),
+                }
+            },
+            agent_client_protocol::on_receive_request!(),
+        )
+        .on_receive_request(
+            async move |req: SetSessionConfigOptionRequest,
+                        responder: Responder<SetSessionConfigOptionResponse>,
+                        _cx| {
+                let value = req.value.as_value_id().map(|v| v.to_string());
+                let result = match (s_option.config.mode_control, &*req.config_id.0, value) {
+                    (ModeControl::ConfigOption, "mode", Some(v)) => {
+                        s_option.set_mode(&req.session_id.0, &v).map(|()| v)
+                    }
+                    _ => Err(format!("unknown config option {}", req.config_id.0)),
+                };
+                match result {
+                    Ok(current) => responder.respond(SetSessionConfigOptionResponse::new(vec![
+                        s_option.mode_option(current),
+                    ])),
+                    Err(e) => responder.respond_with_error(rpc_error(ErrorCode::INVALID_PARAMS, e)),
+                }
             },
             agent_client_protocol::on_receive_request!(),
         )
@@ -763,7 +923,12 @@ fn handle_load(
             cx.send_notification(SessionNotification::new(sid.clone(), update))?;
         }
     }
-    responder.respond(LoadSessionResponse::new())
+    let (modes, options) = state.advertise(&id);
+    responder.respond(
+        LoadSessionResponse::new()
+            .modes(modes)
+            .config_options(options),
+    )
 }
 
 fn prompt_text(blocks: &[ContentBlock]) -> String {
@@ -892,6 +1057,10 @@ impl TurnRunner<'_> {
                 )))?;
             }
             Directive::Permission(title) => {
+                if let Some(mode) = self.state.self_deciding_mode(&self.sid.0) {
+                    self.note(format!("permission: self-approved in mode {mode}"))?;
+                    return Ok(());
+                }
                 let id = self.next_call_id();
                 let request = RequestPermissionRequest::new(
                     self.sid.clone(),

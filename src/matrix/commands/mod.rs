@@ -5,11 +5,13 @@
 //! - [`agent`]: `!status`, `!reset`, `!warm` (the agent of this room's channel).
 //! - [`jobs`]: `!jobs`, `!job`, `!cancel`.
 //! - [`schedule`]: `!schedule …`.
+//! - [`approvals`]: `!policy`, `!approvals`, `!allow`, `!always`, `!deny`, `!rules`.
 //!
 //! A handler returns an [`Answer`]; a [`Failure`] becomes the room's ❌ reply in [`run`] (an
 //! internal one is logged with an error id and the room sees only that id).
 
 mod agent;
+mod approvals;
 mod channels;
 mod jobs;
 mod schedule;
@@ -47,6 +49,20 @@ pub(super) async fn run(bot: &Bot, cmd: Command, room: &Room, sender: &UserId) -
         Command::Job { id } => jobs::show(&cx, &id).await,
         Command::Cancel { id } => jobs::cancel(&cx, id.as_deref()).await,
         Command::Schedule(sc) => schedule::run(&cx, sc).await,
+        Command::Policy { set } => approvals::policy(&cx, set).await,
+        Command::Approvals => approvals::list(&cx).await,
+        Command::Allow { id, always } => {
+            let choice = if always {
+                crate::service::approvals::Choice::AllowAlways
+            } else {
+                crate::service::approvals::Choice::AllowOnce
+            };
+            approvals::decide(&cx, id.as_deref(), choice).await
+        }
+        Command::Deny { id } => {
+            approvals::decide(&cx, id.as_deref(), crate::service::approvals::Choice::Deny).await
+        }
+        Command::Rules { remove } => approvals::rules(&cx, remove).await,
     };
     failure::answer(result)
 }

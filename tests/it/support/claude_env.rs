@@ -6,8 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
-/// `$CLAUDE_AGENT_BIN`, else `$CLAUDE_AGENT_DIR/node_modules/.bin/claude-agent-acp`, else
-/// `<crate>/target/claude-agent-acp/...`; fails with how to install it when missing.
+/// `$CLAUDE_AGENT_BIN`, else the launcher `scripts/setup-claude-agent` writes,
+/// `$CLAUDE_AGENT_DIR/claude-agent-acp` (default `<crate>/target/claude-agent-acp/claude-agent-acp`,
+/// which runs the agent on a Node it accepts); fails with how to install it when missing.
 pub fn agent_binary() -> PathBuf {
     let bin = match std::env::var_os("CLAUDE_AGENT_BIN") {
         Some(bin) => PathBuf::from(bin),
@@ -16,12 +17,13 @@ pub fn agent_binary() -> PathBuf {
             .unwrap_or_else(|| {
                 Path::new(env!("CARGO_MANIFEST_DIR")).join("target/claude-agent-acp")
             })
-            .join("node_modules/.bin/claude-agent-acp"),
+            .join("claude-agent-acp"),
     };
     assert!(
         bin.exists(),
         "the Claude Code ACP agent is not installed at {}: run scripts/setup-claude-agent \
-         (it installs @zed-industries/claude-agent-acp from npm into target/claude-agent-acp)",
+         (it installs @agentclientprotocol/claude-agent-acp and, when the system's Node is older \
+         than 22, Node 22 from npm into target/claude-agent-acp)",
         bin.display()
     );
     bin
@@ -42,6 +44,9 @@ pub fn claude_env(base: &str, home: &Path) -> Vec<(String, String)> {
         ("DISABLE_TELEMETRY", "1"),
         ("DISABLE_AUTOUPDATER", "1"),
         ("DISABLE_ERROR_REPORTING", "1"),
+        // The current agent asks the model for a predicted next prompt after every turn (a
+        // model request with tools, which would take the next scripted reply).
+        ("CLAUDE_CODE_ENABLE_PROMPT_SUGGESTION", "false"),
         ("HTTPS_PROXY", base),
         ("HTTP_PROXY", base),
         ("https_proxy", base),

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
+mod approvals;
+
 use crate::config::{Config, ConfigError};
 use crate::service::channels;
 use crate::store::{
@@ -115,6 +117,36 @@ pub enum Command {
         #[command(subcommand)]
         command: ScheduleCommand,
     },
+    /// Permission requests under the policy `ask` (pending ones unless --all or --state).
+    Approvals {
+        #[arg(long)]
+        state: Option<crate::store::ApprovalState>,
+        /// Every state.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        channel: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Allow a pending permission request (an id or a unique prefix of one).
+    Approve {
+        id: String,
+        /// Allow always: the agent's allow-always option, and a standing rule for the channel.
+        #[arg(long, conflicts_with = "option")]
+        always: bool,
+        /// Answer with this option id of the request instead.
+        #[arg(long)]
+        option: Option<String>,
+    },
+    /// Deny a pending permission request.
+    Deny { id: String },
+    /// A channel's standing "allow always" rules.
+    Rules {
+        channel: String,
+        #[command(subcommand)]
+        command: Option<RulesCommand>,
+    },
     /// Show the warm-session pool, or pre-warm a channel's agent now.
     Warm {
         /// Pre-warm this channel (the running gorp starts its agent).
@@ -165,6 +197,12 @@ pub enum ScheduleCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum RulesCommand {
+    /// Remove a rule; later requests it matched ask again.
+    Rm { id: i64 },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum ConfigCommand {
     /// Validate the configuration and print it with secrets masked.
     Check,
@@ -181,7 +219,7 @@ pub enum ChannelsCommand {
         /// Agent argument (repeat for several).
         #[arg(long = "agent-arg", allow_hyphen_values = true)]
         agent_args: Vec<String>,
-        /// Permission policy: allow or deny.
+        /// Permission policy: allow, deny or ask.
         #[arg(long)]
         permission: Option<PermissionPolicy>,
         /// Secret for GitHub-style X-Hub-Signature-256 webhook deliveries.
@@ -190,6 +228,13 @@ pub enum ChannelsCommand {
         /// Prompt template for GitHub deliveries ({event}, {action}, {repository}, {delivery}, {payload}).
         #[arg(long)]
         webhook_template: Option<String>,
+    },
+    /// Change a channel; its next prompt runs under the new policy.
+    Set {
+        name: String,
+        /// Permission policy: allow, deny or ask.
+        #[arg(long)]
+        permission: PermissionPolicy,
     },
     /// List channels.
     List,
@@ -409,6 +454,27 @@ async fn data_command(cli: &Cli, cmd: &Command, config: &Config, store: &Store) 
             timeout,
         } => warm(cli, store, channel.as_deref(), *no_wait, *timeout).await,
         Command::Schedule { command } => schedule(cli, command, config, store).await,
+        Command::Approvals {
+            state,
+            all,
+            channel,
+            limit,
+        } => approvals::list(cli, store, *state, *all, channel.clone(), *limit).await,
+        Command::Approve { id, always, option } => {
+            let choice = match (option, always) {
+                (Some(o), _) => crate::service::approvals::Choice::Option(o.clone()),
+                (None, true) => crate::service::approvals::Choice::AllowAlways,
+                (None, false) => crate::service::approvals::Choice::AllowOnce,
+            };
+            approvals::decide(cli, store, id, choice).await
+        }
+        Command::Deny { id } => {
+            approvals::decide(cli, store, id, crate::service::approvals::Choice::Deny).await
+        }
+        Command::Rules { channel, command } => match command {
+            None => approvals::rules(cli, store, channel).await,
+            Some(RulesCommand::Rm { id }) => approvals::rule_rm(cli, store, channel, *id).await,
+        },
         Command::Start | Command::Migrate | Command::Config { .. } => {
             unreachable!("handled by dispatch")
         }
@@ -457,6 +523,9 @@ async fn channels(cli: &Cli, cmd: &ChannelsCommand, config: &Config, store: &Sto
                 },
             );
             Ok(EXIT_OK)
+        }
+        ChannelsCommand::Set { name, permission } => {
+            approvals::set_policy(cli, store, name, *permission).await
         }
         ChannelsCommand::List => {
             let list = store.channel_list().await?;

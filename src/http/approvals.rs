@@ -1,0 +1,238 @@
+//! `/api/approvals`, a channel's permission policy and its standing rules. Same bearer tokens
+//! as the rest of `/api`. A decision names one of the options the agent offered (or the
+//! shorthand `allow`, `allow_always`, `deny`); an unknown id is 404, a decided one 409, an
+//! option the agent did not offer 400, and none of them writes anything.
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::api::ApiAuth;
+use super::error::{ApiError, ApiResult, ErrorBody};
+use super::HttpState;
+use crate::service::approvals::{self, Choice, DecideError};
+use crate::service::channels;
+use crate::store::{
+    Approval, ApprovalFilter, ApprovalState, Channel, DecidedVia, PermissionPolicy, Rule,
+};
+
+pub(super) fn routes() -> OpenApiRouter<HttpState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_approvals))
+        .routes(routes!(get_approval, decide_approval))
+        .routes(routes!(set_channel))
+        .routes(routes!(list_rules))
+        .routes(routes!(delete_rule))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ApprovalsQuery {
+    pub state: Option<ApprovalState>,
+    /// A channel name.
+    pub channel: Option<String>,
+    /// A job id.
+    pub job: Option<String>,
+    /// Most approvals returned, newest first (default 50).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<i64>,
+}
+
+/// Approvals, newest first (`?state=pending` for the ones waiting for a person).
+#[utoipa::path(get, path = "/api/approvals", tag = "approvals", params(ApprovalsQuery),
+    responses((status = 200, body = [Approval]), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn list_approvals(
+    _auth: ApiAuth,
+    State(st): State<HttpState>,
+    q: Result<Query<ApprovalsQuery>, QueryRejection>,
+) -> ApiResult<Json<Vec<Approval>>> {
+    let Query(q) = q.map_err(ApiError::query)?;
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::BadRequest(
+            "limit must be between 1 and 1000".into(),
+        ));
+    }
+    let filter = ApprovalFilter {
+        state: q.state,
+        channel: q.channel,
+        job_id: q.job,
+        limit,
+    };
+    Ok(Json(approvals::list(&st.store, &filter).await?))
+}
+
+fn decide_error(e: DecideError) -> ApiError {
+    match e {
+        DecideError::NotFound(_) | DecideError::Ambiguous(_) => ApiError::NotFound(e.to_string()),
+        DecideError::AlreadyDecided { .. } => ApiError::Conflict(e.to_string()),
+        DecideError::NotOffered(..) => ApiError::BadRequest(e.to_string()),
+        DecideError::Store(e) => e.into(),
+    }
+}
+
+/// One approval (a whole id).
+#[utoipa::path(get, path = "/api/approvals/{id}", tag = "approvals", params(("id" = String, Path)),
+    responses((status = 200, body = Approval), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn get_approval(
+    _auth: ApiAuth,
+    State(st): State<HttpState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Approval>> {
+    st.store
+        .approval_get(&id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no approval with id {id:?}")))
+}
+
+/// How to answer a pending approval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionKind {
+    /// The agent's allow-once option.
+    Allow,
+    /// The agent's allow-always option, and a standing rule for the channel.
+    AllowAlways,
+    /// The agent's reject option.
+    Deny,
+}
+
+/// A decision: `decision`, or one of the offered `option_id`s (exactly one of the two).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DecideBody {
+    pub decision: Option<DecisionKind>,
+    /// One of the approval's `options[].id`.
+    #[schema(min_length = 1, max_length = 256)]
+    pub option_id: Option<String>,
+    /// Who decides, as recorded in `decided_by` (default `http`).
+    #[schema(min_length = 1, max_length = 256)]
+    pub by: Option<String>,
+}
+
+/// Decide a pending approval. The agent is answered at once by the gorp running the job.
+#[utoipa::path(post, path = "/api/approvals/{id}", tag = "approvals", params(("id" = String, Path)),
+    request_body = DecideBody,
+    responses((status = 200, body = Approval), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn decide_approval(
+    _auth: ApiAuth,
+    State(st): State<HttpState>,
+    Path(id): Path<String>,
+    body: Result<Json<DecideBody>, JsonRejection>,
+) -> ApiResult<Json<Approval>> {
+    let Json(body) = body.map_err(ApiError::json)?;
+    let choice = match (body.decision, body.option_id) {
+        (Some(DecisionKind::Allow), None) => Choice::AllowOnce,
+        (Some(DecisionKind::AllowAlways), None) => Choice::AllowAlways,
+        (Some(DecisionKind::Deny), None) => Choice::Deny,
+        (None, Some(o)) if !o.is_empty() && o.len() <= 256 => Choice::Option(o),
+        _ => {
+            return Err(ApiError::BadRequest(
+                "give exactly one of decision (allow, allow_always, deny) and option_id".into(),
+            ))
+        }
+    };
+    let by = match body.by {
+        None => "http".to_string(),
+        Some(b) if !b.trim().is_empty() && b.len() <= 256 && !b.chars().any(char::is_control) => b,
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "by must be 1 to 256 characters without control characters".into(),
+            ))
+        }
+    };
+    if approvals::find(&st.store, &id)
+        .await
+        .map_err(decide_error)?
+        .id
+        != id
+    {
+        // The API takes whole ids only (prefixes are for people typing in a room).
+        return Err(ApiError::NotFound(format!("no approval with id {id:?}")));
+    }
+    let decided = approvals::decide(&st.store, &id, choice, &by, DecidedVia::Http)
+        .await
+        .map_err(decide_error)?;
+    Ok(Json(decided))
+}
+
+/// Changes to a channel.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetChannel {
+    pub permission_policy: PermissionPolicy,
+}
+
+/// Change a channel's permission policy; its next prompt runs under it.
+#[utoipa::path(patch, path = "/api/channels/{name}", tag = "channels", params(("name" = String, Path)),
+    request_body = SetChannel,
+    responses((status = 200, body = Channel), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn set_channel(
+    _auth: ApiAuth,
+    State(st): State<HttpState>,
+    Path(name): Path<String>,
+    body: Result<Json<SetChannel>, JsonRejection>,
+) -> ApiResult<Json<Channel>> {
+    let Json(body) = body.map_err(ApiError::json)?;
+    let channel = channels::set_policy(&st.store, &name, body.permission_policy)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no channel {name:?}")))?;
+    Ok(Json(channel))
+}
+
+async fn channel_named(st: &HttpState, name: &str) -> ApiResult<Channel> {
+    st.store
+        .channel_get(name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no channel {name:?}")))
+}
+
+/// A channel's standing "allow always" rules.
+#[utoipa::path(get, path = "/api/channels/{name}/rules", tag = "channels", params(("name" = String, Path)),
+    responses((status = 200, body = [Rule]), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn list_rules(
+    _auth: ApiAuth,
+    State(st): State<HttpState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Vec<Rule>>> {
+    let channel = channel_named(&st, &name).await?;
+    Ok(Json(st.store.rule_list(channel.id).await?))
+}
+
+/// Remove a standing rule; later requests it matched ask again.
+#[utoipa::path(delete, path = "/api/channels/{name}/rules/{id}", tag = "channels",
+    params(("name" = String, Path), ("id" = String, Path)),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn delete_rule(
+    _auth: ApiAuth,
+    State(st): State<HttpState>,
+    Path((name, id)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let channel = channel_named(&st, &name).await?;
+    let Some(rule) = id.parse::<i64>().ok().filter(|i| *i >= 1) else {
+        return Err(ApiError::NotFound(format!(
+            "no rule {id:?}: rule ids are positive integers"
+        )));
+    };
+    if st.store.rule_delete(channel.id, rule).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound(format!(
+            "channel {name:?} has no rule {rule}"
+        )))
+    }
+}

@@ -1,0 +1,597 @@
+//! Approvals: a permission request under the policy `ask` becomes a row, a person decides it
+//! from Matrix, HTTP or the CLI (or a standing rule does, or the timeout denies it), and the
+//! agent is answered from the row.
+//!
+//! - [`open`] commits the row (with the job's `permission_request` event) before anything shows
+//!   it; a request that a channel rule matches is committed already `allowed` (`rule`).
+//! - [`wait`] returns once the row is decided: by this process (it wakes at the commit), by
+//!   another one such as `gorp approve` (seen at the next poll), or by the timeout, which it
+//!   writes itself as `denied` / `timeout`.
+//! - [`decide`] is every front end's decision: it checks the choice against the options the
+//!   agent offered and writes a guarded transition, so a second decision loses.
+//!
+//! # Standing rules
+//! "Allow always" stores a rule for the channel and the request's tool kind, matching the
+//! stable part of the request:
+//! - a command (`execute`) that is one plain program call: `program:<first word>`, matching
+//!   later plain commands of the same program (`git status` → `program:git`); a command with
+//!   shell syntax (`;`, `&`, `|`, `<`, `>`, `$`, backquotes, parentheses, braces, a newline)
+//!   gets `title:<whole command>` and matches only itself, and never matches a `program:` rule;
+//! - a file tool (`edit`, `delete`, `move`) with a path: `path:<its directory>/`, matching later
+//!   paths under that directory (a path with a `..` component never matches);
+//! - anything else: `title:<title>`, matching the same title.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{
+    now_ms, Approval, ApprovalFilter, ApprovalOption, ApprovalState, DecidedVia, Decision,
+    EventKind, Job, Millis, NewApproval, NewEvent, NewRule, Rule, Store, StoreError,
+};
+
+/// How often a waiting request looks at its row for decisions made by another process.
+pub const POLL: Duration = Duration::from_millis(250);
+
+/// A person's (or a caller's) choice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Choice {
+    /// The agent's `allow_once` option (else `allow_always`).
+    AllowOnce,
+    /// The agent's `allow_always` option (else `allow_once`), and a standing rule.
+    AllowAlways,
+    /// The agent's `reject_once` option (else `reject_always`; else the request is cancelled).
+    Deny,
+    /// One of the offered options, by id.
+    Option(String),
+}
+
+/// Why a decision was refused; nothing was written.
+#[derive(Debug, thiserror::Error)]
+pub enum DecideError {
+    #[error("no approval with id {0:?}")]
+    NotFound(String),
+    #[error("approval id {0:?} is ambiguous; give more of it")]
+    Ambiguous(String),
+    #[error("approval {id} is already {state}")]
+    AlreadyDecided { id: String, state: ApprovalState },
+    #[error("the agent did not offer {0}; it offered {1}")]
+    NotOffered(String, String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What [`open`] did with a request.
+#[derive(Debug)]
+pub enum Opened {
+    /// Committed, pending: wait for it.
+    Pending(Approval),
+    /// A standing rule decided it at once.
+    Decided(Approval),
+    /// The job's attempt is no longer running: nothing was written.
+    NotRunning,
+}
+
+/// The request as the executor read it from the agent's `permission_request` event.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub tool_call_id: Option<String>,
+    pub title: Option<String>,
+    pub kind: Option<String>,
+    pub input: Value,
+    pub options: Vec<ApprovalOption>,
+}
+
+impl Request {
+    /// Reads `{"options": [...], "toolCall": {...}}` (the `permission_request` event data).
+    pub fn from_event_data(data: &Value) -> Request {
+        let tc = &data["toolCall"];
+        let text = |v: &Value| v.as_str().map(String::from);
+        let options = data["options"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|o| {
+                        Some(ApprovalOption {
+                            id: o["id"].as_str()?.to_string(),
+                            name: o["name"].as_str().unwrap_or_default().to_string(),
+                            kind: o["kind"].as_str().unwrap_or_default().to_string(),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut input = serde_json::Map::new();
+        for key in ["rawInput", "content", "locations"] {
+            if let Some(v) = tc.get(key).filter(|v| !v.is_null()) {
+                input.insert(key.into(), v.clone());
+            }
+        }
+        Request {
+            tool_call_id: text(&tc["toolCallId"]),
+            title: text(&tc["title"]),
+            kind: text(&tc["kind"]),
+            input: Value::Object(input),
+            options,
+        }
+    }
+}
+
+/// The stable part of a request a rule stores and matches (see the module docs).
+pub fn matcher(kind: Option<&str>, title: Option<&str>, input: &Value) -> String {
+    match kind {
+        Some("execute") => match command(input, title) {
+            Some(cmd) => match plain_program(&cmd) {
+                Some(p) => format!("program:{p}"),
+                None => format!("title:{cmd}"),
+            },
+            None => format!("title:{}", title.unwrap_or_default()),
+        },
+        Some("edit" | "delete" | "move") => match path(input) {
+            Some(p) if !has_dotdot(&p) => {
+                let dir = match p.rfind('/') {
+                    Some(i) => &p[..=i],
+                    None => "",
+                };
+                format!("path:{dir}")
+            }
+            _ => format!("title:{}", title.unwrap_or_default()),
+        },
+        _ => format!("title:{}", title.unwrap_or_default()),
+    }
+}
+
+/// Whether `rule` allows a request of `kind` with this title and input.
+pub fn rule_matches(rule: &Rule, kind: Option<&str>, title: Option<&str>, input: &Value) -> bool {
+    if rule.tool_kind != tool_kind(kind) {
+        return false;
+    }
+    if let Some(program) = rule.matcher.strip_prefix("program:") {
+        return command(input, title)
+            .and_then(|c| plain_program(&c).map(String::from))
+            .is_some_and(|p| p == program);
+    }
+    if let Some(dir) = rule.matcher.strip_prefix("path:") {
+        return path(input)
+            .is_some_and(|p| !has_dotdot(&p) && !dir.is_empty() && p.starts_with(dir));
+    }
+    if rule.matcher.starts_with("title:") {
+        return matcher(kind, title, input) == rule.matcher;
+    }
+    false
+}
+
+/// The tool kind a rule is stored under: the agent's, or `other` when it named none.
+pub fn tool_kind(kind: Option<&str>) -> &str {
+    kind.unwrap_or("other")
+}
+
+fn command(input: &Value, title: Option<&str>) -> Option<String> {
+    input
+        .pointer("/rawInput/command")
+        .and_then(Value::as_str)
+        .map(String::from)
+        .or_else(|| title.map(String::from))
+}
+
+/// The program of a command that is one plain call (no shell syntax).
+fn plain_program(cmd: &str) -> Option<&str> {
+    const SHELL: &[char] = &[
+        ';', '&', '|', '<', '>', '$', '`', '(', ')', '{', '}', '\n', '\r', '\\', '*', '?', '~',
+        '"', '\'',
+    ];
+    if cmd.contains(SHELL) {
+        return None;
+    }
+    let first = cmd.split_whitespace().next()?;
+    // `FOO=bar prog` sets the environment: not a plain call.
+    (!first.contains('=')).then_some(first)
+}
+
+fn path(input: &Value) -> Option<String> {
+    input
+        .pointer("/locations/0/path")
+        .or_else(|| input.pointer("/rawInput/file_path"))
+        .or_else(|| input.pointer("/rawInput/path"))
+        .or_else(|| input.pointer("/rawInput/notebook_path"))
+        .and_then(Value::as_str)
+        .map(String::from)
+}
+
+fn has_dotdot(p: &str) -> bool {
+    p.split('/').any(|c| c == "..")
+}
+
+/// Commits the request as an approval of `job`'s running attempt, decided at once when a rule
+/// of the channel matches.
+pub async fn open(
+    store: &Store,
+    job: &Job,
+    req: Request,
+    timeout: Duration,
+) -> Result<Opened, StoreError> {
+    let now = now_ms();
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let rules = store.rule_list(job.channel_id).await?;
+    let rule = rules
+        .iter()
+        .find(|r| rule_matches(r, req.kind.as_deref(), req.title.as_deref(), &req.input));
+    let expires_at = now + timeout.as_millis() as Millis;
+    let event = NewEvent {
+        job_id: job.id.clone(),
+        attempt: job.attempt,
+        kind: EventKind::PermissionRequest.as_str().into(),
+        text: req.title.clone(),
+        data: Some(json!({
+            "approval": id,
+            "toolCallId": req.tool_call_id,
+            "kind": req.kind,
+            "input": req.input,
+            "options": req.options,
+            "expiresAt": expires_at,
+            "rule": rule.map(|r| r.id),
+        })),
+        at: now,
+    };
+    let new = NewApproval {
+        id: id.clone(),
+        job_id: job.id.clone(),
+        attempt: job.attempt,
+        tool_call_id: req.tool_call_id.clone(),
+        title: req.title.clone(),
+        kind: req.kind.clone(),
+        input: req.input.clone(),
+        options: req.options.clone(),
+        expires_at,
+        event,
+    };
+    let Some(approval) = store.approval_insert(new, now).await? else {
+        return Ok(Opened::NotRunning);
+    };
+    let Some(rule) = rule else {
+        return Ok(Opened::Pending(approval));
+    };
+    let option = approval
+        .option_of_kind(&["allow_always", "allow_once"])
+        .map(|o| o.id.clone());
+    let decision = Decision {
+        state: ApprovalState::Allowed,
+        option_id: option,
+        by: format!("rule {}", rule.id),
+        via: DecidedVia::Rule,
+        rule_id: Some(rule.id),
+        new_rule: None,
+    };
+    match store
+        .approval_decide(&approval.id, decision, now_ms())
+        .await?
+    {
+        Some(decided) => {
+            count_decision(&decided);
+            Ok(Opened::Decided(decided))
+        }
+        // Someone decided it in between; it is not pending.
+        None => Ok(Opened::Decided(
+            store.approval_get(&approval.id).await?.unwrap_or(approval),
+        )),
+    }
+}
+
+/// Waits until the approval is decided and returns it. When it expires it is denied with
+/// `timeout`; when `stop` fires first it is ended with `end` (`cancelled`/`job` for a cancel,
+/// `expired`/`restart` when gorp shuts down).
+pub async fn wait(
+    store: &Store,
+    approval: Approval,
+    stop: &CancellationToken,
+    end: impl Fn() -> (ApprovalState, DecidedVia),
+) -> Result<Approval, StoreError> {
+    let mut commits = store.subscribe_commits();
+    let id = approval.id.clone();
+    let expires_in = Duration::from_millis((approval.expires_at - now_ms()).max(0) as u64);
+    let deadline = tokio::time::Instant::now() + expires_in;
+    loop {
+        if let Some(a) = store.approval_get(&id).await? {
+            if a.state != ApprovalState::Pending {
+                return Ok(a);
+            }
+        }
+        let ended = tokio::select! {
+            _ = commits.changed() => None,
+            _ = tokio::time::sleep(POLL) => None,
+            _ = tokio::time::sleep_until(deadline) => Some((ApprovalState::Denied, DecidedVia::Timeout)),
+            _ = stop.cancelled() => Some(end()),
+        };
+        if let Some((state, via)) = ended {
+            let current = store.approval_get(&id).await?.unwrap_or(approval.clone());
+            let option = (state == ApprovalState::Denied)
+                .then(|| current.option_of_kind(&["reject_once", "reject_always"]))
+                .flatten()
+                .map(|o| o.id.clone());
+            let decision = Decision {
+                state,
+                option_id: option,
+                by: "gorp".into(),
+                via,
+                rule_id: None,
+                new_rule: None,
+            };
+            if let Some(decided) = store.approval_decide(&id, decision, now_ms()).await? {
+                count_decision(&decided);
+                return Ok(decided);
+            }
+            // Decided by someone else just now: that decision stands.
+        }
+    }
+}
+
+/// Finds the approval `id` names: a whole id, or a unique prefix of one.
+pub async fn find(store: &Store, id: &str) -> Result<Approval, DecideError> {
+    let id = id.trim();
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(DecideError::NotFound(id.to_string()));
+    }
+    if let Some(a) = store.approval_get(id).await? {
+        return Ok(a);
+    }
+    let found = store.approval_find_prefix(id, 2).await?;
+    match found.len() {
+        0 => Err(DecideError::NotFound(id.to_string())),
+        1 => Ok(found.into_iter().next().expect("one")),
+        _ => Err(DecideError::Ambiguous(id.to_string())),
+    }
+}
+
+/// Decides approval `id` (or a unique prefix of it) with `choice`, made by `by` through `via`.
+pub async fn decide(
+    store: &Store,
+    id: &str,
+    choice: Choice,
+    by: &str,
+    via: DecidedVia,
+) -> Result<Approval, DecideError> {
+    let approval = find(store, id).await?;
+    if approval.state != ApprovalState::Pending {
+        return Err(DecideError::AlreadyDecided {
+            id: approval.id,
+            state: approval.state,
+        });
+    }
+    let offered = || {
+        approval
+            .options
+            .iter()
+            .map(|o| format!("{} ({})", o.id, o.kind))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (state, option, rule) = match &choice {
+        Choice::AllowOnce | Choice::AllowAlways => {
+            let kinds: &[&str] = if choice == Choice::AllowOnce {
+                &["allow_once", "allow_always"]
+            } else {
+                &["allow_always", "allow_once"]
+            };
+            let Some(o) = approval.option_of_kind(kinds) else {
+                return Err(DecideError::NotOffered("an allow option".into(), offered()));
+            };
+            let rule = (choice == Choice::AllowAlways).then(|| NewRule {
+                channel_id: approval.channel_id,
+                tool_kind: tool_kind(approval.kind.as_deref()).to_string(),
+                matcher: matcher(
+                    approval.kind.as_deref(),
+                    approval.title.as_deref(),
+                    &approval.input,
+                ),
+                created_by: by.to_string(),
+                created_via: via.as_str().to_string(),
+                approval_id: Some(approval.id.clone()),
+            });
+            (ApprovalState::Allowed, Some(o.id.clone()), rule)
+        }
+        Choice::Deny => (
+            ApprovalState::Denied,
+            approval
+                .option_of_kind(&["reject_once", "reject_always"])
+                .map(|o| o.id.clone()),
+            None,
+        ),
+        Choice::Option(id) => {
+            let Some(o) = approval.option(id) else {
+                return Err(DecideError::NotOffered(format!("option {id:?}"), offered()));
+            };
+            let state = if o.kind.starts_with("allow") {
+                ApprovalState::Allowed
+            } else {
+                ApprovalState::Denied
+            };
+            (state, Some(o.id.clone()), None)
+        }
+    };
+    let decision = Decision {
+        state,
+        option_id: option,
+        by: by.to_string(),
+        via,
+        rule_id: None,
+        new_rule: rule,
+    };
+    match store
+        .approval_decide(&approval.id, decision, now_ms())
+        .await?
+    {
+        Some(decided) => {
+            count_decision(&decided);
+            Ok(decided)
+        }
+        None => {
+            let now = store.approval_get(&approval.id).await?;
+            Err(DecideError::AlreadyDecided {
+                id: approval.id,
+                state: now.map(|a| a.state).unwrap_or(ApprovalState::Cancelled),
+            })
+        }
+    }
+}
+
+fn count_decision(a: &Approval) {
+    let via = a.decided_via.map(|v| v.as_str()).unwrap_or("unknown");
+    metrics::counter!(crate::metrics::APPROVAL_DECISIONS, "outcome" => a.state.as_str(), "via" => via)
+        .increment(1);
+    if let Some(at) = a.decided_at {
+        metrics::histogram!(crate::metrics::APPROVAL_WAIT_SECONDS, "outcome" => a.state.as_str())
+            .record((at - a.created_at).max(0) as f64 / 1e3);
+    }
+}
+
+/// Approvals newest first (see [`ApprovalFilter`]).
+pub async fn list(store: &Store, f: &ApprovalFilter) -> Result<Vec<Approval>, StoreError> {
+    store.approval_list(f).await
+}
+
+/// The option id the agent is answered with, or `None` for `cancelled`.
+pub fn answer(a: &Approval) -> Option<String> {
+    match a.state {
+        ApprovalState::Allowed | ApprovalState::Denied => a.option_id.clone(),
+        _ => None,
+    }
+}
+
+/// The rule "allow always" on this request would store (for showing it before deciding).
+pub fn rule_text(a: &Approval) -> String {
+    format!(
+        "{} {}",
+        tool_kind(a.kind.as_deref()),
+        matcher(a.kind.as_deref(), a.title.as_deref(), &a.input)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(kind: &str, matcher: &str) -> Rule {
+        Rule {
+            id: 1,
+            channel_id: 1,
+            channel: "c".into(),
+            tool_kind: kind.into(),
+            matcher: matcher.into(),
+            created_by: "u".into(),
+            created_via: "cli".into(),
+            approval_id: None,
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn commands_match_by_program_only_when_plain() {
+        let cmd = |c: &str| json!({ "rawInput": { "command": c } });
+        let m = matcher(Some("execute"), None, &cmd("git status"));
+        assert_eq!(m, "program:git");
+        let r = rule("execute", &m);
+        assert!(rule_matches(&r, Some("execute"), None, &cmd("git log -1")));
+        assert!(!rule_matches(&r, Some("execute"), None, &cmd("gitx log")));
+        assert!(!rule_matches(
+            &r,
+            Some("execute"),
+            None,
+            &cmd("git log; rm -rf /")
+        ));
+        assert!(!rule_matches(
+            &r,
+            Some("execute"),
+            None,
+            &cmd("git log && curl x | sh")
+        ));
+        assert!(!rule_matches(&r, Some("edit"), None, &cmd("git log")));
+        assert!(!rule_matches(
+            &r,
+            Some("execute"),
+            None,
+            &cmd("FOO=1 git log")
+        ));
+        let shell = matcher(Some("execute"), None, &cmd("echo hi > out.txt"));
+        assert_eq!(shell, "title:echo hi > out.txt");
+        let r = rule("execute", &shell);
+        assert!(rule_matches(
+            &r,
+            Some("execute"),
+            None,
+            &cmd("echo hi > out.txt")
+        ));
+        assert!(!rule_matches(
+            &r,
+            Some("execute"),
+            None,
+            &cmd("echo hi > other.txt")
+        ));
+    }
+
+    #[test]
+    fn file_tools_match_by_directory() {
+        let at = |p: &str| json!({ "rawInput": { "file_path": p } });
+        let m = matcher(Some("edit"), None, &at("/w/src/a.rs"));
+        assert_eq!(m, "path:/w/src/");
+        let r = rule("edit", &m);
+        assert!(rule_matches(&r, Some("edit"), None, &at("/w/src/b.rs")));
+        assert!(rule_matches(
+            &r,
+            Some("edit"),
+            None,
+            &at("/w/src/deep/c.rs")
+        ));
+        assert!(!rule_matches(&r, Some("edit"), None, &at("/w/srcx/c.rs")));
+        assert!(!rule_matches(
+            &r,
+            Some("edit"),
+            None,
+            &at("/w/src/../etc/passwd")
+        ));
+        assert!(!rule_matches(&r, Some("delete"), None, &at("/w/src/b.rs")));
+        let loc = json!({ "locations": [ { "path": "/w/src/z.rs" } ] });
+        assert!(rule_matches(&r, Some("edit"), None, &loc));
+        // A path with `..` gets a title rule.
+        let m = matcher(Some("edit"), Some("Write x"), &at("/w/../x"));
+        assert_eq!(m, "title:Write x");
+    }
+
+    #[test]
+    fn other_kinds_match_by_title() {
+        let m = matcher(Some("fetch"), Some("Fetch https://x"), &json!({}));
+        let r = rule("fetch", &m);
+        assert!(rule_matches(
+            &r,
+            Some("fetch"),
+            Some("Fetch https://x"),
+            &json!({})
+        ));
+        assert!(!rule_matches(
+            &r,
+            Some("fetch"),
+            Some("Fetch https://y"),
+            &json!({})
+        ));
+        assert!(!rule_matches(
+            &rule("fetch", "bogus"),
+            Some("fetch"),
+            None,
+            &json!({})
+        ));
+    }
+
+    #[test]
+    fn a_request_is_read_from_the_event_data() {
+        let req = Request::from_event_data(&json!({
+            "askId": 3,
+            "options": [ { "id": "allow", "name": "Allow", "kind": "allow_once" }, { "bad": 1 } ],
+            "toolCall": { "toolCallId": "t1", "title": "Run ls", "kind": "execute",
+                          "rawInput": { "command": "ls" }, "content": null }
+        }));
+        assert_eq!(req.tool_call_id.as_deref(), Some("t1"));
+        assert_eq!(req.kind.as_deref(), Some("execute"));
+        assert_eq!(req.options.len(), 1);
+        assert_eq!(req.input, json!({ "rawInput": { "command": "ls" } }));
+    }
+}
