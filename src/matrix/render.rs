@@ -372,10 +372,15 @@ pub fn split_parts(text: &str, max_bytes: usize) -> Vec<Part> {
                 break;
             }
             if cur.body.is_empty() {
-                // Even a fresh part cannot hold it: cut the line (inside the fence, if any).
-                let room = max_bytes
-                    .saturating_sub(cur.len())
-                    .saturating_sub(close_cost(open.as_ref(), false, max_bytes));
+                // Even a fresh part cannot hold it: cut the line (inside the fence, if any),
+                // leaving room to close the fence open before it and, when the piece ends the
+                // line, the fence the line opens.
+                let reserve = close_cost(open.as_ref(), false, max_bytes).max(if is_last {
+                    0
+                } else {
+                    close_cost(after.as_ref(), true, max_bytes)
+                });
+                let room = max_bytes.saturating_sub(cur.len()).saturating_sub(reserve);
                 let cut = cut_point(rest, room);
                 cur.body.push_str(&rest[..cut]);
                 rest = &rest[cut..];
@@ -1029,6 +1034,26 @@ mod tests {
     }
 
     // ---- split_message ----
+
+    /// Found by fuzzing: a fence opening line longer than a part was cut so that its last
+    /// piece filled a part, and the closer added for the fence it opens went over the size.
+    #[test]
+    fn a_cut_fence_opening_line_leaves_room_for_its_closer() {
+        let text = format!(
+            "```{}o that iu longer than the re{}o that iu longer than the rest\n```\n",
+            format!("{}){}", "a".repeat(8), "a".repeat(130)),
+            "a".repeat(10)
+        );
+        for max in [64, 70, 71, 72, 80, 100] {
+            for part in split_message(&text, max) {
+                assert!(
+                    part.len() <= max,
+                    "max {max}: part of {} bytes: {part:?}",
+                    part.len()
+                );
+            }
+        }
+    }
 
     #[test]
     fn split_small_and_empty() {
