@@ -119,6 +119,13 @@ text_enum! {
     }
 }
 
+impl Default for PermissionPolicy {
+    /// `allow`, the default of `[acp] permission_policy`.
+    fn default() -> Self {
+        PermissionPolicy::Allow
+    }
+}
+
 text_enum! {
     /// ```text
     ///  pending ──► allowed | denied | expired | cancelled

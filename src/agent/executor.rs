@@ -131,18 +131,8 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
         }
     };
     let live = session.live();
-    // The channel's policy as it is now (it may have changed since the agent started).
-    let policy = match ctx.store().channel_get_by_id(job.channel_id).await {
-        Ok(Some(c)) => c.permission_policy,
-        Ok(None) => {
-            warm.release(job.channel_id, session).await;
-            return failed(format!("channel {} no longer exists", job.channel), false);
-        }
-        Err(e) => {
-            warm.release(job.channel_id, session).await;
-            return failed(format!("cannot read channel: {e}"), true);
-        }
-    };
+    // The channel's policy as the claim read it (it may have changed since the agent started).
+    let policy = job.permission_policy;
     live.agent.set_policy(policy);
     let mode = match put_in_asking_mode(live, warm.config().acp.session_mode.as_deref()).await {
         Ok(mode) => mode,

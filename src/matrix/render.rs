@@ -1039,9 +1039,9 @@ mod tests {
     /// piece filled a part, and the closer added for the fence it opens went over the size.
     #[test]
     fn a_cut_fence_opening_line_leaves_room_for_its_closer() {
+        let info = format!("{}){}", "a".repeat(8), "a".repeat(130));
         let text = format!(
-            "```{}o that iu longer than the re{}o that iu longer than the rest\n```\n",
-            format!("{}){}", "a".repeat(8), "a".repeat(130)),
+            "```{info}o that iu longer than the re{}o that iu longer than the rest\n```\n",
             "a".repeat(10)
         );
         for max in [64, 70, 71, 72, 80, 100] {

@@ -234,6 +234,20 @@ pub async fn open(
         })),
         at: now,
     };
+    // A rule's decision is part of the insert: the request is never seen pending.
+    let decided = rule.map(|r| Decision {
+        state: ApprovalState::Allowed,
+        option_id: req
+            .options
+            .iter()
+            .find(|o| o.kind == "allow_always")
+            .or_else(|| req.options.iter().find(|o| o.kind == "allow_once"))
+            .map(|o| o.id.clone()),
+        by: format!("rule {}", r.id),
+        via: DecidedVia::Rule,
+        rule_id: Some(r.id),
+        new_rule: None,
+    });
     let new = NewApproval {
         id: id.clone(),
         job_id: job.id.clone(),
@@ -245,37 +259,16 @@ pub async fn open(
         options: req.options.clone(),
         expires_at,
         event,
+        decided,
     };
     let Some(approval) = store.approval_insert(new, now).await? else {
         return Ok(Opened::NotRunning);
     };
-    let Some(rule) = rule else {
+    if approval.state == ApprovalState::Pending {
         return Ok(Opened::Pending(approval));
-    };
-    let option = approval
-        .option_of_kind(&["allow_always", "allow_once"])
-        .map(|o| o.id.clone());
-    let decision = Decision {
-        state: ApprovalState::Allowed,
-        option_id: option,
-        by: format!("rule {}", rule.id),
-        via: DecidedVia::Rule,
-        rule_id: Some(rule.id),
-        new_rule: None,
-    };
-    match store
-        .approval_decide(&approval.id, decision, now_ms())
-        .await?
-    {
-        Some(decided) => {
-            count_decision(&decided);
-            Ok(Opened::Decided(decided))
-        }
-        // Someone decided it in between; it is not pending.
-        None => Ok(Opened::Decided(
-            store.approval_get(&approval.id).await?.unwrap_or(approval),
-        )),
     }
+    count_decision(&approval);
+    Ok(Opened::Decided(approval))
 }
 
 /// Waits until the approval is decided and returns it. When it expires it is denied with

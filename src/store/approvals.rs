@@ -222,8 +222,51 @@ impl Write for Insert {
             return Ok(Ok(false));
         }
         insert_events(conn, &[&n.event]).await?;
+        if let Some(d) = &n.decided {
+            if let Err(e) = decide_in(conn, &n.id, d, self.now).await? {
+                return Ok(Err(e));
+            }
+        }
         Ok(Ok(true))
     }
+}
+
+/// Applies `d` to the pending approval `id`; whether it won.
+async fn decide_in(conn: &mut Conn, id: &str, d: &Decision, now: Millis) -> Applied<bool> {
+    if d.state == ApprovalState::Pending {
+        return Ok(Err(StoreError::Invalid(
+            "a decision must leave the pending state".into(),
+        )));
+    }
+    let mut rule_id = d.rule_id;
+    if let Some(rule) = &d.new_rule {
+        let pending = sqlx::query_scalar!(
+            r#"SELECT count(*) AS "n!: i64" FROM approvals WHERE id = ?1 AND state = 'pending'"#,
+            id
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        if pending == 0 {
+            return Ok(Ok(false));
+        }
+        rule_id = Some(insert_rule(conn, rule, now).await?);
+    }
+    let r = sqlx::query!(
+        r#"UPDATE approvals
+           SET state = ?2, option_id = ?3, decided_by = ?4, decided_via = ?5, rule_id = ?6,
+               decided_at = ?7
+           WHERE id = ?1 AND state = 'pending'"#,
+        id,
+        d.state,
+        d.option_id,
+        d.by,
+        d.via,
+        rule_id,
+        now
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(Ok(r.rows_affected() == 1))
 }
 
 struct Decide {
@@ -236,41 +279,7 @@ impl Write for Decide {
     type Output = bool;
 
     async fn apply(&self, conn: &mut Conn) -> Applied<bool> {
-        let d = &self.decision;
-        if d.state == ApprovalState::Pending {
-            return Ok(Err(StoreError::Invalid(
-                "a decision must leave the pending state".into(),
-            )));
-        }
-        let mut rule_id = d.rule_id;
-        if let Some(rule) = &d.new_rule {
-            let pending = sqlx::query_scalar!(
-                r#"SELECT count(*) AS "n!: i64" FROM approvals WHERE id = ?1 AND state = 'pending'"#,
-                self.id
-            )
-            .fetch_one(&mut *conn)
-            .await?;
-            if pending == 0 {
-                return Ok(Ok(false));
-            }
-            rule_id = Some(insert_rule(conn, rule, self.now).await?);
-        }
-        let r = sqlx::query!(
-            r#"UPDATE approvals
-               SET state = ?2, option_id = ?3, decided_by = ?4, decided_via = ?5, rule_id = ?6,
-                   decided_at = ?7
-               WHERE id = ?1 AND state = 'pending'"#,
-            self.id,
-            d.state,
-            d.option_id,
-            d.by,
-            d.via,
-            rule_id,
-            self.now
-        )
-        .execute(&mut *conn)
-        .await?;
-        Ok(Ok(r.rows_affected() == 1))
+        decide_in(conn, &self.id, &self.decision, self.now).await
     }
 }
 

@@ -25,7 +25,8 @@ macro_rules! select_jobs {
                       j.lease_owner, j.lease_expires_at,
                       j.cancel_requested AS "cancel_requested: bool",
                       j.idempotency_key, j.reply_target, j.stop_reason, j.error, j.created_at,
-                      j.started_at, j.finished_at, j.schedule_id, j.scheduled_for
+                      j.started_at, j.finished_at, j.schedule_id, j.scheduled_for,
+                      c.permission_policy AS "permission_policy: PermissionPolicy"
                FROM jobs j JOIN channels c ON c.id = j.channel_id "# + $tail
             $(, $arg)*
         )
@@ -45,7 +46,9 @@ macro_rules! update_returning_jobs {
                          priority, attempt, max_attempts, interruptions, run_at, lease_owner,
                          lease_expires_at, cancel_requested AS "cancel_requested: bool",
                          idempotency_key, reply_target, stop_reason, error, created_at,
-                         started_at, finished_at, schedule_id, scheduled_for"#
+                         started_at, finished_at, schedule_id, scheduled_for,
+                         (SELECT c.permission_policy FROM channels c WHERE c.id = jobs.channel_id)
+                             AS "permission_policy!: PermissionPolicy""#
             $(, $arg)*
         )
     };

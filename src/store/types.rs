@@ -123,6 +123,11 @@ pub struct Job {
     pub finished_at: Option<Millis>,
     pub schedule_id: Option<i64>,
     pub scheduled_for: Option<Millis>,
+    /// The channel's permission policy when the row was read (the claim reads it, so a warm
+    /// job needs no read of the channel row). Not part of the job's JSON.
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub permission_policy: PermissionPolicy,
 }
 
 impl Job {
@@ -447,6 +452,8 @@ pub struct NewApproval {
     pub options: Vec<ApprovalOption>,
     pub expires_at: Millis,
     pub event: NewEvent,
+    /// Decided at once in the same transaction (by a standing rule): never seen pending.
+    pub decided: Option<Decision>,
 }
 
 /// A decision on a pending approval.
