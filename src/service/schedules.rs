@@ -31,6 +31,17 @@ pub enum When {
 /// such as `@daily`.
 pub fn parse_cron(expr: &str) -> Result<Cron, ScheduleError> {
     let expr = expr.trim();
+    // A list with an empty item (`,5`, `1,,2`, `5,`) is a typo; the cron library reads a field
+    // of only commas as matching nothing, and then searches for a slot for tens of seconds.
+    if let Some(field) = expr
+        .split_whitespace()
+        .find(|f| f.split(',').any(str::is_empty) && f.contains(','))
+    {
+        return Err(ScheduleError::Invalid(format!(
+            "invalid cron expression {expr:?}: the field {field:?} has an empty list item; \
+             separate values with single commas, e.g. \"0,30 9 * * *\""
+        )));
+    }
     CronParser::builder()
         .seconds(Seconds::Optional)
         .build()
@@ -222,4 +233,31 @@ pub async fn resume(store: &Store, id: i64, now: Millis) -> Result<bool, Schedul
 /// Removes a schedule (its jobs stay). False when there is no such schedule.
 pub async fn remove(store: &Store, id: i64) -> Result<bool, ScheduleError> {
     Ok(store.schedule_delete(id).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by fuzzing: `", */2 * * *"` parsed, matched no minute at all, and finding its next
+    /// slot took tens of seconds (a request or `!schedule add` would hang that long).
+    #[test]
+    fn a_field_with_an_empty_list_item_is_refused_at_once() {
+        for spec in [
+            ", */2 * * *",
+            ",,",
+            "5, * * * *",
+            "1,,2 * * * *",
+            "0 9 ,1 * *",
+            "0 9 * * 1,",
+        ] {
+            let e = parse_cron(spec).unwrap_err().to_string();
+            assert!(e.contains("empty list item"), "{spec:?}: {e}");
+            let e = parse_when(spec, 1_767_225_600_000).unwrap_err().to_string();
+            assert!(e.contains("empty list item"), "{spec:?}: {e}");
+        }
+        for spec in ["0,30 9 * * *", "*/5 * * * *", "0 9 * * 1-5", "@daily"] {
+            assert!(parse_cron(spec).is_ok(), "{spec:?}");
+        }
+    }
 }
