@@ -598,3 +598,262 @@ fn unwritable_database_path_exits_1_naming_the_path() {
     assert!(err.contains("cannot open the database"), "{err}");
     assert!(err.contains("/proc/gorp-cannot-be-here"), "{err}");
 }
+
+const API_TOKEN: &str = "approvals-api-token-0123456789";
+
+/// `env` with its webhook on a free port and an API token; returns the base URL.
+fn with_http(env: &Env) -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let path = env.config_path();
+    let config = std::fs::read_to_string(&path).unwrap().replace(
+        "port = 0",
+        &format!("port = {port}\ntokens = [\"{API_TOKEN}\"]"),
+    );
+    std::fs::write(&path, config).unwrap();
+    format!("http://127.0.0.1:{port}")
+}
+
+async fn healthy(base: &str) {
+    let http = reqwest::Client::new();
+    eventually(WAIT, "gorp to answer /healthz", || async {
+        let r = http.get(format!("{base}/healthz")).send().await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+}
+
+/// The job's approvals, newest first, read through the API.
+async fn approvals_of(base: &str, job: &str) -> Vec<serde_json::Value> {
+    reqwest::Client::new()
+        .get(format!("{base}/api/approvals?job={job}"))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json::<Vec<serde_json::Value>>()
+        .await
+        .unwrap()
+}
+
+async fn pending_of(base: &str, job: &str) -> serde_json::Value {
+    eventually(WAIT, "a pending approval", || async {
+        approvals_of(base, job)
+            .await
+            .into_iter()
+            .find(|a| a["state"] == "pending")
+    })
+    .await
+}
+
+#[tokio::test]
+async fn approvals_of_a_webhook_job_from_http_and_the_cli_and_across_a_kill() {
+    let env = Env::new();
+    let base = with_http(&env);
+    let created: serde_json::Value = serde_json::from_str(&env.ok(&[
+        "--json",
+        "channels",
+        "add",
+        "hooks",
+        "--permission",
+        "ask",
+    ]))
+    .unwrap();
+    assert_eq!(created["channel"]["permission_policy"], "ask");
+    let webhook = format!("{base}{}", created["webhook_url"].as_str().unwrap());
+    let token = created["webhook_token"].as_str().unwrap().to_string();
+    let mut server = env.start();
+    healthy(&base).await;
+    let http = reqwest::Client::new();
+    let hook = |prompt: &str, wait: bool| {
+        let url = if wait {
+            format!("{webhook}?wait=30")
+        } else {
+            webhook.clone()
+        };
+        http.post(url)
+            .bearer_auth(&token)
+            .json(&serde_json::json!({ "prompt": prompt }))
+            .send()
+    };
+
+    // `?wait` answers as soon as the job waits for a person, and says for what.
+    let r = hook("@permission Run make\n@reply built", true)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["state"], "running", "{body}");
+    let job = body["job_id"].as_str().unwrap().to_string();
+    let waiting = &body["pending_approvals"][0];
+    assert_eq!(waiting["title"], "Run make", "{body}");
+    let id = waiting["id"].as_str().unwrap().to_string();
+    assert_eq!(waiting["url"], format!("/api/approvals/{id}"));
+    let listed: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "approvals"])).unwrap();
+    assert_eq!(listed[0]["id"], id.as_str());
+    assert!(env.ok(&["approvals"]).contains("Run make"));
+
+    // Bad input: a clear error, and the approval is untouched.
+    let before = approvals_of(&base, &job).await;
+    let out = env.run(&["approve", "ffffffffffff"]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    assert!(stderr(&out).contains("no approval"), "{}", stderr(&out));
+    let out = env.run(&["approve", &id, "--option", "bogus"]);
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("did not offer"), "{}", stderr(&out));
+    let out = env.run(&["approve", "not-hex!"]);
+    assert_eq!(code(&out), 3);
+    let post = |path: String, body: &'static str, auth: bool| {
+        let mut r = http
+            .post(format!("{base}{path}"))
+            .header("content-type", "application/json")
+            .body(body);
+        if auth {
+            r = r.bearer_auth(API_TOKEN);
+        }
+        r.send()
+    };
+    let url = format!("/api/approvals/{id}");
+    for (body, auth, want) in [
+        (r#"{"decision": "allow"}"#, false, 401),
+        (r#"{"decision": "maybe"}"#, true, 400),
+        (r#"{}"#, true, 400),
+        (r#"{"decision": "allow", "option_id": "allow"}"#, true, 400),
+        (r#"{"option_id": "nope"}"#, true, 400),
+        (r#"{"decision": "allow""#, true, 400),
+        (r#"{"decision": "allow", "extra": 1}"#, true, 400),
+    ] {
+        let r = post(url.clone(), body, auth).await.unwrap();
+        assert_eq!(r.status().as_u16(), want, "{body}");
+        let e: serde_json::Value = r.json().await.unwrap();
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
+    }
+    let r = post(
+        "/api/approvals/ffffffffffffffff".into(),
+        r#"{"decision": "allow"}"#,
+        true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(approvals_of(&base, &job).await, before, "nothing written");
+
+    // The CLI decides; the running gorp answers the agent.
+    let out = env.ok(&["approve", &id[..10]]);
+    assert!(out.contains("allowed"), "{out}");
+    let out = env.run(&["deny", &id]);
+    assert_eq!(code(&out), 2, "already decided");
+    assert!(stderr(&out).contains("already allowed"), "{}", stderr(&out));
+    let store = env.store().await;
+    let done = eventually(WAIT, "the job to finish", || async {
+        store
+            .job_get(&job)
+            .await
+            .unwrap()
+            .filter(|j| j.state.is_terminal())
+    })
+    .await;
+    assert_eq!(done.state, JobState::Succeeded, "{:?}", done.error);
+    assert_eq!(
+        store.job_output(&job).await.unwrap(),
+        "permission: allowbuilt"
+    );
+    let a = &approvals_of(&base, &job).await[0];
+    assert_eq!(a["decided_via"], "cli");
+    assert!(a["decided_by"].as_str().unwrap().starts_with("cli:"));
+
+    // HTTP decides the next one; a second decision is 409.
+    let r = hook("@permission Run deploy\n@reply stopped", false)
+        .await
+        .unwrap();
+    let job2 = r.json::<serde_json::Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let a = pending_of(&base, &job2).await;
+    let url = format!("/api/approvals/{}", a["id"].as_str().unwrap());
+    let r = post(url.clone(), r#"{"decision": "deny", "by": "ci-bot"}"#, true)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let decided: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        (decided["state"].as_str(), decided["decided_by"].as_str()),
+        (Some("denied"), Some("ci-bot"))
+    );
+    let r = post(url, r#"{"decision": "allow"}"#, true).await.unwrap();
+    assert_eq!(r.status(), 409);
+    let done = eventually(WAIT, "the second job to finish", || async {
+        store
+            .job_get(&job2)
+            .await
+            .unwrap()
+            .filter(|j| j.state.is_terminal())
+    })
+    .await;
+    assert_eq!(
+        store.job_output(&job2).await.unwrap(),
+        "permission: rejectstopped"
+    );
+
+    // gorp is killed while a request waits: it expires, the job runs again and asks again.
+    let r = hook("@permission Run migrate\n@reply migrated", false)
+        .await
+        .unwrap();
+    let job3 = r.json::<serde_json::Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let first = pending_of(&base, &job3).await;
+    server.signal(libc::SIGKILL);
+    assert!(!std::mem::replace(&mut server, env.start()).wait().success());
+    healthy(&base).await;
+    let second = eventually(WAIT, "the re-run to ask again", || async {
+        approvals_of(&base, &job3)
+            .await
+            .into_iter()
+            .find(|a| a["state"] == "pending" && a["attempt"] == 2)
+    })
+    .await;
+    let expired = approvals_of(&base, &job3)
+        .await
+        .into_iter()
+        .find(|a| a["id"] == first["id"])
+        .unwrap();
+    assert_eq!(expired["state"], "expired");
+    assert_eq!(expired["decided_via"], "restart");
+    env.ok(&["approve", second["id"].as_str().unwrap()]);
+    let done = eventually(WAIT, "the re-run to finish", || async {
+        store
+            .job_get(&job3)
+            .await
+            .unwrap()
+            .filter(|j| j.state.is_terminal())
+    })
+    .await;
+    assert_eq!(done.state, JobState::Succeeded, "{:?}", done.error);
+    assert_eq!(done.attempt, 2);
+    assert_eq!(
+        store.job_output(&job3).await.unwrap(),
+        "permission: allowmigrated"
+    );
+
+    // Policies and rules from the CLI.
+    assert!(env
+        .ok(&["channels", "set", "hooks", "--permission", "deny"])
+        .contains("deny"));
+    let out = env.run(&["channels", "set", "nope", "--permission", "deny"]);
+    assert_eq!(code(&out), 3);
+    let out = env.run(&["channels", "set", "hooks", "--permission", "maybe"]);
+    assert_eq!(code(&out), 2);
+    assert!(env.ok(&["rules", "hooks"]).contains("no rules"));
+    let out = env.run(&["rules", "hooks", "rm", "1"]);
+    assert_eq!(code(&out), 3);
+    server.signal(libc::SIGTERM);
+    assert!(server.wait().success());
+    store.close().await;
+}
