@@ -234,7 +234,7 @@ pub async fn on_reaction(
     let span = tracing::info_span!("matrix_approval", approval = %approval, by = %ev.sender);
     let _enter = span.enter();
     if ev.sender == me {
-        tracing::debug!("the bot's own answer reaction; ignored");
+        tracing::info!("the bot's own answer reaction; ignored");
         return true;
     }
     if !allowed {

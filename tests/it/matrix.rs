@@ -1580,3 +1580,288 @@ async fn a_message_gorp_cannot_decrypt_gets_an_explanation_not_silence() {
         "nothing was run"
     );
 }
+
+/// Under `ask` the real Claude Code agent's tool calls are posted in the channel's room and
+/// decided by an allowed person's reaction: ✅ runs the tool, ♾️ also stores a rule that decides
+/// the next identical request without a message, ❌ tells the agent no. A stranger's reaction,
+/// the bot's own and a second answer change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claude_under_ask_is_approved_by_reactions_of_allowed_people_only() {
+    use crate::support::claude_env::{agent_binary, claude_env, seed_plugin_blocklist};
+    use crate::support::fake_anthropic::{FakeAnthropic, Reply};
+    use gorp::store::{ApprovalFilter, ApprovalState, DecidedVia};
+
+    let fake = FakeAnthropic::start().await;
+    let home = tempfile::tempdir().unwrap();
+    let home_path = home.path().canonicalize().unwrap();
+    seed_plugin_blocklist(&home_path);
+    let base = fake.base_url();
+    let mut w = World::start(|c| {
+        c.acp.agent_binary = agent_binary().display().to_string();
+        c.acp.agent_args = Vec::new();
+        c.acp.env = claude_env(&base, &home_path).into_iter().collect();
+        c.acp.initialize_timeout_secs = 60;
+        c.acp.session_timeout_secs = 60;
+        c.acp.permission_policy = gorp::store::PermissionPolicy::Ask;
+    })
+    .await;
+    let (room, _) = w.create_channel("careful").await;
+    let dir = w.config.channel_dir("careful").canonicalize().unwrap();
+    let mut mallory = Person::login(&w.synapse, "mallory").await;
+    w.alice
+        .room(&room)
+        .invite_user_by_id(&mallory.user_id)
+        .await
+        .unwrap();
+    let mid = mallory.user_id.clone();
+    w.alice.membership(&room, &mid, MembershipState::Join).await;
+    mallory.membership(&room, &mid, MembershipState::Join).await;
+    let bot = w.bot.clone();
+    let bash = |file: &str| {
+        Reply::tool(
+            "Bash",
+            serde_json::json!({ "command": format!("touch {file}"), "description": "Make a file" }),
+        )
+    };
+    for (file, answer) in [
+        ("one.txt", "Made one."),
+        ("two.txt", "Made two."),
+        ("three.txt", "Made three."),
+        ("four.txt", "Fine, I did not."),
+    ] {
+        fake.push(bash(file));
+        fake.push(Reply::text(answer));
+    }
+    let store = w.store.clone();
+    let approvals_of = |job: String| {
+        let store = store.clone();
+        async move {
+            store
+                .approval_list(&ApprovalFilter {
+                    job_id: Some(job),
+                    limit: 10,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+        }
+    };
+    let request_for = |file: &'static str| {
+        move |e: &OriginalSyncRoomMessageEvent| {
+            edit_of(e).is_none()
+                && shown(e).contains("The agent asks to use a tool")
+                && shown(e).contains(&format!("touch {file}"))
+        }
+    };
+
+    // ✅ from Alice runs the tool; Mallory's ✅ and the bot's own reactions change nothing.
+    let asked = w.alice.say(&room, "make one.txt").await;
+    let job = w.job_for(&asked).await;
+    let posted = w
+        .alice
+        .message_from(
+            &bot,
+            &room,
+            "the request for one.txt",
+            request_for("one.txt"),
+        )
+        .await;
+    assert!(posted.encrypted);
+    let text = shown(&posted.event);
+    assert!(
+        text.contains("execute") && text.contains("!allow"),
+        "{text}"
+    );
+    let request = posted.event.event_id.clone();
+    for key in ["✅", "♾️", "❌"] {
+        w.alice.reaction(&bot, &request, key).await;
+    }
+    mallory
+        .room(&room)
+        .send(ReactionEventContent::new(Annotation::new(
+            request.clone(),
+            "✅".into(),
+        )))
+        .await
+        .unwrap();
+    eventually(
+        WAIT,
+        "the stranger's reaction to be refused in the log",
+        || async {
+            logged()
+                .contains("a reaction on a permission request from someone not in allowed_users")
+                .then_some(())
+        },
+    )
+    .await;
+    let a = &approvals_of(job.clone()).await[0];
+    assert_eq!(
+        a.state,
+        ApprovalState::Pending,
+        "nobody allowed has answered"
+    );
+    assert!(!dir.join("one.txt").exists());
+    w.alice
+        .room(&room)
+        .send(ReactionEventContent::new(Annotation::new(
+            request.clone(),
+            "✅".into(),
+        )))
+        .await
+        .unwrap();
+    let edited = w
+        .alice
+        .message_from(&bot, &room, "the request edited with its decision", |e| {
+            edit_of(e) == Some(&request)
+        })
+        .await;
+    let text = shown(&edited.event);
+    assert!(
+        text.contains("Allowed once") && text.contains(w.alice.user_id.as_str()),
+        "{text}"
+    );
+    w.alice
+        .message_from(&bot, &room, "the answer", |e| {
+            shown(e).contains("Made one.")
+        })
+        .await;
+    assert!(dir.join("one.txt").exists(), "the tool ran");
+    let a = &approvals_of(job.clone()).await[0];
+    assert_eq!(a.state, ApprovalState::Allowed);
+    assert_eq!(a.decided_via, Some(DecidedVia::Matrix));
+    assert_eq!(a.decided_by.as_deref(), Some(w.alice.user_id.as_str()));
+    // A second answer on a decided request changes nothing.
+    w.alice
+        .room(&room)
+        .send(ReactionEventContent::new(Annotation::new(
+            request.clone(),
+            "❌".into(),
+        )))
+        .await
+        .unwrap();
+    eventually(WAIT, "the late answer to be ignored in the log", || async {
+        logged()
+            .contains("a reaction on a request already decided; ignored")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        approvals_of(job.clone()).await[0].state,
+        ApprovalState::Allowed
+    );
+    assert!(logged().contains("the bot's own answer reaction; ignored"));
+
+    // ♾️ allows and stores a rule; the next identical request is decided with no message.
+    let asked = w.alice.say(&room, "make two.txt").await;
+    let job2 = w.job_for(&asked).await;
+    let posted = w
+        .alice
+        .message_from(
+            &bot,
+            &room,
+            "the request for two.txt",
+            request_for("two.txt"),
+        )
+        .await;
+    w.alice
+        .room(&room)
+        .send(ReactionEventContent::new(Annotation::new(
+            posted.event.event_id.clone(),
+            "♾️".into(),
+        )))
+        .await
+        .unwrap();
+    w.alice
+        .message_from(&bot, &room, "the second answer", |e| {
+            shown(e).contains("Made two.")
+        })
+        .await;
+    let ch = w.store.channel_get("careful").await.unwrap().unwrap();
+    let rules = w.store.rule_list(ch.id).await.unwrap();
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert_eq!(
+        (rules[0].tool_kind.as_str(), rules[0].matcher.as_str()),
+        ("execute", "program:touch")
+    );
+    assert_eq!(approvals_of(job2).await[0].rule_id, Some(rules[0].id));
+    let asked = w.alice.say(&room, "make three.txt").await;
+    let job3 = w.job_for(&asked).await;
+    let answer = w
+        .alice
+        .message_from(&bot, &room, "the third answer", |e| {
+            shown(e).contains("Made three.") || shown(e).contains("touch three.txt")
+        })
+        .await;
+    assert!(
+        shown(&answer.event).contains("Made three."),
+        "no request was posted"
+    );
+    assert!(dir.join("three.txt").exists());
+    let by_rule = &approvals_of(job3).await[0];
+    assert_eq!(by_rule.decided_via, Some(DecidedVia::Rule));
+    assert_eq!(
+        w.count(&format!(
+            "SELECT count(*) FROM matrix_approvals WHERE approval_id = '{}'",
+            by_rule.id
+        ))
+        .await,
+        0
+    );
+
+    // Without the rule, ❌ tells the agent no and the job ends with its answer.
+    assert_eq!(
+        w.command(&room, "!rules")
+            .await
+            .matches("program:touch")
+            .count(),
+        1
+    );
+    assert!(w
+        .command(&room, &format!("!rules rm {}", rules[0].id))
+        .await
+        .contains("removed"));
+    let asked = w.alice.say(&room, "make four.txt").await;
+    let job4 = w.job_for(&asked).await;
+    let posted = w
+        .alice
+        .message_from(
+            &bot,
+            &room,
+            "the request for four.txt",
+            request_for("four.txt"),
+        )
+        .await;
+    let request = posted.event.event_id.clone();
+    w.alice
+        .room(&room)
+        .send(ReactionEventContent::new(Annotation::new(
+            request.clone(),
+            "❌".into(),
+        )))
+        .await
+        .unwrap();
+    let edited = w
+        .alice
+        .message_from(&bot, &room, "the denial shown", |e| {
+            edit_of(e) == Some(&request)
+        })
+        .await;
+    assert!(
+        shown(&edited.event).contains("Denied"),
+        "{}",
+        shown(&edited.event)
+    );
+    w.alice
+        .message_from(&bot, &room, "the fourth answer", |e| {
+            shown(e).contains("Fine, I did not.")
+        })
+        .await;
+    let done = w.store.job_get(&job4).await.unwrap().unwrap();
+    assert_eq!(done.state, JobState::Succeeded);
+    assert!(!dir.join("four.txt").exists(), "the tool did not run");
+    assert_eq!(approvals_of(job4).await[0].state, ApprovalState::Denied);
+    let requests = fake.requests_of(crate::support::fake_anthropic::RequestKind::Model);
+    let last = requests.last().unwrap().messages_json();
+    assert!(last.contains("is_error"), "the model was told: {last}");
+    drop(home);
+}
