@@ -795,6 +795,7 @@ async fn approvals_of_a_webhook_job_from_http_and_the_cli_and_across_a_kill() {
             .filter(|j| j.state.is_terminal())
     })
     .await;
+    assert_eq!(done.state, JobState::Succeeded);
     assert_eq!(
         store.job_output(&job2).await.unwrap(),
         "permission: rejectstopped"
