@@ -287,6 +287,7 @@ pub async fn wait(
     loop {
         if let Some(a) = store.approval_get(&id).await? {
             if a.state != ApprovalState::Pending {
+                count_decision(&a);
                 return Ok(a);
             }
         }
@@ -414,10 +415,8 @@ pub async fn decide(
         .approval_decide(&approval.id, decision, now_ms())
         .await?
     {
-        Some(decided) => {
-            count_decision(&decided);
-            Ok(decided)
-        }
+        // Counted by the gorp whose job waits for it (this process may be `gorp approve`).
+        Some(decided) => Ok(decided),
         None => {
             let now = store.approval_get(&approval.id).await?;
             Err(DecideError::AlreadyDecided {
@@ -428,6 +427,7 @@ pub async fn decide(
     }
 }
 
+/// Records a decision in the metrics of the gorp whose job waited for it (whoever decided).
 fn count_decision(a: &Approval) {
     let via = a.decided_via.map(|v| v.as_str()).unwrap_or("unknown");
     metrics::counter!(crate::metrics::APPROVAL_DECISIONS, "outcome" => a.state.as_str(), "via" => via)

@@ -696,6 +696,16 @@ async fn approvals_of_a_webhook_job_from_http_and_the_cli_and_across_a_kill() {
         serde_json::from_str(&env.ok(&["--json", "approvals"])).unwrap();
     assert_eq!(listed[0]["id"], id.as_str());
     assert!(env.ok(&["approvals"]).contains("Run make"));
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("gorp_approvals_pending 1"), "{metrics}");
 
     // Bad input: a clear error, and the approval is untouched.
     let before = approvals_of(&base, &job).await;
@@ -838,6 +848,24 @@ async fn approvals_of_a_webhook_job_from_http_and_the_cli_and_across_a_kill() {
     .await;
     assert_eq!(done.state, JobState::Succeeded, "{:?}", done.error);
     assert_eq!(done.attempt, 2);
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("gorp_approvals_pending 0"), "{metrics}");
+    assert!(
+        metrics.contains("gorp_approval_decisions_total{outcome=\"allowed\",via=\"cli\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("gorp_approval_wait_seconds_bucket"),
+        "{metrics}"
+    );
     assert_eq!(
         store.job_output(&job3).await.unwrap(),
         "permission: allowmigrated"
