@@ -11,13 +11,15 @@
 //! - [`store`]: every SQL statement, one file per table; the group-commit writer; read pool.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`background`]: the one loop the rescuer, cleaner, scheduler and warm keeper run in.
-//! - [`acp`]: the ACP client (process, connection, updates, fs confinement, permissions).
+//! - [`acp`]: the ACP client (process, connection, updates, fs confinement, permissions,
+//!   session modes).
 //! - [`executor`]: the interface the worker runs jobs through, and the job context.
 //! - [`worker`]: the worker pool: claim, heartbeat, fenced outcomes, graceful shutdown.
 //! - [`agent`]: the warm pool of agent processes and the executor that runs jobs on them.
 //! - [`rescuer`]: returns jobs whose lease expired. [`cleaner`]: deletes finished jobs past
 //!   retention. [`scheduler`]: fires cron schedules exactly once per slot; pre-warm.
-//! - [`service`]: domain operations every front end calls (channels, jobs, schedules).
+//! - [`service`]: domain operations every front end calls (channels, jobs, schedules,
+//!   approvals).
 //! - [`http`]: webhooks, the JSON/SSE API, health, metrics, OpenAPI (axum).
 //! - [`matrix`]: the Matrix bot: rooms as channels, `!` commands, streamed replies, E2EE.
 //! - [`cli`]: the `gorp` command line. [`app`]: `gorp start` wires the services together.
