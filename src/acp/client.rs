@@ -310,6 +310,16 @@ impl Shared {
         true
     }
 
+    /// Sends `event` to the prompt running on `session`; false when no prompt runs there
+    /// (nothing is sent, nor counted as replayed history).
+    async fn send_to_prompt(&self, session: &str, event: AgentEvent) -> bool {
+        let tx = match self.routes.lock().unwrap().get(session) {
+            Some(Route::Prompt(tx)) => tx.clone(),
+            _ => return false,
+        };
+        tx.send(event).await.is_ok()
+    }
+
     async fn emit(&self, session: &str, event: AgentEvent) {
         if !self.route(session, || event.clone()).await {
             tracing::debug!(pid = self.pid, session, kind = %event.kind, "agent event outside a prompt dropped");

@@ -163,7 +163,7 @@ impl Shared {
         );
         self.clock_start(&session);
         let unanswered = |why: &str| AskAnswer::cancelled(json!({ "reason": why }));
-        let answer = if self.route(&session, || event).await {
+        let answer = if self.send_to_prompt(&session, event).await {
             tokio::select! {
                 r = rx => r.unwrap_or_else(|_| unanswered("the prompt ended")),
                 _ = self.stopped.cancelled() => unanswered("the connection stopped"),
