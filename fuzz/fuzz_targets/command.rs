@@ -75,6 +75,11 @@ fn check_fields(cmd: &Command) {
             | ScheduleCommand::Resume { id }
             | ScheduleCommand::Rm { id },
         ) => assert!(*id > 0),
+        Command::Allow { id: Some(id), .. } | Command::Deny { id: Some(id) } => {
+            assert!(!id.is_empty() && id.len() <= 32, "{id:?}");
+            assert!(id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{id:?}");
+        }
+        Command::Rules { remove: Some(id) } => assert!(*id > 0),
         _ => {}
     }
 }
@@ -102,5 +107,19 @@ fn canonical(cmd: &Command) -> String {
             ScheduleCommand::Rm { id } => format!("!schedule rm {id}"),
             ScheduleCommand::Next { spec } => format!("!schedule next \"{spec}\""),
         },
+        Command::Allow { id, always } => {
+            let word = if *always { "!always" } else { "!allow" };
+            match id {
+                Some(id) => format!("{word} {id}"),
+                None => word.into(),
+            }
+        }
+        Command::Deny { id: Some(id) } => format!("!deny {id}"),
+        Command::Deny { id: None } => "!deny".into(),
+        Command::Approvals => "!approvals".into(),
+        Command::Rules { remove: Some(id) } => format!("!rules rm {id}"),
+        Command::Rules { remove: None } => "!rules".into(),
+        Command::Policy { set: Some(p) } => format!("!policy {p}"),
+        Command::Policy { set: None } => "!policy".into(),
     }
 }
