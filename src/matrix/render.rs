@@ -210,6 +210,25 @@ fn fence_open(line: &str) -> Option<Fence> {
     })
 }
 
+/// How many fence characters (`` ` `` or `~`, at least 3, after at most 3 spaces) `line` starts
+/// with; 0 when it does not start like a fence.
+fn fence_lead(line: &str) -> usize {
+    let indent = line.len() - line.trim_start_matches(' ').len();
+    if indent > 3 {
+        return 0;
+    }
+    let rest = &line[indent..];
+    let Some(ch) = rest.chars().next().filter(|c| *c == '`' || *c == '~') else {
+        return 0;
+    };
+    let len = rest.len() - rest.trim_start_matches(ch).len();
+    if len >= 3 {
+        len
+    } else {
+        0
+    }
+}
+
 /// Whether `line` closes `fence`: 0-3 spaces, at least as many of the same character, then only
 /// spaces or tabs.
 fn fence_closes(fence: &Fence, line: &str) -> bool {
@@ -375,17 +394,29 @@ pub fn split_parts(text: &str, max_bytes: usize) -> Vec<Part> {
                 // Even a fresh part cannot hold it: cut the line (inside the fence, if any),
                 // leaving room to close the fence open before it and, when the piece ends the
                 // line, the fence the line opens.
-                let reserve = close_cost(open.as_ref(), false, max_bytes).max(if is_last {
-                    0
-                } else {
-                    close_cost(after.as_ref(), true, max_bytes)
-                });
+                // A line outside a fence that starts like a fence opener (but is none, as a later
+                // backtick in it shows) may be cut so its first piece reads as one: room for a
+                // closer of that piece too.
+                let lead = if open.is_none() { fence_lead(rest) } else { 0 };
+                let reserve = close_cost(open.as_ref(), false, max_bytes)
+                    .max(if is_last {
+                        0
+                    } else {
+                        close_cost(after.as_ref(), true, max_bytes)
+                    })
+                    .max(if lead > 0 { lead + 1 } else { 0 });
                 let room = max_bytes.saturating_sub(cur.len()).saturating_sub(reserve);
                 let cut = cut_point(rest, room);
                 cur.body.push_str(&rest[..cut]);
                 rest = &rest[cut..];
                 if rest.is_empty() {
                     break;
+                }
+                if lead > 0 {
+                    if let Some(f) = fence_open(&cur.body) {
+                        // Closed in this part, not reopened: the next piece is not code.
+                        cur.suffix = format!("\n{}", f.closer());
+                    }
                 }
             }
             parts.push(finish_part(&mut cur, open.as_ref(), max_bytes));
@@ -1053,6 +1084,25 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Found by fuzzing: a line that starts like a fence opener but is none (a later backtick)
+    /// was cut so its first piece, alone in its part, opened a fence nothing closed.
+    #[test]
+    fn a_cut_line_that_only_looks_like_a_fence_opener_is_closed_in_its_part() {
+        let text = format!(
+            "```{}{}a2- [ ]{}```````agaaaa```\nbody line one\nbody line two\n",
+            "a".repeat(15),
+            "\0".repeat(50),
+            "a".repeat(20)
+        );
+        let parts = split_message(&text, 70);
+        assert!(parts.len() > 1);
+        for part in &parts {
+            assert!(part.len() <= 70, "part of {} bytes: {part:?}", part.len());
+            assert_eq!(scan_fences(None, part), None, "fence left open in {part:?}");
+        }
+        assert!(parts[0].ends_with("\n```"), "{:?}", parts[0]);
     }
 
     #[test]
