@@ -13,7 +13,9 @@
 //!   lines put together, and when `max_bytes >= 64` every part fits in `max_bytes` and every
 //!   part but the last leaves no code fence open, except the documented cases: the parts
 //!   holding a fence's opening line that is cut because it is longer than a part, and a fence
-//!   too long to repeat (its bare fence line and closer take more than a quarter of a part).
+//!   too long to repeat (its bare fence line and closer take more than a quarter of a part):
+//!   a part that starts inside such a fence shows its text without it, so a line there that
+//!   looks like a fence opener on its own may open one in that part.
 #![no_main]
 
 use gorp::matrix::render::{markdown_to_html, split_message, split_parts};
@@ -230,7 +232,13 @@ fn check_split(text: &str, max_bytes: usize) {
         let mut start = 0;
         for (s, p) in strings[..strings.len() - 1].iter().zip(&parts) {
             let end = start + p.body.len();
-            let exempt = cut_openers.iter().any(|&(a, b)| start < b && a < end);
+            // The fence open in the original text where this part starts, when it is too long
+            // to repeat (so the part shows that text without it).
+            let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+            let unrepeated = open_fence_at_end(&text[..line_start])
+                .filter(|f| 2 * (f.len + 1) > max_bytes / 4)
+                .is_some();
+            let exempt = unrepeated || cut_openers.iter().any(|&(a, b)| start < b && a < end);
             if let (Some(fence), false) = (open_fence_at_end(s), exempt) {
                 assert!(
                     2 * (fence.len + 1) > max_bytes / 4,
