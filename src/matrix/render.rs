@@ -369,6 +369,34 @@ pub fn split_parts(text: &str, max_bytes: usize) -> Vec<Part> {
             ..Part::default()
         }];
     }
+    // An eighth of each part is kept for closing a fence that the part opens only when read
+    // on its own (a piece of a line, or a line inside a fence too long to repeat, that looks
+    // like an opener there); see `close_stray_fences`.
+    let slack = max_bytes / 8;
+    let mut parts = split_within(text, max_bytes - slack);
+    close_stray_fences(&mut parts, slack);
+    parts
+}
+
+/// Closes, in every part but the last, a short code fence that is left open when the part is
+/// read on its own although the split did not mean it as code.
+fn close_stray_fences(parts: &mut [Part], slack: usize) {
+    let n = parts.len();
+    for p in parts.iter_mut().take(n.saturating_sub(1)) {
+        let shown = format!("{}{}{}", p.prefix, p.body, p.suffix);
+        if let Some(f) = scan_fences(None, &shown) {
+            if f.len + 1 <= slack {
+                if !shown.ends_with('\n') {
+                    p.suffix.push('\n');
+                }
+                p.suffix.push_str(&f.closer());
+            }
+        }
+    }
+}
+
+/// The split itself, into parts of at most `max_bytes`.
+fn split_within(text: &str, max_bytes: usize) -> Vec<Part> {
     let mut parts = Vec::new();
     let mut cur = Part::default();
     // The fence open at the end of `cur.body` (in the original text).

@@ -1789,7 +1789,7 @@ async fn claude_under_ask_is_approved_by_reactions_of_allowed_people_only() {
     let answer = w
         .alice
         .message_from(&bot, &room, "the third answer", |e| {
-            shown(e).contains("Made three.") || shown(e).contains("touch three.txt")
+            shown(e).contains("Made three.") || request_for("three.txt")(e)
         })
         .await;
     assert!(
