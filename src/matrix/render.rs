@@ -385,7 +385,7 @@ fn close_stray_fences(parts: &mut [Part], slack: usize) {
     for p in parts.iter_mut().take(n.saturating_sub(1)) {
         let shown = format!("{}{}{}", p.prefix, p.body, p.suffix);
         if let Some(f) = scan_fences(None, &shown) {
-            if f.len + 1 <= slack {
+            if f.len < slack {
                 if !shown.ends_with('\n') {
                     p.suffix.push('\n');
                 }
