@@ -128,7 +128,9 @@ impl Default for PermissionPolicy {
 
 text_enum! {
     /// ```text
-    ///  pending ──► allowed | denied | expired | cancelled
+    ///  pending ──► allowed | denied     (a permission request)
+    ///          ──► answered | declined  (a question)
+    ///          ──► expired | cancelled  (either)
     /// ```
     /// `expired`: gorp stopped (or the attempt ended) while it waited; `cancelled`: the job was
     /// cancelled or the agent withdrew the request.
@@ -136,8 +138,22 @@ text_enum! {
         Pending = "pending",
         Allowed = "allowed",
         Denied = "denied",
+        /// A question answered (the agent gets the content).
+        Answered = "answered",
+        /// A question declined (by a person, or by the timeout).
+        Declined = "declined",
         Expired = "expired",
         Cancelled = "cancelled",
+    }
+}
+
+text_enum! {
+    /// What an approval row asks a person.
+    pub enum RequestKind ("request kind") {
+        /// The agent's `session/request_permission`: allow or deny a tool call.
+        Permission = "permission",
+        /// The agent's `elicitation/create` form: answer its questions or decline.
+        Question = "question",
     }
 }
 
@@ -219,6 +235,10 @@ text_enum! {
         Permission = "permission",
         /// A permission request under `ask`, waiting for a person (its approval row).
         PermissionRequest = "permission_request",
+        /// A question from the agent (`elicitation/create`) under `ask`, waiting for a person.
+        Question = "question",
+        /// How a question from the agent was answered (`accept`, `decline` or `cancel`).
+        Answer = "answer",
         FsRead = "fs_read",
         FsWrite = "fs_write",
         FsDenied = "fs_denied",
@@ -283,6 +303,7 @@ mod tests {
         same_text(EventKind::ALL, |v| v.as_str());
         same_text(ApprovalState::ALL, |v| v.as_str());
         same_text(DecidedVia::ALL, |v| v.as_str());
+        same_text(RequestKind::ALL, |v| v.as_str());
         for k in EventKind::ALL {
             assert_eq!(k.to_string().parse::<EventKind>(), Ok(*k));
         }

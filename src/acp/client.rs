@@ -2,7 +2,7 @@
 //!
 //! [`AgentProcess::spawn`] starts the agent binary in its own process group
 //! with piped stdio, connects an ACP v1 client over stdin/stdout, and runs
-//! `initialize` (advertising `fs.readTextFile` and `fs.writeTextFile`). The
+//! `initialize` (advertising `fs.readTextFile`, `fs.writeTextFile` and form elicitation). The
 //! agent's stderr is read line by line: each line goes to `tracing` (target
 //! `gorp::acp::stderr`), into a bounded tail ([`AgentProcess::stderr_tail`]),
 //! and as a `"stderr"` [`AgentEvent`] to every prompt running at that moment.
@@ -27,6 +27,9 @@
 //! | same kinds | an update that does not match the ACP schema (e.g. `usage_update` with `"used": null`) | `content.text` or `title` if any | the raw update JSON plus `parseError` (counted by [`AgentProcess::unparsed_updates`]) |
 //! | `turn_usage` | `usage` of the prompt response (unstable end-turn usage) | — | the usage JSON |
 //! | `permission` | `session/request_permission` | chosen option id, or `cancelled` | `policy`, `outcome`, `optionId`, `optionKind`, `options`, `toolCall` |
+//! | `permission_request` | `session/request_permission` under `ask`, before it is answered | title | `askId`, `options`, `toolCall` |
+//! | `question` | `elicitation/create` (form) under `ask`, before it is answered | message | `askId`, `mode`, `message`, `requestedSchema`, `toolCallId` |
+//! | `answer` | `elicitation/create` | `accept`, `decline` or `cancel` | `policy`, `action`, `content`, `mode`, `message`, `toolCallId`, `decision` |
 //! | `fs_read` / `fs_write` | allowed `fs/read_text_file` / `fs/write_text_file` | path as requested | `path`, `resolved`, `bytes` (+ `line`, `limit`) |
 //! | `fs_denied` | refused fs request | reason | `op`, `path`, `reason` |
 //! | `fs_error` | allowed fs request that failed (missing file, I/O) | error | `op`, `path`, `resolved`, `error` |
@@ -77,12 +80,13 @@ use std::time::Duration;
 
 use agent_client_protocol::schema::ProtocolVersion;
 use agent_client_protocol::v1::schema::{
-    CancelNotification, ClientCapabilities, ContentBlock, FileSystemCapabilities, Implementation,
-    InitializeRequest, InitializeResponse, LoadSessionRequest, NewSessionRequest, PermissionOption,
-    PermissionOptionKind, PromptRequest, PromptResponse, ReadTextFileRequest, ReadTextFileResponse,
-    RequestPermissionOutcome, RequestPermissionRequest, RequestPermissionResponse,
-    SelectedPermissionOutcome, SessionId, SessionNotification, SessionUpdate, WriteTextFileRequest,
-    WriteTextFileResponse,
+    CancelNotification, ClientCapabilities, ContentBlock, CreateElicitationRequest,
+    CreateElicitationResponse, ElicitationCapabilities, ElicitationFormCapabilities,
+    FileSystemCapabilities, Implementation, InitializeRequest, InitializeResponse,
+    LoadSessionRequest, NewSessionRequest, PermissionOption, PermissionOptionKind, PromptRequest,
+    PromptResponse, ReadTextFileRequest, ReadTextFileResponse, RequestPermissionOutcome,
+    RequestPermissionRequest, RequestPermissionResponse, SelectedPermissionOutcome, SessionId,
+    SessionNotification, SessionUpdate, WriteTextFileRequest, WriteTextFileResponse,
 };
 use agent_client_protocol::v1::{ConnectionTo, Responder};
 use agent_client_protocol::{
@@ -100,6 +104,7 @@ mod fs;
 mod modes;
 mod permission;
 mod process;
+mod question;
 mod updates;
 
 pub use fs::confine;
@@ -617,9 +622,13 @@ impl AgentProcess {
 
         let request = InitializeRequest::new(ProtocolVersion::V1)
             .client_capabilities(
-                ClientCapabilities::new().fs(FileSystemCapabilities::new()
-                    .read_text_file(true)
-                    .write_text_file(true)),
+                ClientCapabilities::new()
+                    .fs(FileSystemCapabilities::new()
+                        .read_text_file(true)
+                        .write_text_file(true))
+                    .elicitation(
+                        ElicitationCapabilities::new().form(ElicitationFormCapabilities::new()),
+                    ),
             )
             .client_info(Implementation::new("gorp", env!("CARGO_PKG_VERSION")));
         let outcome = proc.race(request, timeouts.initialize).await;
@@ -1096,6 +1105,7 @@ async fn run_connection(
 ) {
     let on_update = shared.clone();
     let on_permission = shared.clone();
+    let on_question = shared.clone();
     let on_read = shared.clone();
     let on_write = shared.clone();
     let backlog = shared.clone();
@@ -1121,6 +1131,16 @@ async fn run_connection(
                         _cx: ConnectionTo<Agent>| {
                 on_permission.took_message();
                 let resp = on_permission.decide_permission(&req).await;
+                responder.respond(resp)
+            },
+            agent_client_protocol::on_receive_request!(),
+        )
+        .on_receive_request(
+            async move |req: CreateElicitationRequest,
+                        responder: Responder<CreateElicitationResponse>,
+                        _cx: ConnectionTo<Agent>| {
+                on_question.took_message();
+                let resp = on_question.answer_question(&req).await;
                 responder.respond(resp)
             },
             agent_client_protocol::on_receive_request!(),

@@ -35,6 +35,7 @@ const MESSAGE_BREAKS: &[EventKind] = &[
     EventKind::ToolCallUpdate,
     EventKind::Plan,
     EventKind::Permission,
+    EventKind::Answer,
     EventKind::FsRead,
     EventKind::FsWrite,
     EventKind::FsDenied,
@@ -191,7 +192,7 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
             while rx.recv_many(&mut batch, client::EVENT_QUEUE).await > 0 {
                 let mut events = Vec::with_capacity(batch.len());
                 for mut ev in batch.drain(..) {
-                    if ev.kind == EventKind::PermissionRequest {
+                    if ev.kind == EventKind::PermissionRequest || ev.kind == EventKind::Question {
                         // Everything before it is committed first; its row and event follow.
                         fwd_ctx.emit_all(std::mem::take(&mut events)).await;
                         asker.open(ev).await;
@@ -259,8 +260,8 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
     }
 }
 
-/// Opens an approval for each `permission_request` of the turn and answers the agent once it
-/// is decided.
+/// Opens an approval for each `permission_request` and `question` of the turn and answers the
+/// agent once it is decided.
 struct Asker {
     ctx: JobContext,
     answerer: Answerer,
@@ -275,7 +276,11 @@ impl Asker {
         let Some(ask_id) = ev.data["askId"].as_u64() else {
             return;
         };
-        let req = approvals::Request::from_event_data(&ev.data);
+        let req = if ev.kind == EventKind::Question {
+            approvals::Request::from_question_data(&ev.data)
+        } else {
+            approvals::Request::from_event_data(&ev.data)
+        };
         let opened = approvals::open(self.ctx.store(), &self.ctx.job, req, self.timeout).await;
         let approval = match opened {
             Ok(approvals::Opened::Pending(a)) => a,
@@ -291,7 +296,7 @@ impl Asker {
                 return;
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot record a permission request");
+                tracing::error!(error = %e, "cannot record an approval request");
                 self.answerer.answer(
                     ask_id,
                     AskAnswer::cancelled(json!({ "reason": format!("cannot record it: {e}") })),
@@ -324,11 +329,11 @@ impl Asker {
                 };
                 let answer = match approvals::wait(ctx.store(), approval, &either, end).await {
                     Ok(decided) => {
-                        tracing::info!(approval = %decided.id, state = %decided.state, via = ?decided.decided_via, by = ?decided.decided_by, "permission request decided");
+                        tracing::info!(approval = %decided.id, state = %decided.state, via = ?decided.decided_via, by = ?decided.decided_by, "approval request decided");
                         answer_of(&decided)
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "cannot read a permission request's decision");
+                        tracing::error!(error = %e, "cannot read an approval request's decision");
                         AskAnswer::cancelled(json!({ "reason": format!("cannot read its decision: {e}") }))
                     }
                 };
@@ -345,10 +350,12 @@ impl Asker {
     }
 }
 
-/// The agent's answer for a decided approval, with who decided it for the `permission` event.
+/// The agent's answer for a decided approval, with who decided it for the `permission` or
+/// `answer` event.
 fn answer_of(a: &Approval) -> AskAnswer {
     AskAnswer {
         option_id: approvals::answer(a),
+        content: a.answer.clone(),
         detail: json!({
             "approval": a.id,
             "state": a.state,

@@ -1,10 +1,10 @@
-//! `gorp approvals`, `gorp approve`, `gorp deny`, `gorp rules` and `gorp channels set`: the
-//! command-line side of approvals. A decision made here is a row; the gorp running the job
+//! `gorp approvals`, `gorp approve`, `gorp deny`, `gorp answer`, `gorp rules` and `gorp channels
+//! set`: the command-line side of approvals and questions. A decision made here is a row; the gorp running the job
 //! sees it within a quarter of a second and answers the agent.
 
 use super::*;
 use crate::service::approvals::{self, Choice, DecideError};
-use crate::store::{Approval, ApprovalFilter, ApprovalState, DecidedVia, Rule};
+use crate::store::{Approval, ApprovalFilter, ApprovalState, DecidedVia, RequestKind, Rule};
 
 /// Who decides from this shell: `cli:$USER`.
 fn cli_user() -> String {
@@ -20,7 +20,10 @@ impl From<DecideError> for Failure {
             DecideError::NotFound(_) => EXIT_NOT_FOUND,
             DecideError::Ambiguous(_)
             | DecideError::AlreadyDecided { .. }
-            | DecideError::NotOffered(..) => EXIT_USAGE,
+            | DecideError::NotOffered(..)
+            | DecideError::IsQuestion(_)
+            | DecideError::NotQuestion(_)
+            | DecideError::BadAnswer(_) => EXIT_USAGE,
             DecideError::Store(_) => EXIT_ERROR,
         };
         Failure::new(code, e.to_string())
@@ -31,6 +34,7 @@ pub(super) async fn list(
     cli: &Cli,
     store: &Store,
     state: Option<ApprovalState>,
+    request: Option<RequestKind>,
     all: bool,
     channel: Option<String>,
     limit: i64,
@@ -41,6 +45,7 @@ pub(super) async fn list(
         } else {
             Some(state.unwrap_or(ApprovalState::Pending))
         },
+        request,
         channel,
         job_id: None,
         limit,
@@ -52,20 +57,33 @@ pub(super) async fn list(
 
 pub(super) async fn decide(cli: &Cli, store: &Store, id: &str, choice: Choice) -> CmdResult {
     let a = approvals::decide(store, id, choice, &cli_user(), DecidedVia::Cli).await?;
+    decided(cli, &a);
+    Ok(EXIT_OK)
+}
+
+pub(super) async fn answer(cli: &Cli, store: &Store, id: &str, text: &str) -> CmdResult {
+    let a = approvals::answer_typed(store, id, text, &cli_user(), DecidedVia::Cli).await?;
+    decided(cli, &a);
+    Ok(EXIT_OK)
+}
+
+fn decided(cli: &Cli, a: &Approval) {
     out(cli, serde_json::json!(a), || {
+        let how = match &a.answer {
+            Some(answer) => answer.to_string(),
+            None => a.option_id.clone().unwrap_or_else(|| "no option".into()),
+        };
         let mut s = format!(
-            "{}: {} ({}) by {}",
+            "{}: {} ({how}) by {}",
             a.id,
             a.state,
-            a.option_id.as_deref().unwrap_or("no option"),
             a.decided_by.as_deref().unwrap_or("?")
         );
         if let Some(rule) = a.rule_id {
-            s.push_str(&format!("; rule {rule}: {}", approvals::rule_text(&a)));
+            s.push_str(&format!("; rule {rule}: {}", approvals::rule_text(a)));
         }
         s
     });
-    Ok(EXIT_OK)
 }
 
 pub(super) async fn rules(cli: &Cli, store: &Store, channel: &str) -> CmdResult {
@@ -123,7 +141,10 @@ fn approvals_table(list: &[Approval]) -> String {
                 a.id.clone(),
                 a.channel.clone(),
                 a.state.to_string(),
-                a.kind.clone().unwrap_or_default(),
+                match a.request {
+                    RequestKind::Question => "question".to_string(),
+                    RequestKind::Permission => a.kind.clone().unwrap_or_default(),
+                },
                 format_ms(a.created_at),
                 a.decided_by.clone().unwrap_or_default(),
                 short(a.title.as_deref().unwrap_or_default(), 50),

@@ -117,10 +117,14 @@ pub enum Command {
         #[command(subcommand)]
         command: ScheduleCommand,
     },
-    /// Permission requests under the policy `ask` (pending ones unless --all or --state).
+    /// Permission requests and questions under the policy `ask` (pending ones unless --all or
+    /// --state).
     Approvals {
         #[arg(long)]
         state: Option<crate::store::ApprovalState>,
+        /// Only `permission` requests or only `question`s.
+        #[arg(long)]
+        request: Option<crate::store::RequestKind>,
         /// Every state.
         #[arg(long)]
         all: bool,
@@ -139,8 +143,15 @@ pub enum Command {
         #[arg(long)]
         option: Option<String>,
     },
-    /// Deny a pending permission request.
+    /// Deny a pending permission request, or decline a question.
     Deny { id: String },
+    /// Answer a pending question of the agent: the number or text of a choice, free text,
+    /// `name=value; name=value`, or a JSON object of the form's fields.
+    Answer {
+        id: String,
+        #[arg(required = true, num_args = 1.., value_name = "ANSWER")]
+        answer: Vec<String>,
+    },
     /// A channel's standing "allow always" rules.
     Rules {
         channel: String,
@@ -455,11 +466,12 @@ async fn data_command(cli: &Cli, cmd: &Command, config: &Config, store: &Store) 
         } => warm(cli, store, channel.as_deref(), *no_wait, *timeout).await,
         Command::Schedule { command } => schedule(cli, command, config, store).await,
         Command::Approvals {
+            request,
             state,
             all,
             channel,
             limit,
-        } => approvals::list(cli, store, *state, *all, channel.clone(), *limit).await,
+        } => approvals::list(cli, store, *state, *request, *all, channel.clone(), *limit).await,
         Command::Approve { id, always, option } => {
             let choice = match (option, always) {
                 (Some(o), _) => crate::service::approvals::Choice::Option(o.clone()),
@@ -467,6 +479,9 @@ async fn data_command(cli: &Cli, cmd: &Command, config: &Config, store: &Store) 
                 (None, false) => crate::service::approvals::Choice::AllowOnce,
             };
             approvals::decide(cli, store, id, choice).await
+        }
+        Command::Answer { id, answer } => {
+            approvals::answer(cli, store, id, &answer.join(" ")).await
         }
         Command::Deny { id } => {
             approvals::decide(cli, store, id, crate::service::approvals::Choice::Deny).await

@@ -1,7 +1,9 @@
 //! `/api/approvals`, a channel's permission policy and its standing rules. Same bearer tokens
 //! as the rest of `/api`. A decision names one of the options the agent offered (or the
-//! shorthand `allow`, `allow_always`, `deny`); an unknown id is 404, a decided one 409, an
-//! option the agent did not offer 400, and none of them writes anything.
+//! shorthand `allow`, `allow_always`, `deny`); a question of the agent is answered with
+//! `answer` (its form's content) or declined with `deny`. An unknown id is 404, a decided one
+//! 409, an option the agent did not offer or an answer that does not fit the form 400, and
+//! none of them writes anything.
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -18,7 +20,8 @@ use super::HttpState;
 use crate::service::approvals::{self, Choice, DecideError};
 use crate::service::channels;
 use crate::store::{
-    Approval, ApprovalFilter, ApprovalState, Channel, DecidedVia, PermissionPolicy, Rule,
+    Approval, ApprovalFilter, ApprovalState, Channel, DecidedVia, PermissionPolicy, RequestKind,
+    Rule,
 };
 
 pub(super) fn routes() -> OpenApiRouter<HttpState> {
@@ -34,6 +37,8 @@ pub(super) fn routes() -> OpenApiRouter<HttpState> {
 #[into_params(parameter_in = Query)]
 pub struct ApprovalsQuery {
     pub state: Option<ApprovalState>,
+    /// `permission` or `question`.
+    pub request: Option<RequestKind>,
     /// A channel name.
     pub channel: Option<String>,
     /// A job id.
@@ -61,6 +66,7 @@ async fn list_approvals(
     }
     let filter = ApprovalFilter {
         state: q.state,
+        request: q.request,
         channel: q.channel,
         job_id: q.job,
         limit,
@@ -72,7 +78,10 @@ fn decide_error(e: DecideError) -> ApiError {
     match e {
         DecideError::NotFound(_) | DecideError::Ambiguous(_) => ApiError::NotFound(e.to_string()),
         DecideError::AlreadyDecided { .. } => ApiError::Conflict(e.to_string()),
-        DecideError::NotOffered(..) => ApiError::BadRequest(e.to_string()),
+        DecideError::NotOffered(..)
+        | DecideError::IsQuestion(_)
+        | DecideError::NotQuestion(_)
+        | DecideError::BadAnswer(_) => ApiError::BadRequest(e.to_string()),
         DecideError::Store(e) => e.into(),
     }
 }
@@ -101,11 +110,12 @@ pub enum DecisionKind {
     Allow,
     /// The agent's allow-always option, and a standing rule for the channel.
     AllowAlways,
-    /// The agent's reject option.
+    /// The agent's reject option; for a question, decline it.
     Deny,
 }
 
-/// A decision: `decision`, or one of the offered `option_id`s (exactly one of the two).
+/// A decision: `decision`, one of the offered `option_id`s, or a question's `answer` (exactly
+/// one of the three).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DecideBody {
@@ -113,12 +123,17 @@ pub struct DecideBody {
     /// One of the approval's `options[].id`.
     #[schema(min_length = 1, max_length = 256)]
     pub option_id: Option<String>,
+    /// A question's answer: its form's field names to values (text, number, true/false, or a
+    /// list of text for a multi-select), as `input.requestedSchema` describes them.
+    #[schema(value_type = Option<Object>)]
+    pub answer: Option<serde_json::Map<String, serde_json::Value>>,
     /// Who decides, as recorded in `decided_by` (default `http`).
     #[schema(min_length = 1, max_length = 256)]
     pub by: Option<String>,
 }
 
-/// Decide a pending approval. The agent is answered at once by the gorp running the job.
+/// Decide a pending approval, or answer a question of the agent. The agent is answered at once
+/// by the gorp running the job.
 #[utoipa::path(post, path = "/api/approvals/{id}", tag = "approvals", params(("id" = String, Path)),
     request_body = DecideBody,
     responses((status = 200, body = Approval), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -131,17 +146,18 @@ async fn decide_approval(
     body: Result<Json<DecideBody>, JsonRejection>,
 ) -> ApiResult<Json<Approval>> {
     let Json(body) = body.map_err(ApiError::json)?;
-    let choice = match (body.decision, body.option_id) {
-        (Some(DecisionKind::Allow), None) => Choice::AllowOnce,
-        (Some(DecisionKind::AllowAlways), None) => Choice::AllowAlways,
-        (Some(DecisionKind::Deny), None) => Choice::Deny,
-        (None, Some(o)) if !o.is_empty() && o.len() <= 256 => Choice::Option(o),
-        _ => {
-            return Err(ApiError::BadRequest(
-                "give exactly one of decision (allow, allow_always, deny) and option_id".into(),
-            ))
-        }
-    };
+    let choice =
+        match (body.decision, body.option_id, body.answer) {
+            (Some(DecisionKind::Allow), None, None) => Choice::AllowOnce,
+            (Some(DecisionKind::AllowAlways), None, None) => Choice::AllowAlways,
+            (Some(DecisionKind::Deny), None, None) => Choice::Deny,
+            (None, Some(o), None) if !o.is_empty() && o.len() <= 256 => Choice::Option(o),
+            (None, None, Some(a)) => Choice::Answer(serde_json::Value::Object(a)),
+            _ => return Err(ApiError::BadRequest(
+                "give exactly one of decision (allow, allow_always, deny), option_id and answer"
+                    .into(),
+            )),
+        };
     let by = match body.by {
         None => "http".to_string(),
         Some(b) if !b.trim().is_empty() && b.len() <= 256 && !b.chars().any(char::is_control) => b,

@@ -87,16 +87,19 @@ pub struct Accepted {
     /// With `?wait`: the state when the wait ended without the job ending.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state: Option<JobState>,
-    /// With `?wait`: the job is `running` and waits for these permission requests (policy
-    /// `ask`); the wait ends as soon as one is pending. Decide them with `POST` to their `url`.
+    /// With `?wait`: the job is `running` and waits for these permission requests or questions
+    /// (policy `ask`); the wait ends as soon as one is pending. Decide or answer them with
+    /// `POST` to their `url`.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub pending_approvals: Vec<PendingApproval>,
 }
 
-/// A permission request a `?wait` caller's job waits for.
+/// A permission request or question a `?wait` caller's job waits for.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct PendingApproval {
     pub id: String,
+    /// `permission` or `question`.
+    pub request: crate::store::RequestKind,
     pub title: Option<String>,
     pub kind: Option<String>,
     /// `/api/approvals/{id}`: `GET` it, or `POST` a decision to it.
@@ -224,6 +227,7 @@ async fn webhook(
                     .map(|a| PendingApproval {
                         url: format!("/api/approvals/{}", a.id),
                         id: a.id,
+                        request: a.request,
                         title: a.title,
                         kind: a.kind,
                     })

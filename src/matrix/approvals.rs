@@ -1,4 +1,5 @@
-//! Permission requests in the room: approval rows → Matrix, and people's answers → decisions.
+//! Permission requests and questions in the room: approval rows → Matrix, and people's answers
+//! → decisions.
 //!
 //! The approvals pump posts each pending approval of a channel with a room once it is
 //! committed (title, kind, the input as a code block or diff, and how to answer), adds the
@@ -6,6 +7,10 @@
 //! where it posted in `matrix_approvals`, and edits the message when the approval is decided
 //! (by whom and how, or that it timed out, expired or was withdrawn). A request a rule decided
 //! at once is never posted.
+//!
+//! A question of the agent is posted with its message, the form's fields and their numbered
+//! choices; the bot adds a keycap reaction (1️⃣ …) per choice of the first choice field, when it
+//! is a single choice of at most nine, and ❌ to decline.
 //!
 //! [`on_reaction`] turns a reaction on a posted request into a decision, only when it comes
 //! from one of `allowed_users`; the bot's own reactions, anyone else's and answers to a
@@ -25,7 +30,8 @@ use super::render::markdown_to_html;
 use super::strings;
 use crate::config::Config;
 use crate::service::approvals::{self, Choice, DecideError};
-use crate::store::{now_ms, DecidedVia, MatrixApprovalDue, Store};
+use crate::service::questions;
+use crate::store::{now_ms, DecidedVia, MatrixApprovalDue, RequestKind, Store};
 
 /// Approvals handled per pass.
 const BATCH: i64 = 100;
@@ -119,14 +125,38 @@ impl ApprovalPump {
             .ok_or_else(|| anyhow::anyhow!("gorp is not in the room"))?;
         match d.event_id.as_deref() {
             None => {
-                let text = strings::approval_request(
-                    &a.id,
-                    &a.job_id,
-                    a.title.as_deref(),
-                    a.kind.as_deref(),
-                    &a.input,
-                    self.timeout_secs,
-                );
+                let (text, keys) = match a.request {
+                    RequestKind::Permission => (
+                        strings::approval_request(
+                            &a.id,
+                            &a.job_id,
+                            a.title.as_deref(),
+                            a.kind.as_deref(),
+                            &a.input,
+                            self.timeout_secs,
+                        ),
+                        vec![
+                            strings::ALLOW_ONCE_KEY,
+                            strings::ALLOW_ALWAYS_KEY,
+                            strings::DENY_KEY,
+                        ],
+                    ),
+                    RequestKind::Question => {
+                        let fields = questions::fields(&a.input["requestedSchema"]);
+                        let numbers = number_choices(&fields).map_or(0, |f| f.choices.len());
+                        let mut keys = strings::NUMBER_KEYS[..numbers].to_vec();
+                        keys.push(strings::DENY_KEY);
+                        let text = strings::question_request(
+                            &a.id,
+                            &a.job_id,
+                            a.title.as_deref(),
+                            &fields,
+                            numbers,
+                            self.timeout_secs,
+                        );
+                        (text, keys)
+                    }
+                };
                 let sent = room
                     .send(RoomMessageEventContent::text_html(
                         &text,
@@ -145,13 +175,9 @@ impl ApprovalPump {
                     )
                     .await?;
                 metrics::counter!(crate::metrics::MATRIX_SENDS, "kind" => "approval").increment(1);
-                tracing::info!(event = %event_id, "permission request posted");
+                tracing::info!(event = %event_id, request = %a.request, "request posted");
                 // The answers as reactions of the bot's own, so people answer with one tap.
-                for key in [
-                    strings::ALLOW_ONCE_KEY,
-                    strings::ALLOW_ALWAYS_KEY,
-                    strings::DENY_KEY,
-                ] {
+                for key in keys {
                     room.send(ReactionEventContent::new(Annotation::new(
                         event_id.clone(),
                         key.to_string(),
@@ -171,14 +197,21 @@ impl ApprovalPump {
                         .map(|r| format!("{} {}", r.tool_kind, r.matcher)),
                     None => None,
                 };
-                let text = strings::approval_decided(
+                let title: Option<String> = a.title.as_deref().map(|t| match a.request {
+                    RequestKind::Question => strings::first_words(t),
+                    RequestKind::Permission => t.to_string(),
+                });
+                let mut text = strings::approval_decided(
                     &a.id,
-                    a.title.as_deref(),
+                    title.as_deref(),
                     a.state,
                     a.decided_by.as_deref(),
                     a.decided_via,
                     rule.as_deref(),
                 );
+                if let Some(answer) = &a.answer {
+                    text.push_str(&strings::answer_shown(answer));
+                }
                 let content = RoomMessageEventContent::text_html(&text, markdown_to_html(&text))
                     .make_replacement(ReplacementMetadata::new(event_id, None));
                 room.send(content).await?;
@@ -193,15 +226,36 @@ impl ApprovalPump {
     }
 }
 
-/// The choice a reaction key stands for.
-pub fn choice_of_key(key: &str) -> Option<Choice> {
+/// The field whose choices the number reactions pick: the form's first field with choices,
+/// when it takes one of at most nine.
+fn number_choices(fields: &[questions::Field]) -> Option<&questions::Field> {
+    fields
+        .iter()
+        .find(|f| !f.choices.is_empty())
+        .filter(|f| f.kind != "array" && f.choices.len() <= strings::NUMBER_KEYS.len())
+}
+
+/// What a reaction key says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Key {
+    /// ✅, ♾️ or ❌.
+    Choice(Choice),
+    /// A keycap 1️⃣ to 9️⃣: the choice with this number (from 1) of a question.
+    Number(usize),
+}
+
+/// The answer a reaction key stands for.
+pub fn choice_of_key(key: &str) -> Option<Key> {
+    if let Some(i) = strings::NUMBER_KEYS.iter().position(|k| *k == key) {
+        return Some(Key::Number(i + 1));
+    }
     let key = key.trim_end_matches('\u{fe0f}');
     if key == strings::ALLOW_ONCE_KEY {
-        Some(Choice::AllowOnce)
+        Some(Key::Choice(Choice::AllowOnce))
     } else if key == strings::ALLOW_ALWAYS_KEY.trim_end_matches('\u{fe0f}') {
-        Some(Choice::AllowAlways)
+        Some(Key::Choice(Choice::AllowAlways))
     } else if key == strings::DENY_KEY {
-        Some(Choice::Deny)
+        Some(Key::Choice(Choice::Deny))
     } else {
         None
     }
@@ -216,7 +270,7 @@ pub async fn on_reaction(
     ev: &OriginalSyncReactionEvent,
     room: &Room,
 ) -> bool {
-    let Some(choice) = choice_of_key(&ev.content.relates_to.key) else {
+    let Some(key) = choice_of_key(&ev.content.relates_to.key) else {
         return false;
     };
     let target = ev.content.relates_to.event_id.as_str();
@@ -243,6 +297,36 @@ pub async fn on_reaction(
             .increment(1);
         return true;
     }
+    let choice = match key {
+        Key::Choice(c) => c,
+        Key::Number(n) => {
+            // A number picks a question's choice; on anything else it means nothing.
+            let picked = match store.approval_get(&approval).await {
+                Ok(Some(a)) if a.request == RequestKind::Question => {
+                    let fields = questions::fields(&a.input["requestedSchema"]);
+                    number_choices(&fields).and_then(|f| {
+                        let (value, _) = f.choices.get(n - 1)?;
+                        Some(serde_json::json!({ f.name.clone(): value }))
+                    })
+                }
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the request of a reaction");
+                    return true;
+                }
+            };
+            match picked {
+                Some(content) => Choice::Answer(content),
+                None => {
+                    tracing::info!(
+                        number = n,
+                        "a number reaction that picks no choice; ignored"
+                    );
+                    return true;
+                }
+            }
+        }
+    };
     match approvals::decide(
         store,
         &approval,
@@ -253,7 +337,7 @@ pub async fn on_reaction(
     .await
     {
         Ok(a) => {
-            tracing::info!(state = %a.state, option = ?a.option_id, "permission request decided by reaction");
+            tracing::info!(state = %a.state, option = ?a.option_id, answer = ?a.answer, "request decided by reaction");
             metrics::counter!(crate::metrics::MATRIX_EVENTS, "kind" => "approval_reaction")
                 .increment(1);
         }

@@ -52,8 +52,12 @@ pub enum Command {
     /// `!allow [id]` / `!always [id]`: allows a pending permission request (the room's only
     /// pending one when `id` is `None`); `always` also stores a standing rule.
     Allow { id: Option<String>, always: bool },
-    /// `!deny [id]`: denies a pending permission request.
+    /// `!deny [id]`: denies a pending permission request, or declines a question.
     Deny { id: Option<String> },
+    /// `!answer [id] <answer>`: answers a pending question of the agent (the room's only pending
+    /// one when `id` is `None`). The first word is the id when it is at least
+    /// [`MIN_ANSWER_ID_LEN`] hex digits and more text follows.
+    Answer { id: Option<String>, answer: String },
     /// `!approvals`: the pending permission requests of this room's channel.
     Approvals,
     /// `!rules` / `!rules rm <id>`: this room's channel's standing rules.
@@ -132,6 +136,7 @@ pub fn parse(body: &str) -> Option<Result<Command, CommandError>> {
         "allow" => approval_id(args, usage::ALLOW).map(|id| Command::Allow { id, always: false }),
         "always" => approval_id(args, usage::ALWAYS).map(|id| Command::Allow { id, always: true }),
         "deny" => approval_id(args, usage::DENY).map(|id| Command::Deny { id }),
+        "answer" => answer(args),
         "approvals" => no_args(args, usage::APPROVALS, Command::Approvals),
         "rules" => rules(args),
         "policy" => policy(args),
@@ -241,6 +246,33 @@ fn approval_id(args: &str, usage: &str) -> Result<Option<String>, CommandError> 
         }
         (Some(_), Some(_)) => Err(usage_error(strings::TOO_MANY_ARGUMENTS, usage)),
     }
+}
+
+/// The shortest approval id prefix `!answer` takes as an id (a shorter hex word is the answer).
+pub const MIN_ANSWER_ID_LEN: usize = 8;
+
+/// `!answer [id] <answer>`.
+fn answer(args: &str) -> Result<Command, CommandError> {
+    let args = args.trim();
+    if args.is_empty() {
+        return Err(usage_error(strings::MISSING_ANSWER, usage::ANSWER));
+    }
+    let (first, rest) = split_word(args);
+    let rest = rest.trim();
+    let is_id = first.len() >= MIN_ANSWER_ID_LEN
+        && first.len() <= MAX_APPROVAL_ID_LEN
+        && first.bytes().all(|b| b.is_ascii_hexdigit());
+    Ok(if is_id && !rest.is_empty() {
+        Command::Answer {
+            id: Some(first.to_ascii_lowercase()),
+            answer: rest.to_string(),
+        }
+    } else {
+        Command::Answer {
+            id: None,
+            answer: args.to_string(),
+        }
+    })
 }
 
 /// `!rules` or `!rules rm <id>`.
@@ -545,6 +577,42 @@ mod tests {
                 },
             ),
             ("!approvals", Command::Approvals),
+            (
+                "!answer 2",
+                Command::Answer {
+                    id: None,
+                    answer: "2".into(),
+                },
+            ),
+            (
+                "!answer  Redis, in memory ",
+                Command::Answer {
+                    id: None,
+                    answer: "Redis, in memory".into(),
+                },
+            ),
+            (
+                "!answer 0190A5D2AC96 choice=1; note=fast",
+                Command::Answer {
+                    id: Some(name("0190a5d2ac96")),
+                    answer: "choice=1; note=fast".into(),
+                },
+            ),
+            // A short hex word is the answer, and so is a lone long one.
+            (
+                "!answer cafe latte",
+                Command::Answer {
+                    id: None,
+                    answer: "cafe latte".into(),
+                },
+            ),
+            (
+                "!answer deadbeef",
+                Command::Answer {
+                    id: None,
+                    answer: "deadbeef".into(),
+                },
+            ),
             ("!rules", Command::Rules { remove: None }),
             ("!rules rm 3", Command::Rules { remove: Some(3) }),
             ("!policy", Command::Policy { set: None }),
@@ -587,6 +655,11 @@ mod tests {
                 "a request id is up to 32",
             ),
             ("!approvals all", "takes no arguments; usage: `!approvals`"),
+            (
+                "!answer",
+                "give the answer after the command; usage: `!answer [id] <answer>`",
+            ),
+            ("!answer   ", "give the answer after the command"),
             (
                 "!rules add x",
                 "unknown subcommand; usage: `!rules [rm <id>]`",
@@ -729,6 +802,7 @@ mod tests {
             "!schedule rm",
             "!schedule next",
             "!policy",
+            "!answer",
             "!approvals",
             "!allow",
             "!always",

@@ -66,6 +66,7 @@ pub const HELP: &str = "\
 - `!policy [allow|deny|ask]` — show or set what happens when the agent asks to use a tool
 - `!approvals` — the agent's requests waiting for a decision
 - `!allow [id]` / `!always [id]` / `!deny [id]` — answer a request (or react ✅ ♾️ ❌ to it)
+- `!answer [id] <answer>` — answer a question of the agent (or react with a choice's number; `!deny` or ❌ declines it)
 - `!rules` / `!rules rm <id>` — the \"allow always\" rules of this room's channel
 
 Any other message in a channel's room is a prompt for its agent.";
@@ -94,6 +95,7 @@ pub mod usage {
     pub const ALLOW: &str = "!allow [id]";
     pub const ALWAYS: &str = "!always [id]";
     pub const DENY: &str = "!deny [id]";
+    pub const ANSWER: &str = "!answer [id] <answer>";
     pub const APPROVALS: &str = "!approvals";
     pub const RULES: &str = "!rules [rm <id>]";
     pub const RULES_RM: &str = "!rules rm <id>";
@@ -602,6 +604,73 @@ fn duration_words(secs: u64) -> String {
     }
 }
 
+/// The keycap reactions that pick a question's choice by number (1 to 9).
+pub const NUMBER_KEYS: [&str; 9] = [
+    "1\u{fe0f}\u{20e3}",
+    "2\u{fe0f}\u{20e3}",
+    "3\u{fe0f}\u{20e3}",
+    "4\u{fe0f}\u{20e3}",
+    "5\u{fe0f}\u{20e3}",
+    "6\u{fe0f}\u{20e3}",
+    "7\u{fe0f}\u{20e3}",
+    "8\u{fe0f}\u{20e3}",
+    "9\u{fe0f}\u{20e3}",
+];
+
+/// The mark of a question from the agent and of its answer.
+pub const QUESTION_MARK: &str = "❓";
+
+/// A question from the agent as posted in the room: its message, the form's fields with their
+/// numbered choices, and how to answer.
+pub fn question_request(
+    id: &str,
+    job: &str,
+    message: Option<&str>,
+    fields: &[crate::service::questions::Field],
+    reactions: usize,
+    timeout_secs: u64,
+) -> String {
+    let short = short_approval(id);
+    let mut s = format!(
+        "{QUESTION_MARK} **The agent asks** ({}, job {})\n\n{}\n",
+        inline_code(short),
+        inline_code(job.get(..8).unwrap_or(job)),
+        excerpt(message.unwrap_or("(no message)")),
+    );
+    for f in fields {
+        s.push_str(&format!("\n**{}**", f.label()));
+        if f.label() != f.name {
+            s.push_str(&format!(" ({})", inline_code(&f.name)));
+        }
+        if let Some(d) = &f.description {
+            s.push_str(&format!(" — {}", excerpt(d)));
+        }
+        s.push('\n');
+        for (i, (value, title)) in f.choices.iter().enumerate() {
+            s.push_str(&format!("{}. {}", i + 1, title));
+            if title != value {
+                s.push_str(&format!(" ({})", inline_code(value)));
+            }
+            s.push('\n');
+        }
+    }
+    let react = if reactions > 0 {
+        format!(
+            "React {} to pick a choice, or send ",
+            NUMBER_KEYS[..reactions].join(" ")
+        )
+    } else {
+        "Send ".to_string()
+    };
+    s.push_str(&format!(
+        "\n{react}`!answer {short} <answer>` ({}). React {DENY_KEY} or send `!deny {short}` to \
+         decline. Declined if nobody answers within {}.",
+        crate::service::questions::hint(fields),
+        duration_words(timeout_secs)
+    ));
+    s
+}
+
 /// The request's message once decided: what was decided, by whom and how.
 pub fn approval_decided(
     id: &str,
@@ -627,6 +696,9 @@ pub fn approval_decided(
             inline_code(rule.unwrap_or_default())
         ),
         (S::Allowed, _) => format!("{ALLOW_ONCE_KEY} **Allowed once** by {by}{how}"),
+        (S::Answered, _) => format!("{QUESTION_MARK} **Answered** by {by}{how}"),
+        (S::Declined, Some(V::Timeout)) => "⌛ **Declined**: nobody answered in time".to_string(),
+        (S::Declined, _) => format!("{DENY_KEY} **Declined** by {by}{how}"),
         (S::Denied, Some(V::Timeout)) => "⌛ **Denied**: nobody answered in time".to_string(),
         (S::Denied, _) => format!("{DENY_KEY} **Denied** by {by}{how}"),
         (S::Expired, _) => {
@@ -645,12 +717,27 @@ pub fn no_pending_approvals(channel: &str) -> String {
 }
 
 /// One line of `!approvals`.
-pub fn approval_line(id: &str, title: Option<&str>, kind: Option<&str>, job: &str) -> String {
+pub fn approval_line(
+    id: &str,
+    request: crate::store::RequestKind,
+    title: Option<&str>,
+    kind: Option<&str>,
+    job: &str,
+) -> String {
+    let what = match request {
+        crate::store::RequestKind::Question => format!(
+            "{QUESTION_MARK} {} (question)",
+            inline_code(&title.unwrap_or("?").chars().take(80).collect::<String>())
+        ),
+        crate::store::RequestKind::Permission => format!(
+            "{} ({})",
+            inline_code(title.unwrap_or("a tool")),
+            kind.unwrap_or("other")
+        ),
+    };
     format!(
-        "- {} {} ({}) — job {}",
+        "- {} {what} — job {}",
         inline_code(short_approval(id)),
-        inline_code(title.unwrap_or("a tool")),
-        kind.unwrap_or("other"),
         inline_code(job.get(..8).unwrap_or(job))
     )
 }
@@ -681,15 +768,66 @@ pub fn approval_not_offered(what: &str) -> String {
 }
 
 pub fn decided_reply(id: &str, state: crate::store::ApprovalState) -> String {
+    use crate::store::ApprovalState as S;
     format!(
-        "{} request {} {state}.",
+        "{} {} {} {state}.",
         match state {
-            crate::store::ApprovalState::Allowed => ALLOW_ONCE_KEY,
+            S::Allowed => ALLOW_ONCE_KEY,
+            S::Answered => QUESTION_MARK,
             _ => DENY_KEY,
+        },
+        match state {
+            S::Answered | S::Declined => "question",
+            _ => "request",
         },
         inline_code(short_approval(id))
     )
 }
+
+/// The start of a question's message, for the line that says how it was decided.
+pub fn first_words(text: &str) -> String {
+    let line = text.lines().next().unwrap_or_default();
+    match line.char_indices().nth(80) {
+        Some((i, _)) => format!("{}…", &line[..i]),
+        None => line.to_string(),
+    }
+}
+
+/// A question's answer under the line that says who answered it.
+pub fn answer_shown(answer: &serde_json::Value) -> String {
+    let text = match answer.as_object() {
+        Some(fields) => fields
+            .iter()
+            .map(|(k, v)| match v.as_str() {
+                Some(s) => format!("{k}: {s}"),
+                None => format!("{k}: {v}"),
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        None => answer.to_string(),
+    };
+    format!("\n\n{}", super::render::code_block(&excerpt(&text)))
+}
+
+pub fn bad_answer(why: &str) -> String {
+    format!("that answer does not fit the question: {why}")
+}
+
+pub fn not_a_question(id: &str) -> String {
+    format!(
+        "{} is a permission request: answer it with `!allow`, `!always` or `!deny`",
+        inline_code(short_approval(id))
+    )
+}
+
+pub fn is_a_question(id: &str) -> String {
+    format!(
+        "{} is a question: answer it with `!answer` or decline it with `!deny`",
+        inline_code(short_approval(id))
+    )
+}
+
+pub const MISSING_ANSWER: &str = "give the answer after the command";
 
 pub fn policy_is(channel: &str, policy: crate::store::PermissionPolicy) -> String {
     format!(

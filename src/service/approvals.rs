@@ -10,6 +10,12 @@
 //! - [`decide`] is every front end's decision: it checks the choice against the options the
 //!   agent offered and writes a guarded transition, so a second decision loses.
 //!
+//! # Questions
+//! A question of the agent (ACP elicitation, a form) is an approval of the request kind
+//! `question`: no options and no rules; it is answered with content that [`super::questions`]
+//! checks against the form's fields (`answered`), or declined (`declined`, also when the
+//! timeout passes).
+//!
 //! # Standing rules
 //! "Allow always" stores a rule for the channel and the request's tool kind, matching the
 //! stable part of the request:
@@ -28,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::{
     now_ms, Approval, ApprovalFilter, ApprovalOption, ApprovalState, DecidedVia, Decision,
-    EventKind, Job, Millis, NewApproval, NewEvent, NewRule, Rule, Store, StoreError,
+    EventKind, Job, Millis, NewApproval, NewEvent, NewRule, RequestKind, Rule, Store, StoreError,
 };
 
 /// How often a waiting request looks at its row for decisions made by another process.
@@ -45,6 +51,8 @@ pub enum Choice {
     Deny,
     /// One of the offered options, by id.
     Option(String),
+    /// A question's answer: field name → value, checked against the form.
+    Answer(Value),
 }
 
 /// Why a decision was refused; nothing was written.
@@ -58,6 +66,12 @@ pub enum DecideError {
     AlreadyDecided { id: String, state: ApprovalState },
     #[error("the agent did not offer {0}; it offered {1}")]
     NotOffered(String, String),
+    #[error("approval {0} is a question: answer it or decline it (deny)")]
+    IsQuestion(String),
+    #[error("approval {0} is a permission request, not a question: allow or deny it")]
+    NotQuestion(String),
+    #[error("the answer does not fit the question: {0}")]
+    BadAnswer(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -73,9 +87,11 @@ pub enum Opened {
     NotRunning,
 }
 
-/// The request as the executor read it from the agent's `permission_request` event.
+/// The request as the executor read it from the agent's `permission_request` or `question`
+/// event.
 #[derive(Debug, Clone)]
 pub struct Request {
+    pub request: RequestKind,
     pub tool_call_id: Option<String>,
     pub title: Option<String>,
     pub kind: Option<String>,
@@ -109,11 +125,26 @@ impl Request {
             }
         }
         Request {
+            request: RequestKind::Permission,
             tool_call_id: text(&tc["toolCallId"]),
             title: text(&tc["title"]),
             kind: text(&tc["kind"]),
             input: Value::Object(input),
             options,
+        }
+    }
+
+    /// Reads `{"message", "mode", "requestedSchema", "toolCallId"}` (the `question` event
+    /// data).
+    pub fn from_question_data(data: &Value) -> Request {
+        let text = |v: &Value| v.as_str().map(String::from);
+        Request {
+            request: RequestKind::Question,
+            tool_call_id: text(&data["toolCallId"]),
+            title: text(&data["message"]),
+            kind: text(&data["mode"]),
+            input: json!({ "requestedSchema": data["requestedSchema"] }),
+            options: Vec::new(),
         }
     }
 }
@@ -213,17 +244,28 @@ pub async fn open(
 ) -> Result<Opened, StoreError> {
     let now = now_ms();
     let id = uuid::Uuid::now_v7().simple().to_string();
-    let rules = store.rule_list(job.channel_id).await?;
+    let question = req.request == RequestKind::Question;
+    // Rules decide permission requests only; a question always goes to a person.
+    let rules = if question {
+        Vec::new()
+    } else {
+        store.rule_list(job.channel_id).await?
+    };
     let rule = rules
         .iter()
         .find(|r| rule_matches(r, req.kind.as_deref(), req.title.as_deref(), &req.input));
     let expires_at = now + timeout.as_millis() as Millis;
-    let event = NewEvent {
-        job_id: job.id.clone(),
-        attempt: job.attempt,
-        kind: EventKind::PermissionRequest.as_str().into(),
-        text: req.title.clone(),
-        data: Some(json!({
+    let data = if question {
+        json!({
+            "approval": id,
+            "toolCallId": req.tool_call_id,
+            "mode": req.kind,
+            "message": req.title,
+            "requestedSchema": req.input["requestedSchema"],
+            "expiresAt": expires_at,
+        })
+    } else {
+        json!({
             "approval": id,
             "toolCallId": req.tool_call_id,
             "kind": req.kind,
@@ -231,7 +273,20 @@ pub async fn open(
             "options": req.options,
             "expiresAt": expires_at,
             "rule": rule.map(|r| r.id),
-        })),
+        })
+    };
+    let event = NewEvent {
+        job_id: job.id.clone(),
+        attempt: job.attempt,
+        kind: if question {
+            EventKind::Question
+        } else {
+            EventKind::PermissionRequest
+        }
+        .as_str()
+        .into(),
+        text: req.title.clone(),
+        data: Some(data),
         at: now,
     };
     // A rule's decision is part of the insert: the request is never seen pending.
@@ -243,6 +298,7 @@ pub async fn open(
             .find(|o| o.kind == "allow_always")
             .or_else(|| req.options.iter().find(|o| o.kind == "allow_once"))
             .map(|o| o.id.clone()),
+        answer: None,
         by: format!("rule {}", r.id),
         via: DecidedVia::Rule,
         rule_id: Some(r.id),
@@ -252,6 +308,7 @@ pub async fn open(
         id: id.clone(),
         job_id: job.id.clone(),
         attempt: job.attempt,
+        request: req.request,
         tool_call_id: req.tool_call_id.clone(),
         title: req.title.clone(),
         kind: req.kind.clone(),
@@ -294,7 +351,7 @@ pub async fn wait(
         let ended = tokio::select! {
             _ = commits.changed() => None,
             _ = tokio::time::sleep(POLL) => None,
-            _ = tokio::time::sleep_until(deadline) => Some((ApprovalState::Denied, DecidedVia::Timeout)),
+            _ = tokio::time::sleep_until(deadline) => Some((approval.refused(), DecidedVia::Timeout)),
             _ = stop.cancelled() => Some(end()),
         };
         if let Some((state, via)) = ended {
@@ -306,6 +363,7 @@ pub async fn wait(
             let decision = Decision {
                 state,
                 option_id: option,
+                answer: None,
                 by: "gorp".into(),
                 via,
                 rule_id: None,
@@ -360,7 +418,18 @@ pub async fn decide(
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let (state, option, rule) = match &choice {
+    let question = approval.request == RequestKind::Question;
+    let (state, option, rule, answer) = match &choice {
+        Choice::Answer(content) => {
+            if !question {
+                return Err(DecideError::NotQuestion(approval.id));
+            }
+            let content = super::questions::check(&approval.input["requestedSchema"], content)
+                .map_err(DecideError::BadAnswer)?;
+            (ApprovalState::Answered, None, None, Some(content))
+        }
+        Choice::Deny if question => (ApprovalState::Declined, None, None, None),
+        _ if question => return Err(DecideError::IsQuestion(approval.id)),
         Choice::AllowOnce | Choice::AllowAlways => {
             let kinds: &[&str] = if choice == Choice::AllowOnce {
                 &["allow_once", "allow_always"]
@@ -382,13 +451,14 @@ pub async fn decide(
                 created_via: via.as_str().to_string(),
                 approval_id: Some(approval.id.clone()),
             });
-            (ApprovalState::Allowed, Some(o.id.clone()), rule)
+            (ApprovalState::Allowed, Some(o.id.clone()), rule, None)
         }
         Choice::Deny => (
             ApprovalState::Denied,
             approval
                 .option_of_kind(&["reject_once", "reject_always"])
                 .map(|o| o.id.clone()),
+            None,
             None,
         ),
         Choice::Option(id) => {
@@ -400,12 +470,13 @@ pub async fn decide(
             } else {
                 ApprovalState::Denied
             };
-            (state, Some(o.id.clone()), None)
+            (state, Some(o.id.clone()), None, None)
         }
     };
     let decision = Decision {
         state,
         option_id: option,
+        answer,
         by: by.to_string(),
         via,
         rule_id: None,
@@ -427,6 +498,30 @@ pub async fn decide(
     }
 }
 
+/// Answers the question `id` (or a unique prefix of it) with what a person typed (see
+/// [`super::questions::from_text`]).
+pub async fn answer_typed(
+    store: &Store,
+    id: &str,
+    text: &str,
+    by: &str,
+    via: DecidedVia,
+) -> Result<Approval, DecideError> {
+    let approval = find(store, id).await?;
+    if approval.request != RequestKind::Question {
+        return Err(DecideError::NotQuestion(approval.id));
+    }
+    if approval.state != ApprovalState::Pending {
+        return Err(DecideError::AlreadyDecided {
+            id: approval.id,
+            state: approval.state,
+        });
+    }
+    let content = super::questions::from_text(&approval.input["requestedSchema"], text)
+        .map_err(DecideError::BadAnswer)?;
+    decide(store, &approval.id, Choice::Answer(content), by, via).await
+}
+
 /// Records a decision in the metrics of the gorp whose job waited for it (whoever decided).
 fn count_decision(a: &Approval) {
     let via = a.decided_via.map(|v| v.as_str()).unwrap_or("unknown");
@@ -443,10 +538,13 @@ pub async fn list(store: &Store, f: &ApprovalFilter) -> Result<Vec<Approval>, St
     store.approval_list(f).await
 }
 
-/// The option id the agent is answered with, or `None` for `cancelled`.
+/// The option id the agent is answered with (`accept` or `decline` for a question), or `None`
+/// for `cancelled`.
 pub fn answer(a: &Approval) -> Option<String> {
     match a.state {
         ApprovalState::Allowed | ApprovalState::Denied => a.option_id.clone(),
+        ApprovalState::Answered => Some("accept".into()),
+        ApprovalState::Declined => Some("decline".into()),
         _ => None,
     }
 }

@@ -2,7 +2,9 @@
 //! one of these, and render the result. Each operation is written once here, so the three
 //! front ends cannot drift apart (the order of checks, defaults, side effects).
 //!
-//! - [`approvals`]: permission requests under `ask`: open, wait, decide; standing rules.
+//! - [`approvals`]: permission requests and questions under `ask`: open, wait, decide;
+//!   standing rules.
+//! - [`questions`]: a question's form: its fields, checking an answer, reading a typed one.
 //! - [`channels`]: create (workspace, row, default policy, token), rotate token, delete.
 //! - [`jobs`]: enqueue (with metrics) and cancel (with the local stop of a running job).
 //! - [`schedules`]: parse a schedule's time, add, pause, resume, remove.
@@ -10,4 +12,5 @@
 pub mod approvals;
 pub mod channels;
 pub mod jobs;
+pub mod questions;
 pub mod schedules;

@@ -1,5 +1,6 @@
-//! The `approvals` and `permission_rules` tables: permission requests under the policy `ask`,
-//! their guarded decisions, and the channel's standing "allow always" rules.
+//! The `approvals` and `permission_rules` tables: permission requests and questions of the
+//! agent under the policy `ask`, their guarded decisions, and the channel's standing "allow
+//! always" rules.
 //!
 //! An approval is inserted, with its job's `permission_request` event, only while the job's
 //! attempt is running (the insert is fenced like a job transition), so nothing shows a request
@@ -17,8 +18,9 @@ macro_rules! select_approvals {
         sqlx::query_as!(
             ApprovalRow,
             r#"SELECT a.id AS "id!", a.job_id, a.attempt, a.channel_id, c.name AS channel,
-                      c.matrix_room_id, a.tool_call_id, a.title, a.kind, a.input, a.options,
-                      a.state AS "state: ApprovalState", a.option_id, a.decided_by,
+                      c.matrix_room_id, a.request AS "request: RequestKind", a.tool_call_id,
+                      a.title, a.kind, a.input, a.options,
+                      a.state AS "state: ApprovalState", a.option_id, a.answer, a.decided_by,
                       a.decided_via AS "decided_via: DecidedVia", a.rule_id, a.created_at,
                       a.expires_at, a.decided_at
                FROM approvals a JOIN channels c ON c.id = a.channel_id "# + $tail
@@ -35,6 +37,7 @@ struct ApprovalRow {
     channel_id: i64,
     channel: String,
     matrix_room_id: Option<String>,
+    request: RequestKind,
     tool_call_id: Option<String>,
     title: Option<String>,
     kind: Option<String>,
@@ -42,6 +45,7 @@ struct ApprovalRow {
     options: String,
     state: ApprovalState,
     option_id: Option<String>,
+    answer: Option<String>,
     decided_by: Option<String>,
     decided_via: Option<DecidedVia>,
     rule_id: Option<i64>,
@@ -59,6 +63,7 @@ impl From<ApprovalRow> for Approval {
             channel_id: r.channel_id,
             channel: r.channel,
             matrix_room_id: r.matrix_room_id,
+            request: r.request,
             tool_call_id: r.tool_call_id,
             title: r.title,
             kind: r.kind,
@@ -66,6 +71,7 @@ impl From<ApprovalRow> for Approval {
             options: serde_json::from_str(&r.options).unwrap_or_default(),
             state: r.state,
             option_id: r.option_id,
+            answer: r.answer.and_then(|a| serde_json::from_str(&a).ok()),
             decided_by: r.decided_by,
             decided_via: r.decided_via,
             rule_id: r.rule_id,
@@ -135,17 +141,20 @@ impl Store {
     /// Approvals newest first, filtered by state, channel and job.
     pub async fn approval_list(&self, f: &ApprovalFilter) -> Result<Vec<Approval>> {
         let state = f.state.map(|s| s.as_str());
+        let request = f.request.map(|r| r.as_str());
         let limit = if f.limit <= 0 { 50 } else { f.limit.min(1000) };
         Ok(select_approvals!(
             r#"WHERE (?1 IS NULL OR a.state = ?1)
                  AND (?2 IS NULL OR c.name = ?2)
                  AND (?3 IS NULL OR a.job_id = ?3)
+                 AND (?5 IS NULL OR a.request = ?5)
                ORDER BY a.created_at DESC, a.id DESC
                LIMIT ?4"#,
             state,
             f.channel,
             f.job_id,
-            limit
+            limit,
+            request
         )
         .fetch_all(&self.read)
         .await?
@@ -202,8 +211,8 @@ impl Write for Insert {
         let options = serde_json::Value::from(n.options.clone()).to_string();
         let r = sqlx::query!(
             r#"INSERT INTO approvals (id, job_id, attempt, channel_id, tool_call_id, title, kind,
-                                      input, options, created_at, expires_at)
-               SELECT ?1, j.id, j.attempt, j.channel_id, ?4, ?5, ?6, ?7, ?8, ?9, ?10
+                                      input, options, created_at, expires_at, request)
+               SELECT ?1, j.id, j.attempt, j.channel_id, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11
                FROM jobs j WHERE j.id = ?2 AND j.attempt = ?3 AND j.state = 'running'"#,
             n.id,
             n.job_id,
@@ -214,7 +223,8 @@ impl Write for Insert {
             input,
             options,
             self.now,
-            n.expires_at
+            n.expires_at,
+            n.request
         )
         .execute(&mut *conn)
         .await?;
@@ -251,10 +261,11 @@ async fn decide_in(conn: &mut Conn, id: &str, d: &Decision, now: Millis) -> Appl
         }
         rule_id = Some(insert_rule(conn, rule, now).await?);
     }
+    let answer = d.answer.as_ref().map(|a| a.to_string());
     let r = sqlx::query!(
         r#"UPDATE approvals
            SET state = ?2, option_id = ?3, decided_by = ?4, decided_via = ?5, rule_id = ?6,
-               decided_at = ?7
+               decided_at = ?7, answer = ?8
            WHERE id = ?1 AND state = 'pending'"#,
         id,
         d.state,
@@ -262,7 +273,8 @@ async fn decide_in(conn: &mut Conn, id: &str, d: &Decision, now: Millis) -> Appl
         d.by,
         d.via,
         rule_id,
-        now
+        now,
+        answer
     )
     .execute(&mut *conn)
     .await?;

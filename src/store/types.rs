@@ -373,7 +373,7 @@ pub struct Fired {
     pub skipped: Option<String>,
 }
 
-pub use crate::kinds::{ApprovalState, DecidedVia};
+pub use crate::kinds::{ApprovalState, DecidedVia, RequestKind};
 
 /// One option of a permission request, as the agent offered it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -391,7 +391,7 @@ impl From<ApprovalOption> for serde_json::Value {
     }
 }
 
-/// A permission request under the policy `ask`, and its decision.
+/// A permission request or a question of the agent under the policy `ask`, and its decision.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Approval {
     pub id: String,
@@ -401,18 +401,26 @@ pub struct Approval {
     pub channel: String,
     /// The channel's Matrix room, if it has one (where the request is posted).
     pub matrix_room_id: Option<String>,
+    /// `permission` (allow or deny a tool call) or `question` (answer a form or decline).
+    pub request: RequestKind,
     pub tool_call_id: Option<String>,
+    /// A permission request's title; a question's message.
     pub title: Option<String>,
-    /// The tool's kind as the agent named it (`edit`, `execute`, `read`, `fetch`, …).
+    /// The tool's kind as the agent named it (`edit`, `execute`, `read`, `fetch`, …); for a
+    /// question, its mode (`form`).
     pub kind: Option<String>,
     /// The tool's input as the agent sent it: `rawInput` (command, path, content), `content`
-    /// (diffs) and `locations`.
+    /// (diffs) and `locations`. For a question: `{"requestedSchema": …}`, the form's fields.
     #[schema(value_type = Object)]
     pub input: serde_json::Value,
+    /// The options of a permission request (none for a question).
     pub options: Vec<ApprovalOption>,
     pub state: ApprovalState,
     /// The option the agent was answered with.
     pub option_id: Option<String>,
+    /// The content an answered question was answered with (field name → value).
+    #[schema(value_type = Option<Object>)]
+    pub answer: Option<serde_json::Value>,
     /// Who decided: a Matrix user id, `http`, the CLI's user, or `gorp`.
     pub decided_by: Option<String>,
     pub decided_via: Option<DecidedVia>,
@@ -430,6 +438,15 @@ impl Approval {
         self.options.iter().find(|o| o.id == id)
     }
 
+    /// The state a refusal (a deny, or the timeout) leaves it in: `denied`, or `declined` for a
+    /// question.
+    pub fn refused(&self) -> ApprovalState {
+        match self.request {
+            RequestKind::Permission => ApprovalState::Denied,
+            RequestKind::Question => ApprovalState::Declined,
+        }
+    }
+
     /// The first offered option of one of `kinds`, in the order of `kinds`.
     pub fn option_of_kind(&self, kinds: &[&str]) -> Option<&ApprovalOption> {
         kinds
@@ -445,6 +462,7 @@ pub struct NewApproval {
     pub id: String,
     pub job_id: String,
     pub attempt: i64,
+    pub request: RequestKind,
     pub tool_call_id: Option<String>,
     pub title: Option<String>,
     pub kind: Option<String>,
@@ -461,6 +479,8 @@ pub struct NewApproval {
 pub struct Decision {
     pub state: ApprovalState,
     pub option_id: Option<String>,
+    /// A question's answer (for `answered`).
+    pub answer: Option<serde_json::Value>,
     pub by: String,
     pub via: DecidedVia,
     /// The rule that decided it.
@@ -473,6 +493,7 @@ pub struct Decision {
 #[derive(Debug, Clone, Default)]
 pub struct ApprovalFilter {
     pub state: Option<ApprovalState>,
+    pub request: Option<RequestKind>,
     pub channel: Option<String>,
     pub job_id: Option<String>,
     pub limit: i64,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use gorp::service::approvals::{self, Choice, DecideError};
 use gorp::store::{
-    Approval, ApprovalFilter, ApprovalState, DecidedVia, JobState, PermissionPolicy,
+    Approval, ApprovalFilter, ApprovalState, DecidedVia, JobState, PermissionPolicy, RequestKind,
 };
 use serde_json::json;
 
@@ -360,5 +360,167 @@ async fn a_policy_change_applies_to_the_warm_agent_next_prompt() {
             .is_none()
     );
     let _ = json!({});
+    g.stop().await;
+}
+
+/// The `answer` events of a job (how each question was answered).
+async fn answers(g: &Gorp, job: &str) -> Vec<serde_json::Value> {
+    g.store
+        .job_events_list(job, 0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "answer")
+        .map(|e| e.data.unwrap_or_default())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_question_under_ask_is_a_row_and_the_agent_gets_the_checked_answer() {
+    let (g, ch) = ask_gorp(|_| {}).await;
+    let job = g
+        .enqueue(ch, "@ask Which cache? | Redis | SQLite\n@reply after")
+        .await;
+    let q = pending(&g, &job).await;
+    assert_eq!(q.request, RequestKind::Question);
+    assert_eq!(q.title.as_deref(), Some("Which cache?"));
+    assert_eq!(q.kind.as_deref(), Some("form"));
+    assert!(q.options.is_empty());
+    assert_eq!(
+        q.input["requestedSchema"]["properties"]["choice"]["oneOf"][1]["const"],
+        "SQLite"
+    );
+    let ks = kinds(&g, &job).await;
+    assert!(ks.contains(&"question".to_string()), "{ks:?}");
+    // Answers that do not fit, and decisions a question does not take, write nothing.
+    for (choice, want) in [
+        (
+            Choice::Answer(json!({ "choice": "Mongo" })),
+            "takes one of \"Redis\", \"SQLite\"",
+        ),
+        (
+            Choice::Answer(json!({ "colour": "red" })),
+            "no field \"colour\"",
+        ),
+        (Choice::Answer(json!("Redis")), "JSON object"),
+        (Choice::AllowOnce, "is a question"),
+        (Choice::Option("allow".into()), "is a question"),
+    ] {
+        let e = approvals::decide(&g.store, &q.id, choice, "x", DecidedVia::Http)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains(want), "{e}");
+    }
+    let e = approvals::answer_typed(&g.store, &q.id, "{oops", "x", DecidedVia::Cli)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, DecideError::BadAnswer(_)), "{e}");
+    assert_eq!(g.store.approval_get(&q.id).await.unwrap().unwrap(), q);
+    // A typed answer: the choice's number.
+    let a = approvals::answer_typed(&g.store, &q.id[..12], "2", "@alice:x", DecidedVia::Matrix)
+        .await
+        .unwrap();
+    assert_eq!(a.state, ApprovalState::Answered);
+    assert_eq!(a.answer, Some(json!({ "choice": "SQLite" })));
+    let done = g.wait_done(&job).await;
+    assert_eq!(done.state, JobState::Succeeded, "{:?}", done.error);
+    assert_eq!(
+        g.store.job_output(&job).await.unwrap(),
+        r#"ask: accept {"choice":"SQLite"}after"#
+    );
+    let ans = answers(&g, &job).await;
+    assert_eq!(ans.len(), 1);
+    assert_eq!(ans[0]["action"], "accept");
+    assert_eq!(ans[0]["policy"], "ask");
+    assert_eq!(ans[0]["content"], json!({ "choice": "SQLite" }));
+    assert_eq!(ans[0]["decision"]["by"], "@alice:x");
+    // A permission decision on an answered question loses like any second decision.
+    let late = approvals::decide(&g.store, &q.id, Choice::Deny, "x", DecidedVia::Http).await;
+    assert!(matches!(late, Err(DecideError::AlreadyDecided { .. })));
+    // Free text goes to the free field; deny declines.
+    let job = g.enqueue(ch, "@ask Anything else?").await;
+    let q = pending(&g, &job).await;
+    let e = approvals::decide(&g.store, &q.id, Choice::AllowAlways, "x", DecidedVia::Cli)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, DecideError::IsQuestion(_)), "{e}");
+    approvals::decide(&g.store, &q.id, Choice::Deny, "x", DecidedVia::Cli)
+        .await
+        .unwrap();
+    g.wait_done(&job).await;
+    assert_eq!(g.store.job_output(&job).await.unwrap(), "ask: decline");
+    let row = g.store.approval_get(&q.id).await.unwrap().unwrap();
+    assert_eq!(row.state, ApprovalState::Declined);
+    assert_eq!(row.answer, None);
+    // A permission request is no question.
+    let job = g.enqueue(ch, "@permission Run ls").await;
+    let p = pending(&g, &job).await;
+    let e = approvals::answer_typed(&g.store, &p.id, "yes", "x", DecidedVia::Cli)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, DecideError::NotQuestion(_)), "{e}");
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn questions_are_declined_under_allow_and_deny_with_an_event() {
+    let g = Gorp::start(|_| {}).await;
+    for policy in [PermissionPolicy::Allow, PermissionPolicy::Deny] {
+        let name = format!("q-{policy}");
+        let ch = g
+            .channel(&name, |c| c.permission_policy = Some(policy))
+            .await;
+        let (job, out) = g.run(ch, "@ask Which? | a | b\n@reply went on").await;
+        assert_eq!(job.state, JobState::Succeeded);
+        assert_eq!(out, "ask: declinewent on", "{policy}");
+        let ans = answers(&g, &job.id).await;
+        assert_eq!(ans.len(), 1);
+        assert_eq!(ans[0]["action"], "decline");
+        assert_eq!(ans[0]["policy"], policy.as_str());
+        assert!(
+            ans[0]["decision"]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("only `ask` forwards questions"),
+            "{ans:?}"
+        );
+        let rows = g
+            .store
+            .approval_list(&ApprovalFilter {
+                job_id: Some(job.id.clone()),
+                limit: 5,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(rows.is_empty(), "nobody was asked: no row");
+    }
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn a_question_nobody_answers_is_declined_with_timeout() {
+    let (g, ch) = ask_gorp(|c| {
+        c.acp.approval_timeout_secs = 1;
+        c.acp.prompt_timeout_secs = 1;
+    })
+    .await;
+    let (job, out) = g.run(ch, "@ask Deploy now? | yes | no\n@reply done").await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    assert_eq!(out, "ask: declinedone");
+    let list = g
+        .store
+        .approval_list(&ApprovalFilter {
+            job_id: Some(job.id.clone()),
+            request: Some(RequestKind::Question),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].state, ApprovalState::Declined);
+    assert_eq!(list[0].decided_via, Some(DecidedVia::Timeout));
+    assert!(list[0].decided_at.unwrap() - list[0].created_at >= 1000);
     g.stop().await;
 }

@@ -251,6 +251,86 @@ async fn claude_under_ask_waits_for_a_person_and_runs_the_tool_once_allowed() {
     assert_no_outbound(&fake);
 }
 
+/// Claude's AskUserQuestion tool, offered because gorp advertises form elicitation: under
+/// `ask` its question becomes a question row that a person answers (by the choice's number);
+/// the agent hands the answer to the model as the tool's result. Under `allow` nobody is asked
+/// and the question is declined, with an `answer` event.
+#[tokio::test]
+async fn claude_asks_a_question_and_gets_the_answer_a_person_gave() {
+    use gorp::service::approvals;
+    use gorp::store::{ApprovalFilter, ApprovalState, DecidedVia};
+    let fake = FakeAnthropic::start().await;
+    let g = start(&fake).await;
+    let ask = g
+        .channel("asks", |c| {
+            c.permission_policy = Some(gorp::store::PermissionPolicy::Ask)
+        })
+        .await;
+    let allow = g.channel("allows", |_| {}).await;
+    let question = json!({ "questions": [ {
+        "question": "Which cache should I use?",
+        "header": "Cache",
+        "options": [
+            { "label": "Redis", "description": "in memory" },
+            { "label": "SQLite", "description": "on disk" }
+        ],
+        "multiSelect": false
+    } ] });
+    fake.push(Reply::tool("AskUserQuestion", question.clone()));
+    fake.push(Reply::text("Going with it."));
+    let job = g.enqueue(ask, "pick a cache").await;
+    let q = eventually(WAIT, "a pending question", || async {
+        g.store
+            .approval_list(&ApprovalFilter {
+                state: Some(ApprovalState::Pending),
+                job_id: Some(job.clone()),
+                limit: 5,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_iter()
+            .next()
+    })
+    .await;
+    assert_eq!(q.request, gorp::store::RequestKind::Question, "{q:?}");
+    assert_eq!(q.title.as_deref(), Some("Which cache should I use?"));
+    let schema = &q.input["requestedSchema"];
+    assert_eq!(
+        schema["properties"]["question_0"]["oneOf"][1]["const"],
+        "SQLite"
+    );
+    let a = approvals::answer_typed(&g.store, &q.id, "2", "@alice:x", DecidedVia::Matrix)
+        .await
+        .unwrap();
+    assert_eq!(a.answer, Some(json!({ "question_0": "SQLite" })));
+    let done = g.wait_done(&job).await;
+    assert_eq!(done.state, JobState::Succeeded, "{:?}", done.error);
+    assert_eq!(g.store.job_output(&job).await.unwrap(), "Going with it.");
+    // The model got the person's answer as the tool's result.
+    let last = fake.requests_of(RequestKind::Model).pop().unwrap();
+    let sent = last.messages_json();
+    assert!(
+        sent.contains("Which cache should I use?") && sent.contains("SQLite"),
+        "{sent}"
+    );
+
+    fake.push(Reply::tool("AskUserQuestion", question));
+    fake.push(Reply::text("Nobody answered, so I chose."));
+    let (job, out) = g.run(allow, "pick a cache").await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    assert_eq!(out, "Nobody answered, so I chose.");
+    let events = g.store.job_events_list(&job.id, 0, 10_000).await.unwrap();
+    let answer: Vec<_> = events.iter().filter(|e| e.kind == "answer").collect();
+    assert_eq!(answer.len(), 1, "{events:#?}");
+    let data = answer[0].data.as_ref().unwrap();
+    assert_eq!(data["action"], "decline");
+    assert_eq!(data["policy"], "allow");
+    assert!(!events.iter().any(|e| e.kind == "question"));
+    g.stop().await;
+    assert_no_outbound(&fake);
+}
+
 /// With the current agent the prompt after a cancel is answered in turn whether or not the
 /// agent is recycled (`recycle_after_cancel`; the old 0.23 agent answered out of turn without
 /// it), so gorp keeps the warm agent by default.

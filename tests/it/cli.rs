@@ -886,3 +886,176 @@ async fn approvals_of_a_webhook_job_from_http_and_the_cli_and_across_a_kill() {
     assert!(server.wait().success());
     store.close().await;
 }
+
+#[tokio::test]
+async fn questions_of_a_webhook_job_are_answered_over_http_and_from_the_cli() {
+    let env = Env::new();
+    let base = with_http(&env);
+    let created: serde_json::Value = serde_json::from_str(&env.ok(&[
+        "--json",
+        "channels",
+        "add",
+        "asked",
+        "--permission",
+        "ask",
+    ]))
+    .unwrap();
+    let webhook = format!("{base}{}", created["webhook_url"].as_str().unwrap());
+    let token = created["webhook_token"].as_str().unwrap().to_string();
+    let server = env.start();
+    healthy(&base).await;
+    let http = reqwest::Client::new();
+    let hook = |prompt: &str, wait: bool| {
+        let url = if wait {
+            format!("{webhook}?wait=30")
+        } else {
+            webhook.clone()
+        };
+        http.post(url)
+            .bearer_auth(&token)
+            .json(&serde_json::json!({ "prompt": prompt }))
+            .send()
+    };
+    let store = env.store().await;
+    let finished = |job: String| {
+        let store = &store;
+        async move {
+            eventually(WAIT, "the job to finish", || async {
+                store
+                    .job_get(&job)
+                    .await
+                    .unwrap()
+                    .filter(|j| j.state.is_terminal())
+            })
+            .await
+        }
+    };
+
+    // `?wait` says the job waits for an answer to a question.
+    let r = hook("@ask Which region? | eu | us\n@reply set", true)
+        .await
+        .unwrap();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["state"], "running", "{body}");
+    let job = body["job_id"].as_str().unwrap().to_string();
+    let waiting = &body["pending_approvals"][0];
+    assert_eq!(waiting["request"], "question", "{body}");
+    assert_eq!(waiting["title"], "Which region?");
+    let id = waiting["id"].as_str().unwrap().to_string();
+    let listed: Vec<serde_json::Value> = reqwest::Client::new()
+        .get(format!(
+            "{base}/api/approvals?state=pending&request=question"
+        ))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        listed[0]["input"]["requestedSchema"]["properties"]["choice"]["oneOf"][0]["const"],
+        "eu"
+    );
+    assert!(env
+        .ok(&["approvals", "--request", "question"])
+        .contains("Which region?"));
+
+    // Bad answers are refused and write nothing.
+    let before = approvals_of(&base, &job).await;
+    let url = format!("{base}/api/approvals/{id}");
+    for body in [
+        r#"{"answer": {"choice": "mars"}}"#,
+        r#"{"answer": {"planet": "eu"}}"#,
+        r#"{"answer": "eu"}"#,
+        r#"{"answer": {"choice": "eu"}, "decision": "deny"}"#,
+        r#"{"decision": "allow"}"#,
+        r#"{"option_id": "allow"}"#,
+    ] {
+        let r = http
+            .post(&url)
+            .bearer_auth(API_TOKEN)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        let e: serde_json::Value = r.json().await.unwrap();
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
+    }
+    let out = env.run(&["answer", &id, "choice=mars"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("does not fit the question"),
+        "{}",
+        stderr(&out)
+    );
+    let out = env.run(&["approve", &id]);
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("is a question"), "{}", stderr(&out));
+    assert_eq!(approvals_of(&base, &job).await, before, "nothing written");
+
+    // HTTP answers it; a second answer is 409.
+    let r = http
+        .post(&url)
+        .bearer_auth(API_TOKEN)
+        .json(&serde_json::json!({ "answer": { "choice": "us", "note": "close to users" } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let a: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(a["state"], "answered");
+    assert_eq!(a["answer"]["choice"], "us");
+    let r = http
+        .post(&url)
+        .bearer_auth(API_TOKEN)
+        .json(&serde_json::json!({ "decision": "deny" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let done = finished(job.clone()).await;
+    assert_eq!(done.state, JobState::Succeeded, "{:?}", done.error);
+    assert_eq!(
+        store.job_output(&job).await.unwrap(),
+        r#"ask: accept {"choice":"us","note":"close to users"}set"#
+    );
+
+    // The CLI answers the next one by the choice's number; `deny` declines the third.
+    let r = hook("@ask Which region? | eu | us\n@reply set", false)
+        .await
+        .unwrap();
+    let job2 = r.json::<serde_json::Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let q = pending_of(&base, &job2).await;
+    let out = env.ok(&["answer", q["id"].as_str().unwrap(), "1"]);
+    assert!(out.contains("answered"), "{out}");
+    finished(job2.clone()).await;
+    assert_eq!(
+        store.job_output(&job2).await.unwrap(),
+        r#"ask: accept {"choice":"eu"}set"#
+    );
+    let a = &approvals_of(&base, &job2).await[0];
+    assert_eq!(a["decided_via"], "cli");
+    let r = hook("@ask Anything to add?\n@reply set", false)
+        .await
+        .unwrap();
+    let job3 = r.json::<serde_json::Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let q = pending_of(&base, &job3).await;
+    assert!(env
+        .ok(&["deny", q["id"].as_str().unwrap()])
+        .contains("declined"));
+    finished(job3.clone()).await;
+    assert_eq!(store.job_output(&job3).await.unwrap(), "ask: declineset");
+    server.signal(libc::SIGTERM);
+    assert!(server.wait().success());
+    store.close().await;
+}

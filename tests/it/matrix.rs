@@ -1865,3 +1865,122 @@ async fn claude_under_ask_is_approved_by_reactions_of_allowed_people_only() {
     assert!(last.contains("is_error"), "the model was told: {last}");
     drop(home);
 }
+
+#[tokio::test]
+async fn a_question_of_the_agent_is_answered_in_the_room_by_a_number_or_a_command() {
+    use gorp::store::{ApprovalFilter, ApprovalState, DecidedVia};
+    let mut w = World::start(|c| {
+        c.acp.permission_policy = gorp::store::PermissionPolicy::Ask;
+    })
+    .await;
+    let (room, _) = w.create_channel("quiz").await;
+    let bot = w.bot.clone();
+    let store = w.store.clone();
+    let question_of = |job: String| {
+        let store = store.clone();
+        async move {
+            store
+                .approval_list(&ApprovalFilter {
+                    job_id: Some(job),
+                    limit: 10,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .remove(0)
+        }
+    };
+
+    // The question is posted with its numbered choices and the reactions that pick them.
+    let asked = w
+        .alice
+        .say(&room, "@ask Which region? | eu | us\n@reply set")
+        .await;
+    let job = w.job_for(&asked).await;
+    let posted = w
+        .alice
+        .message_from(&bot, &room, "the question", |e| {
+            edit_of(e).is_none() && shown(e).contains("The agent asks")
+        })
+        .await;
+    assert!(posted.encrypted);
+    let text = shown(&posted.event);
+    assert!(
+        text.contains("Which region?") && text.contains("1. eu") && text.contains("2. us"),
+        "{text}"
+    );
+    assert!(text.contains("!answer"), "{text}");
+    let question = posted.event.event_id.clone();
+    for key in ["1\u{fe0f}\u{20e3}", "2\u{fe0f}\u{20e3}", "❌"] {
+        w.alice.reaction(&bot, &question, key).await;
+    }
+    assert_eq!(question_of(job.clone()).await.state, ApprovalState::Pending);
+    w.alice
+        .room(&room)
+        .send(ReactionEventContent::new(Annotation::new(
+            question.clone(),
+            "2\u{fe0f}\u{20e3}".into(),
+        )))
+        .await
+        .unwrap();
+    let edited = w
+        .alice
+        .message_from(&bot, &room, "the question edited with its answer", |e| {
+            edit_of(e) == Some(&question)
+        })
+        .await;
+    let text = shown(&edited.event);
+    assert!(
+        text.contains("Answered")
+            && text.contains(w.alice.user_id.as_str())
+            && text.contains("choice: us"),
+        "{text}"
+    );
+    w.alice
+        .message_from(&bot, &room, "the reply", |e| {
+            shown(e).contains(r#"ask: accept {"choice":"us"}"#)
+        })
+        .await;
+    let q = question_of(job).await;
+    assert_eq!(q.state, ApprovalState::Answered);
+    assert_eq!(q.decided_via, Some(DecidedVia::Matrix));
+    assert_eq!(q.decided_by.as_deref(), Some(w.alice.user_id.as_str()));
+
+    // `!answer` with free text; `!deny` declines the next one.
+    let asked = w.alice.say(&room, "@ask Anything to add?\n@reply ok").await;
+    let job = w.job_for(&asked).await;
+    w.alice
+        .message_from(&bot, &room, "the second question", |e| {
+            edit_of(e).is_none() && shown(e).contains("Anything to add?")
+        })
+        .await;
+    let answer = w.command(&room, "!answer ship it on Friday").await;
+    assert!(answer.contains("answered"), "{answer}");
+    w.alice
+        .message_from(&bot, &room, "the second reply", |e| {
+            shown(e).contains(r#"ask: accept {"answer":"ship it on Friday"}"#)
+        })
+        .await;
+    assert_eq!(question_of(job).await.state, ApprovalState::Answered);
+    let asked = w
+        .alice
+        .say(&room, "@ask Deploy? | yes | no\n@reply ok")
+        .await;
+    let job = w.job_for(&asked).await;
+    w.alice
+        .message_from(&bot, &room, "the third question", |e| {
+            edit_of(e).is_none() && shown(e).contains("Deploy?")
+        })
+        .await;
+    let answer = w.command(&room, "!answer choice=maybe").await;
+    assert!(answer.contains("does not fit the question"), "{answer}");
+    assert_eq!(question_of(job.clone()).await.state, ApprovalState::Pending);
+    let answer = w.command(&room, "!deny").await;
+    assert!(answer.contains("declined"), "{answer}");
+    w.alice
+        .message_from(&bot, &room, "the third reply", |e| {
+            shown(e).contains("ask: decline")
+        })
+        .await;
+    assert_eq!(question_of(job).await.state, ApprovalState::Declined);
+}

@@ -12,12 +12,15 @@ use std::time::Instant;
 
 use super::*;
 
-/// How an `ask` request was answered.
+/// How an `ask` request (a permission request or a question) was answered.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AskAnswer {
-    /// The option id to answer the agent with (one it offered); `None` answers `cancelled`.
+    /// For a permission request, the option id to answer the agent with (one it offered); for
+    /// a question, `accept` or `decline`. `None` answers `cancelled` (`cancel`).
     pub option_id: Option<String>,
-    /// Who decided and how, recorded as `decision` in the `permission` event.
+    /// An accepted question's content (an object of field → value).
+    pub content: Option<Value>,
+    /// Who decided and how, recorded as `decision` in the `permission` or `answer` event.
     pub detail: Value,
 }
 
@@ -26,6 +29,7 @@ impl AskAnswer {
     pub fn cancelled(detail: Value) -> Self {
         AskAnswer {
             option_id: None,
+            content: None,
             detail,
         }
     }
@@ -138,14 +142,16 @@ impl Shared {
         }
     }
 
-    /// Hands an `ask` request to the prompt and waits for its answer.
-    async fn ask(
+    /// Hands an `ask` request to the prompt running on `session` as the event `kind` (its
+    /// `data` gets the `askId`) and waits for its answer.
+    pub(super) async fn ask(
         &self,
-        req: &RequestPermissionRequest,
-        options: &[Value],
-        tool_call: &Value,
+        session: &str,
+        kind: EventKind,
+        text: Option<String>,
+        mut data: Value,
     ) -> AskAnswer {
-        let session = req.session_id.0.to_string();
+        let session = session.to_string();
         let id = self.next_ask.fetch_add(1, Ordering::Relaxed) + 1;
         let (reply, rx) = oneshot::channel();
         self.asks.lock().unwrap().insert(
@@ -155,12 +161,8 @@ impl Shared {
                 reply,
             },
         );
-        let title = req.tool_call.fields.title.clone();
-        let event = AgentEvent::new(
-            EventKind::PermissionRequest.as_str(),
-            title,
-            json!({ "askId": id, "options": options, "toolCall": tool_call }),
-        );
+        data["askId"] = json!(id);
+        let event = AgentEvent::new(kind.as_str(), text, data);
         self.clock_start(&session);
         let unanswered = |why: &str| AskAnswer::cancelled(json!({ "reason": why }));
         let answer = if self.send_to_prompt(&session, event).await {
@@ -202,7 +204,14 @@ impl Shared {
                     .find_map(|kind| req.options.iter().find(|o| o.kind == *kind))
             }
             PermissionPolicy::Ask => {
-                let answer = self.ask(req, &options, &tool_call).await;
+                let answer = self
+                    .ask(
+                        &req.session_id.0,
+                        EventKind::PermissionRequest,
+                        req.tool_call.fields.title.clone(),
+                        json!({ "options": options, "toolCall": tool_call }),
+                    )
+                    .await;
                 decision = answer.detail;
                 // Only an option the agent offered is sent back.
                 answer

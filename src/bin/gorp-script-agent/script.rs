@@ -56,6 +56,7 @@
 //! | `@thought TEXT` | send `TEXT` as an agent thought chunk |
 //! | `@tool-call NAME` | send `tool_call` (id `call-K`, title `NAME`, status `in_progress`), then a `tool_call_update` with status `completed` |
 //! | `@permission [TITLE]` | send `session/request_permission` with options `allow` (allow_once), `allow-always` (allow_always), `reject` (reject_once); then reply `permission: <option id>` or `permission: cancelled` |
+//! | `@ask MESSAGE [\| CHOICE \| …]` | send `elicitation/create` (form mode, scoped to the session): with choices, a field `choice` (one of them) and a free-text field `note`; without, one free-text field `answer`; then reply `ask: accept <content JSON>`, `ask: decline`, `ask: cancel` or `ask: error: <message>` (`ask: client does not support form elicitation` when the client did not advertise it) |
 //! | `@read PATH` | call the client's `fs/read_text_file`; reply `read ok: <content>` or `read error: <message>` |
 //! | `@write PATH CONTENT` | call the client's `fs/write_text_file` (`\n` in `CONTENT` is a newline, `\\` a backslash); reply `write ok: <path>` or `write error: <message>` |
 //! | `@usage in=N out=N [cost=F] [size=N]` | send a `usage_update` (`used` = in+out, `size` default 200000, `cost` in USD, `_meta` = `{"inputTokens","outputTokens"}`); the prompt response also carries `usage` (unstable end-turn usage) with the summed tokens |
@@ -88,14 +89,16 @@ use std::time::Duration;
 use agent_client_protocol::schema::ProtocolVersion;
 use agent_client_protocol::v1::schema::{
     AgentCapabilities, AvailableCommand, AvailableCommandsUpdate, CancelNotification, ContentBlock,
-    ContentChunk, Cost, CurrentModeUpdate, Implementation, InitializeRequest, InitializeResponse,
-    LoadSessionRequest, LoadSessionResponse, NewSessionRequest, NewSessionResponse,
-    PermissionOption, PermissionOptionKind, Plan, PlanEntry, PlanEntryPriority, PlanEntryStatus,
-    PromptRequest, PromptResponse, ReadTextFileRequest, RequestPermissionOutcome,
-    RequestPermissionRequest, SessionConfigOption, SessionConfigOptionCategory,
-    SessionConfigSelectOption, SessionId, SessionMode, SessionModeState, SessionNotification,
-    SessionUpdate, SetSessionConfigOptionRequest, SetSessionConfigOptionResponse,
-    SetSessionModeRequest, SetSessionModeResponse, StopReason, ToolCall, ToolCallStatus,
+    ContentChunk, Cost, CreateElicitationRequest, CurrentModeUpdate, ElicitationAction,
+    ElicitationFormMode, ElicitationPropertySchema, ElicitationSchema, ElicitationSessionScope,
+    EnumOption, Implementation, InitializeRequest, InitializeResponse, LoadSessionRequest,
+    LoadSessionResponse, NewSessionRequest, NewSessionResponse, PermissionOption,
+    PermissionOptionKind, Plan, PlanEntry, PlanEntryPriority, PlanEntryStatus, PromptRequest,
+    PromptResponse, ReadTextFileRequest, RequestPermissionOutcome, RequestPermissionRequest,
+    SessionConfigOption, SessionConfigOptionCategory, SessionConfigSelectOption, SessionId,
+    SessionMode, SessionModeState, SessionNotification, SessionUpdate,
+    SetSessionConfigOptionRequest, SetSessionConfigOptionResponse, SetSessionModeRequest,
+    SetSessionModeResponse, StopReason, StringPropertySchema, ToolCall, ToolCallStatus,
     ToolCallUpdate, ToolCallUpdateFields, ToolKind, Usage, UsageUpdate, WriteTextFileRequest,
 };
 use agent_client_protocol::v1::{ConnectionTo, Responder};
@@ -225,6 +228,10 @@ pub enum Directive {
     Thought(String),
     ToolCall(String),
     Permission(String),
+    Ask {
+        message: String,
+        choices: Vec<String>,
+    },
     Read(String),
     Write {
         path: String,
@@ -287,6 +294,16 @@ fn parse_line(line: &str) -> Option<Directive> {
         } else {
             rest.to_string()
         })),
+        "@ask" => {
+            let mut parts = rest.split('|').map(str::trim);
+            match parts.next().filter(|m| !m.is_empty()) {
+                Some(message) => Ok(Directive::Ask {
+                    message: message.to_string(),
+                    choices: parts.filter(|c| !c.is_empty()).map(String::from).collect(),
+                }),
+                None => Err("@ask needs a message".to_string()),
+            }
+        }
         "@read" => {
             if rest.is_empty() {
                 Err("@read needs a path".to_string())
@@ -456,6 +473,8 @@ struct Session {
 struct AgentState {
     config: ScriptAgentConfig,
     client_can_read: AtomicBool,
+    /// The client advertised form elicitation.
+    client_can_ask: AtomicBool,
     client_can_write: AtomicBool,
     sessions: Mutex<HashMap<String, Arc<Mutex<Session>>>>,
     /// The current permission mode of each session (with `--modes`).
@@ -705,6 +724,7 @@ async fn serve_stdio(config: ScriptAgentConfig) -> Result<(), Error> {
     let state = Arc::new(AgentState {
         config,
         client_can_read: AtomicBool::new(false),
+        client_can_ask: AtomicBool::new(false),
         client_can_write: AtomicBool::new(false),
         sessions: Mutex::new(HashMap::new()),
         modes: Mutex::new(HashMap::new()),
@@ -729,6 +749,13 @@ async fn serve_stdio(config: ScriptAgentConfig) -> Result<(), Error> {
                     tokio::time::sleep(s_init.config.startup_delay).await;
                 }
                 let fs = &req.client_capabilities.fs;
+                s_init.client_can_ask.store(
+                    req.client_capabilities
+                        .elicitation
+                        .as_ref()
+                        .is_some_and(|e| e.form.is_some()),
+                    Ordering::SeqCst,
+                );
                 s_init
                     .client_can_read
                     .store(fs.read_text_file, Ordering::SeqCst);
@@ -1089,6 +1116,56 @@ impl TurnRunner<'_> {
                         _ => "permission: unknown outcome".to_string(),
                     },
                     Err(e) => format!("permission: error: {}", e.message),
+                };
+                self.note(text)?;
+            }
+            Directive::Ask { message, choices } => {
+                if !self.state.client_can_ask.load(Ordering::SeqCst) {
+                    self.note("ask: client does not support form elicitation".to_string())?;
+                    return Ok(());
+                }
+                let mut form = ElicitationSchema::new();
+                if choices.is_empty() {
+                    form.properties.insert(
+                        "answer".into(),
+                        ElicitationPropertySchema::String(StringPropertySchema::new()),
+                    );
+                } else {
+                    let mut choice = StringPropertySchema::new();
+                    choice.title = Some("Choice".into());
+                    choice.one_of = Some(
+                        choices
+                            .iter()
+                            .map(|c| EnumOption::new(c.clone(), c.clone()))
+                            .collect(),
+                    );
+                    form.properties
+                        .insert("choice".into(), ElicitationPropertySchema::String(choice));
+                    let mut note = StringPropertySchema::new();
+                    note.title = Some("Note".into());
+                    form.properties
+                        .insert("note".into(), ElicitationPropertySchema::String(note));
+                }
+                let request = CreateElicitationRequest::new(
+                    ElicitationFormMode::new(ElicitationSessionScope::new(self.sid.clone()), form),
+                    message,
+                );
+                let sent = self.cx.send_request(request).block_task();
+                let outcome = tokio::select! {
+                    r = sent => r,
+                    _ = self.token.cancelled() => return Err(Halt::Stop(StopReason::Cancelled)),
+                };
+                let text = match outcome {
+                    Ok(resp) => match resp.action {
+                        ElicitationAction::Accept(a) => format!(
+                            "ask: accept {}",
+                            serde_json::to_string(&a.content).unwrap_or_default()
+                        ),
+                        ElicitationAction::Decline => "ask: decline".to_string(),
+                        ElicitationAction::Cancel => "ask: cancel".to_string(),
+                        _ => "ask: unknown action".to_string(),
+                    },
+                    Err(e) => format!("ask: error: {}", e.message),
                 };
                 self.note(text)?;
             }

@@ -1,12 +1,14 @@
-//! `!policy`, `!approvals`, `!allow`, `!always`, `!deny` and `!rules`: the permission side of
-//! this room's channel. Only `allowed_users` reach these handlers (strangers' messages are
+//! `!policy`, `!approvals`, `!allow`, `!always`, `!deny`, `!answer` and `!rules`: the
+//! permission and question side of this room's channel. Only `allowed_users` reach these handlers (strangers' messages are
 //! dropped before any command runs).
 
 use super::super::failure::Answer;
 use super::*;
 use crate::service::approvals::{self, Choice, DecideError};
 use crate::service::channels;
-use crate::store::{Approval, ApprovalFilter, ApprovalState, DecidedVia, PermissionPolicy};
+use crate::store::{
+    Approval, ApprovalFilter, ApprovalState, DecidedVia, PermissionPolicy, RequestKind,
+};
 
 pub(super) async fn policy(cx: &Ctx<'_>, set: Option<PermissionPolicy>) -> Answer {
     let ch = cx.room_channel().await?;
@@ -25,6 +27,7 @@ async fn pending(cx: &Ctx<'_>, channel: &str) -> Result<Vec<Approval>, failure::
         cx.store(),
         &ApprovalFilter {
             state: Some(ApprovalState::Pending),
+            request: None,
             channel: Some(channel.to_string()),
             job_id: None,
             limit: 100,
@@ -41,15 +44,73 @@ pub(super) async fn list(cx: &Ctx<'_>) -> Answer {
     }
     Ok(waiting
         .iter()
-        .map(|a| strings::approval_line(&a.id, a.title.as_deref(), a.kind.as_deref(), &a.job_id))
+        .map(|a| {
+            strings::approval_line(
+                &a.id,
+                a.request,
+                a.title.as_deref(),
+                a.kind.as_deref(),
+                &a.job_id,
+            )
+        })
         .collect::<Vec<_>>()
         .join("\n"))
 }
 
 pub(super) async fn decide(cx: &Ctx<'_>, id: Option<&str>, choice: Choice) -> Answer {
+    let approval = target(cx, id, None).await?;
+    let decided = approvals::decide(
+        cx.store(),
+        &approval.id,
+        choice,
+        cx.sender.as_str(),
+        DecidedVia::Matrix,
+    )
+    .await
+    .map_err(decide_error)?;
+    tracing::info!(approval = %decided.id, state = %decided.state, by = %cx.sender, "request decided by command");
+    Ok(strings::decided_reply(&decided.id, decided.state))
+}
+
+pub(super) async fn answer(cx: &Ctx<'_>, id: Option<&str>, text: &str) -> Answer {
+    let approval = target(cx, id, Some(RequestKind::Question)).await?;
+    let decided = approvals::answer_typed(
+        cx.store(),
+        &approval.id,
+        text,
+        cx.sender.as_str(),
+        DecidedVia::Matrix,
+    )
+    .await
+    .map_err(decide_error)?;
+    tracing::info!(approval = %decided.id, by = %cx.sender, "question answered by command");
+    Ok(strings::decided_reply(&decided.id, decided.state))
+}
+
+fn decide_error(e: DecideError) -> failure::Failure {
+    match e {
+        DecideError::AlreadyDecided { id, state } => {
+            refuse(strings::approval_not_pending(&id, state))
+        }
+        DecideError::NotOffered(what, _) => refuse(strings::approval_not_offered(&what)),
+        DecideError::NotFound(p) | DecideError::Ambiguous(p) => refuse(strings::no_approval(&p)),
+        DecideError::IsQuestion(id) => refuse(strings::is_a_question(&id)),
+        DecideError::NotQuestion(id) => refuse(strings::not_a_question(&id)),
+        DecideError::BadAnswer(why) => refuse(strings::bad_answer(&why)),
+        DecideError::Store(e) => e.into(),
+    }
+}
+
+/// The request an answer in this room is for: the one `id` names (of this room's channel), or
+/// the channel's only pending one (of `request` kind when given).
+async fn target(
+    cx: &Ctx<'_>,
+    id: Option<&str>,
+    request: Option<RequestKind>,
+) -> Result<Approval, failure::Failure> {
     let ch = cx.room_channel().await?;
     // Only a request of this room's channel can be decided here.
-    let approval = match id {
+    Ok(match id {
         Some(prefix) => {
             let a = approvals::find(cx.store(), prefix)
                 .await
@@ -65,31 +126,14 @@ pub(super) async fn decide(cx: &Ctx<'_>, id: Option<&str>, choice: Choice) -> An
         }
         None => {
             let mut waiting = pending(cx, &ch.name).await?;
+            waiting.retain(|a| request.is_none_or(|r| a.request == r));
             match waiting.len() {
                 0 => return Err(refuse(strings::NO_PENDING_TO_DECIDE)),
                 1 => waiting.remove(0),
                 n => return Err(refuse(strings::several_pending(n))),
             }
         }
-    };
-    let decided = approvals::decide(
-        cx.store(),
-        &approval.id,
-        choice,
-        cx.sender.as_str(),
-        DecidedVia::Matrix,
-    )
-    .await
-    .map_err(|e| match e {
-        DecideError::AlreadyDecided { id, state } => {
-            refuse(strings::approval_not_pending(&id, state))
-        }
-        DecideError::NotOffered(what, _) => refuse(strings::approval_not_offered(&what)),
-        DecideError::NotFound(p) | DecideError::Ambiguous(p) => refuse(strings::no_approval(&p)),
-        DecideError::Store(e) => e.into(),
-    })?;
-    tracing::info!(approval = %decided.id, state = %decided.state, by = %cx.sender, "permission request decided by command");
-    Ok(strings::decided_reply(&decided.id, decided.state))
+    })
 }
 
 pub(super) async fn rules(cx: &Ctx<'_>, remove: Option<i64>) -> Answer {

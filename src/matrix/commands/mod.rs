@@ -59,6 +59,7 @@ pub(super) async fn run(bot: &Bot, cmd: Command, room: &Room, sender: &UserId) -
             };
             approvals::decide(&cx, id.as_deref(), choice).await
         }
+        Command::Answer { id, answer } => approvals::answer(&cx, id.as_deref(), &answer).await,
         Command::Deny { id } => {
             approvals::decide(&cx, id.as_deref(), crate::service::approvals::Choice::Deny).await
         }
