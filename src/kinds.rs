@@ -175,6 +175,17 @@ text_enum! {
 }
 
 text_enum! {
+    /// The kernel sandbox an agent runs in (`[acp] sandbox`, per channel).
+    pub enum SandboxMode ("sandbox") {
+        /// Landlock: writes confined to the workspace and the agent's own directories, gorp's
+        /// files unreadable (see `sandbox`).
+        Landlock = "landlock",
+        /// No sandbox: the agent can do whatever gorp's user can.
+        None = "none",
+    }
+}
+
+text_enum! {
     /// What a schedule does with slots missed while gorp was down (more than a minute late).
     pub enum CatchUp ("catch-up policy") {
         /// None of them run; the skip is recorded.
@@ -304,6 +315,7 @@ mod tests {
         same_text(ApprovalState::ALL, |v| v.as_str());
         same_text(DecidedVia::ALL, |v| v.as_str());
         same_text(RequestKind::ALL, |v| v.as_str());
+        same_text(SandboxMode::ALL, |v| v.as_str());
         for k in EventKind::ALL {
             assert_eq!(k.to_string().parse::<EventKind>(), Ok(*k));
         }

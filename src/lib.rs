@@ -8,6 +8,7 @@
 //! - [`config`]: `Config::load()`, `GORP_*` overrides, validation, masked printing.
 //! - [`auth`]: bearer tokens and GitHub signatures, compared in constant time.
 //! - [`instance`]: instance ids (`host:pid:nonce`) and "is this holder dead on this host".
+//! - [`sandbox`]: the Landlock ruleset an agent runs under (writes, reads, ports, scopes).
 //! - [`store`]: every SQL statement, one file per table; the group-commit writer; read pool.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`background`]: the one loop the rescuer, cleaner, scheduler and warm keeper run in.
@@ -48,6 +49,7 @@ pub mod logging;
 pub mod matrix;
 pub mod metrics;
 pub mod rescuer;
+pub mod sandbox;
 pub mod scheduler;
 pub mod service;
 pub mod store;
