@@ -209,6 +209,7 @@ async fn agent_alone(dir: &Path, samples: usize) -> Vec<f64> {
         ],
         cwd: ws.clone(),
         env: Vec::new(),
+        sandbox: gorp::sandbox::Spec::none(),
     };
     let agent = AgentProcess::spawn(&spec, Timeouts::default(), PermissionPolicy::Allow, ws)
         .await

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::kinds::PermissionPolicy;
+pub use crate::kinds::{PermissionPolicy, SandboxMode};
 
 /// Environment variable naming the config file.
 pub const CONFIG_PATH_ENV: &str = "GORP_CONFIG_PATH";
@@ -220,6 +220,25 @@ pub struct AcpConfig {
     /// Under the policy `ask`, a permission request nobody decides in this long is denied
     /// (`timeout`). The wait does not count against `prompt_timeout_secs`.
     pub approval_timeout_secs: u64,
+    /// The kernel sandbox agents run in (a channel may override it): `landlock` (writes only to
+    /// the workspace and the agent's own directories, gorp's files unreadable; the agent is not
+    /// started where the kernel cannot enforce it) or `none`. Unset: Landlock where the kernel
+    /// supports it, else none (with a warning).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<SandboxMode>,
+    /// Each channel's agent gets `<state_path>/<channel>/home` as `HOME` and
+    /// `<state_path>/<channel>/tmp` as `TMPDIR` under the sandbox (unless `env` sets them), so
+    /// agents keep their logins and sessions apart.
+    pub state_path: PathBuf,
+    /// More paths sandboxed agents may write to (absolute, existing).
+    pub extra_writable: Vec<PathBuf>,
+    /// More paths sandboxed agents may not read (absolute), beside gorp's database, config and
+    /// Matrix store and the other channels' workspaces and state.
+    pub deny_read: Vec<PathBuf>,
+    /// TCP ports sandboxed agents may connect to (Landlock ABI 4, Linux 6.7); unset: any. A
+    /// port filter, not a host filter. A channel may override it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_ports: Option<Vec<u16>>,
 }
 
 impl Default for AcpConfig {
@@ -239,6 +258,11 @@ impl Default for AcpConfig {
             recycle_after_cancel: false,
             session_mode: None,
             approval_timeout_secs: 600,
+            sandbox: None,
+            state_path: PathBuf::from("./agent-state"),
+            extra_writable: Vec::new(),
+            deny_read: Vec::new(),
+            allowed_ports: None,
         }
     }
 }
@@ -503,6 +527,37 @@ impl Config {
         if self.acp.max_warm_sessions == 0 {
             return bad("acp.max_warm_sessions", "expected at least 1");
         }
+        if self.acp.state_path.as_os_str().is_empty() {
+            return bad("acp.state_path", "expected a directory path, got an empty string");
+        }
+        for p in &self.acp.extra_writable {
+            if !p.is_absolute() {
+                return Err((
+                    "acp.extra_writable".into(),
+                    format!("expected absolute paths, got {:?}", p.display().to_string()),
+                ));
+            }
+            if !p.exists() {
+                return Err((
+                    "acp.extra_writable".into(),
+                    format!("{} does not exist", p.display()),
+                ));
+            }
+        }
+        if let Some(p) = self.acp.deny_read.iter().find(|p| !p.is_absolute()) {
+            return Err((
+                "acp.deny_read".into(),
+                format!("expected absolute paths, got {:?}", p.display().to_string()),
+            ));
+        }
+        if self
+            .acp
+            .allowed_ports
+            .as_ref()
+            .is_some_and(|p| p.contains(&0))
+        {
+            return bad("acp.allowed_ports", "expected TCP ports from 1 to 65535");
+        }
         if self.acp.max_concurrent_starts == 0 {
             return bad("acp.max_concurrent_starts", "expected at least 1");
         }
@@ -594,6 +649,12 @@ impl Config {
     /// The directory of a channel: `<workspace>/<name>`.
     pub fn channel_dir(&self, name: &str) -> PathBuf {
         self.workspace.path.join(name)
+    }
+
+    /// The agent's own directory of a channel: `<acp.state_path>/<name>` (its `home` and `tmp`
+    /// under the sandbox).
+    pub fn agent_state_dir(&self, name: &str) -> PathBuf {
+        self.acp.state_path.join(name)
     }
 
     /// Where the Matrix session and stores live.

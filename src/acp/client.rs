@@ -128,6 +128,8 @@ pub struct AgentSpec {
     pub cwd: PathBuf,
     /// Extra environment variables (the parent's environment is inherited).
     pub env: Vec<(String, String)>,
+    /// The kernel sandbox the process (and everything it starts) runs in.
+    pub sandbox: crate::sandbox::Spec,
 }
 
 /// Deadlines for the agent's answers.
@@ -213,6 +215,9 @@ pub enum AcpError {
     MessageTooLarge { limit: usize },
     #[error("session {0} already has a prompt running")]
     Busy(String),
+    /// The sandbox asked for cannot be put in place; the agent was not started.
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
 }
 
 fn tail_display(tail: &str) -> String {
@@ -428,6 +433,8 @@ pub struct AgentProcess {
     wait_task: Option<JoinHandle<()>>,
     io_tasks: Vec<JoinHandle<()>>,
     reaped: bool,
+    /// The sandbox the process runs in.
+    sandbox: crate::sandbox::Report,
 }
 
 impl std::fmt::Debug for AgentProcess {
@@ -487,7 +494,17 @@ impl AgentProcess {
             )));
         }
 
+        // Built here, applied in the child just before `exec` (see `crate::sandbox`); the
+        // ruleset's fd stays open until the child has started.
+        let sandbox = crate::sandbox::prepare(&spec.sandbox)?;
         let mut cmd = tokio::process::Command::new(&spec.binary);
+        if let Some(fd) = sandbox.raw_fd() {
+            // SAFETY: `enter` makes only async-signal-safe system calls (prctl and
+            // landlock_restrict_self) on an fd that is open in the child.
+            unsafe {
+                cmd.pre_exec(move || crate::sandbox::enter(fd));
+            }
+        }
         // gorp's own settings (tokens, secrets) are not the agent's business.
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with(crate::config::ENV_PREFIX) {
@@ -618,6 +635,7 @@ impl AgentProcess {
             wait_task: Some(wait_task),
             io_tasks: vec![stderr_task, conn_task],
             reaped: false,
+            sandbox: sandbox.report,
         };
 
         let request = InitializeRequest::new(ProtocolVersion::V1)
@@ -667,6 +685,11 @@ impl AgentProcess {
     /// The permission policy this process answers `session/request_permission` with.
     pub fn policy(&self) -> PermissionPolicy {
         self.shared.policy()
+    }
+
+    /// The kernel sandbox the agent (and everything it starts) runs in.
+    pub fn sandbox(&self) -> &crate::sandbox::Report {
+        &self.sandbox
     }
 
     /// Whether the agent advertised `loadSession`.

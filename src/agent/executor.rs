@@ -126,6 +126,7 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
                         | AcpError::NotAcp { .. }
                         | AcpError::ExitedEarly { .. }
                         | AcpError::InvalidSpec(_)
+                        | AcpError::Sandbox(_)
                 )
             );
             return failed(format!("agent could not start: {e}"), retryable);
@@ -145,7 +146,7 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
     ctx.emit(
         EventKind::Session,
         Some(format!(
-            "{} session {} (pid {}){}{}",
+            "{} session {} (pid {}){}{}, sandbox {}",
             if session.warm { "warm" } else { "cold" },
             live.session_id,
             live.agent.pid(),
@@ -155,6 +156,7 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
                 ""
             },
             mode.describe(),
+            live.agent.sandbox().summary(),
         )),
         Some(serde_json::json!({
             "warm": session.warm,
@@ -167,6 +169,7 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
             "mode_before": mode.before,
             "mode_set_with": mode.set_with,
             "modes": mode.available,
+            "sandbox": live.agent.sandbox(),
         })),
     )
     .await;

@@ -289,6 +289,7 @@ impl WarmSessionManager {
                 lease_until: Self::lease_until(now),
                 expires_at: Some(now + self.keep_alive_ms()),
                 used: true,
+                sandbox: None,
             };
             if let Err(e) = self
                 .store
@@ -400,6 +401,7 @@ impl WarmSessionManager {
                     lease_until: Self::lease_until(now),
                     expires_at: None,
                     used: false,
+                    sandbox: None,
                 },
                 now,
             )
@@ -418,6 +420,7 @@ impl WarmSessionManager {
                             lease_until: Self::lease_until(now),
                             expires_at: Some(now + self.keep_alive_ms()),
                             used: false,
+                            sandbox: Some(live.agent.sandbox().summary()),
                         },
                         now,
                     )
@@ -460,6 +463,12 @@ impl WarmSessionManager {
             (None, Some(_)) => Vec::new(),
             (None, None) => acp.agent_args.clone(),
         };
+        let mut env: Vec<(String, String)> = acp
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let sandbox = super::confine::spec(&self.config, channel, &mut env)?;
         let spec = AgentSpec {
             binary: channel
                 .agent_binary
@@ -467,11 +476,8 @@ impl WarmSessionManager {
                 .unwrap_or_else(|| acp.agent_binary.clone()),
             args,
             cwd: dir.clone(),
-            env: acp
-                .env
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            env,
+            sandbox,
         };
         let timeouts = Timeouts {
             initialize: Duration::from_secs(acp.initialize_timeout_secs),

@@ -115,21 +115,6 @@ pub(super) async fn rule_rm(cli: &Cli, store: &Store, channel: &str, id: i64) ->
     Ok(EXIT_OK)
 }
 
-pub(super) async fn set_policy(
-    cli: &Cli,
-    store: &Store,
-    name: &str,
-    policy: PermissionPolicy,
-) -> CmdResult {
-    let ch = channels::set_policy(store, name, policy)
-        .await?
-        .ok_or_else(|| StoreError::UnknownChannel(name.to_string()))?;
-    out(cli, serde_json::json!(ch), || {
-        format!("channel {name}: permission policy {policy}")
-    });
-    Ok(EXIT_OK)
-}
-
 fn approvals_table(list: &[Approval]) -> String {
     if list.is_empty() {
         return "no approvals\n".into();

@@ -158,6 +158,9 @@ pub enum Command {
         #[command(subcommand)]
         command: Option<RulesCommand>,
     },
+    /// Check what this machine and config can enforce: the kernel sandbox (Landlock), the
+    /// agent binary, the directories gorp writes.
+    Doctor,
     /// Show the warm-session pool, or pre-warm a channel's agent now.
     Warm {
         /// Pre-warm this channel (the running gorp starts its agent).
@@ -239,13 +242,35 @@ pub enum ChannelsCommand {
         /// Prompt template for GitHub deliveries ({event}, {action}, {repository}, {delivery}, {payload}).
         #[arg(long)]
         webhook_template: Option<String>,
+        /// Kernel sandbox: landlock or none (default: [acp] sandbox).
+        #[arg(long)]
+        sandbox: Option<crate::store::SandboxMode>,
+        /// TCP ports the agent may connect to under the sandbox, comma separated (default:
+        /// [acp] allowed_ports).
+        #[arg(long, value_parser = parse_ports)]
+        allowed_ports: Option<PortSetting>,
     },
-    /// Change a channel; its next prompt runs under the new policy.
+    /// Change a channel: its next prompt runs under the new policy; the sandbox and ports apply
+    /// from its agent's next start.
     Set {
         name: String,
         /// Permission policy: allow, deny or ask.
-        #[arg(long)]
-        permission: PermissionPolicy,
+        #[arg(long, required_unless_present_any = ["sandbox", "allowed_ports"])]
+        permission: Option<PermissionPolicy>,
+        /// Kernel sandbox: landlock, none, or default ([acp] sandbox).
+        #[arg(long, value_parser = parse_sandbox)]
+        sandbox: Option<SandboxSetting>,
+        /// TCP ports the agent may connect to, comma separated, or any ([acp] allowed_ports).
+        #[arg(long, value_parser = parse_ports)]
+        allowed_ports: Option<PortSetting>,
+    },
+    /// Run a command (such as an agent's own login) as the channel's agent: with its HOME and
+    /// TMPDIR (created if needed), in its workspace. Without a command, print them.
+    Login {
+        name: String,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true)]
+        command: Vec<String>,
     },
     /// List channels.
     List,
@@ -253,6 +278,40 @@ pub enum ChannelsCommand {
     Rm { name: String },
     /// Give a channel a new webhook bearer token (shown once); the old one stops working.
     Token { name: String },
+}
+
+/// `--sandbox` of `channels set`: a mode, or `None` for the config's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SandboxSetting(pub Option<crate::store::SandboxMode>);
+
+fn parse_sandbox(s: &str) -> Result<SandboxSetting, String> {
+    match s {
+        "default" => Ok(SandboxSetting(None)),
+        other => other
+            .parse()
+            .map(|m| SandboxSetting(Some(m)))
+            .map_err(|e: String| format!("{e}, or default")),
+    }
+}
+
+/// `--allowed-ports`: a list of TCP ports, or `None` (`any`) for the config's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortSetting(pub Option<Vec<u16>>);
+
+fn parse_ports(s: &str) -> Result<PortSetting, String> {
+    if s == "any" {
+        return Ok(PortSetting(None));
+    }
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| match p.trim().parse::<u16>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!(
+                "{p:?} is not a TCP port (1 to 65535); give ports separated by commas, or any"
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(|p| PortSetting(Some(p)))
 }
 
 /// A command's failure, carrying its exit code.
@@ -357,6 +416,7 @@ async fn dispatch(cli: &Cli) -> CmdResult {
             Ok(EXIT_OK)
         }
         Command::Start => start(config).await,
+        Command::Doctor => doctor(cli, &config),
         cmd => {
             let store = Store::open(&config.database).await?;
             let code = data_command(cli, cmd, &config, &store).await;
@@ -490,7 +550,7 @@ async fn data_command(cli: &Cli, cmd: &Command, config: &Config, store: &Store) 
             None => approvals::rules(cli, store, channel).await,
             Some(RulesCommand::Rm { id }) => approvals::rule_rm(cli, store, channel, *id).await,
         },
-        Command::Start | Command::Migrate | Command::Config { .. } => {
+        Command::Start | Command::Migrate | Command::Config { .. } | Command::Doctor => {
             unreachable!("handled by dispatch")
         }
     }
@@ -505,6 +565,8 @@ async fn channels(cli: &Cli, cmd: &ChannelsCommand, config: &Config, store: &Sto
             permission,
             webhook_secret,
             webhook_template,
+            sandbox,
+            allowed_ports,
         } => {
             let created = channels::create(
                 store,
@@ -517,6 +579,8 @@ async fn channels(cli: &Cli, cmd: &ChannelsCommand, config: &Config, store: &Sto
                     matrix_room_id: None,
                     webhook_secret: webhook_secret.clone(),
                     webhook_template: webhook_template.clone(),
+                    sandbox: *sandbox,
+                    allowed_ports: allowed_ports.clone().and_then(|p| p.0),
                 },
             )
             .await
@@ -539,9 +603,36 @@ async fn channels(cli: &Cli, cmd: &ChannelsCommand, config: &Config, store: &Sto
             );
             Ok(EXIT_OK)
         }
-        ChannelsCommand::Set { name, permission } => {
-            approvals::set_policy(cli, store, name, *permission).await
+        ChannelsCommand::Set {
+            name,
+            permission,
+            sandbox,
+            allowed_ports,
+        } => {
+            let changes = channels::Changes {
+                permission_policy: *permission,
+                sandbox: sandbox.map(|s| s.0),
+                allowed_ports: allowed_ports.clone().map(|p| p.0),
+            };
+            let ch = channels::update(store, name, changes)
+                .await?
+                .ok_or_else(|| StoreError::UnknownChannel(name.to_string()))?;
+            out(cli, serde_json::json!(ch), || {
+                format!(
+                    "channel {name}: permission policy {}, sandbox {}, allowed ports {}",
+                    ch.permission_policy,
+                    ch.sandbox
+                        .map(|m| m.to_string())
+                        .unwrap_or_else(|| format!("{} (from [acp])", sandbox_default(config))),
+                    match ch.ports().or_else(|| config.acp.allowed_ports.clone()) {
+                        Some(p) => p.iter().map(u16::to_string).collect::<Vec<_>>().join(","),
+                        None => "any".into(),
+                    }
+                )
+            });
+            Ok(EXIT_OK)
         }
+        ChannelsCommand::Login { name, command } => login(cli, config, store, name, command).await,
         ChannelsCommand::List => {
             let list = store.channel_list().await?;
             out(cli, serde_json::json!(list), || channels_table(&list));
@@ -964,13 +1055,173 @@ fn warm_table(rows: &[WarmSession], now: i64) -> String {
                     _ => "-".into(),
                 },
                 r.holder.clone().unwrap_or_default(),
+                r.sandbox.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
     table(
-        &["CHANNEL", "STATE", "PID", "IDLE", "EXPIRES IN", "HOLDER"],
+        &[
+            "CHANNEL",
+            "STATE",
+            "PID",
+            "IDLE",
+            "EXPIRES IN",
+            "HOLDER",
+            "SANDBOX",
+        ],
         &rows,
     )
+}
+
+/// What `[acp] sandbox` comes to on this kernel.
+fn sandbox_default(config: &Config) -> String {
+    match config.acp.sandbox {
+        Some(m) => m.to_string(),
+        None if crate::sandbox::kernel_abi() > 0 => "landlock".into(),
+        None => "none".into(),
+    }
+}
+
+/// `gorp doctor`: each check on a line, `ok` or `FAIL` with what to do; exit 1 when the
+/// config asks for what cannot hold here.
+fn doctor(cli: &Cli, config: &Config) -> CmdResult {
+    let abi = crate::sandbox::kernel_abi();
+    let mut checks: Vec<(String, bool, String)> = Vec::new();
+    let landlock_asked = config.acp.sandbox == Some(crate::store::SandboxMode::Landlock);
+    checks.push((
+        "landlock".into(),
+        abi > 0 || !landlock_asked,
+        if abi > 0 {
+            format!("the kernel supports Landlock ABI {abi}")
+        } else if landlock_asked {
+            "the kernel has no Landlock, and [acp] sandbox = \"landlock\": agents will not start \
+             (Linux 5.13 or newer with Landlock enabled at boot)"
+                .into()
+        } else {
+            "the kernel has no Landlock: agents run without a sandbox".into()
+        },
+    ));
+    checks.push((
+        "sandbox".into(),
+        true,
+        format!(
+            "[acp] sandbox = {} (channels may override it)",
+            match config.acp.sandbox {
+                Some(m) => m.to_string(),
+                None => format!("unset: {}", sandbox_default(config)),
+            }
+        ),
+    ));
+    if let Some(ports) = &config.acp.allowed_ports {
+        checks.push((
+            "allowed_ports".into(),
+            abi >= 4,
+            if abi >= 4 {
+                format!("TCP connect limited to ports {ports:?}")
+            } else {
+                format!("[acp] allowed_ports needs Landlock ABI 4 (Linux 6.7); this kernel has {abi}: agents will not start")
+            },
+        ));
+    }
+    let binary = &config.acp.agent_binary;
+    let found = if binary.contains('/') {
+        std::path::Path::new(binary).is_file()
+    } else {
+        std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(binary).is_file()))
+            .unwrap_or(false)
+    };
+    checks.push((
+        "agent".into(),
+        found,
+        if found {
+            format!("[acp] agent_binary {binary} is there")
+        } else {
+            format!("[acp] agent_binary {binary} is not found (a path, or a program on PATH)")
+        },
+    ));
+    for p in &config.acp.extra_writable {
+        checks.push((
+            "extra_writable".into(),
+            p.exists(),
+            format!("{} {}", p.display(), if p.exists() { "exists" } else { "does not exist" }),
+        ));
+    }
+    let ok = checks.iter().all(|(_, ok, _)| *ok);
+    out(
+        cli,
+        serde_json::json!({
+            "ok": ok,
+            "landlock_abi": abi,
+            "checks": checks.iter().map(|(name, ok, detail)| serde_json::json!({
+                "check": name, "ok": ok, "detail": detail
+            })).collect::<Vec<_>>(),
+        }),
+        || {
+            checks
+                .iter()
+                .map(|(name, ok, detail)| {
+                    format!("{:<15} {:<4} {detail}", name, if *ok { "ok" } else { "FAIL" })
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        },
+    );
+    Ok(if ok { EXIT_OK } else { EXIT_ERROR })
+}
+
+/// `gorp channels login`: the channel's agent directories, or a command run in them.
+async fn login(
+    cli: &Cli,
+    config: &Config,
+    store: &Store,
+    name: &str,
+    command: &[String],
+) -> CmdResult {
+    let ch = store
+        .channel_get(name)
+        .await?
+        .ok_or_else(|| StoreError::UnknownChannel(name.to_string()))?;
+    let own = config.agent_state_dir(&ch.name);
+    let (home, tmp) = (own.join("home"), own.join("tmp"));
+    for d in [&home, &tmp] {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(d)
+            .map_err(|e| Failure::new(EXIT_ERROR, format!("cannot create {}: {e}", d.display())))?;
+    }
+    let workspace = config.channel_dir(&ch.name);
+    let Some((program, args)) = command.split_first() else {
+        out(
+            cli,
+            serde_json::json!({ "channel": name, "HOME": home, "TMPDIR": tmp, "workspace": workspace }),
+            || {
+                format!(
+                    "HOME={}\nTMPDIR={}\n# workspace: {}\n# run an agent's own login with these, e.g.:\n#   gorp channels login {name} -- claude /login",
+                    home.display(),
+                    tmp.display(),
+                    workspace.display()
+                )
+            },
+        );
+        return Ok(EXIT_OK);
+    };
+    std::fs::create_dir_all(&workspace)
+        .map_err(|e| Failure::new(EXIT_ERROR, format!("cannot create {}: {e}", workspace.display())))?;
+    let status = std::process::Command::new(program)
+        .args(args)
+        .current_dir(&workspace)
+        .env("HOME", &home)
+        .env("TMPDIR", &tmp)
+        .status()
+        .map_err(|e| Failure::new(EXIT_ERROR, format!("cannot run {program}: {e}")))?;
+    if status.success() {
+        Ok(EXIT_OK)
+    } else {
+        Err(Failure::new(EXIT_ERROR, format!("{program} exited with {status}")))
+    }
 }
 
 fn event_line(e: &Event) -> String {

@@ -324,6 +324,11 @@ pub struct CreateChannel {
     /// Prompt template for GitHub deliveries: `{event}`, `{action}`, `{repository}`,
     /// `{delivery}`, `{payload}`.
     pub webhook_template: Option<String>,
+    /// Default: `[acp] sandbox`.
+    pub sandbox: Option<crate::store::SandboxMode>,
+    /// TCP ports the agent may connect to under the sandbox. Default: `[acp] allowed_ports`.
+    #[schema(value_type = Option<Vec<i32>>)]
+    pub allowed_ports: Option<Vec<u16>>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -356,6 +361,8 @@ async fn create_channel(
             matrix_room_id: None,
             webhook_secret: req.webhook_secret,
             webhook_template: req.webhook_template,
+            sandbox: req.sandbox,
+            allowed_ports: req.allowed_ports,
         },
     )
     .await

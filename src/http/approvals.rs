@@ -21,7 +21,7 @@ use crate::service::approvals::{self, Choice, DecideError};
 use crate::service::channels;
 use crate::store::{
     Approval, ApprovalFilter, ApprovalState, Channel, DecidedVia, PermissionPolicy, RequestKind,
-    Rule,
+    Rule, SandboxMode,
 };
 
 pub(super) fn routes() -> OpenApiRouter<HttpState> {
@@ -182,14 +182,33 @@ async fn decide_approval(
     Ok(Json(decided))
 }
 
-/// Changes to a channel.
+/// Changes to a channel: any of its permission policy, sandbox and allowed ports (at least
+/// one). `null` for `sandbox` or `allowed_ports` goes back to the config's.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetChannel {
-    pub permission_policy: PermissionPolicy,
+    pub permission_policy: Option<PermissionPolicy>,
+    /// `landlock` or `none`; `null`: `[acp] sandbox`. Applies from the agent's next start.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<SandboxMode>)]
+    pub sandbox: Option<Option<SandboxMode>>,
+    /// TCP ports the agent may connect to under the sandbox; `null`: `[acp] allowed_ports`.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<Vec<i32>>)]
+    pub allowed_ports: Option<Option<Vec<u16>>>,
 }
 
-/// Change a channel's permission policy; its next prompt runs under it.
+/// A field that is present (even as `null`) is `Some`.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
+/// Change a channel's permission policy (its next prompt runs under it), sandbox or allowed
+/// ports (from its agent's next start).
 #[utoipa::path(patch, path = "/api/channels/{name}", tag = "channels", params(("name" = String, Path)),
     request_body = SetChannel,
     responses((status = 200, body = Channel), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -202,7 +221,17 @@ async fn set_channel(
     body: Result<Json<SetChannel>, JsonRejection>,
 ) -> ApiResult<Json<Channel>> {
     let Json(body) = body.map_err(ApiError::json)?;
-    let channel = channels::set_policy(&st.store, &name, body.permission_policy)
+    let changes = channels::Changes {
+        permission_policy: body.permission_policy,
+        sandbox: body.sandbox,
+        allowed_ports: body.allowed_ports,
+    };
+    if changes == channels::Changes::default() {
+        return Err(ApiError::BadRequest(
+            "give at least one of permission_policy, sandbox and allowed_ports".into(),
+        ));
+    }
+    let channel = channels::update(&st.store, &name, changes)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no channel {name:?}")))?;
     Ok(Json(channel))

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use crate::config::Config;
 use crate::store::{
-    now_ms, validate_channel_name, Channel, NewChannel, PermissionPolicy, Store, StoreError,
+    now_ms, validate_channel_name, Channel, NewChannel, PermissionPolicy, SandboxMode, Store,
+    StoreError,
 };
 
 /// A channel to create. Unset fields take the defaults of `[acp]`.
@@ -18,6 +19,29 @@ pub struct NewChannelSpec {
     pub matrix_room_id: Option<String>,
     pub webhook_secret: Option<String>,
     pub webhook_template: Option<String>,
+    /// Default: `[acp] sandbox`.
+    pub sandbox: Option<SandboxMode>,
+    /// Default: `[acp] allowed_ports`.
+    pub allowed_ports: Option<Vec<u16>>,
+}
+
+/// Changes to a channel: each `Some` is set; for the sandbox and the ports, `Some(None)` goes
+/// back to the config's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub permission_policy: Option<PermissionPolicy>,
+    pub sandbox: Option<Option<SandboxMode>>,
+    pub allowed_ports: Option<Option<Vec<u16>>>,
+}
+
+/// Refuses port 0 (nothing is written).
+pub fn check_ports(ports: &[u16]) -> Result<(), StoreError> {
+    if ports.contains(&0) {
+        return Err(StoreError::Invalid(
+            "allowed ports are TCP ports from 1 to 65535".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// A new channel and what its creator is shown once.
@@ -59,6 +83,9 @@ pub async fn create(
     spec: NewChannelSpec,
 ) -> Result<Created, ChannelError> {
     validate_channel_name(&spec.name).map_err(StoreError::Invalid)?;
+    if let Some(p) = &spec.allowed_ports {
+        check_ports(p)?;
+    }
     let workspace = config.channel_dir(&spec.name);
     let made = !workspace.exists();
     std::fs::create_dir_all(&workspace).map_err(|e| ChannelError::Workspace {
@@ -80,6 +107,8 @@ pub async fn create(
                 webhook_token: Some(token.clone()),
                 webhook_secret: spec.webhook_secret,
                 webhook_template: spec.webhook_template,
+                sandbox: spec.sandbox,
+                allowed_ports: spec.allowed_ports,
             },
             now_ms(),
         )
@@ -122,6 +151,31 @@ pub async fn set_policy(
 ) -> Result<Option<Channel>, StoreError> {
     if !store.channel_set_policy(name, policy).await? {
         return Ok(None);
+    }
+    store.channel_get(name).await
+}
+
+/// Applies `changes` to a channel; `None` when there is no such channel. The sandbox and the
+/// ports apply from the agent's next start (`gorp warm` shows the sandbox in force).
+pub async fn update(
+    store: &Store,
+    name: &str,
+    changes: Changes,
+) -> Result<Option<Channel>, StoreError> {
+    if let Some(Some(p)) = &changes.allowed_ports {
+        check_ports(p)?;
+    }
+    if store.channel_get(name).await?.is_none() {
+        return Ok(None);
+    }
+    if let Some(p) = changes.permission_policy {
+        store.channel_set_policy(name, p).await?;
+    }
+    if let Some(m) = changes.sandbox {
+        store.channel_set_sandbox(name, m).await?;
+    }
+    if let Some(p) = changes.allowed_ports {
+        store.channel_set_allowed_ports(name, p).await?;
     }
     store.channel_get(name).await
 }

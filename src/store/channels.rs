@@ -12,7 +12,8 @@ macro_rules! select_channels {
             Channel,
             r#"SELECT id AS "id!", name, webhook_id, agent_binary, agent_args,
                       permission_policy AS "permission_policy: PermissionPolicy",
-                      matrix_room_id, acp_session_id, created_at, webhook_token_sha256,
+                      matrix_room_id, acp_session_id, created_at,
+                      sandbox AS "sandbox?: SandboxMode", allowed_ports, webhook_token_sha256,
                       webhook_secret, webhook_template
                FROM channels "# + $tail
             $(, $arg)*
@@ -109,6 +110,70 @@ impl Store {
         })
         .await
     }
+
+    /// Sets the channel's sandbox override (`None`: back to `[acp] sandbox`); false when there
+    /// is no such channel.
+    pub async fn channel_set_sandbox(&self, name: &str, mode: Option<SandboxMode>) -> Result<bool> {
+        self.write(SetSandbox {
+            name: name.to_string(),
+            mode,
+        })
+        .await
+    }
+
+    /// Sets the channel's TCP port filter (`None`: back to `[acp] allowed_ports`); false when
+    /// there is no such channel.
+    pub async fn channel_set_allowed_ports(
+        &self,
+        name: &str,
+        ports: Option<Vec<u16>>,
+    ) -> Result<bool> {
+        self.write(SetPorts {
+            name: name.to_string(),
+            ports: ports.map(|p| serde_json::to_string(&p).expect("ports serialise")),
+        })
+        .await
+    }
+}
+
+struct SetSandbox {
+    name: String,
+    mode: Option<SandboxMode>,
+}
+
+impl Write for SetSandbox {
+    type Output = bool;
+
+    async fn apply(&self, conn: &mut Conn) -> Applied<bool> {
+        let r = sqlx::query!(
+            "UPDATE channels SET sandbox = ?2 WHERE name = ?1",
+            self.name,
+            self.mode
+        )
+        .execute(&mut *conn)
+        .await?;
+        Ok(Ok(r.rows_affected() == 1))
+    }
+}
+
+struct SetPorts {
+    name: String,
+    ports: Option<String>,
+}
+
+impl Write for SetPorts {
+    type Output = bool;
+
+    async fn apply(&self, conn: &mut Conn) -> Applied<bool> {
+        let r = sqlx::query!(
+            "UPDATE channels SET allowed_ports = ?2 WHERE name = ?1",
+            self.name,
+            self.ports
+        )
+        .execute(&mut *conn)
+        .await?;
+        Ok(Ok(r.rows_affected() == 1))
+    }
 }
 
 struct SetPolicy {
@@ -148,15 +213,20 @@ impl Write for Insert {
             .map(|a| serde_json::to_string(a).expect("strings serialise"));
         let policy = ch.permission_policy.unwrap_or(PermissionPolicy::Allow);
         let token_hash = ch.webhook_token.as_deref().map(sha256_hex);
+        let ports = ch
+            .allowed_ports
+            .as_ref()
+            .map(|p| serde_json::to_string(p).expect("ports serialise"));
         let c = sqlx::query_as!(
             Channel,
             r#"INSERT INTO channels (name, webhook_id, agent_binary, agent_args, permission_policy,
                                      matrix_room_id, created_at, webhook_token_sha256,
-                                     webhook_secret, webhook_template)
-               VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                                     webhook_secret, webhook_template, sandbox, allowed_ports)
+               VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                RETURNING id AS "id!", name, webhook_id, agent_binary, agent_args,
                          permission_policy AS "permission_policy: PermissionPolicy",
-                         matrix_room_id, acp_session_id, created_at, webhook_token_sha256,
+                         matrix_room_id, acp_session_id, created_at,
+                         sandbox AS "sandbox?: SandboxMode", allowed_ports, webhook_token_sha256,
                          webhook_secret, webhook_template"#,
             ch.name,
             webhook_id,
@@ -167,7 +237,9 @@ impl Write for Insert {
             self.now,
             token_hash,
             ch.webhook_secret,
-            ch.webhook_template
+            ch.webhook_template,
+            ch.sandbox,
+            ports
         )
         .fetch_one(&mut *conn)
         .await;

@@ -41,6 +41,10 @@ pub struct Channel {
     pub matrix_room_id: Option<String>,
     pub acp_session_id: Option<String>,
     pub created_at: Millis,
+    /// Overrides `[acp] sandbox` (none: the config's).
+    pub sandbox: Option<SandboxMode>,
+    /// Overrides `[acp] allowed_ports`: a JSON array of TCP ports (none: the config's).
+    pub allowed_ports: Option<String>,
     /// SHA-256 of the channel's own webhook bearer token (never serialised).
     #[serde(skip)]
     #[schema(ignore)]
@@ -53,6 +57,13 @@ pub struct Channel {
 }
 
 impl Channel {
+    /// The TCP ports its agent may connect to, when the channel sets them.
+    pub fn ports(&self) -> Option<Vec<u16>> {
+        self.allowed_ports
+            .as_deref()
+            .and_then(|p| serde_json::from_str(p).ok())
+    }
+
     /// Whether the channel has webhook credentials of its own.
     pub fn has_webhook_credentials(&self) -> bool {
         self.webhook_token_sha256.is_some() || self.webhook_secret.is_some()
@@ -73,6 +84,8 @@ pub struct NewChannel {
     pub webhook_secret: Option<String>,
     /// Prompt template for GitHub deliveries.
     pub webhook_template: Option<String>,
+    pub sandbox: Option<SandboxMode>,
+    pub allowed_ports: Option<Vec<u16>>,
 }
 
 /// Channel names: `[a-z0-9][a-z0-9_-]{0,63}`, so a name is always a safe directory name.
@@ -298,6 +311,8 @@ pub struct WarmSession {
     pub lease_expires_at: Option<Millis>,
     pub started_at: Option<Millis>,
     pub error: Option<String>,
+    /// The sandbox the agent runs in (a one-line summary).
+    pub sandbox: Option<String>,
     pub updated_at: Millis,
 }
 
@@ -373,7 +388,7 @@ pub struct Fired {
     pub skipped: Option<String>,
 }
 
-pub use crate::kinds::{ApprovalState, DecidedVia, RequestKind};
+pub use crate::kinds::{ApprovalState, DecidedVia, RequestKind, SandboxMode};
 
 /// One option of a permission request, as the agent offered it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -35,10 +35,12 @@ pub fn config_in(dir: &std::path::Path, tweak: impl FnOnce(&mut Config)) -> Conf
     c.database.path = dir.join("gorp.db");
     c.workspace.path = dir.join("workspace");
     c.acp.agent_binary = SCRIPT_AGENT.into();
-    c.acp.agent_args = vec![
-        "--state-dir".into(),
-        dir.join("agent-state").display().to_string(),
-    ];
+    // The script agent's journals are shared by its processes: writable under the sandbox.
+    let journals = dir.join("agent-state");
+    std::fs::create_dir_all(&journals).unwrap();
+    c.acp.agent_args = vec!["--state-dir".into(), journals.display().to_string()];
+    c.acp.extra_writable = vec![journals];
+    c.acp.state_path = dir.join("agents");
     c.acp.initialize_timeout_secs = 10;
     c.acp.session_timeout_secs = 10;
     c.worker.max_attempts = 1;
@@ -487,7 +489,7 @@ async fn a_session_in_a_self_deciding_mode_is_put_in_the_asking_mode_for_every_p
                 serde_json::json!(["auto", "default", "plan"])
             );
             assert!(
-                session.text.unwrap().ends_with("mode default (was auto)"),
+                session.text.unwrap().contains("mode default (was auto), sandbox "),
                 "{control}"
             );
         }

@@ -52,6 +52,7 @@ impl Lab {
             args,
             cwd: self.path("work"),
             env: Vec::new(),
+            sandbox: gorp::sandbox::Spec::none(),
         }
     }
 
@@ -448,6 +449,7 @@ fn non_agent(lab: &Lab, binary: &str, args: &[&str]) -> AgentSpec {
         args: args.iter().map(|s| s.to_string()).collect(),
         cwd: lab.path("work"),
         env: Vec::new(),
+        sandbox: gorp::sandbox::Spec::none(),
     }
 }
 

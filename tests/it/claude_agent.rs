@@ -76,6 +76,7 @@ impl ClaudeLab {
             args: Vec::new(),
             cwd: self.work(),
             env,
+            sandbox: gorp::sandbox::Spec::none(),
         }
     }
 

@@ -50,13 +50,17 @@ port = 0
 [acp]
 agent_binary = "{agent}"
 agent_args = ["--state-dir", "{state}"]
+extra_writable = ["{state}"]
+state_path = "{agents}"
 {extra}
 "#,
             db = d.join("gorp.db").display(),
             ws = d.join("workspace").display(),
             agent = SCRIPT_AGENT,
             state = d.join("agent-state").display(),
+            agents = d.join("agents").display(),
         );
+        std::fs::create_dir_all(d.join("agent-state")).unwrap();
         std::fs::write(d.join("config.toml"), config).unwrap();
         Env { dir }
     }
