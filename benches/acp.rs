@@ -9,7 +9,7 @@
 //! - job event rows persisted per second;
 //! - gorp's own resident memory per warm channel (agent processes excluded).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,13 @@ fn config(dir: &Path, name: &str, agent_args: Vec<String>) -> Config {
     c.database.path = dir.join(format!("{name}.db"));
     c.workspace.path = dir.join(format!("{name}-ws"));
     c.acp.agent_binary = AGENT.into();
+    // The agents' journals are shared by their processes: writable under the sandbox.
+    if let Some(i) = agent_args.iter().position(|a| a == "--state-dir") {
+        let state = PathBuf::from(&agent_args[i + 1]);
+        std::fs::create_dir_all(&state).expect("state dir");
+        c.acp.extra_writable = vec![state];
+    }
+    c.acp.state_path = dir.join(format!("{name}-agents"));
     c.acp.agent_args = agent_args;
     c.acp.max_warm_sessions = 128;
     c.worker.max_attempts = 1;

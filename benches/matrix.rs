@@ -266,6 +266,9 @@ async fn run() {
         "--state-dir".into(),
         dir.path().join("agent").display().to_string(),
     ];
+    std::fs::create_dir_all(dir.path().join("agent")).unwrap();
+    config.acp.extra_writable = vec![dir.path().join("agent")];
+    config.acp.state_path = dir.path().join("agents");
     config.webhook.port = 0;
     config.matrix = Some(MatrixConfig {
         home_server: synapse.base_url().to_string(),

@@ -528,7 +528,10 @@ impl Config {
             return bad("acp.max_warm_sessions", "expected at least 1");
         }
         if self.acp.state_path.as_os_str().is_empty() {
-            return bad("acp.state_path", "expected a directory path, got an empty string");
+            return bad(
+                "acp.state_path",
+                "expected a directory path, got an empty string",
+            );
         }
         for p in &self.acp.extra_writable {
             if !p.is_absolute() {
@@ -541,6 +544,21 @@ impl Config {
                 return Err((
                     "acp.extra_writable".into(),
                     format!("{} does not exist", p.display()),
+                ));
+            }
+            // Writable means readable: a directory holding gorp's files would hand them over.
+            let holds = |file: &Path| {
+                let file = file.canonicalize().unwrap_or_else(|_| file.to_path_buf());
+                p.canonicalize().is_ok_and(|w| file.starts_with(w))
+            };
+            if holds(&self.database.path) || holds(&self.workspace.path) {
+                return Err((
+                    "acp.extra_writable".into(),
+                    format!(
+                        "{} holds gorp's database or the workspace root, which sandboxed agents \
+                         may not read; list a directory of its own",
+                        p.display()
+                    ),
                 ));
             }
         }

@@ -161,7 +161,14 @@ impl Prepared {
 
 /// Builds the ruleset `spec` asks for on this kernel.
 pub fn prepare(spec: &Spec) -> Result<Prepared, SandboxError> {
-    let abi = kernel_abi();
+    prepare_on(spec, kernel_abi())
+}
+
+/// Set once gorp has warned that the default sandbox cannot hold on this kernel.
+static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// [`prepare`] on a kernel with Landlock ABI `abi` (0: none).
+fn prepare_on(spec: &Spec, abi: i32) -> Result<Prepared, SandboxError> {
     let none = |reason: Option<String>| Prepared {
         fd: None,
         report: Report {
@@ -178,9 +185,15 @@ pub fn prepare(spec: &Spec) -> Result<Prepared, SandboxError> {
     match spec.mode {
         Some(SandboxMode::None) => return Ok(none(None)),
         None if abi == 0 => {
+            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    "the kernel does not support Landlock: agents run without a sandbox \
+                     (set [acp] sandbox = \"none\" to say so, or \"landlock\" to refuse to run)"
+                );
+            }
             return Ok(none(Some(
                 "the kernel does not support Landlock".to_string(),
-            )))
+            )));
         }
         Some(SandboxMode::Landlock) if abi == 0 => {
             return Err(SandboxError::Unsupported(
@@ -213,6 +226,19 @@ fn build(spec: &Spec, abi: i32) -> Result<Prepared, Box<dyn std::error::Error>> 
         .iter()
         .filter_map(|p| p.canonicalize().ok())
         .collect();
+    // A writable path grants reading too: one that holds a denied path would undo the denial.
+    if let Some((w, d)) = writable
+        .iter()
+        .find_map(|w| deny.iter().find(|d| d.starts_with(w)).map(|d| (w, d)))
+    {
+        return Err(format!(
+            "the writable path {} holds {}, which agents may not read; make a directory of its \
+             own writable instead",
+            w.display(),
+            d.display()
+        )
+        .into());
+    }
     let reads = read_grants(&deny);
     let mut ruleset = Ruleset::default()
         .set_compatibility(CompatLevel::HardRequirement)
@@ -225,13 +251,14 @@ fn build(spec: &Spec, abi: i32) -> Result<Prepared, Box<dyn std::error::Error>> 
         ruleset = ruleset.scope(Scope::AbstractUnixSocket | Scope::Signal)?;
     }
     let mut created = ruleset.create()?;
-    let grant = |path: &Path, access| -> Result<Option<PathBeneath<PathFd>>, Box<dyn std::error::Error>> {
-        let Ok(meta) = std::fs::metadata(path) else {
-            return Ok(None);
+    let grant =
+        |path: &Path, access| -> Result<Option<PathBeneath<PathFd>>, Box<dyn std::error::Error>> {
+            let Ok(meta) = std::fs::metadata(path) else {
+                return Ok(None);
+            };
+            let access = if meta.is_dir() { access } else { access & file };
+            Ok(Some(PathBeneath::new(PathFd::new(path)?, access)))
         };
-        let access = if meta.is_dir() { access } else { access & file };
-        Ok(Some(PathBeneath::new(PathFd::new(path)?, access)))
-    };
     for p in &reads {
         if let Some(rule) = grant(p, read)? {
             created = created.add_rule(rule)?;
@@ -296,7 +323,7 @@ fn cover(dir: &Path, deny: &[PathBuf], out: &mut Vec<PathBuf>) {
         if e.file_type().map(|t| t.is_symlink()).unwrap_or(true) {
             continue;
         }
-        if deny.iter().any(|d| *d == path) {
+        if deny.contains(&path) {
             continue;
         }
         if deny.iter().any(|d| d.starts_with(&path)) {
@@ -381,8 +408,14 @@ mod tests {
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(root.join("ws/in.txt").exists(), "{stderr}");
-        assert!(!root.join("out/out.txt").exists(), "a write outside was refused");
-        assert!(!root.join("out/child.txt").exists(), "a child is confined too");
+        assert!(
+            !root.join("out/out.txt").exists(),
+            "a write outside was refused"
+        );
+        assert!(
+            !root.join("out/child.txt").exists(),
+            "a child is confined too"
+        );
         assert!(!stdout.contains("top secret"), "{stdout}");
         assert!(stdout.contains("in\n"), "{stdout}");
         assert!(stdout.contains("devnull-ok"), "{stdout}");
@@ -397,5 +430,46 @@ mod tests {
         assert!(p.raw_fd().is_none());
         assert_eq!(p.report.mode, SandboxMode::None);
         assert_eq!(p.report.summary(), "none");
+    }
+
+    #[test]
+    fn a_writable_path_that_holds_a_denied_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        std::fs::write(root.join("gorp.db"), "").unwrap();
+        let e = prepare(&Spec {
+            mode: Some(SandboxMode::Landlock),
+            writable: vec![root.clone()],
+            deny_read: vec![root.join("gorp.db")],
+            allowed_ports: None,
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("which agents may not read"), "{e}");
+    }
+
+    /// On a kernel without Landlock (or too old for the port filter) an explicit sandbox is
+    /// refused, never silently dropped; the default falls back to none and says why.
+    #[test]
+    fn a_sandbox_the_kernel_cannot_enforce_is_refused_unless_it_is_the_default() {
+        let spec = |mode, ports: Option<Vec<u16>>| Spec {
+            mode,
+            writable: vec![],
+            deny_read: vec![],
+            allowed_ports: ports,
+        };
+        let e = prepare_on(&spec(Some(SandboxMode::Landlock), None), 0).unwrap_err();
+        assert!(e.to_string().contains("does not support Landlock"), "{e}");
+        assert!(e.to_string().contains("the agent was not started"), "{e}");
+        let p = prepare_on(&spec(None, None), 0).unwrap();
+        assert_eq!(p.report.mode, SandboxMode::None);
+        assert_eq!(
+            p.report.summary(),
+            "none (the kernel does not support Landlock)"
+        );
+        let e = prepare_on(&spec(None, Some(vec![443])), 3).unwrap_err();
+        assert!(
+            e.to_string().contains("allowed_ports needs Landlock ABI 4"),
+            "{e}"
+        );
     }
 }

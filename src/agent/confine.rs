@@ -13,17 +13,17 @@
 
 use std::path::PathBuf;
 
-use super::pool::WarmError;
 use crate::config::Config;
 use crate::sandbox::{self, SandboxMode, Spec};
 use crate::store::Channel;
 
-/// The sandbox `channel`'s agent starts in; adds `HOME` and `TMPDIR` to `env` under Landlock.
+/// The sandbox `channel`'s agent starts in; adds `HOME` and `TMPDIR` to `env` under Landlock
+/// (creating them). Fails with the directory it could not create.
 pub fn spec(
     config: &Config,
     channel: &Channel,
     env: &mut Vec<(String, String)>,
-) -> Result<Spec, WarmError> {
+) -> Result<Spec, (PathBuf, std::io::Error)> {
     let acp = &config.acp;
     let mode = channel.sandbox.or(acp.sandbox);
     let landlock = match mode {
@@ -81,14 +81,11 @@ pub fn spec(
 }
 
 /// Creates `dir` (and its parents), readable by gorp's user only.
-fn make_private_dir(dir: &std::path::Path) -> Result<(), WarmError> {
+fn make_private_dir(dir: &std::path::Path) -> Result<(), (PathBuf, std::io::Error)> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|error| WarmError::Workspace {
-            path: dir.to_path_buf(),
-            error,
-        })
+        .map_err(|error| (dir.to_path_buf(), error))
 }

@@ -468,7 +468,8 @@ impl WarmSessionManager {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let sandbox = super::confine::spec(&self.config, channel, &mut env)?;
+        let sandbox = super::confine::spec(&self.config, channel, &mut env)
+            .map_err(|(path, error)| WarmError::Workspace { path, error })?;
         let spec = AgentSpec {
             binary: channel
                 .agent_binary

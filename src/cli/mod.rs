@@ -1144,7 +1144,15 @@ fn doctor(cli: &Cli, config: &Config) -> CmdResult {
         checks.push((
             "extra_writable".into(),
             p.exists(),
-            format!("{} {}", p.display(), if p.exists() { "exists" } else { "does not exist" }),
+            format!(
+                "{} {}",
+                p.display(),
+                if p.exists() {
+                    "exists"
+                } else {
+                    "does not exist"
+                }
+            ),
         ));
     }
     let ok = checks.iter().all(|(_, ok, _)| *ok);
@@ -1161,7 +1169,11 @@ fn doctor(cli: &Cli, config: &Config) -> CmdResult {
             checks
                 .iter()
                 .map(|(name, ok, detail)| {
-                    format!("{:<15} {:<4} {detail}", name, if *ok { "ok" } else { "FAIL" })
+                    format!(
+                        "{:<15} {:<4} {detail}",
+                        name,
+                        if *ok { "ok" } else { "FAIL" }
+                    )
                 })
                 .collect::<Vec<_>>()
                 .join("\n")
@@ -1208,8 +1220,12 @@ async fn login(
         );
         return Ok(EXIT_OK);
     };
-    std::fs::create_dir_all(&workspace)
-        .map_err(|e| Failure::new(EXIT_ERROR, format!("cannot create {}: {e}", workspace.display())))?;
+    std::fs::create_dir_all(&workspace).map_err(|e| {
+        Failure::new(
+            EXIT_ERROR,
+            format!("cannot create {}: {e}", workspace.display()),
+        )
+    })?;
     let status = std::process::Command::new(program)
         .args(args)
         .current_dir(&workspace)
@@ -1220,7 +1236,10 @@ async fn login(
     if status.success() {
         Ok(EXIT_OK)
     } else {
-        Err(Failure::new(EXIT_ERROR, format!("{program} exited with {status}")))
+        Err(Failure::new(
+            EXIT_ERROR,
+            format!("{program} exited with {status}"),
+        ))
     }
 }
 

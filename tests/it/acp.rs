@@ -489,7 +489,10 @@ async fn a_session_in_a_self_deciding_mode_is_put_in_the_asking_mode_for_every_p
                 serde_json::json!(["auto", "default", "plan"])
             );
             assert!(
-                session.text.unwrap().contains("mode default (was auto), sandbox "),
+                session
+                    .text
+                    .unwrap()
+                    .contains("mode default (was auto), sandbox "),
                 "{control}"
             );
         }

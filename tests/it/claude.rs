@@ -331,6 +331,106 @@ async fn claude_asks_a_question_and_gets_the_answer_a_person_gave() {
     assert_no_outbound(&fake);
 }
 
+/// The current Claude agent under the kernel sandbox, with every tool allowed by the channel's
+/// policy: its Write and Bash aimed outside the workspace change nothing, its Bash cannot read
+/// another channel's workspace, and inside the workspace both work. Each channel's agent has
+/// its own HOME (its `~/.claude`) under gorp's agent state.
+#[tokio::test]
+async fn claude_under_the_sandbox_writes_and_runs_only_inside_its_workspace() {
+    let fake = FakeAnthropic::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = claude_config(dir.path(), &fake);
+    config
+        .acp
+        .env
+        .retain(|k, _| k != "HOME" && k != "CLAUDE_CONFIG_DIR");
+    config.acp.sandbox = Some(gorp::store::SandboxMode::Landlock);
+    for name in ["inbox", "other"] {
+        let home = config.agent_state_dir(name).join("home");
+        std::fs::create_dir_all(&home).unwrap();
+        seed_plugin_blocklist(&home);
+    }
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let outside = outside.canonicalize().unwrap();
+    let g = Gorp::start_on(dir, config, "gorp-claude").await;
+    let ch = g.channel("inbox", |_| {}).await;
+    g.channel("other", |_| {}).await;
+    let other = g.config.channel_dir("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("secret.txt"), "other's secret").unwrap();
+    let ws = g.config.channel_dir("inbox");
+    std::fs::create_dir_all(&ws).unwrap();
+    let ws = ws.canonicalize().unwrap();
+
+    fake.push(Reply::tool(
+        "Write",
+        json!({ "file_path": outside.join("hello.txt"), "content": "escaped\n" }),
+    ));
+    fake.push(Reply::text("Tried to write."));
+    fake.push(Reply::tool(
+        "Bash",
+        json!({
+            "command": format!(
+                "touch {}/ran.txt; cat {}/secret.txt",
+                outside.display(),
+                other.display()
+            ),
+            "description": "Escape"
+        }),
+    ));
+    fake.push(Reply::text("Tried to run."));
+    fake.push(Reply::tool(
+        "Write",
+        json!({ "file_path": ws.join("inside.txt"), "content": "inside\n" }),
+    ));
+    fake.push(Reply::text("Wrote inside."));
+    fake.push(Reply::tool(
+        "Bash",
+        json!({ "command": "touch made.txt && ls \"$HOME\"", "description": "Make made.txt" }),
+    ));
+    fake.push(Reply::text("Made it."));
+    for (prompt, answer) in [
+        ("write outside", "Tried to write."),
+        ("run outside", "Tried to run."),
+        ("write inside", "Wrote inside."),
+        ("run inside", "Made it."),
+    ] {
+        let (job, out) = g.run(ch, prompt).await;
+        assert_eq!(job.state, JobState::Succeeded, "{prompt}: {:?}", job.error);
+        assert_eq!(out, answer, "{prompt}");
+        if prompt == "run outside" {
+            // What the shell said went back to the model as the tool's result.
+            let sent = fake
+                .requests_of(RequestKind::Model)
+                .pop()
+                .unwrap()
+                .messages_json();
+            assert!(!sent.contains("other's secret"), "{sent}");
+            assert!(sent.contains("Permission denied"), "{sent}");
+        }
+    }
+    assert!(!outside.join("hello.txt").exists(), "Write outside");
+    assert!(!outside.join("ran.txt").exists(), "Bash outside");
+    assert_eq!(
+        std::fs::read_to_string(ws.join("inside.txt")).unwrap(),
+        "inside\n"
+    );
+    assert!(ws.join("made.txt").exists());
+    let home = g.config.agent_state_dir("inbox").join("home");
+    assert!(
+        home.join(".claude/projects").is_dir(),
+        "the agent's sessions are in its own HOME"
+    );
+    assert!(!g
+        .config
+        .agent_state_dir("other")
+        .join("home/.claude/projects")
+        .exists());
+    g.stop().await;
+    assert_no_outbound(&fake);
+}
+
 /// With the current agent the prompt after a cancel is answered in turn whether or not the
 /// agent is recycled (`recycle_after_cancel`; the old 0.23 agent answered out of turn without
 /// it), so gorp keeps the warm agent by default.

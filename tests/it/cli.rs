@@ -1063,3 +1063,116 @@ async fn questions_of_a_webhook_job_are_answered_over_http_and_from_the_cli() {
     assert!(server.wait().success());
     store.close().await;
 }
+
+#[tokio::test]
+async fn sandbox_settings_are_checked_and_shown_by_doctor_channels_and_login() {
+    // Bad sandbox settings: a clear error naming the key, exit 78, nothing written.
+    for (line, want) in [
+        (
+            "extra_writable = [\"relative/dir\"]",
+            "expected absolute paths",
+        ),
+        ("extra_writable = [\"/no/such/gorp/dir\"]", "does not exist"),
+        ("extra_writable = [\"/\"]", "holds gorp's database"),
+        ("deny_read = [\"gorp.db\"]", "expected absolute paths"),
+        (
+            "allowed_ports = [443, 0]",
+            "expected TCP ports from 1 to 65535",
+        ),
+        ("sandbox = \"bubblewrap\"", "landlock"),
+    ] {
+        let env = Env::new();
+        let path = env.config_path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let text = if line.starts_with("extra_writable") {
+            text.lines()
+                .map(|l| {
+                    if l.starts_with("extra_writable") {
+                        line
+                    } else {
+                        l
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        } else {
+            text.replace("state_path =", &format!("{line}\nstate_path ="))
+        };
+        std::fs::write(&path, text).unwrap();
+        for args in [&["config", "check"][..], &["jobs"][..]] {
+            let out = env.run(args);
+            assert_eq!(code(&out), 78, "{line}: {}", stderr(&out));
+            assert!(stderr(&out).contains(want), "{line}: {}", stderr(&out));
+        }
+        assert!(!env.dir.path().join("gorp.db").exists(), "nothing written");
+    }
+
+    let env = Env::new();
+    let out = env.ok(&["doctor"]);
+    assert!(out.contains("the kernel supports Landlock ABI"), "{out}");
+    let doc: serde_json::Value = serde_json::from_str(&env.ok(&["--json", "doctor"])).unwrap();
+    assert!(doc["landlock_abi"].as_i64().unwrap() >= 1, "{doc}");
+    assert_eq!(doc["ok"], true);
+
+    // Per-channel settings from the CLI.
+    let created: serde_json::Value = serde_json::from_str(&env.ok(&[
+        "--json",
+        "channels",
+        "add",
+        "boxed",
+        "--sandbox",
+        "none",
+        "--allowed-ports",
+        "443,8443",
+    ]))
+    .unwrap();
+    assert_eq!(created["channel"]["sandbox"], "none");
+    assert_eq!(created["channel"]["allowed_ports"], "[443,8443]");
+    let out = env.ok(&[
+        "channels",
+        "set",
+        "boxed",
+        "--sandbox",
+        "default",
+        "--allowed-ports",
+        "any",
+    ]);
+    assert!(out.contains("sandbox landlock (from [acp])"), "{out}");
+    assert!(out.contains("allowed ports any"), "{out}");
+    let out = env.ok(&["channels", "set", "boxed", "--sandbox", "landlock"]);
+    assert!(out.contains("sandbox landlock,"), "{out}");
+    for (args, want) in [
+        (&["channels", "set", "boxed", "--allowed-ports", "0"][..], 2),
+        (
+            &["channels", "set", "boxed", "--allowed-ports", "http"][..],
+            2,
+        ),
+        (&["channels", "set", "boxed", "--sandbox", "jail"][..], 2),
+        (&["channels", "set", "boxed"][..], 2),
+        (&["channels", "set", "nope", "--sandbox", "none"][..], 3),
+        (&["channels", "add", "x", "--allowed-ports", "70000"][..], 2),
+    ] {
+        let out = env.run(args);
+        assert_eq!(code(&out), want, "{args:?}: {}", stderr(&out));
+    }
+
+    // `channels login` prints the agent's HOME and TMPDIR, or runs a command with them.
+    let out = env.ok(&["channels", "login", "boxed"]);
+    let home = env.dir.path().join("agents/boxed/home");
+    assert!(out.contains(&format!("HOME={}", home.display())), "{out}");
+    env.ok(&[
+        "channels",
+        "login",
+        "boxed",
+        "--",
+        "sh",
+        "-c",
+        "echo \"$HOME\" > \"$TMPDIR/where\"",
+    ]);
+    let written = std::fs::read_to_string(env.dir.path().join("agents/boxed/tmp/where")).unwrap();
+    assert_eq!(written.trim(), home.display().to_string());
+    let out = env.run(&["channels", "login", "boxed", "--", "false"]);
+    assert_eq!(code(&out), 1);
+    let out = env.run(&["channels", "login", "nope"]);
+    assert_eq!(code(&out), 3);
+}

@@ -1266,3 +1266,61 @@ async fn openapi_document_places_parameters_and_documents_json_errors() {
         }
     }
 }
+
+#[tokio::test]
+async fn api_sets_a_channels_sandbox_and_ports_and_refuses_bad_changes() {
+    let r = Rig::new(|_| {}).await;
+    let patch = |body: &'static str| {
+        r.http
+            .patch(format!("{}/api/channels/alpha", r.base))
+            .bearer_auth(API_TOKEN)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let resp = patch(r#"{"sandbox": "none", "allowed_ports": [443]}"#)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let ch: Value = resp.json().await.unwrap();
+    assert_eq!(ch["sandbox"], "none");
+    assert_eq!(ch["allowed_ports"], "[443]");
+    let before = r.store.channel_get("alpha").await.unwrap().unwrap();
+    for body in [
+        r#"{}"#,
+        r#"{"sandbox": "jail"}"#,
+        r#"{"allowed_ports": [0]}"#,
+        r#"{"allowed_ports": [70000]}"#,
+        r#"{"allowed_ports": "443"}"#,
+        r#"{"permission_policy": "ask", "allowed_ports": [0]}"#,
+        r#"{"sandbox": "none", "extra": 1}"#,
+    ] {
+        let (status, _) = error_of(patch(body).await.unwrap()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    }
+    assert_eq!(
+        r.store.channel_get("alpha").await.unwrap().unwrap(),
+        before,
+        "nothing written"
+    );
+    // null goes back to the config's.
+    let ch: Value =
+        patch(r#"{"sandbox": null, "allowed_ports": null, "permission_policy": "ask"}"#)
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(ch["sandbox"], Value::Null);
+    assert_eq!(ch["allowed_ports"], Value::Null);
+    assert_eq!(ch["permission_policy"], "ask");
+    let resp = r
+        .http
+        .patch(format!("{}/api/channels/nope", r.base))
+        .bearer_auth(API_TOKEN)
+        .json(&json!({ "sandbox": "none" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+}

@@ -13,6 +13,7 @@ mod faults;
 mod http;
 mod matrix;
 mod queue;
+mod sandbox;
 mod schedule;
 mod synapse;
 mod worker;

@@ -57,6 +57,10 @@
 //! | `@tool-call NAME` | send `tool_call` (id `call-K`, title `NAME`, status `in_progress`), then a `tool_call_update` with status `completed` |
 //! | `@permission [TITLE]` | send `session/request_permission` with options `allow` (allow_once), `allow-always` (allow_always), `reject` (reject_once); then reply `permission: <option id>` or `permission: cancelled` |
 //! | `@ask MESSAGE [\| CHOICE \| …]` | send `elicitation/create` (form mode, scoped to the session): with choices, a field `choice` (one of them) and a free-text field `note`; without, one free-text field `answer`; then reply `ask: accept <content JSON>`, `ask: decline`, `ask: cancel` or `ask: error: <message>` (`ask: client does not support form elicitation` when the client did not advertise it) |
+//! | `@write-direct PATH CONTENT` | write `CONTENT` to `PATH` itself, not through ACP (a relative path is the session's cwd); reply `write-direct ok: PATH` or `write-direct error: <message>` |
+//! | `@read-direct PATH` | read `PATH` itself, not through ACP; reply `read-direct ok: <content>` or `read-direct error: <message>` |
+//! | `@sh COMMAND` | run `sh -c COMMAND` in the session's cwd (a child process); reply `sh exit <code>: <stdout and stderr>` |
+//! | `@connect HOST:PORT` | open a TCP connection (2 s timeout); reply `connect ok: HOST:PORT` or `connect error: <message>` |
 //! | `@read PATH` | call the client's `fs/read_text_file`; reply `read ok: <content>` or `read error: <message>` |
 //! | `@write PATH CONTENT` | call the client's `fs/write_text_file` (`\n` in `CONTENT` is a newline, `\\` a backslash); reply `write ok: <path>` or `write error: <message>` |
 //! | `@usage in=N out=N [cost=F] [size=N]` | send a `usage_update` (`used` = in+out, `size` default 200000, `cost` in USD, `_meta` = `{"inputTokens","outputTokens"}`); the prompt response also carries `usage` (unstable end-turn usage) with the summed tokens |
@@ -232,6 +236,13 @@ pub enum Directive {
         message: String,
         choices: Vec<String>,
     },
+    WriteDirect {
+        path: String,
+        content: String,
+    },
+    ReadDirect(String),
+    Sh(String),
+    Connect(String),
     Read(String),
     Write {
         path: String,
@@ -304,6 +315,23 @@ fn parse_line(line: &str) -> Option<Directive> {
                 None => Err("@ask needs a message".to_string()),
             }
         }
+        "@write-direct" => match rest.split_once(char::is_whitespace) {
+            Some((path, content)) => Ok(Directive::WriteDirect {
+                path: path.to_string(),
+                content: unescape(content.trim_start()),
+            }),
+            None if !rest.is_empty() => Ok(Directive::WriteDirect {
+                path: rest.to_string(),
+                content: String::new(),
+            }),
+            None => Err("@write-direct needs a path".to_string()),
+        },
+        "@read-direct" if !rest.is_empty() => Ok(Directive::ReadDirect(rest.to_string())),
+        "@read-direct" => Err("@read-direct needs a path".to_string()),
+        "@sh" if !rest.is_empty() => Ok(Directive::Sh(rest.to_string())),
+        "@sh" => Err("@sh needs a command".to_string()),
+        "@connect" if !rest.is_empty() => Ok(Directive::Connect(rest.to_string())),
+        "@connect" => Err("@connect needs HOST:PORT".to_string()),
         "@read" => {
             if rest.is_empty() {
                 Err("@read needs a path".to_string())
@@ -1030,6 +1058,11 @@ impl TurnRunner<'_> {
     }
 
     /// A single-chunk message regardless of `@chunks`.
+    /// `path` as the agent itself opens it: relative to the session's cwd.
+    fn session_path(&self, path: &str) -> PathBuf {
+        self.session.lock().unwrap().file.cwd.join(path)
+    }
+
     fn note(&mut self, text: String) -> Result<(), Halt> {
         self.send(SessionUpdate::AgentMessageChunk(ContentChunk::new(
             ContentBlock::from(text.clone()),
@@ -1268,6 +1301,50 @@ impl TurnRunner<'_> {
                     ContentBlock::from("x".repeat(bytes)),
                 )))?;
                 self.record("message", &format!("({bytes}-byte reply)"));
+            }
+            Directive::WriteDirect { path, content } => {
+                let full = self.session_path(&path);
+                let text = match std::fs::write(&full, content) {
+                    Ok(()) => format!("write-direct ok: {path}"),
+                    Err(e) => format!("write-direct error: {e}"),
+                };
+                self.note(text)?;
+            }
+            Directive::ReadDirect(path) => {
+                let full = self.session_path(&path);
+                let text = match std::fs::read_to_string(&full) {
+                    Ok(c) => format!("read-direct ok: {c}"),
+                    Err(e) => format!("read-direct error: {e}"),
+                };
+                self.note(text)?;
+            }
+            Directive::Sh(command) => {
+                let cwd = self.session.lock().unwrap().file.cwd.clone();
+                let run = tokio::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(&command)
+                    .current_dir(&cwd)
+                    .stdin(std::process::Stdio::null())
+                    .output();
+                let text = match run.await {
+                    Ok(out) => format!(
+                        "sh exit {}: {}{}",
+                        out.status.code().unwrap_or(-1),
+                        String::from_utf8_lossy(&out.stdout).trim_end(),
+                        String::from_utf8_lossy(&out.stderr).trim_end()
+                    ),
+                    Err(e) => format!("sh error: {e}"),
+                };
+                self.note(text)?;
+            }
+            Directive::Connect(addr) => {
+                let connect = tokio::net::TcpStream::connect(addr.as_str());
+                let text = match tokio::time::timeout(Duration::from_secs(2), connect).await {
+                    Ok(Ok(_)) => format!("connect ok: {addr}"),
+                    Ok(Err(e)) => format!("connect error: {e}"),
+                    Err(_) => "connect error: timed out".to_string(),
+                };
+                self.note(text)?;
             }
             Directive::Pid => self.note(std::process::id().to_string())?,
             Directive::History => {
