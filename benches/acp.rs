@@ -17,7 +17,7 @@ use gorp::acp::client::{AgentProcess, AgentSpec, PermissionPolicy, Timeouts};
 use gorp::agent::pool::WarmSessionManager;
 use gorp::agent::AcpExecutor;
 use gorp::config::Config;
-use gorp::store::{now_ms, JobState, NewChannel, NewEvent, NewJob, Source, Store};
+use gorp::store::{now_ms, JobState, NewChannel, NewEvent, NewJob, SandboxMode, Source, Store};
 use gorp::worker::WorkerPool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection};
@@ -176,6 +176,28 @@ async fn cold_vs_warm(dir: &Path) -> (f64, f64) {
     let cold_ms = r.first_output_ms(&cold).await;
     r.stop().await;
     (cold_ms, pct(&mut warm, 0.5))
+}
+
+/// Cold-start time to first output (no startup delay) of `n` channels' agents under `mode`:
+/// what building and applying the sandbox adds to a cold start.
+async fn sandbox_cold(dir: &Path, mode: SandboxMode, n: usize) -> Vec<f64> {
+    let name = format!("sandbox-{mode}");
+    let state = dir.join(format!("state-{name}"));
+    let mut c = config(
+        dir,
+        &name,
+        vec!["--state-dir".into(), state.display().to_string()],
+    );
+    c.acp.sandbox = Some(mode);
+    let r = rig(c, 1).await;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let ch = r.channel(&format!("c{i}")).await;
+        let id = r.run(ch, "@reply hi").await;
+        out.push(r.first_output_ms(&id).await);
+    }
+    r.stop().await;
+    out
 }
 
 /// Cold ÷ warm time to first output with the real Claude Code agent on the fake API.
@@ -416,6 +438,40 @@ fn main() {
     rt.block_on(async {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
+        if std::env::args().any(|a| a == "--sandbox-only") {
+            // Alternate the two modes so drift on a busy machine hits both alike.
+            let (mut none, mut landlock) = (Vec::new(), Vec::new());
+            for round in 0..4 {
+                let sub = d.join(format!("round{round}"));
+                std::fs::create_dir_all(&sub).expect("dir");
+                none.extend(sandbox_cold(&sub, SandboxMode::None, 10).await);
+                landlock.extend(sandbox_cold(&sub, SandboxMode::Landlock, 10).await);
+            }
+            let mut prep = Vec::new();
+            let spec = gorp::sandbox::Spec {
+                mode: Some(SandboxMode::Landlock),
+                writable: vec![d.to_path_buf()],
+                deny_read: vec![d.join("round0")],
+                allowed_ports: None,
+            };
+            for _ in 0..200 {
+                let t = Instant::now();
+                let p = gorp::sandbox::prepare(&spec).expect("prepare");
+                prep.push(t.elapsed().as_secs_f64() * 1e3);
+                drop(p);
+            }
+            let (n50, l50) = (pct(&mut none, 0.5), pct(&mut landlock, 0.5));
+            println!("| cold start, time to first output (40 each, p50) | ms |\n|---|---:|");
+            println!("| sandbox none | {n50:.1} |");
+            println!("| sandbox landlock | {l50:.1} |");
+            println!("| landlock ÷ none | {:.2} |", l50 / n50.max(0.001));
+            println!(
+                "| building the ruleset alone (p50 / p99 of 200) | {:.2} / {:.2} |",
+                pct(&mut prep, 0.5),
+                pct(&mut prep, 0.99)
+            );
+            return;
+        }
         if std::env::args().any(|a| a == "--throughput-only") {
             let base = common::claim_complete_per_sec(d, "baseline.db", 20_000).await;
             let (rate, _) = throughput(d, 5_000).await;

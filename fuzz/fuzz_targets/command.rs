@@ -80,6 +80,13 @@ fn check_fields(cmd: &Command) {
             assert!(id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{id:?}");
         }
         Command::Rules { remove: Some(id) } => assert!(*id > 0),
+        Command::Answer { id, answer } => {
+            assert!(!answer.is_empty() && answer.trim() == answer, "{answer:?}");
+            if let Some(id) = id {
+                assert!((8..=32).contains(&id.len()), "{id:?}");
+                assert!(id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{id:?}");
+            }
+        }
         _ => {}
     }
 }
@@ -117,6 +124,8 @@ fn canonical(cmd: &Command) -> String {
         Command::Deny { id: Some(id) } => format!("!deny {id}"),
         Command::Deny { id: None } => "!deny".into(),
         Command::Approvals => "!approvals".into(),
+        Command::Answer { id: Some(id), answer } => format!("!answer {id} {answer}"),
+        Command::Answer { id: None, answer } => format!("!answer {answer}"),
         Command::Rules { remove: Some(id) } => format!("!rules rm {id}"),
         Command::Rules { remove: None } => "!rules".into(),
         Command::Policy { set: Some(p) } => format!("!policy {p}"),

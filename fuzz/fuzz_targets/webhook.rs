@@ -81,6 +81,8 @@ fuzz_target!(|data: &[u8]| {
         matrix_room_id: None,
         acp_session_id: None,
         created_at: 0,
+        sandbox: None,
+        allowed_ports: None,
         webhook_token_sha256: None,
         webhook_secret: None,
         webhook_template: template.clone(),

@@ -327,7 +327,8 @@ pub struct CreateChannel {
     /// Default: `[acp] sandbox`.
     pub sandbox: Option<crate::store::SandboxMode>,
     /// TCP ports the agent may connect to under the sandbox. Default: `[acp] allowed_ports`.
-    #[schema(value_type = Option<Vec<i32>>)]
+    #[schema(value_type = Option<Vec<super::approvals::TcpPort>>)]
+    #[serde(default, deserialize_with = "super::approvals::ports")]
     pub allowed_ports: Option<Vec<u16>>,
 }
 

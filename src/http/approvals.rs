@@ -182,8 +182,8 @@ async fn decide_approval(
     Ok(Json(decided))
 }
 
-/// Changes to a channel: any of its permission policy, sandbox and allowed ports (at least
-/// one). `null` for `sandbox` or `allowed_ports` goes back to the config's.
+/// Changes to a channel: any of its permission policy, sandbox and allowed ports (none: the
+/// channel as it is). `null` for `sandbox` or `allowed_ports` goes back to the config's.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetChannel {
@@ -193,10 +193,51 @@ pub struct SetChannel {
     #[schema(value_type = Option<SandboxMode>)]
     pub sandbox: Option<Option<SandboxMode>>,
     /// TCP ports the agent may connect to under the sandbox; `null`: `[acp] allowed_ports`.
-    #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<Vec<i32>>)]
+    #[serde(default, deserialize_with = "present_ports")]
+    #[schema(value_type = Option<Vec<TcpPort>>)]
     pub allowed_ports: Option<Option<Vec<u16>>>,
 }
+
+/// A list of TCP ports as JSON Schema counts integers (`443` and `443.0` alike), each 1 to
+/// 65535.
+pub(super) fn ports<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<u16>>, D::Error> {
+    use serde::de::Error;
+    let Some(list) = Option::<Vec<serde_json::Number>>::deserialize(d)? else {
+        return Ok(None);
+    };
+    list.iter()
+        .map(|n| {
+            n.as_u64()
+                .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as u64))
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|p| *p > 0)
+                .ok_or_else(|| D::Error::custom(format!("{n} is not a TCP port (1 to 65535)")))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+fn present_ports<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<Vec<u16>>>, D::Error> {
+    ports(d).map(Some)
+}
+
+/// A TCP port, 1 to 65535 (only its schema is used).
+pub struct TcpPort;
+
+impl utoipa::PartialSchema for TcpPort {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .minimum(Some(1))
+            .maximum(Some(65535))
+            .into()
+    }
+}
+
+impl ToSchema for TcpPort {}
 
 /// A field that is present (even as `null`) is `Some`.
 fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
@@ -218,19 +259,17 @@ async fn set_channel(
     _auth: ApiAuth,
     State(st): State<HttpState>,
     Path(name): Path<String>,
-    body: Result<Json<SetChannel>, JsonRejection>,
+    body: Result<Json<serde_json::Map<String, serde_json::Value>>, JsonRejection>,
 ) -> ApiResult<Json<Channel>> {
+    // An object only (serde would also read a struct from an array).
     let Json(body) = body.map_err(ApiError::json)?;
+    let body: SetChannel = serde_json::from_value(serde_json::Value::Object(body))
+        .map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))?;
     let changes = channels::Changes {
         permission_policy: body.permission_policy,
         sandbox: body.sandbox,
         allowed_ports: body.allowed_ports,
     };
-    if changes == channels::Changes::default() {
-        return Err(ApiError::BadRequest(
-            "give at least one of permission_policy, sandbox and allowed_ports".into(),
-        ));
-    }
     let channel = channels::update(&st.store, &name, changes)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no channel {name:?}")))?;

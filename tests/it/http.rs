@@ -1287,7 +1287,7 @@ async fn api_sets_a_channels_sandbox_and_ports_and_refuses_bad_changes() {
     assert_eq!(ch["allowed_ports"], "[443]");
     let before = r.store.channel_get("alpha").await.unwrap().unwrap();
     for body in [
-        r#"{}"#,
+        r#"[null, null]"#,
         r#"{"sandbox": "jail"}"#,
         r#"{"allowed_ports": [0]}"#,
         r#"{"allowed_ports": [70000]}"#,
@@ -1303,7 +1303,9 @@ async fn api_sets_a_channels_sandbox_and_ports_and_refuses_bad_changes() {
         before,
         "nothing written"
     );
-    // null goes back to the config's.
+    // An empty change is the channel as it is; null goes back to the config's.
+    let same: Value = patch("{}").await.unwrap().json().await.unwrap();
+    assert_eq!(same["sandbox"], "none");
     let ch: Value =
         patch(r#"{"sandbox": null, "allowed_ports": null, "permission_policy": "ask"}"#)
             .await

@@ -1,8 +1,8 @@
 //! The kernel sandbox with the real `gorp-script-agent`: writes the agent makes itself (not
 //! through ACP) and those of the processes it starts are confined to its workspace and its own
 //! directories; gorp's database and the other channels' workspaces cannot be read; TCP connects
-//! are limited to the allowed ports; `sandbox = "none"` is today's unconfined agent. The
-//! sandbox in force is in the `session` event and the warm-session row.
+//! are limited to the allowed ports; gorp cannot be signalled; `sandbox = "none"` is today's
+//! unconfined agent. The sandbox in force is in the `session` event and the warm-session row.
 
 use gorp::store::{JobState, SandboxMode};
 
@@ -151,9 +151,10 @@ async fn sandbox_none_is_the_unconfined_agent_of_before() {
     let db = g.config.database.path.canonicalize().unwrap();
     for (ch, name) in [(free, "free"), (boxed, "boxed")] {
         let prompt = format!(
-            "@write-direct {o}/{name}.txt x\n@sh head -c 15 {db}",
+            "@write-direct {o}/{name}.txt x\n@sh head -c 15 {db}\n@sh kill -0 {gorp}; echo kill-exit-$?",
             o = out_dir.display(),
-            db = db.display()
+            db = db.display(),
+            gorp = std::process::id(),
         );
         let (job, out) = g.run(ch, &prompt).await;
         assert_eq!(job.state, JobState::Succeeded);
@@ -164,6 +165,13 @@ async fn sandbox_none_is_the_unconfined_agent_of_before() {
             "{name}: {out}"
         );
         assert_eq!(out.contains("SQLite format 3"), !confined, "{name}: {out}");
+        // Signals to gorp (this test process) are out of the sandbox's reach.
+        let kill = if confined {
+            "kill-exit-1"
+        } else {
+            "kill-exit-0"
+        };
+        assert!(out.contains(kill), "{name}: {out}");
         let data = session_data(&g, &job.id).await;
         assert_eq!(
             data["sandbox"]["mode"],
