@@ -450,7 +450,7 @@ fn main() {
             let mut prep = Vec::new();
             let spec = gorp::sandbox::Spec {
                 mode: Some(SandboxMode::Landlock),
-                writable: vec![d.to_path_buf()],
+                writable: vec![d.join("round1")],
                 deny_read: vec![d.join("round0")],
                 allowed_ports: None,
             };

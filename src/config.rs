@@ -136,6 +136,11 @@ impl Default for WorkspaceConfig {
 /// operator, few enough that a job that kills gorp every time ends.
 pub const DEFAULT_MAX_RESCUES: u32 = 5;
 
+/// Default of `[acp] stall_timeout_secs`: ten minutes without a word from the agent. Longer than
+/// Claude Code's own limit on one shell command (10 min) would let a silent build run out, so a
+/// turn it reports on is never taken for stalled.
+pub const DEFAULT_STALL_TIMEOUT_SECS: u64 = 600;
+
 /// Smallest `[webhook] max_body_bytes` accepted: a smaller limit cannot hold a prompt request.
 pub const MIN_BODY_BYTES: usize = 64;
 
@@ -202,7 +207,12 @@ pub struct AcpConfig {
     pub max_concurrent_starts: u32,
     pub initialize_timeout_secs: u64,
     pub session_timeout_secs: u64,
+    /// The hard cap on one prompt turn (a job may ask for less with `timeout_secs`).
     pub prompt_timeout_secs: u64,
+    /// A turn with no update from the agent for this long (waiting for a person's answer does
+    /// not count) is stalled: cancelled, the agent restarted, and the attempt fails (retried,
+    /// resuming the conversation). 0: no watchdog.
+    pub stall_timeout_secs: u64,
     /// Default permission policy for new channels: `allow`, `deny` or `ask`.
     pub permission_policy: PermissionPolicy,
     /// Extra environment variables for agent processes (gorp's own environment is inherited,
@@ -253,6 +263,7 @@ impl Default for AcpConfig {
             initialize_timeout_secs: 60,
             session_timeout_secs: 180,
             prompt_timeout_secs: 3_600,
+            stall_timeout_secs: DEFAULT_STALL_TIMEOUT_SECS,
             permission_policy: PermissionPolicy::Allow,
             env: BTreeMap::new(),
             recycle_after_cancel: false,

@@ -140,6 +140,10 @@ pub struct Timeouts {
     pub load_session: Duration,
     /// Whole prompt turn; on expiry `session/cancel` is sent.
     pub prompt: Duration,
+    /// A turn with no update from the agent for this long (time spent waiting for a person's
+    /// answer does not count) is stalled: `session/cancel` is sent and the prompt fails with
+    /// [`AcpError::Stalled`]. `None`: no watchdog.
+    pub stall: Option<Duration>,
 }
 
 impl Default for Timeouts {
@@ -149,6 +153,7 @@ impl Default for Timeouts {
             new_session: Duration::from_secs(30),
             load_session: Duration::from_secs(60),
             prompt: Duration::from_secs(30 * 60),
+            stall: None,
         }
     }
 }
@@ -215,6 +220,9 @@ pub enum AcpError {
     MessageTooLarge { limit: usize },
     #[error("session {0} already has a prompt running")]
     Busy(String),
+    /// The agent sent nothing for [`Timeouts::stall`] during a turn; `session/cancel` was sent.
+    #[error("stalled: no output from the agent for {after:?}; session/cancel sent")]
+    Stalled { after: Duration },
     /// The sandbox asked for cannot be put in place; the agent was not started.
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::SandboxError),
@@ -249,6 +257,8 @@ struct Shared {
     policy: Mutex<PermissionPolicy>,
     /// `ask` requests waiting for their answer, by ask id.
     asks: Mutex<HashMap<u64, permission::PendingAsk>>,
+    /// When the agent last sent an update for each session (the stall watchdog).
+    activity: Mutex<HashMap<String, std::time::Instant>>,
     next_ask: AtomicU64,
     /// Per session: how long its prompt waited for people (moves the prompt's deadline).
     ask_clocks: Mutex<HashMap<String, permission::AskClock>>,
@@ -300,12 +310,28 @@ impl Shared {
             .any(|r| matches!(r, Route::Prompt(tx) if tx.capacity() == 0))
     }
 
+    /// Notes that the agent did something for `session` now (for the stall watchdog).
+    fn active(&self, session: &str) {
+        self.activity
+            .lock()
+            .unwrap()
+            .insert(session.to_string(), std::time::Instant::now());
+    }
+
+    /// When the agent last did something for `session`.
+    fn last_active(&self, session: &str) -> Option<std::time::Instant> {
+        self.activity.lock().unwrap().get(session).copied()
+    }
+
     /// Waits while the prompt's event queue is full.
     async fn route(&self, session: &str, event: impl FnOnce() -> AgentEvent) -> bool {
         let tx = {
             let routes = self.routes.lock().unwrap();
             match routes.get(session) {
-                Some(Route::Prompt(tx)) => tx.clone(),
+                Some(Route::Prompt(tx)) => {
+                    self.active(session);
+                    tx.clone()
+                }
                 Some(Route::Load(count)) => {
                     count.fetch_add(1, Ordering::Relaxed);
                     return true;
@@ -464,6 +490,7 @@ enum Race<T> {
     Done(Result<T, agent_client_protocol::Error>),
     Cancelled,
     TimedOut,
+    Stalled,
     Exited,
 }
 
@@ -538,6 +565,7 @@ impl AgentProcess {
         let shared = Arc::new(Shared {
             policy: Mutex::new(policy),
             asks: Mutex::new(HashMap::new()),
+            activity: Mutex::new(HashMap::new()),
             next_ask: AtomicU64::new(0),
             ask_clocks: Mutex::new(HashMap::new()),
             stopped: stop.clone(),
@@ -668,7 +696,7 @@ impl AgentProcess {
                     }
                 }
             }
-            Race::TimedOut | Race::Cancelled => AcpError::NotAcp {
+            Race::TimedOut | Race::Cancelled | Race::Stalled => AcpError::NotAcp {
                 reason: format!("no answer to initialize within {:?}", timeouts.initialize),
                 stderr_tail: proc.stderr_tail(),
             },
@@ -806,7 +834,21 @@ impl AgentProcess {
         events: mpsc::Sender<AgentEvent>,
         cancel: CancellationToken,
     ) -> Result<String, AcpError> {
+        self.prompt_within(session_id, text, events, cancel, self.timeouts.prompt)
+            .await
+    }
+
+    /// [`Self::prompt`] with a turn limit of `limit` instead of [`Timeouts::prompt`].
+    pub async fn prompt_within(
+        &self,
+        session_id: &str,
+        text: &str,
+        events: mpsc::Sender<AgentEvent>,
+        cancel: CancellationToken,
+        limit: Duration,
+    ) -> Result<String, AcpError> {
         let _guard = self.register(session_id, Route::Prompt(events.clone()))?;
+        self.shared.active(session_id);
         let request = PromptRequest::new(
             SessionId::new(session_id),
             vec![ContentBlock::from(text.to_string())],
@@ -818,7 +860,8 @@ impl AgentProcess {
             r = &mut fut => Race::Done(r),
             _ = exited(self.exit_rx.clone()) => Race::Exited,
             _ = cancel.cancelled() => Race::Cancelled,
-            _ = self.prompt_deadline(session_id) => Race::TimedOut,
+            _ = self.prompt_deadline(session_id, limit) => Race::TimedOut,
+            _ = self.stall_deadline(session_id) => Race::Stalled,
         };
         let result = match race {
             Race::Done(r) => r,
@@ -845,7 +888,14 @@ impl AgentProcess {
                 let _ = tokio::time::timeout(self.cancel_grace, &mut fut).await;
                 return Err(AcpError::Timeout {
                     op: op.into(),
-                    after: self.timeouts.prompt,
+                    after: limit,
+                });
+            }
+            Race::Stalled => {
+                self.send_cancel(session_id);
+                let _ = tokio::time::timeout(self.cancel_grace, &mut fut).await;
+                return Err(AcpError::Stalled {
+                    after: self.timeouts.stall.unwrap_or_default(),
                 });
             }
         };
@@ -922,11 +972,34 @@ impl AgentProcess {
 
     /// Ends when the prompt of `session` has run `timeouts.prompt` plus the time it waited
     /// for people to answer permission requests (a wait is not a stalled agent).
-    async fn prompt_deadline(&self, session: &str) {
+    /// Returns when the agent has sent nothing for `session` for [`Timeouts::stall`] (never
+    /// without one, or while a person is being asked; the end of an ask counts as activity).
+    async fn stall_deadline(&self, session: &str) {
+        let Some(stall) = self.timeouts.stall else {
+            return std::future::pending().await;
+        };
+        loop {
+            if self.shared.ask_clock(session).is_waiting() {
+                tokio::time::sleep(stall.min(Duration::from_secs(1))).await;
+                continue;
+            }
+            let last = self
+                .shared
+                .last_active(session)
+                .unwrap_or_else(std::time::Instant::now);
+            let due = tokio::time::Instant::from_std(last + stall);
+            if tokio::time::Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    }
+
+    async fn prompt_deadline(&self, session: &str, limit: Duration) {
         let start = tokio::time::Instant::now();
         loop {
             let clock = self.shared.ask_clock(session);
-            let due = start + self.timeouts.prompt + clock.total();
+            let due = start + limit + clock.total();
             if clock.is_waiting() {
                 // Asking: check again once the wait could have ended.
                 tokio::time::sleep_until(
@@ -992,7 +1065,8 @@ impl AgentProcess {
             Race::Done(Ok(resp)) => Ok(resp),
             Race::Done(Err(e)) => Err(self.map_error(op, e).await),
             Race::Exited => Err(self.exited_error().await),
-            Race::TimedOut | Race::Cancelled => Err(AcpError::Timeout {
+            // Only a prompt watches for stalls.
+            Race::TimedOut | Race::Cancelled | Race::Stalled => Err(AcpError::Timeout {
                 op: op.into(),
                 after: limit,
             }),

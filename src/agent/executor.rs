@@ -235,7 +235,10 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
         .await;
     let was_cancelled =
         matches!(&result, Ok(stop) if stop == "cancelled") || ctx.stop_cause().is_some();
-    if was_cancelled && warm.config().acp.recycle_after_cancel {
+    // A stalled agent may be stuck for good: the next attempt gets a fresh process that resumes
+    // the conversation.
+    let stalled = matches!(&result, Err(AcpError::Stalled { .. }));
+    if stalled || (was_cancelled && warm.config().acp.recycle_after_cancel) {
         warm.recycle(job.channel_id, session).await;
     } else {
         warm.release(job.channel_id, session).await;
@@ -257,6 +260,7 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
             true,
         ),
         Err(e @ AcpError::Timeout { .. }) => failed(format!("{e}; session/cancel sent"), false),
+        Err(e @ AcpError::Stalled { .. }) => failed(format!("{e}; the agent was restarted"), true),
         // The same prompt would make the agent do it again.
         Err(e @ AcpError::MessageTooLarge { .. }) => failed(e.to_string(), false),
         Err(e) => failed(e.to_string(), true),

@@ -485,6 +485,8 @@ impl WarmSessionManager {
             new_session: Duration::from_secs(acp.session_timeout_secs),
             load_session: Duration::from_secs(acp.session_timeout_secs),
             prompt: Duration::from_secs(acp.prompt_timeout_secs),
+            stall: (acp.stall_timeout_secs > 0)
+                .then(|| Duration::from_secs(acp.stall_timeout_secs)),
         };
         let policy = channel.permission_policy;
         let agent = AgentProcess::spawn(&spec, timeouts, policy, dir).await?;

@@ -360,6 +360,51 @@ async fn hung_prompt_times_out_and_sends_session_cancel() {
     g.stop().await;
 }
 
+/// A turn with no word from the agent for `stall_timeout_secs` is cancelled, the agent
+/// restarted, and the attempt fails retryable as `stalled`; the retry resumes the channel's
+/// session in the fresh agent (`@hang-once` goes on only in a session that saw the prompt).
+#[tokio::test]
+async fn a_stalled_turn_is_cancelled_and_retried_in_the_resumed_session() {
+    let g = Gorp::start(|c| {
+        c.acp.stall_timeout_secs = 1;
+        // The hard cap is far away: the watchdog, not the timeout, ends the turn.
+        c.acp.prompt_timeout_secs = 600;
+    })
+    .await;
+    let ch = g.channel("stall", |_| {}).await;
+    let t = std::time::Instant::now();
+    let (job, out) = g
+        .run(ch, "@reply started\n@hang-once\n@reply went on")
+        .await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    assert_eq!(job.attempt, 2);
+    assert!(out.ends_with("went on"), "{out}");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    let events = g.store.job_events_list(&job.id, 0, 1000).await.unwrap();
+    let error = events
+        .iter()
+        .find(|e| e.kind == "error" && e.attempt == 1)
+        .expect("the first attempt's error");
+    let text = error.text.clone().unwrap_or_default();
+    assert!(
+        text.starts_with("stalled: no output from the agent for 1s"),
+        "{text}"
+    );
+    let sessions: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == "session")
+        .map(|e| e.data.clone().unwrap())
+        .collect();
+    assert_eq!(sessions.len(), 2);
+    assert_ne!(
+        sessions[0]["pid"], sessions[1]["pid"],
+        "the agent was restarted"
+    );
+    assert_eq!(sessions[1]["resumed"], true, "{:?}", sessions[1]);
+    assert_eq!(sessions[0]["session_id"], sessions[1]["session_id"]);
+    g.stop().await;
+}
+
 #[tokio::test]
 async fn user_cancel_stops_a_running_prompt_and_the_session_resumes_in_a_fresh_agent() {
     let g = Gorp::start(|c| c.acp.recycle_after_cancel = true).await;

@@ -19,6 +19,7 @@ fn timeouts() -> Timeouts {
         new_session: Duration::from_secs(10),
         load_session: Duration::from_secs(10),
         prompt: Duration::from_secs(20),
+        stall: None,
     }
 }
 

@@ -310,6 +310,27 @@ async fn a_request_nobody_answers_is_denied_with_timeout_and_the_prompt_deadline
     g.stop().await;
 }
 
+/// Waiting for a person is not the agent stalling.
+#[tokio::test]
+async fn a_wait_for_a_decision_longer_than_the_stall_timeout_is_not_a_stall() {
+    let (g, ch) = ask_gorp(|c| c.acp.stall_timeout_secs = 1).await;
+    let job = g.enqueue(ch, "@permission Run make\n@reply built").await;
+    let a = pending(&g, &job).await;
+    // Longer than the stall timeout, by the clock the watchdog reads.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    approvals::decide(&g.store, &a.id, Choice::AllowOnce, "x", DecidedVia::Http)
+        .await
+        .unwrap();
+    let done = g.wait_done(&job).await;
+    assert_eq!(done.state, JobState::Succeeded, "{:?}", done.error);
+    assert_eq!(done.attempt, 1);
+    assert_eq!(
+        g.store.job_output(&job).await.unwrap(),
+        "permission: allowbuilt"
+    );
+    g.stop().await;
+}
+
 #[tokio::test]
 async fn cancelling_the_job_withdraws_its_request() {
     let (g, ch) = ask_gorp(|_| {}).await;

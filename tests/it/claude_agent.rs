@@ -29,6 +29,7 @@ fn timeouts() -> Timeouts {
         new_session: WAIT,
         load_session: WAIT,
         prompt: Duration::from_secs(120),
+        stall: None,
     }
 }
 

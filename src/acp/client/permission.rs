@@ -110,6 +110,7 @@ impl Shared {
             .unwrap()
             .retain(|_, p| p.session != session);
         self.ask_clocks.lock().unwrap().remove(session);
+        self.activity.lock().unwrap().remove(session);
     }
 
     pub(super) fn ask_clock(&self, session: &str) -> AskClock {
@@ -131,6 +132,8 @@ impl Shared {
     }
 
     fn clock_stop(&self, session: &str) {
+        // The time spent asking is not the agent's silence.
+        self.active(session);
         let mut clocks = self.ask_clocks.lock().unwrap();
         if let Some(c) = clocks.get_mut(session) {
             c.waiting = c.waiting.saturating_sub(1);

@@ -75,6 +75,7 @@
 //! | `@stop REASON` | end the turn now with stop reason `end_turn`, `max_tokens`, `max_turn_requests`, `refusal` or `cancelled` |
 //! | `@fail MESSAGE` | end the turn now with a JSON-RPC error (code -32603, message `MESSAGE`) |
 //! | `@hang` | wait until the turn is cancelled (`session/cancel` or `$/cancel_request`), then stop with `cancelled` |
+//! | `@hang-once` | like `@hang`, unless this session already saw a turn with the same prompt (a retry in a resumed session): then go on |
 //! | `@crash` | print a line to stderr and exit the process with code 3 |
 //!
 //! Whenever the turn is cancelled (`session/cancel` for the session, or
@@ -265,6 +266,7 @@ pub enum Directive {
     Stop(String),
     Fail(String),
     Hang,
+    HangOnce,
     Crash,
 }
 
@@ -380,6 +382,7 @@ fn parse_line(line: &str) -> Option<Directive> {
             rest.to_string()
         })),
         "@hang" => Ok(Directive::Hang),
+        "@hang-once" => Ok(Directive::HangOnce),
         "@crash" => Ok(Directive::Crash),
         _ => return None,
     };
@@ -1366,6 +1369,18 @@ impl TurnRunner<'_> {
             Directive::Hang => {
                 self.token.cancelled().await;
                 return Err(Halt::Stop(StopReason::Cancelled));
+            }
+            Directive::HangOnce => {
+                let seen_before = {
+                    let s = self.session.lock().unwrap();
+                    let turns = &s.file.turns;
+                    let (current, earlier) = turns.split_last().expect("the running turn");
+                    earlier.iter().any(|t| t.prompt == current.prompt)
+                };
+                if !seen_before {
+                    self.token.cancelled().await;
+                    return Err(Halt::Stop(StopReason::Cancelled));
+                }
             }
             Directive::Crash => {
                 self.finish_turn(None);
