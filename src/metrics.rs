@@ -23,6 +23,12 @@ pub const MATRIX_SYNC_FAILURES: &str = "gorp_matrix_sync_failures_total";
 pub const APPROVALS_PENDING: &str = "gorp_approvals_pending";
 pub const APPROVAL_DECISIONS: &str = "gorp_approval_decisions_total";
 pub const APPROVAL_WAIT_SECONDS: &str = "gorp_approval_wait_seconds";
+/// Tokens the agents reported, by channel and `kind` (`input`, `output`, `cache_read`,
+/// `cache_write`): the sum of the committed usage rows, read at scrape time (so it survives
+/// restarts and agrees with `gorp usage`).
+pub const AGENT_TOKENS: &str = "gorp_agent_tokens_total";
+/// What the agents' turns cost (USD), by channel; read like [`AGENT_TOKENS`].
+pub const AGENT_COST_USD: &str = "gorp_agent_cost_usd_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -67,6 +73,25 @@ pub async fn render(store: &Store) -> String {
     }
     if let Ok(n) = store.approval_pending_count().await {
         metrics::gauge!(APPROVALS_PENDING).set(n as f64);
+    }
+    let all_time = crate::store::UsageFilter {
+        since: 0,
+        channel: None,
+        by: crate::store::UsageBy::Channel,
+    };
+    if let Ok(rows) = store.usage_report(&all_time).await {
+        for r in rows {
+            for (kind, n) in [
+                ("input", r.input_tokens),
+                ("output", r.output_tokens),
+                ("cache_read", r.cache_read_tokens),
+                ("cache_write", r.cache_write_tokens),
+            ] {
+                metrics::gauge!(AGENT_TOKENS, "channel" => r.key.clone(), "kind" => kind)
+                    .set(n as f64);
+            }
+            metrics::gauge!(AGENT_COST_USD, "channel" => r.key.clone()).set(r.cost_usd);
+        }
     }
     h.render()
 }

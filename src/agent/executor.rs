@@ -185,9 +185,11 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
         stop: asks_done.clone(),
         waiting: tokio::task::JoinSet::new(),
     };
+    let cost_before = *live.reported_cost.lock().unwrap();
     let forward = tokio::spawn(
         async move {
             let mut facts = RunFacts::default();
+            let mut usage = TurnUsage::new(cost_before);
             let mut boundaries = MessageBoundaries::default();
             // Whatever has arrived goes to the writer as one batch: an agent that streams fast
             // is written in large multi-row inserts rather than one event at a time.
@@ -205,17 +207,18 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
                     if facts.first_output_ms.is_none() && is_one_of(&ev.kind, OUTPUT_KINDS) {
                         facts.first_output_ms = Some(started.elapsed().as_secs_f64() * 1e3);
                     }
-                    note_usage(&mut facts, &ev);
+                    usage.note(&mut facts, &ev);
                     let data = (!ev.data.is_null()).then_some(ev.data);
                     events.push((ev.kind, ev.text, data));
                 }
                 fwd_ctx.emit_all(events).await;
             }
             asker.finish().await;
-            facts
+            (facts, usage.last_reported)
         }
         .in_current_span(),
     );
+    let turn_started = Instant::now();
     let result = live
         .agent
         .prompt(
@@ -225,10 +228,15 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
             ctx.cancel_token().clone(),
         )
         .await;
+    let agent_ms = turn_started.elapsed().as_millis() as i64;
     // Requests still waiting end with the turn (the agent has been answered `cancelled`).
     asks_done.cancel();
-    let mut facts = forward.await.unwrap_or_default();
+    let (mut facts, reported) = forward.await.unwrap_or_default();
+    if reported.is_some() {
+        *live.reported_cost.lock().unwrap() = reported;
+    }
     facts.warm = Some(session.warm);
+    facts.agent_ms = Some(agent_ms);
     let _ = ctx
         .store()
         .job_record_run(&job.id, job.attempt, facts)
@@ -455,36 +463,60 @@ async fn put_in_asking_mode(live: &Live, wanted: Option<&str>) -> Result<ModeFac
     }
 }
 
-fn note_usage(facts: &mut RunFacts, ev: &AgentEvent) {
-    let d = &ev.data;
-    match ev.kind.parse::<EventKind>() {
-        Ok(EventKind::Usage) => {
-            if let Some(c) = d.pointer("/cost/amount").and_then(|v| v.as_f64()) {
-                facts.cost_usd = Some(c);
-            }
-            let meta = d.get("_meta");
-            if let Some(i) = meta
-                .and_then(|m| m.get("inputTokens"))
-                .and_then(|v| v.as_i64())
-            {
-                facts.input_tokens = Some(i);
-            }
-            if let Some(o) = meta
-                .and_then(|m| m.get("outputTokens"))
-                .and_then(|v| v.as_i64())
-            {
-                facts.output_tokens = Some(o);
-            }
+/// A turn's usage as the agent reports it: `usage_update` (the session's cumulative cost, and
+/// token counts in `_meta` where the agent gives them) and the turn's end usage (tokens,
+/// cache reads and writes).
+struct TurnUsage {
+    /// The session's cumulative cost before this turn.
+    before: Option<f64>,
+    /// The last cumulative cost reported in this turn.
+    last_reported: Option<f64>,
+}
+
+impl TurnUsage {
+    fn new(before: Option<f64>) -> Self {
+        TurnUsage {
+            before,
+            last_reported: None,
         }
-        Ok(EventKind::TurnUsage) => {
-            if let Some(i) = d.get("inputTokens").and_then(|v| v.as_i64()) {
-                facts.input_tokens = Some(i);
+    }
+
+    fn note(&mut self, facts: &mut RunFacts, ev: &AgentEvent) {
+        let d = &ev.data;
+        let int = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_i64());
+        match ev.kind.parse::<EventKind>() {
+            Ok(EventKind::Usage) => {
+                if let Some(c) = d.pointer("/cost/amount").and_then(|v| v.as_f64()) {
+                    self.last_reported = Some(c);
+                    let before = self.before.unwrap_or(0.0);
+                    // A total below the last one is a new session (a restarted agent counts
+                    // from zero): all of it is this turn's.
+                    facts.cost_usd = Some(if c >= before { c - before } else { c });
+                }
+                let meta = d.get("_meta");
+                if let Some(i) = int(meta.and_then(|m| m.get("inputTokens"))) {
+                    facts.input_tokens = Some(i);
+                }
+                if let Some(o) = int(meta.and_then(|m| m.get("outputTokens"))) {
+                    facts.output_tokens = Some(o);
+                }
             }
-            if let Some(o) = d.get("outputTokens").and_then(|v| v.as_i64()) {
-                facts.output_tokens = Some(o);
+            Ok(EventKind::TurnUsage) => {
+                if let Some(i) = int(d.get("inputTokens")) {
+                    facts.input_tokens = Some(i);
+                }
+                if let Some(o) = int(d.get("outputTokens")) {
+                    facts.output_tokens = Some(o);
+                }
+                if let Some(r) = int(d.get("cachedReadTokens")) {
+                    facts.cache_read_tokens = Some(r);
+                }
+                if let Some(w) = int(d.get("cachedWriteTokens")) {
+                    facts.cache_write_tokens = Some(w);
+                }
             }
+            _ => {}
         }
-        _ => {}
     }
 }
 

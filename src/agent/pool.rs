@@ -50,6 +50,9 @@ pub struct Live {
     pub session_id: String,
     /// The session was resumed with `session/load` (rather than created).
     pub resumed: bool,
+    /// The session's cumulative cost as the agent last reported it (ACP's `usage_update.cost`
+    /// is the session's running total), so a turn's cost is its difference.
+    pub reported_cost: std::sync::Mutex<Option<f64>>,
 }
 
 struct Slot {
@@ -509,6 +512,7 @@ impl WarmSessionManager {
             agent,
             session_id,
             resumed,
+            reported_cost: std::sync::Mutex::new(None),
         })
     }
 

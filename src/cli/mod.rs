@@ -158,6 +158,18 @@ pub enum Command {
         #[command(subcommand)]
         command: Option<RulesCommand>,
     },
+    /// What the agents' turns cost: jobs, tokens, cost and agent time from the usage rows.
+    Usage {
+        /// Only this channel.
+        #[arg(long)]
+        channel: Option<String>,
+        /// A window back from now (30m, 24h, 7d, 4w) or a UTC date (2026-12-01).
+        #[arg(long, default_value = crate::service::usage::DEFAULT_SINCE)]
+        since: String,
+        /// Rows per day (UTC), channel or source.
+        #[arg(long, default_value = "channel")]
+        by: crate::store::UsageBy,
+    },
     /// Check what this machine and config can enforce: the kernel sandbox (Landlock), the
     /// agent binary, the directories gorp writes.
     Doctor,
@@ -545,6 +557,18 @@ async fn data_command(cli: &Cli, cmd: &Command, config: &Config, store: &Store) 
         }
         Command::Deny { id } => {
             approvals::decide(cli, store, id, crate::service::approvals::Choice::Deny).await
+        }
+        Command::Usage { channel, since, by } => {
+            let since = crate::service::usage::parse_since(since, now_ms())
+                .map_err(|e| Failure::new(EXIT_USAGE, e))?;
+            let filter = crate::store::UsageFilter {
+                since,
+                channel: channel.clone(),
+                by: *by,
+            };
+            let report = crate::service::usage::report(store, filter).await?;
+            out(cli, serde_json::json!(report), || usage_table(&report));
+            Ok(EXIT_OK)
         }
         Command::Rules { channel, command } => match command {
             None => approvals::rules(cli, store, channel).await,
@@ -1070,6 +1094,45 @@ fn warm_table(rows: &[WarmSession], now: i64) -> String {
             "SANDBOX",
         ],
         &rows,
+    )
+}
+
+fn usage_table(r: &crate::service::usage::Report) -> String {
+    let head = match r.by {
+        crate::store::UsageBy::Day => "DAY (UTC)",
+        crate::store::UsageBy::Channel => "CHANNEL",
+        crate::store::UsageBy::Source => "SOURCE",
+    };
+    let row = |u: &crate::store::UsageRow| {
+        vec![
+            u.key.clone(),
+            u.jobs.to_string(),
+            u.attempts.to_string(),
+            u.input_tokens.to_string(),
+            u.output_tokens.to_string(),
+            format!("{}/{}", u.cache_read_tokens, u.cache_write_tokens),
+            format!("{:.4}", u.cost_usd),
+            format!("{:.1}", u.agent_secs),
+        ]
+    };
+    let mut rows: Vec<Vec<String>> = r.rows.iter().map(row).collect();
+    rows.push(row(&r.total));
+    format!(
+        "since {}\n{}",
+        format_ms(r.since),
+        table(
+            &[
+                head,
+                "JOBS",
+                "ATTEMPTS",
+                "TOKENS IN",
+                "TOKENS OUT",
+                "CACHE R/W",
+                "COST USD",
+                "AGENT S",
+            ],
+            &rows,
+        )
     )
 }
 

@@ -39,6 +39,7 @@ pub(super) fn routes() -> OpenApiRouter<HttpState> {
         .routes(routes!(cancel_job))
         .routes(routes!(list_channels, create_channel))
         .routes(routes!(warm_pool))
+        .routes(routes!(usage))
         .routes(routes!(list_schedules, create_schedule))
         .routes(routes!(delete_schedule))
         .routes(routes!(pause_schedule))
@@ -392,6 +393,47 @@ async fn warm_pool(
     State(st): State<HttpState>,
 ) -> ApiResult<Json<Vec<WarmSession>>> {
     Ok(Json(st.store.warm_list().await?))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct UsageQuery {
+    /// Only this channel.
+    pub channel: Option<String>,
+    /// A window back from now (`30m`, `24h`, `7d`, `4w`) or a UTC date (`2026-12-01`); default
+    /// `7d`.
+    pub since: Option<String>,
+    /// Rows per `day` (UTC), `channel` (default) or `source`.
+    pub by: Option<crate::store::UsageBy>,
+}
+
+/// What the agents' turns cost: jobs, attempts, tokens (cache reads and writes where the agent
+/// reports them), cost and agent time, from the usage rows of every attempt.
+#[utoipa::path(get, path = "/api/usage", tag = "usage", params(UsageQuery),
+    responses((status = 200, body = crate::service::usage::Report), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn usage(
+    _auth: ApiAuth,
+    State(st): State<HttpState>,
+    q: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<crate::service::usage::Report>> {
+    let Query(q) = q.map_err(ApiError::query)?;
+    let since = crate::service::usage::parse_since(
+        q.since
+            .as_deref()
+            .unwrap_or(crate::service::usage::DEFAULT_SINCE),
+        crate::store::now_ms(),
+    )
+    .map_err(ApiError::BadRequest)?;
+    let filter = crate::store::UsageFilter {
+        since,
+        channel: q.channel,
+        by: q.by.unwrap_or(crate::store::UsageBy::Channel),
+    };
+    Ok(Json(
+        crate::service::usage::report(&st.store, filter).await?,
+    ))
 }
 
 /// A new schedule.

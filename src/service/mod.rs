@@ -8,9 +8,11 @@
 //! - [`channels`]: create (workspace, row, default policy, token), rotate token, delete.
 //! - [`jobs`]: enqueue (with metrics) and cancel (with the local stop of a running job).
 //! - [`schedules`]: parse a schedule's time, add, pause, resume, remove.
+//! - [`usage`]: what the agents' turns cost, by day, channel or source.
 
 pub mod approvals;
 pub mod channels;
 pub mod jobs;
 pub mod questions;
 pub mod schedules;
+pub mod usage;

@@ -229,6 +229,38 @@ impl Store {
 
     // ----- reads ----------------------------------------------------------------------------
 
+    /// Spend since `f.since`, grouped by day (UTC), channel or source, largest cost first
+    /// (days in order).
+    pub async fn usage_report(&self, f: &UsageFilter) -> Result<Vec<UsageRow>> {
+        let by = f.by.as_str();
+        let mut rows = sqlx::query_as!(
+            UsageRow,
+            r#"SELECT CASE ?3 WHEN 'day' THEN date(u.at / 1000, 'unixepoch')
+                              WHEN 'channel' THEN c.name ELSE u.source END AS "key!: String",
+                      count(DISTINCT u.job_id) AS "jobs!: i64",
+                      count(*) AS "attempts!: i64",
+                      sum(u.input_tokens) AS "input_tokens!: i64",
+                      sum(u.output_tokens) AS "output_tokens!: i64",
+                      sum(u.cache_read_tokens) AS "cache_read_tokens!: i64",
+                      sum(u.cache_write_tokens) AS "cache_write_tokens!: i64",
+                      sum(u.cost_usd) AS "cost_usd!: f64",
+                      sum(u.agent_ms) / 1000.0 AS "agent_secs!: f64"
+               FROM usage u JOIN channels c ON c.id = u.channel_id
+               WHERE u.at >= ?1 AND (?2 IS NULL OR c.name = ?2)
+               GROUP BY 1
+               ORDER BY 1"#,
+            f.since,
+            f.channel,
+            by
+        )
+        .fetch_all(&self.read)
+        .await?;
+        if f.by != UsageBy::Day {
+            rows.sort_by(|a, b| b.cost_usd.total_cmp(&a.cost_usd).then(a.key.cmp(&b.key)));
+        }
+        Ok(rows)
+    }
+
     pub async fn job_get(&self, id: &str) -> Result<Option<Job>> {
         Ok(select_jobs!("WHERE j.id = ?1", id)
             .fetch_optional(&self.read)
@@ -908,7 +940,8 @@ impl Write for RecordRun {
         let f = &self.facts;
         sqlx::query!(
             r#"UPDATE jobs SET warm = ?3, first_output_ms = ?4, input_tokens = ?5,
-                               output_tokens = ?6, cost_usd = ?7
+                               output_tokens = ?6, cost_usd = ?7, cache_read_tokens = ?8,
+                               cache_write_tokens = ?9
                WHERE id = ?1 AND attempt = ?2"#,
             self.job_id,
             self.attempt,
@@ -916,7 +949,37 @@ impl Write for RecordRun {
             f.first_output_ms,
             f.input_tokens,
             f.output_tokens,
-            f.cost_usd
+            f.cost_usd,
+            f.cache_read_tokens,
+            f.cache_write_tokens
+        )
+        .execute(&mut *conn)
+        .await?;
+        // The attempt's spend, for budgets and reports (a later record of the same attempt
+        // replaces it).
+        let now = now_ms();
+        sqlx::query!(
+            r#"INSERT INTO usage (job_id, attempt, channel_id, source, at, input_tokens,
+                                  output_tokens, cache_read_tokens, cache_write_tokens, cost_usd,
+                                  agent_ms)
+               SELECT j.id, ?2, j.channel_id, j.source, ?3, coalesce(?4, 0), coalesce(?5, 0),
+                      coalesce(?6, 0), coalesce(?7, 0), coalesce(?8, 0.0), coalesce(?9, 0)
+               FROM jobs j WHERE j.id = ?1
+               ON CONFLICT (job_id, attempt) DO UPDATE SET
+                   at = excluded.at, input_tokens = excluded.input_tokens,
+                   output_tokens = excluded.output_tokens,
+                   cache_read_tokens = excluded.cache_read_tokens,
+                   cache_write_tokens = excluded.cache_write_tokens,
+                   cost_usd = excluded.cost_usd, agent_ms = excluded.agent_ms"#,
+            self.job_id,
+            self.attempt,
+            now,
+            f.input_tokens,
+            f.output_tokens,
+            f.cache_read_tokens,
+            f.cache_write_tokens,
+            f.cost_usd,
+            f.agent_ms
         )
         .execute(&mut *conn)
         .await?;

@@ -325,7 +325,74 @@ pub struct RunFacts {
     pub first_output_ms: Option<f64>,
     pub input_tokens: Option<i64>,
     pub output_tokens: Option<i64>,
+    /// Tokens read from and written to the model's prompt cache, where the agent reports them.
+    pub cache_read_tokens: Option<i64>,
+    pub cache_write_tokens: Option<i64>,
+    /// What the turn cost (the agent reports a session's cumulative cost; this is the turn's
+    /// part of it).
     pub cost_usd: Option<f64>,
+    /// How long the turn ran.
+    pub agent_ms: Option<i64>,
+}
+
+/// How `usage_report` groups its rows.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageBy {
+    /// One row per UTC day (`YYYY-MM-DD`).
+    Day,
+    Channel,
+    Source,
+}
+
+impl UsageBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageBy::Day => "day",
+            UsageBy::Channel => "channel",
+            UsageBy::Source => "source",
+        }
+    }
+}
+
+impl std::str::FromStr for UsageBy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "day" => Ok(UsageBy::Day),
+            "channel" => Ok(UsageBy::Channel),
+            "source" => Ok(UsageBy::Source),
+            _ => Err(format!(
+                "unknown grouping {s:?}; expected day, channel or source"
+            )),
+        }
+    }
+}
+
+/// What a usage report covers.
+#[derive(Debug, Clone)]
+pub struct UsageFilter {
+    /// Attempts whose turn ended at or after this (Unix ms).
+    pub since: Millis,
+    pub channel: Option<String>,
+    pub by: UsageBy,
+}
+
+/// One row of a usage report: every attempt of the group, summed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct UsageRow {
+    /// The day, channel or source.
+    pub key: String,
+    pub jobs: i64,
+    pub attempts: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cache_read_tokens: i64,
+    pub cache_write_tokens: i64,
+    pub cost_usd: f64,
+    pub agent_secs: f64,
 }
 
 /// A schedule row.

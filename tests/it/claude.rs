@@ -431,6 +431,53 @@ async fn claude_under_the_sandbox_writes_and_runs_only_inside_its_workspace() {
     assert_no_outbound(&fake);
 }
 
+/// The tokens and cost the Claude agent reports land in each job's row and in the usage
+/// report; its `usage_update` cost is the session's running total, so each turn gets its own
+/// part (two alike turns cost alike).
+#[tokio::test]
+async fn claude_usage_and_cost_land_in_the_job_and_the_usage_report() {
+    use gorp::store::{UsageBy, UsageFilter};
+    let fake = FakeAnthropic::start().await;
+    let g = start(&fake).await;
+    let ch = g.channel("spend", |_| {}).await;
+    let mut costs = Vec::new();
+    for text in ["First answer.", "Second answer."] {
+        fake.push(Reply::text(text));
+        let (job, out) = g.run(ch, "say something").await;
+        assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+        assert_eq!(out, text);
+        let row: (Option<i64>, Option<i64>, Option<f64>) =
+            sqlx::query_as("SELECT input_tokens, output_tokens, cost_usd FROM jobs WHERE id = ?1")
+                .bind(&job.id)
+                .fetch_one(g.store.read_pool())
+                .await
+                .unwrap();
+        assert!(row.0.unwrap_or(0) > 0 && row.1.unwrap_or(0) > 0, "{row:?}");
+        let cost = row.2.expect("a cost");
+        assert!(cost > 0.0, "{row:?}");
+        costs.push(cost);
+    }
+    let ratio = costs[1] / costs[0];
+    assert!(
+        (0.5..2.0).contains(&ratio),
+        "each turn its own cost: {costs:?}"
+    );
+    let report = g
+        .store
+        .usage_report(&UsageFilter {
+            since: 0,
+            channel: None,
+            by: UsageBy::Channel,
+        })
+        .await
+        .unwrap();
+    assert_eq!(report[0].key, "spend");
+    assert_eq!(report[0].jobs, 2);
+    assert!((report[0].cost_usd - costs.iter().sum::<f64>()).abs() < 1e-9);
+    g.stop().await;
+    assert_no_outbound(&fake);
+}
+
 /// With the current agent the prompt after a cancel is answered in turn whether or not the
 /// agent is recycled (`recycle_after_cancel`; the old 0.23 agent answered out of turn without
 /// it), so gorp keeps the warm agent by default.

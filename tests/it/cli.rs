@@ -1176,3 +1176,75 @@ async fn sandbox_settings_are_checked_and_shown_by_doctor_channels_and_login() {
     let out = env.run(&["channels", "login", "nope"]);
     assert_eq!(code(&out), 3);
 }
+
+#[tokio::test]
+async fn usage_is_reported_by_the_cli_the_api_and_the_metrics() {
+    let env = Env::new();
+    let base = with_http(&env);
+    env.ok(&["channels", "add", "spend"]);
+    env.ok(&["channels", "add", "quiet"]);
+    let mut server = env.start();
+    healthy(&base).await;
+    for prompt in [
+        "@usage in=10 out=20 cost=0.5\n@reply a",
+        "@usage in=1 out=2 cost=0.25\n@reply b",
+    ] {
+        let out = env.run(&["enqueue", "spend", prompt, "--wait"]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+    }
+    let out = env.ok(&["usage"]);
+    assert!(out.contains("spend") && out.contains("0.7500"), "{out}");
+    assert!(!out.contains("quiet"), "no usage, no row: {out}");
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "usage", "--by", "source", "--since", "1d"]))
+            .unwrap();
+    assert_eq!(json["rows"][0]["key"], "cli");
+    assert_eq!(json["total"]["jobs"], 2);
+    assert_eq!(json["total"]["input_tokens"], 11);
+    for args in [
+        &["usage", "--since", "yesterday"][..],
+        &["usage", "--since", "-3d"][..],
+        &["usage", "--by", "week"][..],
+    ] {
+        let out = env.run(args);
+        assert_eq!(code(&out), 2, "{args:?}: {}", stderr(&out));
+    }
+    let http = reqwest::Client::new();
+    let api: serde_json::Value = http
+        .get(format!("{base}/api/usage?by=day&channel=spend"))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(api["rows"].as_array().unwrap().len(), 1, "{api}");
+    assert!((api["total"]["cost_usd"].as_f64().unwrap() - 0.75).abs() < 1e-9);
+    let r = http
+        .get(format!("{base}/api/usage?since=forever"))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("gorp_agent_cost_usd_total{channel=\"spend\"} 0.75"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("gorp_agent_tokens_total{channel=\"spend\",kind=\"output\"} 22"),
+        "{metrics}"
+    );
+    server.signal(libc::SIGTERM);
+    assert!(server.wait().success());
+}

@@ -16,4 +16,5 @@ mod queue;
 mod sandbox;
 mod schedule;
 mod synapse;
+mod usage;
 mod worker;

@@ -63,7 +63,7 @@
 //! | `@connect HOST:PORT` | open a TCP connection (2 s timeout); reply `connect ok: HOST:PORT` or `connect error: <message>` |
 //! | `@read PATH` | call the client's `fs/read_text_file`; reply `read ok: <content>` or `read error: <message>` |
 //! | `@write PATH CONTENT` | call the client's `fs/write_text_file` (`\n` in `CONTENT` is a newline, `\\` a backslash); reply `write ok: <path>` or `write error: <message>` |
-//! | `@usage in=N out=N [cost=F] [size=N]` | send a `usage_update` (`used` = in+out, `size` default 200000, `cost` in USD, `_meta` = `{"inputTokens","outputTokens"}`); the prompt response also carries `usage` (unstable end-turn usage) with the summed tokens |
+//! | `@usage in=N out=N [cost=F] [size=N]` | add `N` tokens and `F` USD to the turn's usage and send a `usage_update`: `cost` is the session's running total in this process (as ACP specifies), `_meta` = `{"inputTokens","outputTokens"}` the turn's totals so far, `used` their sum, `size` default 200000; the prompt response also carries `usage` (unstable end-turn usage) with the turn's tokens |
 //! | `@plan A \| B \| C` | send a `plan` update with those entries (medium priority, pending) |
 //! | `@mode ID` | send a `current_mode_update` |
 //! | `@commands A B C` | send an `available_commands_update` |
@@ -499,6 +499,9 @@ struct Session {
     file: SessionFile,
     /// Cancellation of the running turn, if any.
     cancel: Option<CancellationToken>,
+    /// The session's cumulative cost in this process (`@usage cost=`), reported as ACP's
+    /// `usage_update.cost`.
+    cost: f64,
 }
 
 struct AgentState {
@@ -820,7 +823,11 @@ async fn serve_stdio(config: ScriptAgentConfig) -> Result<(), Error> {
                 }
                 s_new.sessions.lock().unwrap().insert(
                     id.clone(),
-                    Arc::new(Mutex::new(Session { file, cancel: None })),
+                    Arc::new(Mutex::new(Session {
+                        file,
+                        cancel: None,
+                        cost: 0.0,
+                    })),
                 );
                 let (modes, options) = s_new.advertise(&id);
                 responder.respond(
@@ -954,7 +961,11 @@ fn handle_load(
                     ))
                 }
             };
-            let session = Arc::new(Mutex::new(Session { file, cancel: None }));
+            let session = Arc::new(Mutex::new(Session {
+                file,
+                cancel: None,
+                cost: 0.0,
+            }));
             state
                 .sessions
                 .lock()
@@ -1253,16 +1264,24 @@ impl TurnRunner<'_> {
                 cost,
                 size,
             } => {
+                // Like ACP agents: the cost is the session's running total; the tokens in
+                // `_meta` are the turn's so far.
+                let (i, o) = self.usage.unwrap_or((0, 0));
+                let (i, o) = (i + input, o + output);
+                self.usage = Some((i, o));
                 let mut meta = serde_json::Map::new();
-                meta.insert("inputTokens".into(), input.into());
-                meta.insert("outputTokens".into(), output.into());
-                let mut update = UsageUpdate::new(input + output, size).meta(meta);
+                meta.insert("inputTokens".into(), i.into());
+                meta.insert("outputTokens".into(), o.into());
+                let mut update = UsageUpdate::new(i + o, size).meta(meta);
                 if let Some(amount) = cost {
-                    update = update.cost(Cost::new(amount, "USD"));
+                    let total = {
+                        let mut s = self.session.lock().unwrap();
+                        s.cost += amount;
+                        s.cost
+                    };
+                    update = update.cost(Cost::new(total, "USD"));
                 }
                 self.send(SessionUpdate::UsageUpdate(update))?;
-                let (i, o) = self.usage.unwrap_or((0, 0));
-                self.usage = Some((i + input, o + output));
             }
             Directive::Plan(entries) => {
                 self.send(SessionUpdate::Plan(Plan::new(
