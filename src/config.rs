@@ -29,6 +29,7 @@ const SECTIONS: &[&str] = &[
     "webhook",
     "matrix",
     "scheduler",
+    "budget",
 ];
 
 /// Parts of key names whose values are secrets, masked by `gorp config check`.
@@ -73,6 +74,7 @@ pub struct Config {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub matrix: Option<MatrixConfig>,
     pub scheduler: SchedulerConfig,
+    pub budget: BudgetConfig,
     /// Where the configuration came from (a file path, or "defaults").
     #[serde(skip)]
     pub source: String,
@@ -367,6 +369,19 @@ pub struct SchedulerConfig {
     pub timezone: String,
 }
 
+/// Limits on what the agents' turns may spend (a channel may override them).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BudgetConfig {
+    /// A job whose turn costs more than this (USD, as the agent reports it) is stopped at once
+    /// and ends `failed` with stop reason `budget`, never retried. Unset: no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job_max_cost_usd: Option<f64>,
+    /// The same for the turn's tokens (input and output).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job_max_tokens: Option<u64>,
+}
+
 impl Config {
     /// Loads the configuration from `GORP_CONFIG_PATH`, `./config.toml` or
     /// `~/.config/gorp/config.toml` (the first that exists), then applies `GORP_*` overrides.
@@ -537,6 +552,19 @@ impl Config {
         }
         if self.acp.max_warm_sessions == 0 {
             return bad("acp.max_warm_sessions", "expected at least 1");
+        }
+        if self
+            .budget
+            .job_max_cost_usd
+            .is_some_and(|c| !c.is_finite() || c < 0.0)
+        {
+            return bad(
+                "budget.job_max_cost_usd",
+                "expected a cost in USD, 0 or more",
+            );
+        }
+        if self.budget.job_max_tokens == Some(0) {
+            return bad("budget.job_max_tokens", "expected at least 1");
         }
         if self.acp.state_path.as_os_str().is_empty() {
             return bad(

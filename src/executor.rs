@@ -21,6 +21,9 @@ pub enum Outcome {
     Failed { error: String, retryable: bool },
     /// The attempt stopped because its context was cancelled.
     Cancelled { reason: String },
+    /// The job passed one of its limits and stops for good (never retried): `failed` with this
+    /// stop reason (`budget`) and `error` saying which limit and the figures.
+    Stopped { stop_reason: String, error: String },
 }
 
 /// Why a running job was asked to stop.

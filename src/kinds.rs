@@ -256,6 +256,8 @@ text_enum! {
         FsError = "fs_error",
         /// A line the agent wrote to stderr.
         Stderr = "stderr",
+        /// The job's turn passed one of its limits (cost or tokens) and was stopped.
+        Budget = "budget",
         Error = "error",
         /// A failed attempt will run again after its backoff.
         RetryScheduled = "retry_scheduled",

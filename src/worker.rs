@@ -357,6 +357,7 @@ async fn finish(
         (_, Some(StopCause::LeaseLost)) => "lease_lost",
         (Outcome::Cancelled { .. }, _) => "cancelled",
         (Outcome::Failed { .. }, _) => "failed_attempt",
+        (Outcome::Stopped { .. }, _) => "stopped",
     };
     let mut next = None;
     let result = match (outcome, cause) {
@@ -379,6 +380,13 @@ async fn finish(
         (_, Some(StopCause::Shutdown)) => released().await,
         (_, Some(StopCause::LeaseLost)) => Ok(false),
         (Outcome::Cancelled { reason }, _) => store.job_cancel_if_running(lease, reason, now).await,
+        (Outcome::Stopped { stop_reason, error }, _) => {
+            ctx.emit(EventKind::Error, Some(error.clone()), None).await;
+            store
+                .job_stop_if_running(lease, &stop_reason, error, now)
+                .await
+                .map(|s| s.is_some())
+        }
         (Outcome::Failed { error, retryable }, _) => {
             let failures = job.counted_attempts();
             let delay = retry_delay(cfg.retry_base, cfg.retry_max, failures, &mut rand::rng());

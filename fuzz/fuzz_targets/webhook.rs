@@ -83,6 +83,8 @@ fuzz_target!(|data: &[u8]| {
         created_at: 0,
         sandbox: None,
         allowed_ports: None,
+        budget_job_usd: None,
+        budget_job_tokens: None,
         webhook_token_sha256: None,
         webhook_secret: None,
         webhook_template: template.clone(),

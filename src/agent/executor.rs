@@ -186,10 +186,15 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
         waiting: tokio::task::JoinSet::new(),
     };
     let cost_before = *live.reported_cost.lock().unwrap();
+    let limits = Limits::of(&job, &warm.config().budget);
+    // Cancelled when the turn passes a limit; the job's own token stays for user cancels.
+    let turn_cancel = ctx.cancel_token().child_token();
+    let stop_turn = turn_cancel.clone();
     let forward = tokio::spawn(
         async move {
             let mut facts = RunFacts::default();
             let mut usage = TurnUsage::new(cost_before);
+            let mut over: Option<String> = None;
             let mut boundaries = MessageBoundaries::default();
             // Whatever has arrived goes to the writer as one batch: an agent that streams fast
             // is written in large multi-row inserts rather than one event at a time.
@@ -210,28 +215,36 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
                     usage.note(&mut facts, &ev);
                     let data = (!ev.data.is_null()).then_some(ev.data);
                     events.push((ev.kind, ev.text, data));
+                    if over.is_none() {
+                        if let Some((text, data)) = limits.passed(&facts) {
+                            tracing::warn!(limit = %text, "the job passed its budget; stopping the turn");
+                            events.push((EventKind::Budget.as_str().into(), Some(text.clone()), Some(data)));
+                            over = Some(text);
+                            stop_turn.cancel();
+                        }
+                    }
                 }
                 fwd_ctx.emit_all(events).await;
             }
             asker.finish().await;
-            (facts, usage.last_reported)
+            (facts, usage.last_reported, over)
         }
         .in_current_span(),
     );
     let turn_started = Instant::now();
+    let prompt_limit = match job.timeout_secs {
+        Some(t) => Duration::from_secs(t as u64)
+            .min(Duration::from_secs(warm.config().acp.prompt_timeout_secs)),
+        None => Duration::from_secs(warm.config().acp.prompt_timeout_secs),
+    };
     let result = live
         .agent
-        .prompt(
-            &live.session_id,
-            &job.prompt,
-            tx,
-            ctx.cancel_token().clone(),
-        )
+        .prompt_within(&live.session_id, &job.prompt, tx, turn_cancel, prompt_limit)
         .await;
     let agent_ms = turn_started.elapsed().as_millis() as i64;
     // Requests still waiting end with the turn (the agent has been answered `cancelled`).
     asks_done.cancel();
-    let (mut facts, reported) = forward.await.unwrap_or_default();
+    let (mut facts, reported, over_budget) = forward.await.unwrap_or_default();
     if reported.is_some() {
         *live.reported_cost.lock().unwrap() = reported;
     }
@@ -246,12 +259,20 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
     // A stalled agent may be stuck for good: the next attempt gets a fresh process that resumes
     // the conversation.
     let stalled = matches!(&result, Err(AcpError::Stalled { .. }));
-    if stalled || (was_cancelled && warm.config().acp.recycle_after_cancel) {
+    // A turn stopped for its budget may still be at work: the agent is restarted.
+    if stalled || over_budget.is_some() || (was_cancelled && warm.config().acp.recycle_after_cancel)
+    {
         warm.recycle(job.channel_id, session).await;
     } else {
         warm.release(job.channel_id, session).await;
     }
 
+    if let (Some(why), None) = (over_budget, ctx.stop_cause()) {
+        return Outcome::Stopped {
+            stop_reason: "budget".into(),
+            error: format!("budget: {why}; the turn was stopped and the agent restarted"),
+        };
+    }
     match result {
         Ok(stop) if stop == "cancelled" || ctx.stop_cause().is_some() => cancelled(&ctx),
         Ok(stop) => Outcome::Succeeded {
@@ -460,6 +481,58 @@ async fn put_in_asking_mode(live: &Live, wanted: Option<&str>) -> Result<ModeFac
             tracing::warn!(mode = %modes.current, "cannot put the session in mode {target}: {e}");
             Ok(facts)
         }
+    }
+}
+
+/// The limits a job's turn runs under: the smallest of the job's own `max_cost_usd`, the
+/// channel's per-job budget and `[budget]`'s.
+struct Limits {
+    cost: Option<(f64, &'static str)>,
+    tokens: Option<(i64, &'static str)>,
+}
+
+impl Limits {
+    fn of(job: &crate::store::Job, cfg: &crate::config::BudgetConfig) -> Limits {
+        let channel_cost = match (job.budget_job_usd, cfg.job_max_cost_usd) {
+            (Some(c), _) => Some((c, "the channel's per-job budget")),
+            (None, Some(c)) => Some((c, "[budget] job_max_cost_usd")),
+            (None, None) => None,
+        };
+        let cost = match (
+            job.max_cost_usd.map(|c| (c, "the job's max_cost_usd")),
+            channel_cost,
+        ) {
+            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+            (a, b) => a.or(b),
+        };
+        let tokens = match (job.budget_job_tokens, cfg.job_max_tokens) {
+            (Some(t), _) => Some((t, "the channel's per-job token budget")),
+            (None, Some(t)) => Some((t as i64, "[budget] job_max_tokens")),
+            (None, None) => None,
+        };
+        Limits { cost, tokens }
+    }
+
+    /// The limit the turn's usage so far passed, said in words and as event data.
+    fn passed(&self, f: &RunFacts) -> Option<(String, serde_json::Value)> {
+        if let (Some((limit, what)), Some(cost)) = (self.cost, f.cost_usd) {
+            if cost > limit {
+                return Some((
+                    format!("the turn cost {cost:.4} USD, more than {limit:.4} USD ({what})"),
+                    json!({ "limit": "cost_usd", "max": limit, "used": cost, "set_by": what }),
+                ));
+            }
+        }
+        let used = f.input_tokens.unwrap_or(0) + f.output_tokens.unwrap_or(0);
+        if let Some((limit, what)) = self.tokens {
+            if used > limit {
+                return Some((
+                    format!("the turn used {used} tokens, more than {limit} ({what})"),
+                    json!({ "limit": "tokens", "max": limit, "used": used, "set_by": what }),
+                ));
+            }
+        }
+        None
     }
 }
 

@@ -89,6 +89,12 @@ pub enum Command {
         /// Enqueueing the same key twice returns the first job.
         #[arg(long)]
         idempotency_key: Option<String>,
+        /// Stop the job's turn after this many seconds (below [acp] prompt_timeout_secs).
+        #[arg(long, value_name = "SECS")]
+        timeout_secs: Option<i64>,
+        /// Stop the job once its turn costs more than this (USD), below the channel's budget.
+        #[arg(long, value_name = "USD")]
+        max_cost_usd: Option<f64>,
     },
     /// List jobs, newest first.
     Jobs {
@@ -267,7 +273,7 @@ pub enum ChannelsCommand {
     Set {
         name: String,
         /// Permission policy: allow, deny or ask.
-        #[arg(long, required_unless_present_any = ["sandbox", "allowed_ports"])]
+        #[arg(long, required_unless_present_any = ["sandbox", "allowed_ports", "budget_job_usd", "budget_job_tokens"])]
         permission: Option<PermissionPolicy>,
         /// Kernel sandbox: landlock, none, or default ([acp] sandbox).
         #[arg(long, value_parser = parse_sandbox)]
@@ -275,6 +281,12 @@ pub enum ChannelsCommand {
         /// TCP ports the agent may connect to, comma separated, or any ([acp] allowed_ports).
         #[arg(long, value_parser = parse_ports)]
         allowed_ports: Option<PortSetting>,
+        /// The most one job's turn may cost (USD), or default ([budget] job_max_cost_usd).
+        #[arg(long, value_parser = parse_cost)]
+        budget_job_usd: Option<Setting<f64>>,
+        /// The most tokens one job's turn may use, or default ([budget] job_max_tokens).
+        #[arg(long, value_parser = parse_tokens)]
+        budget_job_tokens: Option<Setting<i64>>,
     },
     /// Run a command (such as an agent's own login) as the channel's agent: with its HOME and
     /// TMPDIR (created if needed), in its workspace. Without a command, print them.
@@ -303,6 +315,34 @@ fn parse_sandbox(s: &str) -> Result<SandboxSetting, String> {
             .parse()
             .map(|m| SandboxSetting(Some(m)))
             .map_err(|e: String| format!("{e}, or default")),
+    }
+}
+
+/// A value, or `None` (`default`) for the config's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Setting<T>(pub Option<T>);
+
+fn parse_cost(s: &str) -> Result<Setting<f64>, String> {
+    if s == "default" {
+        return Ok(Setting(None));
+    }
+    match s.parse::<f64>() {
+        Ok(c) if c.is_finite() && (0.0..=1e6).contains(&c) => Ok(Setting(Some(c))),
+        _ => Err(format!(
+            "{s:?} is not a cost in USD from 0 to 1000000, nor default"
+        )),
+    }
+}
+
+fn parse_tokens(s: &str) -> Result<Setting<i64>, String> {
+    if s == "default" {
+        return Ok(Setting(None));
+    }
+    match s.parse::<i64>() {
+        Ok(t) if t >= 1 => Ok(Setting(Some(t))),
+        _ => Err(format!(
+            "{s:?} is not a number of tokens (1 or more), nor default"
+        )),
     }
 }
 
@@ -458,6 +498,8 @@ async fn data_command(cli: &Cli, cmd: &Command, config: &Config, store: &Store) 
             priority,
             max_attempts,
             idempotency_key,
+            timeout_secs,
+            max_cost_usd,
         } => {
             let ch = store
                 .channel_get(channel)
@@ -467,6 +509,8 @@ async fn data_command(cli: &Cli, cmd: &Command, config: &Config, store: &Store) 
             job.priority = *priority;
             job.max_attempts = max_attempts.unwrap_or(i64::from(config.worker.max_attempts));
             job.idempotency_key = idempotency_key.clone();
+            job.timeout_secs = *timeout_secs;
+            job.max_cost_usd = *max_cost_usd;
             let e = crate::service::jobs::enqueue(store, job, std::time::Instant::now()).await?;
             if !*wait {
                 out(cli, serde_json::json!(e), || {
@@ -632,18 +676,23 @@ async fn channels(cli: &Cli, cmd: &ChannelsCommand, config: &Config, store: &Sto
             permission,
             sandbox,
             allowed_ports,
+            budget_job_usd,
+            budget_job_tokens,
         } => {
             let changes = channels::Changes {
                 permission_policy: *permission,
                 sandbox: sandbox.map(|s| s.0),
                 allowed_ports: allowed_ports.clone().map(|p| p.0),
+                budget_job_usd: budget_job_usd.map(|s| s.0),
+                budget_job_tokens: budget_job_tokens.map(|s| s.0),
             };
             let ch = channels::update(store, name, changes)
                 .await?
                 .ok_or_else(|| StoreError::UnknownChannel(name.to_string()))?;
             out(cli, serde_json::json!(ch), || {
+                let money = |c: Option<f64>| c.map(|c| format!("{c} USD"));
                 format!(
-                    "channel {name}: permission policy {}, sandbox {}, allowed ports {}",
+                    "channel {name}: permission policy {}, sandbox {}, allowed ports {}, per-job budget {} / {}",
                     ch.permission_policy,
                     ch.sandbox
                         .map(|m| m.to_string())
@@ -651,7 +700,13 @@ async fn channels(cli: &Cli, cmd: &ChannelsCommand, config: &Config, store: &Sto
                     match ch.ports().or_else(|| config.acp.allowed_ports.clone()) {
                         Some(p) => p.iter().map(u16::to_string).collect::<Vec<_>>().join(","),
                         None => "any".into(),
-                    }
+                    },
+                    money(ch.budget_job_usd.or(config.budget.job_max_cost_usd))
+                        .unwrap_or_else(|| "no cost limit".into()),
+                    ch.budget_job_tokens
+                        .or(config.budget.job_max_tokens.map(|t| t as i64))
+                        .map(|t| format!("{t} tokens"))
+                        .unwrap_or_else(|| "no token limit".into()),
                 )
             });
             Ok(EXIT_OK)

@@ -400,8 +400,9 @@ async fn warm_pool(
 pub struct UsageQuery {
     /// Only this channel.
     pub channel: Option<String>,
-    /// A window back from now (`30m`, `24h`, `7d`, `4w`) or a UTC date (`2026-12-01`); default
-    /// `7d`.
+    /// A window back from now (`30m`, `24h`, `7d`, `4w`: 1 unit to ten years) or a UTC date
+    /// (`2026-12-01`); default `7d`.
+    #[param(pattern = r"^([0-9]{1,4}[mhdw]|[0-9]{4}-[0-9]{2}-[0-9]{2})$")]
     pub since: Option<String>,
     /// Rows per `day` (UTC), `channel` (default) or `source`.
     pub by: Option<crate::store::UsageBy>,

@@ -196,6 +196,35 @@ pub struct SetChannel {
     #[serde(default, deserialize_with = "present_ports")]
     #[schema(value_type = Option<Vec<TcpPort>>)]
     pub allowed_ports: Option<Option<Vec<u16>>>,
+    /// The most one job's turn may cost (USD) before it is stopped; `null`: `[budget]
+    /// job_max_cost_usd`.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<f64>, minimum = 0, maximum = 1000000)]
+    pub budget_job_usd: Option<Option<f64>>,
+    /// The most tokens one job's turn may use; `null`: `[budget] job_max_tokens`.
+    #[serde(default, deserialize_with = "present_integer")]
+    #[schema(value_type = Option<i64>, minimum = 1)]
+    pub budget_job_tokens: Option<Option<i64>>,
+}
+
+/// An optional whole number as JSON Schema counts integers (`5` and `5.0` alike); present
+/// (even `null`) is `Some`.
+fn present_integer<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<i64>>, D::Error> {
+    use serde::de::Error;
+    match Option::<serde_json::Number>::deserialize(d)? {
+        None => Ok(Some(None)),
+        Some(n) => n
+            .as_i64()
+            .or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.fract() == 0.0 && f.abs() <= 9.0e15)
+                    .map(|f| f as i64)
+            })
+            .map(|i| Some(Some(i)))
+            .ok_or_else(|| D::Error::custom(format!("{n} is not a whole number"))),
+    }
 }
 
 /// A list of TCP ports as JSON Schema counts integers (`443` and `443.0` alike), each 1 to
@@ -269,6 +298,8 @@ async fn set_channel(
         permission_policy: body.permission_policy,
         sandbox: body.sandbox,
         allowed_ports: body.allowed_ports,
+        budget_job_usd: body.budget_job_usd,
+        budget_job_tokens: body.budget_job_tokens,
     };
     let channel = channels::update(&st.store, &name, changes)
         .await?

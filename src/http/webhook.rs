@@ -50,6 +50,14 @@ pub struct WebhookRequest {
     #[schema(minimum = -1000, maximum = 1000)]
     #[serde(default, deserialize_with = "integral")]
     pub priority: Option<i64>,
+    /// Stop the job's turn after this many seconds (below `[acp] prompt_timeout_secs`).
+    #[schema(minimum = 1, maximum = 604800)]
+    #[serde(default, deserialize_with = "integral")]
+    pub timeout_secs: Option<i64>,
+    /// Stop the job once its turn costs more than this (USD), below the channel's per-job
+    /// budget; it ends `failed` with stop reason `budget`.
+    #[schema(minimum = 0, maximum = 1000000)]
+    pub max_cost_usd: Option<f64>,
 }
 
 /// An optional integer as JSON Schema counts integers: `5` and `5.0` alike.
@@ -285,6 +293,8 @@ pub fn decode_body(
             }
             let mut job = NewJob::new(channel.id, Source::Webhook, req.prompt);
             job.priority = req.priority.unwrap_or(0);
+            job.timeout_secs = req.timeout_secs;
+            job.max_cost_usd = req.max_cost_usd;
             job.idempotency_key = req.idempotency_key.or_else(|| {
                 headers
                     .get("idempotency-key")
@@ -504,6 +514,8 @@ mod tests {
             created_at: 0,
             sandbox: None,
             allowed_ports: None,
+            budget_job_usd: None,
+            budget_job_tokens: None,
             webhook_token_sha256: None,
             webhook_secret: None,
             webhook_template: template.map(str::to_string),

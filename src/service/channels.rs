@@ -27,11 +27,30 @@ pub struct NewChannelSpec {
 
 /// Changes to a channel: each `Some` is set; for the sandbox and the ports, `Some(None)` goes
 /// back to the config's.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Changes {
     pub permission_policy: Option<PermissionPolicy>,
     pub sandbox: Option<Option<SandboxMode>>,
     pub allowed_ports: Option<Option<Vec<u16>>>,
+    /// The per-job cost budget (USD); `Some(None)`: `[budget] job_max_cost_usd`.
+    pub budget_job_usd: Option<Option<f64>>,
+    /// The per-job token budget; `Some(None)`: `[budget] job_max_tokens`.
+    pub budget_job_tokens: Option<Option<i64>>,
+}
+
+/// Refuses a budget that is negative, not a number, or absurd (nothing is written).
+pub fn check_budget(usd: Option<f64>, tokens: Option<i64>) -> Result<(), StoreError> {
+    if usd.is_some_and(|c| !c.is_finite() || !(0.0..=1e6).contains(&c)) {
+        return Err(StoreError::Invalid(
+            "a cost budget is a number of USD from 0 to 1000000".into(),
+        ));
+    }
+    if tokens.is_some_and(|t| t < 1) {
+        return Err(StoreError::Invalid(
+            "a token budget is a whole number, 1 or more".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses port 0 (nothing is written).
@@ -165,9 +184,13 @@ pub async fn update(
     if let Some(Some(p)) = &changes.allowed_ports {
         check_ports(p)?;
     }
-    if store.channel_get(name).await?.is_none() {
+    check_budget(
+        changes.budget_job_usd.flatten(),
+        changes.budget_job_tokens.flatten(),
+    )?;
+    let Some(current) = store.channel_get(name).await? else {
         return Ok(None);
-    }
+    };
     if let Some(p) = changes.permission_policy {
         store.channel_set_policy(name, p).await?;
     }
@@ -176,6 +199,17 @@ pub async fn update(
     }
     if let Some(p) = changes.allowed_ports {
         store.channel_set_allowed_ports(name, p).await?;
+    }
+    if changes.budget_job_usd.is_some() || changes.budget_job_tokens.is_some() {
+        store
+            .channel_set_job_budget(
+                name,
+                changes.budget_job_usd.unwrap_or(current.budget_job_usd),
+                changes
+                    .budget_job_tokens
+                    .unwrap_or(current.budget_job_tokens),
+            )
+            .await?;
     }
     store.channel_get(name).await
 }

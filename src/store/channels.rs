@@ -13,8 +13,8 @@ macro_rules! select_channels {
             r#"SELECT id AS "id!", name, webhook_id, agent_binary, agent_args,
                       permission_policy AS "permission_policy: PermissionPolicy",
                       matrix_room_id, acp_session_id, created_at,
-                      sandbox AS "sandbox?: SandboxMode", allowed_ports, webhook_token_sha256,
-                      webhook_secret, webhook_template
+                      sandbox AS "sandbox?: SandboxMode", allowed_ports, budget_job_usd,
+                      budget_job_tokens, webhook_token_sha256, webhook_secret, webhook_template
                FROM channels "# + $tail
             $(, $arg)*
         )
@@ -136,6 +136,46 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Sets the channel's per-job budget overrides (`None`: back to `[budget]`'s); false when
+    /// there is no such channel.
+    pub async fn channel_set_job_budget(
+        &self,
+        name: &str,
+        max_cost_usd: Option<f64>,
+        max_tokens: Option<i64>,
+    ) -> Result<bool> {
+        self.write(SetJobBudget {
+            name: name.to_string(),
+            max_cost_usd,
+            max_tokens,
+        })
+        .await
+    }
+}
+
+struct SetJobBudget {
+    name: String,
+    max_cost_usd: Option<f64>,
+    max_tokens: Option<i64>,
+}
+
+impl Write for SetJobBudget {
+    type Output = bool;
+
+    async fn apply(&self, conn: &mut Conn) -> Applied<bool> {
+        let r = sqlx::query!(
+            "UPDATE channels SET budget_job_usd = ?2, budget_job_tokens = ?3 WHERE name = ?1",
+            self.name,
+            self.max_cost_usd,
+            self.max_tokens
+        )
+        .execute(&mut *conn)
+        .await?;
+        Ok(Ok(r.rows_affected() == 1))
+    }
+}
+
 struct SetSandbox {
     name: String,
     mode: Option<SandboxMode>,
@@ -226,8 +266,9 @@ impl Write for Insert {
                RETURNING id AS "id!", name, webhook_id, agent_binary, agent_args,
                          permission_policy AS "permission_policy: PermissionPolicy",
                          matrix_room_id, acp_session_id, created_at,
-                         sandbox AS "sandbox?: SandboxMode", allowed_ports, webhook_token_sha256,
-                         webhook_secret, webhook_template"#,
+                         sandbox AS "sandbox?: SandboxMode", allowed_ports, budget_job_usd,
+                         budget_job_tokens, webhook_token_sha256, webhook_secret,
+                         webhook_template"#,
             ch.name,
             webhook_id,
             ch.agent_binary,

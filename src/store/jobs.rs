@@ -26,7 +26,8 @@ macro_rules! select_jobs {
                       j.cancel_requested AS "cancel_requested: bool",
                       j.idempotency_key, j.reply_target, j.stop_reason, j.error, j.created_at,
                       j.started_at, j.finished_at, j.schedule_id, j.scheduled_for,
-                      c.permission_policy AS "permission_policy: PermissionPolicy"
+                      c.permission_policy AS "permission_policy: PermissionPolicy",
+                      j.timeout_secs, j.max_cost_usd, c.budget_job_usd, c.budget_job_tokens
                FROM jobs j JOIN channels c ON c.id = j.channel_id "# + $tail
             $(, $arg)*
         )
@@ -48,7 +49,12 @@ macro_rules! update_returning_jobs {
                          idempotency_key, reply_target, stop_reason, error, created_at,
                          started_at, finished_at, schedule_id, scheduled_for,
                          (SELECT c.permission_policy FROM channels c WHERE c.id = jobs.channel_id)
-                             AS "permission_policy!: PermissionPolicy""#
+                             AS "permission_policy!: PermissionPolicy",
+                         timeout_secs, max_cost_usd,
+                         (SELECT c.budget_job_usd FROM channels c WHERE c.id = jobs.channel_id)
+                             AS "budget_job_usd?: f64",
+                         (SELECT c.budget_job_tokens FROM channels c WHERE c.id = jobs.channel_id)
+                             AS "budget_job_tokens?: i64""#
             $(, $arg)*
         )
     };
@@ -157,6 +163,26 @@ impl Store {
             error,
             retry_at,
             now,
+            stop_reason: None,
+        })
+        .await
+    }
+
+    /// `running → failed` for good with a stop reason (a limit it passed, such as `budget`), if
+    /// the lease still holds.
+    pub async fn job_stop_if_running(
+        &self,
+        lease: &Lease,
+        stop_reason: &str,
+        error: String,
+        now: Millis,
+    ) -> Result<Option<JobState>> {
+        self.write(Fail {
+            lease: lease.clone(),
+            error,
+            retry_at: None,
+            now,
+            stop_reason: Some(stop_reason.to_string()),
         })
         .await
     }
@@ -395,6 +421,8 @@ pub(super) struct JobRow<'a> {
     created_at: Millis,
     schedule_id: Option<i64>,
     scheduled_for: Option<Millis>,
+    timeout_secs: Option<i64>,
+    max_cost_usd: Option<f64>,
 }
 
 impl<'a> JobRow<'a> {
@@ -412,6 +440,8 @@ impl<'a> JobRow<'a> {
             created_at: now,
             schedule_id: j.schedule_id,
             scheduled_for: j.scheduled_for,
+            timeout_secs: j.timeout_secs,
+            max_cost_usd: j.max_cost_usd,
         }
     }
 }
@@ -429,11 +459,12 @@ pub(super) async fn insert_jobs(
         let ids = sqlx::query_scalar!(
             r#"INSERT INTO jobs (id, channel_id, source, prompt, priority, max_attempts, run_at,
                                  idempotency_key, reply_target, created_at, schedule_id,
-                                 scheduled_for)
+                                 scheduled_for, timeout_secs, max_cost_usd)
                SELECT value ->> 'id', value ->> 'channel_id', value ->> 'source', value ->> 'prompt',
                       value ->> 'priority', value ->> 'max_attempts', value ->> 'run_at',
                       value ->> 'idempotency_key', value ->> 'reply_target', value ->> 'created_at',
-                      value ->> 'schedule_id', value ->> 'scheduled_for'
+                      value ->> 'schedule_id', value ->> 'scheduled_for', value ->> 'timeout_secs',
+                      value ->> 'max_cost_usd'
                FROM json_each(?1) WHERE true
                ON CONFLICT (channel_id, source, idempotency_key) WHERE idempotency_key IS NOT NULL
                DO NOTHING
@@ -624,6 +655,8 @@ struct Fail {
     error: String,
     retry_at: Option<Millis>,
     now: Millis,
+    /// Why the job stopped, when not an error of the agent's (`budget`).
+    stop_reason: Option<String>,
 }
 
 impl Write for Fail {
@@ -641,7 +674,7 @@ impl Write for Fail {
                    finished_at = CASE WHEN ?5 IS NOT NULL
                                            AND attempt - interruptions < max_attempts
                                       THEN NULL ELSE ?6 END,
-                   stop_reason = NULL,
+                   stop_reason = ?7,
                    error = ?4, lease_owner = NULL, lease_expires_at = NULL
                WHERE id = ?1 AND state = 'running' AND attempt = ?2 AND lease_owner = ?3
                RETURNING state AS "state!: JobState""#,
@@ -650,7 +683,8 @@ impl Write for Fail {
             lease.owner,
             self.error,
             self.retry_at,
-            self.now
+            self.now,
+            self.stop_reason
         )
         .fetch_optional(&mut *conn)
         .await?))

@@ -45,6 +45,10 @@ pub struct Channel {
     pub sandbox: Option<SandboxMode>,
     /// Overrides `[acp] allowed_ports`: a JSON array of TCP ports (none: the config's).
     pub allowed_ports: Option<String>,
+    /// Overrides `[budget] job_max_cost_usd` (none: the config's).
+    pub budget_job_usd: Option<f64>,
+    /// Overrides `[budget] job_max_tokens` (none: the config's).
+    pub budget_job_tokens: Option<i64>,
     /// SHA-256 of the channel's own webhook bearer token (never serialised).
     #[serde(skip)]
     #[schema(ignore)]
@@ -141,6 +145,17 @@ pub struct Job {
     #[serde(skip)]
     #[schema(ignore)]
     pub permission_policy: PermissionPolicy,
+    /// A limit on this job's turn below `[acp] prompt_timeout_secs`.
+    pub timeout_secs: Option<i64>,
+    /// A limit on this job's cost below the channel's per-job budget.
+    pub max_cost_usd: Option<f64>,
+    /// The channel's per-job budget overrides, read with the row like the policy.
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub budget_job_usd: Option<f64>,
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub budget_job_tokens: Option<i64>,
 }
 
 impl Job {
@@ -184,6 +199,10 @@ pub struct NewJob {
     /// The schedule and slot this job fires (source `schedule`).
     pub schedule_id: Option<i64>,
     pub scheduled_for: Option<Millis>,
+    /// A limit on the job's turn (seconds).
+    pub timeout_secs: Option<i64>,
+    /// A limit on the job's cost (USD).
+    pub max_cost_usd: Option<f64>,
 }
 
 impl NewJob {
@@ -199,6 +218,8 @@ impl NewJob {
             reply_target: None,
             schedule_id: None,
             scheduled_for: None,
+            timeout_secs: None,
+            max_cost_usd: None,
         }
     }
 }
@@ -222,6 +243,18 @@ impl NewJob {
         }
         if !(-1000..=1000).contains(&self.priority) {
             return Err("priority must be between -1000 and 1000".into());
+        }
+        if self
+            .timeout_secs
+            .is_some_and(|t| !(1..=7 * 86_400).contains(&t))
+        {
+            return Err("timeout_secs must be between 1 and 604800 (a week)".into());
+        }
+        if self
+            .max_cost_usd
+            .is_some_and(|c| !c.is_finite() || !(0.0..=1e6).contains(&c))
+        {
+            return Err("max_cost_usd must be a number from 0 to 1000000".into());
         }
         if let Some(k) = &self.idempotency_key {
             if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_BYTES {

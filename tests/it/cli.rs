@@ -1080,11 +1080,15 @@ async fn sandbox_settings_are_checked_and_shown_by_doctor_channels_and_login() {
             "expected TCP ports from 1 to 65535",
         ),
         ("sandbox = \"bubblewrap\"", "landlock"),
+        ("[budget]\njob_max_cost_usd = -1", "budget.job_max_cost_usd"),
+        ("[budget]\njob_max_tokens = 0", "budget.job_max_tokens"),
     ] {
         let env = Env::new();
         let path = env.config_path();
         let text = std::fs::read_to_string(&path).unwrap();
-        let text = if line.starts_with("extra_writable") {
+        let text = if line.starts_with("[budget]") {
+            format!("{text}\n{line}\n")
+        } else if line.starts_with("extra_writable") {
             text.lines()
                 .map(|l| {
                     if l.starts_with("extra_writable") {
@@ -1141,6 +1145,12 @@ async fn sandbox_settings_are_checked_and_shown_by_doctor_channels_and_login() {
     assert!(out.contains("allowed ports any"), "{out}");
     let out = env.ok(&["channels", "set", "boxed", "--sandbox", "landlock"]);
     assert!(out.contains("sandbox landlock,"), "{out}");
+    let out = env.ok(&["channels", "set", "boxed", "--budget-job-usd", "2.5"]);
+    assert!(
+        out.contains("per-job budget 2.5 USD / no token limit"),
+        "{out}"
+    );
+    let jobs_before = env.ok(&["--json", "jobs"]);
     for (args, want) in [
         (&["channels", "set", "boxed", "--allowed-ports", "0"][..], 2),
         (
@@ -1150,12 +1160,31 @@ async fn sandbox_settings_are_checked_and_shown_by_doctor_channels_and_login() {
         (&["channels", "set", "boxed", "--sandbox", "jail"][..], 2),
         (&["channels", "set", "boxed"][..], 2),
         (&["channels", "set", "nope", "--sandbox", "none"][..], 3),
+        (
+            &["channels", "set", "boxed", "--budget-job-usd", "-1"][..],
+            2,
+        ),
+        (
+            &["channels", "set", "boxed", "--budget-job-usd", "lots"][..],
+            2,
+        ),
+        (
+            &["channels", "set", "boxed", "--budget-job-tokens", "0"][..],
+            2,
+        ),
+        (&["enqueue", "boxed", "x", "--max-cost-usd", "-2"][..], 2),
+        (&["enqueue", "boxed", "x", "--timeout-secs", "0"][..], 2),
         (&["channels", "add", "x", "--allowed-ports", "70000"][..], 2),
     ] {
         let out = env.run(args);
         assert_eq!(code(&out), want, "{args:?}: {}", stderr(&out));
     }
 
+    assert_eq!(
+        env.ok(&["--json", "jobs"]),
+        jobs_before,
+        "refused enqueues wrote nothing"
+    );
     // `channels login` prints the agent's HOME and TMPDIR, or runs a command with them.
     let out = env.ok(&["channels", "login", "boxed"]);
     let home = env.dir.path().join("agents/boxed/home");
@@ -1183,7 +1212,7 @@ async fn usage_is_reported_by_the_cli_the_api_and_the_metrics() {
     let base = with_http(&env);
     env.ok(&["channels", "add", "spend"]);
     env.ok(&["channels", "add", "quiet"]);
-    let mut server = env.start();
+    let server = env.start();
     healthy(&base).await;
     for prompt in [
         "@usage in=10 out=20 cost=0.5\n@reply a",

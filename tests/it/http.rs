@@ -242,6 +242,27 @@ async fn every_webhook_error_is_json_and_writes_nothing() {
             StatusCode::BAD_REQUEST,
             "bad query",
         ),
+        (
+            r.post()
+                .bearer_auth(CHANNEL_TOKEN)
+                .body(r#"{"prompt":"x","max_cost_usd":-1}"#),
+            StatusCode::BAD_REQUEST,
+            "max_cost_usd must be a number from 0",
+        ),
+        (
+            r.post()
+                .bearer_auth(CHANNEL_TOKEN)
+                .body(r#"{"prompt":"x","timeout_secs":0}"#),
+            StatusCode::BAD_REQUEST,
+            "timeout_secs must be between 1",
+        ),
+        (
+            r.post()
+                .bearer_auth(CHANNEL_TOKEN)
+                .body(r#"{"prompt":"x","max_cost_usd":"lots"}"#),
+            StatusCode::BAD_REQUEST,
+            "invalid request",
+        ),
     ];
     for (req, want, needle) in cases {
         let (status, body) = error_of(req.send().await.unwrap()).await;
@@ -814,6 +835,7 @@ async fn openapi_document_matches_the_routes() {
         ("GET", "/api/channels"),
         ("POST", "/api/channels"),
         ("GET", "/api/warm"),
+        ("GET", "/api/usage"),
         ("GET", "/api/schedules"),
         ("POST", "/api/schedules"),
         ("DELETE", "/api/schedules/{id}"),
@@ -1288,6 +1310,10 @@ async fn api_sets_a_channels_sandbox_and_ports_and_refuses_bad_changes() {
     let before = r.store.channel_get("alpha").await.unwrap().unwrap();
     for body in [
         r#"[null, null]"#,
+        r#"{"budget_job_usd": -1}"#,
+        r#"{"budget_job_usd": "1"}"#,
+        r#"{"budget_job_tokens": 0}"#,
+        r#"{"budget_job_tokens": 1.5}"#,
         r#"{"sandbox": "jail"}"#,
         r#"{"allowed_ports": [0]}"#,
         r#"{"allowed_ports": [70000]}"#,
@@ -1302,6 +1328,19 @@ async fn api_sets_a_channels_sandbox_and_ports_and_refuses_bad_changes() {
         r.store.channel_get("alpha").await.unwrap().unwrap(),
         before,
         "nothing written"
+    );
+    let ch: Value = patch(r#"{"budget_job_usd": 2.5, "budget_job_tokens": 1000.0}"#)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            ch["budget_job_usd"].as_f64(),
+            ch["budget_job_tokens"].as_i64()
+        ),
+        (Some(2.5), Some(1000))
     );
     // An empty change is the channel as it is; null goes back to the config's.
     let same: Value = patch("{}").await.unwrap().json().await.unwrap();

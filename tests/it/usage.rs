@@ -102,3 +102,119 @@ async fn each_turn_records_its_own_part_of_the_sessions_cost_and_every_attempt_c
     assert!((cost - 3.0).abs() < 1e-6);
     g.stop().await;
 }
+
+/// The pid of a job's agent, from its `session` event.
+async fn agent_pid(g: &Gorp, job: &str) -> serde_json::Value {
+    g.store
+        .job_events_list(job, 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|e| e.kind == "session")
+        .and_then(|e| e.data)
+        .expect("session event")["pid"]
+        .clone()
+}
+
+#[tokio::test]
+async fn a_turn_that_passes_its_budget_is_stopped_at_once_and_not_retried() {
+    let g = Gorp::start(|c| c.budget.job_max_cost_usd = Some(1.0)).await;
+    let ch = g.channel("capped", |_| {}).await;
+    let (job, out) = g
+        .run(
+            ch,
+            "@usage in=1 out=1 cost=0.6\n@reply half\n@usage in=1 out=1 cost=0.6\n@hang\n@reply never",
+        )
+        .await;
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.stop_reason.as_deref(), Some("budget"));
+    assert_eq!(job.attempt, 1, "not retried (max_attempts 3)");
+    let error = job.error.clone().unwrap();
+    assert!(
+        error.contains("cost 1.2000 USD, more than 1.0000 USD ([budget] job_max_cost_usd)"),
+        "{error}"
+    );
+    assert!(!out.contains("never"), "{out}");
+    let events = g.store.job_events_list(&job.id, 0, 1000).await.unwrap();
+    let budget: Vec<_> = events.iter().filter(|e| e.kind == "budget").collect();
+    assert_eq!(budget.len(), 1, "said once");
+    let data = budget[0].data.clone().unwrap();
+    assert_eq!(data["limit"], "cost_usd");
+    assert_eq!(data["max"], 1.0);
+    assert!((data["used"].as_f64().unwrap() - 1.2).abs() < 1e-9);
+    // What it spent is spend all the same.
+    let spent = g
+        .store
+        .usage_report(&filter(UsageBy::Channel, Some("capped")))
+        .await
+        .unwrap();
+    assert!((spent[0].cost_usd - 1.2).abs() < 1e-9);
+    // The agent was restarted: the next job gets a fresh one.
+    let (next, out) = g.run(ch, "@reply fine").await;
+    assert_eq!((next.state, out.as_str()), (JobState::Succeeded, "fine"));
+    assert_ne!(agent_pid(&g, &job.id).await, agent_pid(&g, &next.id).await);
+
+    // A channel's token budget, and a job's own cost limit below the channel's.
+    gorp::service::channels::update(
+        &g.store,
+        "capped",
+        gorp::service::channels::Changes {
+            budget_job_tokens: Some(Some(50)),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let (job, _) = g.run(ch, "@usage in=30 out=30\n@hang").await;
+    assert_eq!(job.stop_reason.as_deref(), Some("budget"));
+    assert!(job
+        .error
+        .unwrap()
+        .contains("used 60 tokens, more than 50 (the channel's per-job token budget)"));
+    let mut own = gorp::store::NewJob::new(ch, gorp::store::Source::Cli, "@usage cost=0.2\n@hang");
+    own.max_cost_usd = Some(0.1);
+    let id = g
+        .store
+        .job_insert(own, gorp::store::now_ms())
+        .await
+        .unwrap()
+        .job_id;
+    let job = g.wait_done(&id).await;
+    assert_eq!(job.stop_reason.as_deref(), Some("budget"));
+    assert!(job.error.unwrap().contains("(the job's max_cost_usd)"));
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn a_jobs_own_timeout_stops_its_turn_below_the_prompt_timeout() {
+    let g = Gorp::start(|c| c.acp.prompt_timeout_secs = 600).await;
+    let ch = g.channel("quick", |_| {}).await;
+    let mut job = gorp::store::NewJob::new(ch, gorp::store::Source::Cli, "@hang");
+    job.timeout_secs = Some(1);
+    job.max_attempts = 1;
+    let id = g
+        .store
+        .job_insert(job, gorp::store::now_ms())
+        .await
+        .unwrap()
+        .job_id;
+    let t = std::time::Instant::now();
+    let done = g.wait_done(&id).await;
+    assert_eq!(done.state, JobState::Failed);
+    assert!(done.error.unwrap().contains("timed out after 1s"));
+    assert!(t.elapsed() < std::time::Duration::from_secs(60));
+    // Out-of-range limits are refused at enqueue, nothing written.
+    for (timeout, cost) in [
+        (Some(0), None),
+        (Some(700_000), None),
+        (None, Some(-1.0)),
+        (None, Some(f64::NAN)),
+    ] {
+        let mut j = gorp::store::NewJob::new(ch, gorp::store::Source::Cli, "x");
+        j.timeout_secs = timeout;
+        j.max_cost_usd = cost;
+        assert!(g.store.job_insert(j, gorp::store::now_ms()).await.is_err());
+    }
+    g.stop().await;
+}
