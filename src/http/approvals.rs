@@ -207,24 +207,11 @@ pub struct SetChannel {
     pub budget_job_tokens: Option<Option<i64>>,
 }
 
-/// An optional whole number as JSON Schema counts integers (`5` and `5.0` alike); present
-/// (even `null`) is `Some`.
+/// An optional whole number as JSON Schema counts integers; present (even `null`) is `Some`.
 fn present_integer<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<Option<Option<i64>>, D::Error> {
-    use serde::de::Error;
-    match Option::<serde_json::Number>::deserialize(d)? {
-        None => Ok(Some(None)),
-        Some(n) => n
-            .as_i64()
-            .or_else(|| {
-                n.as_f64()
-                    .filter(|f| f.fract() == 0.0 && f.abs() <= 9.0e15)
-                    .map(|f| f as i64)
-            })
-            .map(|i| Some(Some(i)))
-            .ok_or_else(|| D::Error::custom(format!("{n} is not a whole number"))),
-    }
+    super::webhook::integral(d).map(Some)
 }
 
 /// A list of TCP ports as JSON Schema counts integers (`443` and `443.0` alike), each 1 to

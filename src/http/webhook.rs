@@ -61,7 +61,7 @@ pub struct WebhookRequest {
 }
 
 /// An optional integer as JSON Schema counts integers: `5` and `5.0` alike.
-fn integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+pub(super) fn integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
     use serde::de::Error;
     match Option::<serde_json::Number>::deserialize(d)? {
         None => Ok(None),

@@ -174,7 +174,7 @@ pub async fn set_policy(
     store.channel_get(name).await
 }
 
-/// Applies `changes` to a channel; `None` when there is no such channel. The sandbox and the
+/// Applies `changes` to a channel, all in one write; `None` when there is no such channel. The sandbox and the
 /// ports apply from the agent's next start (`gorp warm` shows the sandbox in force).
 pub async fn update(
     store: &Store,
@@ -188,28 +188,17 @@ pub async fn update(
         changes.budget_job_usd.flatten(),
         changes.budget_job_tokens.flatten(),
     )?;
-    let Some(current) = store.channel_get(name).await? else {
-        return Ok(None);
+    let update = crate::store::ChannelUpdate {
+        permission_policy: changes.permission_policy,
+        sandbox: changes.sandbox,
+        allowed_ports: changes
+            .allowed_ports
+            .map(|p| p.map(|p| serde_json::to_string(&p).expect("ports serialise"))),
+        budget_job_usd: changes.budget_job_usd,
+        budget_job_tokens: changes.budget_job_tokens,
     };
-    if let Some(p) = changes.permission_policy {
-        store.channel_set_policy(name, p).await?;
-    }
-    if let Some(m) = changes.sandbox {
-        store.channel_set_sandbox(name, m).await?;
-    }
-    if let Some(p) = changes.allowed_ports {
-        store.channel_set_allowed_ports(name, p).await?;
-    }
-    if changes.budget_job_usd.is_some() || changes.budget_job_tokens.is_some() {
-        store
-            .channel_set_job_budget(
-                name,
-                changes.budget_job_usd.unwrap_or(current.budget_job_usd),
-                changes
-                    .budget_job_tokens
-                    .unwrap_or(current.budget_job_tokens),
-            )
-            .await?;
+    if !store.channel_update(name, update).await? {
+        return Ok(None);
     }
     store.channel_get(name).await
 }

@@ -104,131 +104,68 @@ impl Store {
 
     /// Sets the channel's permission policy; false when there is no such channel.
     pub async fn channel_set_policy(&self, name: &str, policy: PermissionPolicy) -> Result<bool> {
-        self.write(SetPolicy {
-            name: name.to_string(),
-            policy,
-        })
-        .await
+        let u = ChannelUpdate {
+            permission_policy: Some(policy),
+            ..ChannelUpdate::default()
+        };
+        self.channel_update(name, u).await
     }
 
-    /// Sets the channel's sandbox override (`None`: back to `[acp] sandbox`); false when there
-    /// is no such channel.
-    pub async fn channel_set_sandbox(&self, name: &str, mode: Option<SandboxMode>) -> Result<bool> {
-        self.write(SetSandbox {
+    /// Applies `u` to the channel in one statement; false when there is no such channel.
+    pub async fn channel_update(&self, name: &str, u: ChannelUpdate) -> Result<bool> {
+        self.write(Update {
             name: name.to_string(),
-            mode,
-        })
-        .await
-    }
-
-    /// Sets the channel's TCP port filter (`None`: back to `[acp] allowed_ports`); false when
-    /// there is no such channel.
-    pub async fn channel_set_allowed_ports(
-        &self,
-        name: &str,
-        ports: Option<Vec<u16>>,
-    ) -> Result<bool> {
-        self.write(SetPorts {
-            name: name.to_string(),
-            ports: ports.map(|p| serde_json::to_string(&p).expect("ports serialise")),
+            u,
         })
         .await
     }
 }
 
-impl Store {
-    /// Sets the channel's per-job budget overrides (`None`: back to `[budget]`'s); false when
-    /// there is no such channel.
-    pub async fn channel_set_job_budget(
-        &self,
-        name: &str,
-        max_cost_usd: Option<f64>,
-        max_tokens: Option<i64>,
-    ) -> Result<bool> {
-        self.write(SetJobBudget {
-            name: name.to_string(),
-            max_cost_usd,
-            max_tokens,
-        })
-        .await
-    }
+/// Changes to a channel's settings, applied together: each `Some` is set; for the overrides,
+/// `Some(None)` goes back to the config's.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChannelUpdate {
+    pub permission_policy: Option<PermissionPolicy>,
+    pub sandbox: Option<Option<SandboxMode>>,
+    /// A JSON array of TCP ports.
+    pub allowed_ports: Option<Option<String>>,
+    pub budget_job_usd: Option<Option<f64>>,
+    pub budget_job_tokens: Option<Option<i64>>,
 }
 
-struct SetJobBudget {
+struct Update {
     name: String,
-    max_cost_usd: Option<f64>,
-    max_tokens: Option<i64>,
+    u: ChannelUpdate,
 }
 
-impl Write for SetJobBudget {
+impl Write for Update {
     type Output = bool;
 
     async fn apply(&self, conn: &mut Conn) -> Applied<bool> {
+        let u = &self.u;
+        // For each override: whether to set it, and to what (NULL: the config's).
+        let (set_sandbox, sandbox) = (u.sandbox.is_some(), u.sandbox.flatten());
+        let (set_ports, ports) = (u.allowed_ports.is_some(), u.allowed_ports.clone().flatten());
+        let (set_usd, usd) = (u.budget_job_usd.is_some(), u.budget_job_usd.flatten());
+        let (set_tokens, tokens) = (u.budget_job_tokens.is_some(), u.budget_job_tokens.flatten());
         let r = sqlx::query!(
-            "UPDATE channels SET budget_job_usd = ?2, budget_job_tokens = ?3 WHERE name = ?1",
+            r#"UPDATE channels
+               SET permission_policy = coalesce(?2, permission_policy),
+                   sandbox = CASE WHEN ?3 THEN ?4 ELSE sandbox END,
+                   allowed_ports = CASE WHEN ?5 THEN ?6 ELSE allowed_ports END,
+                   budget_job_usd = CASE WHEN ?7 THEN ?8 ELSE budget_job_usd END,
+                   budget_job_tokens = CASE WHEN ?9 THEN ?10 ELSE budget_job_tokens END
+               WHERE name = ?1"#,
             self.name,
-            self.max_cost_usd,
-            self.max_tokens
-        )
-        .execute(&mut *conn)
-        .await?;
-        Ok(Ok(r.rows_affected() == 1))
-    }
-}
-
-struct SetSandbox {
-    name: String,
-    mode: Option<SandboxMode>,
-}
-
-impl Write for SetSandbox {
-    type Output = bool;
-
-    async fn apply(&self, conn: &mut Conn) -> Applied<bool> {
-        let r = sqlx::query!(
-            "UPDATE channels SET sandbox = ?2 WHERE name = ?1",
-            self.name,
-            self.mode
-        )
-        .execute(&mut *conn)
-        .await?;
-        Ok(Ok(r.rows_affected() == 1))
-    }
-}
-
-struct SetPorts {
-    name: String,
-    ports: Option<String>,
-}
-
-impl Write for SetPorts {
-    type Output = bool;
-
-    async fn apply(&self, conn: &mut Conn) -> Applied<bool> {
-        let r = sqlx::query!(
-            "UPDATE channels SET allowed_ports = ?2 WHERE name = ?1",
-            self.name,
-            self.ports
-        )
-        .execute(&mut *conn)
-        .await?;
-        Ok(Ok(r.rows_affected() == 1))
-    }
-}
-
-struct SetPolicy {
-    name: String,
-    policy: PermissionPolicy,
-}
-
-impl Write for SetPolicy {
-    type Output = bool;
-
-    async fn apply(&self, conn: &mut Conn) -> Applied<bool> {
-        let r = sqlx::query!(
-            "UPDATE channels SET permission_policy = ?2 WHERE name = ?1",
-            self.name,
-            self.policy
+            u.permission_policy,
+            set_sandbox,
+            sandbox,
+            set_ports,
+            ports,
+            set_usd,
+            usd,
+            set_tokens,
+            tokens
         )
         .execute(&mut *conn)
         .await?;

@@ -46,6 +46,7 @@ use sqlx::sqlite::{
 use sqlx::ConnectOptions;
 use tokio::sync::{mpsc, watch, Notify};
 
+pub use channels::ChannelUpdate;
 pub use matrix::{MatrixApprovalDue, MatrixReply, MatrixReplyUpdate, MatrixTarget};
 pub use types::*;
 pub use warm::WarmUpdate;
