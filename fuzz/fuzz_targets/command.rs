@@ -8,7 +8,9 @@
 //! canonical form parses to itself; every error is one line.
 #![no_main]
 
-use gorp::matrix::command::{parse, Command, ScheduleCommand, MAX_JOBS, MAX_JOB_ID_LEN};
+use gorp::matrix::command::{
+    parse, BudgetSet, Command, ScheduleCommand, MAX_JOBS, MAX_JOB_ID_LEN,
+};
 use gorp::store::validate_channel_name;
 use libfuzzer_sys::fuzz_target;
 
@@ -128,6 +130,13 @@ fn canonical(cmd: &Command) -> String {
         Command::Answer { id: None, answer } => format!("!answer {answer}"),
         Command::Rules { remove: Some(id) } => format!("!rules rm {id}"),
         Command::Rules { remove: None } => "!rules".into(),
+        Command::Usage { since: Some(s) } => format!("!usage {s}"),
+        Command::Usage { since: None } => "!usage".into(),
+        Command::Budget { set: None } => "!budget".into(),
+        Command::Budget { set: Some(BudgetSet::JobUsd(Some(c))) } => format!("!budget job {c}"),
+        Command::Budget { set: Some(BudgetSet::JobUsd(None)) } => "!budget job default".into(),
+        Command::Budget { set: Some(BudgetSet::JobTokens(Some(t))) } => format!("!budget tokens {t}"),
+        Command::Budget { set: Some(BudgetSet::JobTokens(None)) } => "!budget tokens default".into(),
         Command::Policy { set: Some(p) } => format!("!policy {p}"),
         Command::Policy { set: None } => "!policy".into(),
     }

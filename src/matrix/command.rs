@@ -21,7 +21,7 @@ pub const MAX_JOBS: i64 = 50;
 pub const MAX_JOB_ID_LEN: usize = 64;
 
 /// A well-formed command.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     /// `!help`: the list of commands ([`strings::HELP`]).
     Help,
@@ -64,6 +64,21 @@ pub enum Command {
     Rules { remove: Option<i64> },
     /// `!policy [allow|deny|ask]`: shows or sets this room's channel's permission policy.
     Policy { set: Option<PermissionPolicy> },
+    /// `!usage [since]`: what this room's channel spent, per day (`since` as `gorp usage` reads
+    /// it; 7 days when omitted).
+    Usage { since: Option<String> },
+    /// `!budget`: this room's channel's limits; `!budget job <usd>|tokens <n>` sets the per-job
+    /// cost or token budget (`default`: the config's).
+    Budget { set: Option<BudgetSet> },
+}
+
+/// A change `!budget` makes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BudgetSet {
+    /// The per-job cost budget in USD (`None`: `[budget]`'s).
+    JobUsd(Option<f64>),
+    /// The per-job token budget (`None`: `[budget]`'s).
+    JobTokens(Option<i64>),
 }
 
 /// The subcommands of `!schedule`.
@@ -140,6 +155,16 @@ pub fn parse(body: &str) -> Option<Result<Command, CommandError>> {
         "approvals" => no_args(args, usage::APPROVALS, Command::Approvals),
         "rules" => rules(args),
         "policy" => policy(args),
+        "usage" => {
+            let mut words = args.split_whitespace();
+            match (words.next(), words.next()) {
+                (since, None) => Ok(Command::Usage {
+                    since: since.map(str::to_string),
+                }),
+                _ => Err(usage_error(strings::TOO_MANY_ARGUMENTS, usage::USAGE)),
+            }
+        }
+        "budget" => budget(args),
         _ => Err(unknown_command(word)),
     })
 }
@@ -302,6 +327,30 @@ fn policy(args: &str) -> Result<Command, CommandError> {
         },
         (Some(_), Some(_)) => Err(usage_error(strings::TOO_MANY_ARGUMENTS, usage::POLICY)),
     }
+}
+
+/// `!budget`, `!budget job <usd>|default`, `!budget tokens <n>|default`.
+fn budget(args: &str) -> Result<Command, CommandError> {
+    let mut words = args.split_whitespace();
+    let (what, value, extra) = (words.next(), words.next(), words.next());
+    if extra.is_some() {
+        return Err(usage_error(strings::TOO_MANY_ARGUMENTS, usage::BUDGET));
+    }
+    let set = match (what.map(str::to_lowercase).as_deref(), value) {
+        (None, _) => return Ok(Command::Budget { set: None }),
+        (Some("job"), Some("default")) => BudgetSet::JobUsd(None),
+        (Some("tokens"), Some("default")) => BudgetSet::JobTokens(None),
+        (Some("job"), Some(v)) => match v.trim_start_matches('$').parse::<f64>() {
+            Ok(c) if c.is_finite() && (0.0..=1e6).contains(&c) => BudgetSet::JobUsd(Some(c)),
+            _ => return Err(usage_error(strings::BUDGET_COST_SHAPE, usage::BUDGET)),
+        },
+        (Some("tokens"), Some(v)) => match v.parse::<i64>() {
+            Ok(t) if t >= 1 => BudgetSet::JobTokens(Some(t)),
+            _ => return Err(usage_error(strings::BUDGET_TOKENS_SHAPE, usage::BUDGET)),
+        },
+        _ => return Err(usage_error(strings::UNKNOWN_BUDGET, usage::BUDGET)),
+    };
+    Ok(Command::Budget { set: Some(set) })
 }
 
 /// A job id or a prefix of one: 1 to [`MAX_JOB_ID_LEN`] characters of hex digits and `-`,
@@ -613,6 +662,38 @@ mod tests {
                     answer: "deadbeef".into(),
                 },
             ),
+            ("!usage", Command::Usage { since: None }),
+            (
+                "!usage 30d",
+                Command::Usage {
+                    since: Some("30d".into()),
+                },
+            ),
+            ("!budget", Command::Budget { set: None }),
+            (
+                "!budget job 2.5",
+                Command::Budget {
+                    set: Some(BudgetSet::JobUsd(Some(2.5))),
+                },
+            ),
+            (
+                "!budget JOB $1",
+                Command::Budget {
+                    set: Some(BudgetSet::JobUsd(Some(1.0))),
+                },
+            ),
+            (
+                "!budget tokens 200000",
+                Command::Budget {
+                    set: Some(BudgetSet::JobTokens(Some(200_000))),
+                },
+            ),
+            (
+                "!budget tokens default",
+                Command::Budget {
+                    set: Some(BudgetSet::JobTokens(None)),
+                },
+            ),
             ("!rules", Command::Rules { remove: None }),
             ("!rules rm 3", Command::Rules { remove: Some(3) }),
             ("!policy", Command::Policy { set: None }),
@@ -803,6 +884,8 @@ mod tests {
             "!schedule next",
             "!policy",
             "!answer",
+            "!usage",
+            "!budget",
             "!approvals",
             "!allow",
             "!always",

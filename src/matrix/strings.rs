@@ -68,6 +68,8 @@ pub const HELP: &str = "\
 - `!allow [id]` / `!always [id]` / `!deny [id]` — answer a request (or react ✅ ♾️ ❌ to it)
 - `!answer [id] <answer>` — answer a question of the agent (or react with a choice's number; `!deny` or ❌ declines it)
 - `!rules` / `!rules rm <id>` — the \"allow always\" rules of this room's channel
+- `!usage [since]` — what this room's channel spent per day (7 days, or e.g. `30d`, `2026-12-01`)
+- `!budget` / `!budget job <usd>` / `!budget tokens <n>` — show or set the limits on one job (`default`: the config's)
 
 Any other message in a channel's room is a prompt for its agent.";
 
@@ -96,6 +98,8 @@ pub mod usage {
     pub const ALWAYS: &str = "!always [id]";
     pub const DENY: &str = "!deny [id]";
     pub const ANSWER: &str = "!answer [id] <answer>";
+    pub const USAGE: &str = "!usage [since]";
+    pub const BUDGET: &str = "!budget [job <usd>|tokens <n>|job default|tokens default]";
     pub const APPROVALS: &str = "!approvals";
     pub const RULES: &str = "!rules [rm <id>]";
     pub const RULES_RM: &str = "!rules rm <id>";
@@ -828,6 +832,63 @@ pub fn is_a_question(id: &str) -> String {
 }
 
 pub const MISSING_ANSWER: &str = "give the answer after the command";
+
+pub const BUDGET_COST_SHAPE: &str = "a cost budget is a number of USD from 0 to 1000000";
+pub const BUDGET_TOKENS_SHAPE: &str = "a token budget is a whole number, 1 or more";
+pub const UNKNOWN_BUDGET: &str = "set `job` (USD) or `tokens`";
+
+/// `!usage`: a channel's spend per day.
+pub fn usage_report(channel: &str, r: &crate::service::usage::Report) -> String {
+    if r.rows.is_empty() {
+        return format!(
+            "**{channel}** has spent nothing since {} (UTC).",
+            crate::store::format_ms(r.since)
+        );
+    }
+    let mut s = format!(
+        "**{channel}** since {} (UTC):\n",
+        crate::store::format_ms(r.since)
+    );
+    for row in r.rows.iter().chain(std::iter::once(&r.total)) {
+        s.push_str(&format!(
+            "- {}: {} jobs, {} tokens in, {} out, **{:.4} USD**, {:.0} s of agent time\n",
+            if row.key == "total" {
+                "**total**"
+            } else {
+                row.key.as_str()
+            },
+            row.jobs,
+            row.input_tokens,
+            row.output_tokens,
+            row.cost_usd,
+            row.agent_secs
+        ));
+    }
+    s
+}
+
+/// `!budget`: a channel's per-job limits and where they come from.
+pub fn budget_is(channel: &str, usd: (Option<f64>, bool), tokens: (Option<i64>, bool)) -> String {
+    let from = |own: bool| {
+        if own {
+            "the channel's"
+        } else {
+            "from the config"
+        }
+    };
+    format!(
+        "**{channel}** per-job budget: {} ({}), {} ({}). A job over it is stopped and fails with stop reason `budget`.",
+        usd.0
+            .map(|c| format!("**{c} USD**"))
+            .unwrap_or_else(|| "no cost limit".into()),
+        from(usd.1),
+        tokens
+            .0
+            .map(|t| format!("**{t} tokens**"))
+            .unwrap_or_else(|| "no token limit".into()),
+        from(tokens.1),
+    )
+}
 
 pub fn policy_is(channel: &str, policy: crate::store::PermissionPolicy) -> String {
     format!(

@@ -1984,3 +1984,52 @@ async fn a_question_of_the_agent_is_answered_in_the_room_by_a_number_or_a_comman
         .await;
     assert_eq!(question_of(job).await.state, ApprovalState::Declined);
 }
+
+#[tokio::test]
+async fn usage_and_the_per_job_budget_are_read_and_set_in_the_room() {
+    let mut w = World::start(|c| c.budget.job_max_tokens = Some(100_000)).await;
+    let (room, _) = w.create_channel("spender").await;
+    let bot = w.bot.clone();
+    let none = w.command(&room, "!usage").await;
+    assert!(none.contains("has spent nothing"), "{none}");
+    w.alice
+        .say(&room, "@usage in=5 out=7 cost=0.25\n@reply spent")
+        .await;
+    w.alice
+        .message_from(&bot, &room, "the reply", |e| shown(e).contains("spent"))
+        .await;
+    let usage = w.command(&room, "!usage 1d").await;
+    assert!(
+        usage.contains("0.2500 USD")
+            && usage.contains("**total**")
+            && usage.contains("5 tokens in"),
+        "{usage}"
+    );
+    let bad = w.command(&room, "!usage someday").await;
+    assert!(
+        bad.starts_with("❌ ") && bad.contains("!usage [since]"),
+        "{bad}"
+    );
+    let shown_budget = w.command(&room, "!budget").await;
+    assert!(
+        shown_budget.contains("no cost limit")
+            && shown_budget.contains("**100000 tokens** (from the config)"),
+        "{shown_budget}"
+    );
+    let set = w.command(&room, "!budget job 2.5").await;
+    assert!(set.contains("**2.5 USD** (the channel's)"), "{set}");
+    let ch = w.store.channel_get("spender").await.unwrap().unwrap();
+    assert_eq!(ch.budget_job_usd, Some(2.5));
+    let bad = w.command(&room, "!budget job -3").await;
+    assert!(bad.starts_with("❌ "), "{bad}");
+    assert_eq!(
+        w.store
+            .channel_get("spender")
+            .await
+            .unwrap()
+            .unwrap()
+            .budget_job_usd,
+        Some(2.5),
+        "nothing written"
+    );
+}

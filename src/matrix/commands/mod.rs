@@ -5,7 +5,8 @@
 //! - [`agent`]: `!status`, `!reset`, `!warm` (the agent of this room's channel).
 //! - [`jobs`]: `!jobs`, `!job`, `!cancel`.
 //! - [`schedule`]: `!schedule …`.
-//! - [`approvals`]: `!policy`, `!approvals`, `!allow`, `!always`, `!deny`, `!rules`.
+//! - [`approvals`]: `!policy`, `!approvals`, `!allow`, `!always`, `!deny`, `!answer`, `!rules`.
+//! - [`usage`]: `!usage`, `!budget`.
 //!
 //! A handler returns an [`Answer`]; a [`Failure`] becomes the room's ❌ reply in [`run`] (an
 //! internal one is logged with an error id and the room sees only that id).
@@ -15,6 +16,7 @@ mod approvals;
 mod channels;
 mod jobs;
 mod schedule;
+mod usage;
 
 use matrix_sdk::ruma::UserId;
 use matrix_sdk::Room;
@@ -50,6 +52,8 @@ pub(super) async fn run(bot: &Bot, cmd: Command, room: &Room, sender: &UserId) -
         Command::Cancel { id } => jobs::cancel(&cx, id.as_deref()).await,
         Command::Schedule(sc) => schedule::run(&cx, sc).await,
         Command::Policy { set } => approvals::policy(&cx, set).await,
+        Command::Usage { since } => usage::report(&cx, since.as_deref()).await,
+        Command::Budget { set } => usage::budget(&cx, set).await,
         Command::Approvals => approvals::list(&cx).await,
         Command::Allow { id, always } => {
             let choice = if always {
