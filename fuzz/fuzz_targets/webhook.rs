@@ -85,6 +85,7 @@ fuzz_target!(|data: &[u8]| {
         allowed_ports: None,
         budget_job_usd: None,
         budget_job_tokens: None,
+        reply_footer: true,
         webhook_token_sha256: None,
         webhook_secret: None,
         webhook_template: template.clone(),

@@ -273,7 +273,7 @@ pub enum ChannelsCommand {
     Set {
         name: String,
         /// Permission policy: allow, deny or ask.
-        #[arg(long, required_unless_present_any = ["sandbox", "allowed_ports", "budget_job_usd", "budget_job_tokens"])]
+        #[arg(long, required_unless_present_any = ["sandbox", "allowed_ports", "budget_job_usd", "budget_job_tokens", "reply_footer"])]
         permission: Option<PermissionPolicy>,
         /// Kernel sandbox: landlock, none, or default ([acp] sandbox).
         #[arg(long, value_parser = parse_sandbox)]
@@ -287,6 +287,9 @@ pub enum ChannelsCommand {
         /// The most tokens one job's turn may use, or default ([budget] job_max_tokens).
         #[arg(long, value_parser = parse_tokens)]
         budget_job_tokens: Option<Setting<i64>>,
+        /// Whether the channel's Matrix replies end with duration · tokens · cost.
+        #[arg(long, value_parser = parse_on_off)]
+        reply_footer: Option<bool>,
     },
     /// Run a command (such as an agent's own login) as the channel's agent: with its HOME and
     /// TMPDIR (created if needed), in its workspace. Without a command, print them.
@@ -331,6 +334,14 @@ fn parse_cost(s: &str) -> Result<Setting<f64>, String> {
         _ => Err(format!(
             "{s:?} is not a cost in USD from 0 to 1000000, nor default"
         )),
+    }
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{s:?}: expected on or off")),
     }
 }
 
@@ -678,6 +689,7 @@ async fn channels(cli: &Cli, cmd: &ChannelsCommand, config: &Config, store: &Sto
             allowed_ports,
             budget_job_usd,
             budget_job_tokens,
+            reply_footer,
         } => {
             let changes = channels::Changes {
                 permission_policy: *permission,
@@ -685,6 +697,7 @@ async fn channels(cli: &Cli, cmd: &ChannelsCommand, config: &Config, store: &Sto
                 allowed_ports: allowed_ports.clone().map(|p| p.0),
                 budget_job_usd: budget_job_usd.map(|s| s.0),
                 budget_job_tokens: budget_job_tokens.map(|s| s.0),
+                reply_footer: *reply_footer,
             };
             let ch = channels::update(store, name, changes)
                 .await?

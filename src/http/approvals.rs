@@ -205,6 +205,8 @@ pub struct SetChannel {
     #[serde(default, deserialize_with = "present_integer")]
     #[schema(value_type = Option<i64>, minimum = 1)]
     pub budget_job_tokens: Option<Option<i64>>,
+    /// Whether the channel's Matrix replies end with a footer: duration · tokens · cost.
+    pub reply_footer: Option<bool>,
 }
 
 /// An optional whole number as JSON Schema counts integers; present (even `null`) is `Some`.
@@ -287,6 +289,7 @@ async fn set_channel(
         allowed_ports: body.allowed_ports,
         budget_job_usd: body.budget_job_usd,
         budget_job_tokens: body.budget_job_tokens,
+        reply_footer: body.reply_footer,
     };
     let channel = channels::update(&st.store, &name, changes)
         .await?

@@ -516,6 +516,7 @@ mod tests {
             allowed_ports: None,
             budget_job_usd: None,
             budget_job_tokens: None,
+            reply_footer: true,
             webhook_token_sha256: None,
             webhook_secret: None,
             webhook_template: template.map(str::to_string),

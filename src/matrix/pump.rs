@@ -308,6 +308,18 @@ impl Pump {
         });
 
         if terminal {
+            let mut markdown = markdown;
+            if r.reply_footer {
+                if let Some(footer) = strings::reply_footer(
+                    r.started_at.zip(r.finished_at).map(|(s, f)| f - s),
+                    r.input_tokens,
+                    r.output_tokens,
+                    r.cost_usd,
+                ) {
+                    markdown.push_str("\n\n");
+                    markdown.push_str(&footer);
+                }
+            }
             let edit_of = match &r.reply_event_id {
                 Some(id) => Some(EventId::parse(id.as_str())?),
                 None => None,

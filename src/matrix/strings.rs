@@ -867,6 +867,28 @@ pub fn usage_report(channel: &str, r: &crate::service::usage::Report) -> String 
     s
 }
 
+/// The last line of a finished job's reply: how long its turn took, its tokens and cost, as far
+/// as they are known (`None` when nothing is).
+pub fn reply_footer(
+    duration_ms: Option<i64>,
+    input_tokens: Option<i64>,
+    output_tokens: Option<i64>,
+    cost_usd: Option<f64>,
+) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(ms) = duration_ms.filter(|ms| *ms >= 0) {
+        parts.push(format!("⏱ {:.1} s", ms as f64 / 1000.0));
+    }
+    if input_tokens.is_some() || output_tokens.is_some() {
+        let (i, o) = (input_tokens.unwrap_or(0), output_tokens.unwrap_or(0));
+        parts.push(format!("{} tokens ({i} in, {o} out)", i + o));
+    }
+    if let Some(c) = cost_usd {
+        parts.push(format!("{c:.4} USD"));
+    }
+    (!parts.is_empty()).then(|| parts.join(" · "))
+}
+
 /// `!budget`: a channel's per-job limits and where they come from.
 pub fn budget_is(channel: &str, usd: (Option<f64>, bool), tokens: (Option<i64>, bool)) -> String {
     let from = |own: bool| {

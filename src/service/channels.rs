@@ -36,6 +36,8 @@ pub struct Changes {
     pub budget_job_usd: Option<Option<f64>>,
     /// The per-job token budget; `Some(None)`: `[budget] job_max_tokens`.
     pub budget_job_tokens: Option<Option<i64>>,
+    /// Whether its Matrix replies end with the usage footer.
+    pub reply_footer: Option<bool>,
 }
 
 /// Refuses a budget that is negative, not a number, or absurd (nothing is written).
@@ -196,6 +198,7 @@ pub async fn update(
             .map(|p| p.map(|p| serde_json::to_string(&p).expect("ports serialise"))),
         budget_job_usd: changes.budget_job_usd,
         budget_job_tokens: changes.budget_job_tokens,
+        reply_footer: changes.reply_footer,
     };
     if !store.channel_update(name, update).await? {
         return Ok(None);

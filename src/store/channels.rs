@@ -14,7 +14,8 @@ macro_rules! select_channels {
                       permission_policy AS "permission_policy: PermissionPolicy",
                       matrix_room_id, acp_session_id, created_at,
                       sandbox AS "sandbox?: SandboxMode", allowed_ports, budget_job_usd,
-                      budget_job_tokens, webhook_token_sha256, webhook_secret, webhook_template
+                      budget_job_tokens, reply_footer AS "reply_footer: bool",
+                      webhook_token_sha256, webhook_secret, webhook_template
                FROM channels "# + $tail
             $(, $arg)*
         )
@@ -131,6 +132,7 @@ pub struct ChannelUpdate {
     pub allowed_ports: Option<Option<String>>,
     pub budget_job_usd: Option<Option<f64>>,
     pub budget_job_tokens: Option<Option<i64>>,
+    pub reply_footer: Option<bool>,
 }
 
 struct Update {
@@ -154,7 +156,8 @@ impl Write for Update {
                    sandbox = CASE WHEN ?3 THEN ?4 ELSE sandbox END,
                    allowed_ports = CASE WHEN ?5 THEN ?6 ELSE allowed_ports END,
                    budget_job_usd = CASE WHEN ?7 THEN ?8 ELSE budget_job_usd END,
-                   budget_job_tokens = CASE WHEN ?9 THEN ?10 ELSE budget_job_tokens END
+                   budget_job_tokens = CASE WHEN ?9 THEN ?10 ELSE budget_job_tokens END,
+                   reply_footer = coalesce(?11, reply_footer)
                WHERE name = ?1"#,
             self.name,
             u.permission_policy,
@@ -165,7 +168,8 @@ impl Write for Update {
             set_usd,
             usd,
             set_tokens,
-            tokens
+            tokens,
+            u.reply_footer
         )
         .execute(&mut *conn)
         .await?;
@@ -204,8 +208,8 @@ impl Write for Insert {
                          permission_policy AS "permission_policy: PermissionPolicy",
                          matrix_room_id, acp_session_id, created_at,
                          sandbox AS "sandbox?: SandboxMode", allowed_ports, budget_job_usd,
-                         budget_job_tokens, webhook_token_sha256, webhook_secret,
-                         webhook_template"#,
+                         budget_job_tokens, reply_footer AS "reply_footer: bool",
+                         webhook_token_sha256, webhook_secret, webhook_template"#,
             ch.name,
             webhook_id,
             ch.agent_binary,

@@ -38,6 +38,14 @@ pub struct MatrixReply {
     pub stop_reason: Option<String>,
     /// The job's newest event (0 when it has none).
     pub last_seq: i64,
+    /// The last attempt's turn, for the reply's footer.
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+    pub input_tokens: Option<i64>,
+    pub output_tokens: Option<i64>,
+    pub cost_usd: Option<f64>,
+    /// The channel wants the footer.
+    pub reply_footer: bool,
 }
 
 /// What a reply row says after the pump acted on it.
@@ -97,7 +105,9 @@ impl Store {
                       j.source AS "source: Source", j.state AS "state: JobState", j.attempt,
                       j.max_attempts, j.error, j.stop_reason,
                       coalesce((SELECT max(seq) FROM job_events WHERE job_id = j.id), 0)
-                          AS "last_seq!: i64"
+                          AS "last_seq!: i64",
+                      j.started_at, j.finished_at, j.input_tokens, j.output_tokens, j.cost_usd,
+                      c.reply_footer AS "reply_footer: bool"
                FROM matrix_replies r JOIN jobs j ON j.id = r.job_id
                     JOIN channels c ON c.id = j.channel_id
                WHERE r.done = 0

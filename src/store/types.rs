@@ -49,6 +49,8 @@ pub struct Channel {
     pub budget_job_usd: Option<f64>,
     /// Overrides `[budget] job_max_tokens` (none: the config's).
     pub budget_job_tokens: Option<i64>,
+    /// Its Matrix replies end with a footer: duration · tokens · cost.
+    pub reply_footer: bool,
     /// SHA-256 of the channel's own webhook bearer token (never serialised).
     #[serde(skip)]
     #[schema(ignore)]

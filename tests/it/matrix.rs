@@ -1033,8 +1033,10 @@ async fn reacting_stop_to_ones_own_prompt_cancels_it() {
         .await;
     let text = shown(&reply.event);
     assert!(text.contains("started"), "output so far stays");
-    // Said once, as a person would.
-    assert!(text.ends_with("🛑 cancelled"), "{text}");
+    // Said once, as a person would: the last line before the turn's footer.
+    let (body, footer) = text.rsplit_once("\n\n").unwrap();
+    assert!(body.ends_with("🛑 cancelled"), "{text}");
+    assert!(footer.starts_with("⏱ "), "{text}");
     assert_eq!(text.matches("cancelled").count(), 1, "{text}");
     // 👀, ⏳ and 🛑, one after the other.
     w.assert_one_status_reaction_at_a_time(&room, 3).await;
@@ -1995,9 +1997,19 @@ async fn usage_and_the_per_job_budget_are_read_and_set_in_the_room() {
     w.alice
         .say(&room, "@usage in=5 out=7 cost=0.25\n@reply spent")
         .await;
-    w.alice
-        .message_from(&bot, &room, "the reply", |e| shown(e).contains("spent"))
+    // The finished reply ends with the turn's footer.
+    let reply = w
+        .alice
+        .message_from(&bot, &room, "the reply with its footer", |e| {
+            shown(e).contains("spent") && shown(e).contains("USD")
+        })
         .await;
+    let text = shown(&reply.event);
+    let footer = text.lines().last().unwrap();
+    assert!(
+        footer.starts_with("⏱ ") && footer.ends_with(" s · 12 tokens (5 in, 7 out) · 0.2500 USD"),
+        "{text}"
+    );
     let usage = w.command(&room, "!usage 1d").await;
     assert!(
         usage.contains("0.2500 USD")
