@@ -9,13 +9,37 @@
 //!
 //! It may read everything but gorp's database (and its `-wal`, `-shm`, `-journal` files), the
 //! config file, the Matrix store, the other channels' workspaces and agent directories (the
-//! whole workspace root and state root but its own), and `[acp] deny_read`.
+//! whole workspace root and state root but its own), the usual secret stores in the `HOME` of
+//! gorp's user ([`SECRET_STORES`]), and `[acp] deny_read`.
 
 use std::path::PathBuf;
 
 use crate::config::Config;
 use crate::sandbox::{self, SandboxMode, Spec};
 use crate::store::Channel;
+
+/// Where people keep credentials in their home directory: gorp's user's are not the agent's
+/// (the agent has a `HOME` of its own). Missing ones are skipped.
+pub const SECRET_STORES: &[&str] = &[
+    ".ssh",
+    ".gnupg",
+    ".aws",
+    ".azure",
+    ".kube",
+    ".docker",
+    ".netrc",
+    ".git-credentials",
+    ".pgpass",
+    ".npmrc",
+    ".pypirc",
+    ".cargo/credentials",
+    ".cargo/credentials.toml",
+    ".config/gcloud",
+    ".config/gh",
+    ".config/gorp",
+    ".claude",
+    ".codex",
+];
 
 /// The sandbox `channel`'s agent starts in; adds `HOME` and `TMPDIR` to `env` under Landlock
 /// (creating them). Fails with the directory it could not create.
@@ -70,6 +94,19 @@ pub fn spec(
     }
     if config.matrix.is_some() {
         deny_read.push(config.matrix_state_dir());
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        let home = PathBuf::from(home);
+        // An agent `HOME` set in `[acp.env]` to gorp's own is the operator's choice: its
+        // stores then stay the agent's.
+        let writable_roots: Vec<PathBuf> = writable
+            .iter()
+            .map(|w| w.canonicalize().unwrap_or_else(|_| w.clone()))
+            .collect();
+        deny_read.extend(SECRET_STORES.iter().map(|s| home.join(s)).filter(|p| {
+            let p = p.canonicalize().unwrap_or_else(|_| p.clone());
+            !writable_roots.iter().any(|w| p.starts_with(w))
+        }));
     }
     deny_read.extend(acp.deny_read.iter().cloned());
     Ok(Spec {

@@ -102,6 +102,42 @@ async fn the_agent_and_its_children_write_only_inside_and_cannot_read_gorps_data
     g.stop().await;
 }
 
+/// The credentials of gorp's user (`~/.ssh`, `~/.aws`, …) are not the agent's to read.
+#[tokio::test]
+async fn the_secret_stores_in_gorps_home_are_unreadable() {
+    let home = tempfile::tempdir().unwrap();
+    let home_path = home.path().canonicalize().unwrap();
+    std::fs::create_dir_all(home_path.join(".ssh")).unwrap();
+    std::fs::write(home_path.join(".ssh/id_ed25519"), "PRIVATE KEY").unwrap();
+    std::fs::create_dir_all(home_path.join(".aws")).unwrap();
+    std::fs::write(home_path.join(".aws/credentials"), "aws secret").unwrap();
+    std::fs::write(home_path.join("notes.txt"), "plain notes").unwrap();
+    // This test runs in its own process (nextest), so gorp's HOME is the fake one.
+    std::env::set_var("HOME", &home_path);
+    let g = Gorp::start(|c| c.acp.sandbox = Some(SandboxMode::Landlock)).await;
+    let ch = g.channel("curious", |_| {}).await;
+    let prompt = format!(
+        "@read-direct {h}/.ssh/id_ed25519\n@sh cat {h}/.aws/credentials; echo exit-$?\n@read-direct {h}/notes.txt",
+        h = home_path.display()
+    );
+    let (job, out) = g.run(ch, &prompt).await;
+    assert_eq!(job.state, JobState::Succeeded);
+    assert!(
+        out.contains("read-direct error: Permission denied"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("PRIVATE KEY") && !out.contains("aws secret"),
+        "{out}"
+    );
+    assert!(out.contains("exit-1"), "{out}");
+    assert!(
+        out.contains("read-direct ok: plain notes"),
+        "the rest stays readable: {out}"
+    );
+    g.stop().await;
+}
+
 #[tokio::test]
 async fn two_channels_cannot_read_or_write_each_others_workspaces() {
     let g = Gorp::start(|c| c.acp.sandbox = Some(SandboxMode::Landlock)).await;
