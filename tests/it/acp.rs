@@ -152,6 +152,18 @@ impl Gorp {
         (job, out)
     }
 
+    /// The `data` of a job's (first) `session` event: warm or cold, pid, mode, sandbox.
+    pub async fn session_data(&self, job: &str) -> serde_json::Value {
+        self.store
+            .job_events_list(job, 0, 10_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|e| e.kind == "session")
+            .and_then(|e| e.data)
+            .expect("session event")
+    }
+
     pub async fn event_kinds(&self, id: &str) -> Vec<String> {
         self.store
             .job_events_list(id, 0, 10_000)

@@ -91,18 +91,6 @@ async fn claude_text_turn_streams_into_event_rows() {
     assert_no_outbound(&fake);
 }
 
-/// The session event of a job: the mode gorp put the agent's session in.
-async fn session_data(g: &Gorp, job: &str) -> serde_json::Value {
-    g.store
-        .job_events_list(job, 0, 10_000)
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|e| e.kind == "session")
-        .and_then(|e| e.data)
-        .expect("session event")
-}
-
 #[tokio::test]
 async fn claude_tool_calls_ask_permission_and_the_channel_policy_holds() {
     let fake = FakeAnthropic::start().await;
@@ -149,11 +137,11 @@ async fn claude_tool_calls_ask_permission_and_the_channel_policy_holds() {
             let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
             let pos = |k: &str| kinds.iter().position(|x| *x == k).unwrap();
             assert!(pos("tool_call") < pos("permission"), "{kinds:?}");
-            let session = session_data(&g, j).await;
+            let session = g.session_data(j).await;
             assert_eq!(session["mode"], "default", "{name}: {session}");
             assert_eq!(session["policy"], name);
         }
-        let first = session_data(&g, &job.id).await;
+        let first = g.session_data(&job.id).await;
         assert_eq!(
             first["mode_set_with"], "session/set_config_option",
             "{first}"
@@ -496,7 +484,7 @@ async fn claude_cancel_stops_the_turn_and_the_next_job_answers_in_turn() {
             (!messages(&g, &id).await.is_empty()).then_some(())
         })
         .await;
-        let pid = session_data(&g, &id).await["pid"].clone();
+        let pid = g.session_data(&id).await["pid"].clone();
         assert_eq!(
             g.store.job_cancel(&id, now_ms()).await.unwrap(),
             gorp::store::CancelOutcome::Requested
@@ -511,7 +499,7 @@ async fn claude_cancel_stops_the_turn_and_the_next_job_answers_in_turn() {
         let (next, out) = g.run(ch, "are you there?").await;
         assert_eq!(next.state, JobState::Succeeded, "{:?}", next.error);
         assert_eq!(out, "Back again.", "recycle_after_cancel = {recycle}");
-        let now = session_data(&g, &next.id).await["pid"].clone();
+        let now = g.session_data(&next.id).await["pid"].clone();
         assert_eq!(now == pid, !recycle, "recycled only when configured");
         let model = fake.requests_of(RequestKind::Model);
         let last = model.last().unwrap().messages_json();

@@ -8,18 +8,6 @@ use gorp::store::{JobState, SandboxMode};
 
 use crate::acp::Gorp;
 
-/// The `data` of a job's `session` event.
-async fn session_data(g: &Gorp, job: &str) -> serde_json::Value {
-    g.store
-        .job_events_list(job, 0, 100)
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|e| e.kind == "session")
-        .and_then(|e| e.data)
-        .expect("session event")
-}
-
 /// A directory beside the workspace, outside every allowed path.
 fn outside(g: &Gorp) -> std::path::PathBuf {
     let p = g.dir.path().join("outside");
@@ -76,7 +64,7 @@ async fn the_agent_and_its_children_write_only_inside_and_cannot_read_gorps_data
     assert!(!output.contains("SQLite format"), "{output}");
 
     // What is in force is recorded: the session event and the warm row.
-    let data = session_data(&g, &job.id).await;
+    let data = g.session_data(&job.id).await;
     let sandbox = &data["sandbox"];
     assert_eq!(sandbox["mode"], "landlock", "{data}");
     assert!(sandbox["abi"].as_i64().unwrap() >= 1);
@@ -208,7 +196,7 @@ async fn sandbox_none_is_the_unconfined_agent_of_before() {
             "kill-exit-0"
         };
         assert!(out.contains(kill), "{name}: {out}");
-        let data = session_data(&g, &job.id).await;
+        let data = g.session_data(&job.id).await;
         assert_eq!(
             data["sandbox"]["mode"],
             if confined { "landlock" } else { "none" },
@@ -250,7 +238,7 @@ async fn allowed_ports_limit_the_agents_tcp_connects() {
         2,
         "the channel's own list: {out}"
     );
-    let data = session_data(&g, &job.id).await;
+    let data = g.session_data(&job.id).await;
     assert_eq!(
         data["sandbox"]["allowed_ports"],
         serde_json::json!([p_open, p_closed])
