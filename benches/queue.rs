@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use gorp::config::DatabaseConfig;
 use gorp::executor::{Executor, JobContext, Outcome};
-use gorp::store::{now_ms, JobState, NewChannel, NewJob, Source, Store};
+use gorp::store::{now_ms, JobState, NewChannel, NewJob, Source, SpendLimits, Store};
 use gorp::worker::WorkerPool;
 use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
@@ -159,7 +159,7 @@ async fn claim_latency(dir: &std::path::Path, history: usize, samples: usize) ->
     for _ in 0..samples {
         let t = Instant::now();
         let mut got = store
-            .job_claim_many("bench", 1, now_ms(), 60_000)
+            .job_claim_many("bench", 1, now_ms(), 60_000, &SpendLimits::default())
             .await
             .expect("claim");
         lat.push(t.elapsed().as_secs_f64() * 1e6);

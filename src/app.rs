@@ -36,7 +36,7 @@ pub async fn run(
     let pool = WorkerPool::new(
         store.clone(),
         executor,
-        PoolConfig::from(&config.worker),
+        PoolConfig::from(&*config),
         instance_id.clone(),
     );
     let http_state = HttpState::new(

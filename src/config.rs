@@ -380,6 +380,14 @@ pub struct BudgetConfig {
     /// The same for the turn's tokens (input and output).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub job_max_tokens: Option<u64>,
+    /// What each channel may spend per day (USD, in `[scheduler] timezone`). Once a channel's
+    /// spend today reaches it, its queued jobs are held until the day ends or the budget is
+    /// raised. Unset: no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub daily_max_cost_usd: Option<f64>,
+    /// The same per calendar month.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub monthly_max_cost_usd: Option<f64>,
 }
 
 impl Config {
@@ -562,6 +570,17 @@ impl Config {
                 "budget.job_max_cost_usd",
                 "expected a cost in USD, 0 or more",
             );
+        }
+        for (key, v) in [
+            ("budget.daily_max_cost_usd", self.budget.daily_max_cost_usd),
+            (
+                "budget.monthly_max_cost_usd",
+                self.budget.monthly_max_cost_usd,
+            ),
+        ] {
+            if v.is_some_and(|c| !c.is_finite() || c < 0.0) {
+                return bad(key, "expected a cost in USD, 0 or more");
+            }
         }
         if self.budget.job_max_tokens == Some(0) {
             return bad("budget.job_max_tokens", "expected at least 1");
@@ -853,6 +872,27 @@ fn apply_env(
         set.insert(format!("{section}.{key}"), var.clone());
     }
     Ok(set)
+}
+
+/// The default zone: `[scheduler] timezone`, else the system's (`TZ`, `/etc/timezone`, the
+/// `/etc/localtime` link), else UTC.
+pub fn default_timezone(config: &Config) -> String {
+    let candidates = [
+        Some(config.scheduler.timezone.clone()),
+        std::env::var("TZ").ok(),
+        std::fs::read_to_string("/etc/timezone").ok(),
+        std::fs::read_link("/etc/localtime").ok().and_then(|p| {
+            p.to_str()
+                .and_then(|s| s.split("zoneinfo/").nth(1))
+                .map(str::to_string)
+        }),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .map(|s| s.trim().trim_start_matches(':').to_string())
+        .find(|s| !s.is_empty() && s.parse::<chrono_tz::Tz>().is_ok())
+        .unwrap_or_else(|| "UTC".into())
 }
 
 #[cfg(test)]

@@ -258,6 +258,8 @@ text_enum! {
         Stderr = "stderr",
         /// The job's turn passed one of its limits (cost or tokens) and was stopped.
         Budget = "budget",
+        /// The job waits in the queue: its channel's daily or monthly budget is spent.
+        Held = "held",
         Error = "error",
         /// A failed attempt will run again after its backoff.
         RetryScheduled = "retry_scheduled",

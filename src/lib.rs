@@ -10,6 +10,8 @@
 //! - [`instance`]: instance ids (`host:pid:nonce`) and "is this holder dead on this host".
 //! - [`sandbox`]: the Landlock ruleset an agent runs under (writes, reads, ports, scopes).
 //! - [`store`]: every SQL statement, one file per table; the group-commit writer; read pool.
+//! - [`budget`]: the day and month windows a channel's spend is counted in, and what a job
+//!   held by a spent budget is told.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`background`]: the one loop the rescuer, cleaner, scheduler and warm keeper run in.
 //! - [`acp`]: the ACP client (process, connection, updates, fs confinement, permissions,
@@ -38,6 +40,7 @@ pub mod agent;
 pub mod app;
 pub mod auth;
 pub mod background;
+pub mod budget;
 pub mod cleaner;
 pub mod cli;
 pub mod config;

@@ -11,6 +11,8 @@ use crate::store::{JobState, Store, WarmState};
 pub const JOBS_ENQUEUED: &str = "gorp_jobs_enqueued_total";
 pub const JOBS_FINISHED: &str = "gorp_jobs_finished_total";
 pub const JOBS: &str = "gorp_jobs";
+/// Jobs told they are held because their channel's daily or monthly budget is spent.
+pub const JOBS_HELD: &str = "gorp_jobs_held_total";
 pub const ENQUEUE_SECONDS: &str = "gorp_enqueue_seconds";
 pub const CLAIM_SECONDS: &str = "gorp_claim_seconds";
 pub const WARM_SESSIONS: &str = "gorp_warm_sessions";

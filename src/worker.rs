@@ -18,11 +18,12 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::WorkerConfig;
+use crate::budget::SpendPolicy;
+use crate::config::Config;
 use crate::executor::{Executor, JobContext, Outcome, StopCause};
 use tracing::Instrument;
 
-use crate::store::{now_ms, EventKind, Job, JobState, Lease, Millis, Store};
+use crate::store::{now_ms, EventKind, HeldJob, Job, JobState, Lease, Millis, Store};
 
 /// How long stopped jobs get to wind down after the grace period before the pool gives up.
 const STOP_WAIT: Duration = Duration::from_secs(10);
@@ -39,10 +40,13 @@ pub struct PoolConfig {
     pub retry_base: Duration,
     pub retry_max: Duration,
     pub shutdown_grace: Duration,
+    /// The day and month budgets are counted in, and `[budget]`'s.
+    pub spend: SpendPolicy,
 }
 
-impl From<&WorkerConfig> for PoolConfig {
-    fn from(w: &WorkerConfig) -> Self {
+impl From<&Config> for PoolConfig {
+    fn from(config: &Config) -> Self {
+        let w = &config.worker;
         PoolConfig {
             concurrency: w.concurrency as usize,
             lease: Duration::from_secs(w.lease_secs),
@@ -51,6 +55,7 @@ impl From<&WorkerConfig> for PoolConfig {
             retry_base: Duration::from_secs(w.retry_base_secs),
             retry_max: Duration::from_secs(w.retry_max_secs),
             shutdown_grace: Duration::from_secs(w.shutdown_grace_secs),
+            spend: SpendPolicy::from_config(config),
         }
     }
 }
@@ -153,12 +158,16 @@ impl WorkerPool {
             let mut next_due: Option<Millis> = None;
             if idle > 0 {
                 let now = now_ms();
+                let limits = self.cfg.spend.limits(now);
                 let mut due = true;
                 if check_first {
-                    match self.store.job_next_due(now).await {
-                        Ok((d, next)) => {
-                            due = d;
-                            next_due = next;
+                    match self.store.job_next_due(now, &limits).await {
+                        Ok(outlook) => {
+                            due = outlook.due;
+                            next_due = outlook.next;
+                            if !outlook.held.is_empty() {
+                                self.tell_held(&outlook.held, now).await;
+                            }
                         }
                         Err(e) => tracing::warn!(error = %e, "cannot read the queue"),
                     }
@@ -172,6 +181,7 @@ impl WorkerPool {
                             idle as i64,
                             now,
                             self.cfg.lease.as_millis() as i64,
+                            &limits,
                         )
                         .await;
                     metrics::histogram!(crate::metrics::CLAIM_SECONDS)
@@ -253,6 +263,20 @@ impl WorkerPool {
         let _ = beat.await;
         let _ = self.store.flush().await;
         tracing::info!(owner = %self.owner, "worker pool stopped");
+    }
+
+    /// Tells each newly held job why it waits (a `held` event, once per attempt). A held job
+    /// runs when the window ends (the next timer wake after it) or when its budget is raised
+    /// (the write wakes the pool).
+    async fn tell_held(&self, held: &[HeldJob], now: Millis) {
+        let notes = self.cfg.spend.held_notes(held, now);
+        for n in &notes {
+            tracing::info!(job = %n.job_id, reason = n.text.as_deref().unwrap_or(""), "job held");
+        }
+        match self.store.job_note_held(notes).await {
+            Ok(n) => metrics::counter!(crate::metrics::JOBS_HELD).increment(n),
+            Err(e) => tracing::warn!(error = %e, "cannot record held jobs"),
+        }
     }
 }
 
@@ -363,8 +387,9 @@ async fn finish(
     let result = match (outcome, cause) {
         (Outcome::Succeeded { stop_reason }, _) if claim_next => {
             let lease_ms = cfg.lease.as_millis() as i64;
+            let limits = cfg.spend.limits(now);
             match store
-                .job_complete_and_claim(lease, stop_reason, now, lease_ms)
+                .job_complete_and_claim(lease, job.channel_id, stop_reason, now, lease_ms, &limits)
                 .await
             {
                 Ok((won, job)) => {

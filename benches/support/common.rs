@@ -23,6 +23,7 @@ pub fn pool_config(concurrency: usize) -> PoolConfig {
         retry_base: Duration::from_secs(1),
         retry_max: Duration::from_secs(1),
         shutdown_grace: Duration::from_secs(5),
+        spend: Default::default(),
     }
 }
 

@@ -137,6 +137,10 @@ fn canonical(cmd: &Command) -> String {
         Command::Budget { set: Some(BudgetSet::JobUsd(None)) } => "!budget job default".into(),
         Command::Budget { set: Some(BudgetSet::JobTokens(Some(t))) } => format!("!budget tokens {t}"),
         Command::Budget { set: Some(BudgetSet::JobTokens(None)) } => "!budget tokens default".into(),
+        Command::Budget { set: Some(BudgetSet::DayUsd(Some(c))) } => format!("!budget day {c}"),
+        Command::Budget { set: Some(BudgetSet::DayUsd(None)) } => "!budget day default".into(),
+        Command::Budget { set: Some(BudgetSet::MonthUsd(Some(c))) } => format!("!budget month {c}"),
+        Command::Budget { set: Some(BudgetSet::MonthUsd(None)) } => "!budget month default".into(),
         Command::Policy { set: Some(p) } => format!("!policy {p}"),
         Command::Policy { set: None } => "!policy".into(),
     }

@@ -85,6 +85,8 @@ fuzz_target!(|data: &[u8]| {
         allowed_ports: None,
         budget_job_usd: None,
         budget_job_tokens: None,
+        budget_day_usd: None,
+        budget_month_usd: None,
         reply_footer: true,
         webhook_token_sha256: None,
         webhook_secret: None,

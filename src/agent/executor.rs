@@ -252,7 +252,7 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
     facts.agent_ms = Some(agent_ms);
     let _ = ctx
         .store()
-        .job_record_run(&job.id, job.attempt, facts)
+        .job_record_run(&job.id, job.attempt, facts, crate::store::now_ms())
         .await;
     let was_cancelled =
         matches!(&result, Ok(stop) if stop == "cancelled") || ctx.stop_cause().is_some();

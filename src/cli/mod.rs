@@ -273,7 +273,7 @@ pub enum ChannelsCommand {
     Set {
         name: String,
         /// Permission policy: allow, deny or ask.
-        #[arg(long, required_unless_present_any = ["sandbox", "allowed_ports", "budget_job_usd", "budget_job_tokens", "reply_footer"])]
+        #[arg(long, required_unless_present_any = ["sandbox", "allowed_ports", "budget_job_usd", "budget_job_tokens", "budget_day_usd", "budget_month_usd", "reply_footer"])]
         permission: Option<PermissionPolicy>,
         /// Kernel sandbox: landlock, none, or default ([acp] sandbox).
         #[arg(long, value_parser = parse_sandbox)]
@@ -287,6 +287,13 @@ pub enum ChannelsCommand {
         /// The most tokens one job's turn may use, or default ([budget] job_max_tokens).
         #[arg(long, value_parser = parse_tokens)]
         budget_job_tokens: Option<Setting<i64>>,
+        /// What the channel may spend per day (USD), or default ([budget] daily_max_cost_usd).
+        /// Once spent, its queued jobs are held until the day ends or the budget is raised.
+        #[arg(long, value_parser = parse_cost)]
+        budget_day_usd: Option<Setting<f64>>,
+        /// The same per calendar month, or default ([budget] monthly_max_cost_usd).
+        #[arg(long, value_parser = parse_cost)]
+        budget_month_usd: Option<Setting<f64>>,
         /// Whether the channel's Matrix replies end with duration · tokens · cost.
         #[arg(long, value_parser = parse_on_off)]
         reply_footer: Option<bool>,
@@ -621,8 +628,12 @@ async fn data_command(cli: &Cli, cmd: &Command, config: &Config, store: &Store) 
                 channel: channel.clone(),
                 by: *by,
             };
-            let report = crate::service::usage::report(store, filter).await?;
-            out(cli, serde_json::json!(report), || usage_table(&report));
+            let policy = crate::budget::SpendPolicy::from_config(config);
+            let now = now_ms();
+            let report = crate::service::usage::report(store, filter, &policy, now).await?;
+            out(cli, serde_json::json!(report), || {
+                usage_table(&report, &policy, now)
+            });
             Ok(EXIT_OK)
         }
         Command::Rules { channel, command } => match command {
@@ -689,6 +700,8 @@ async fn channels(cli: &Cli, cmd: &ChannelsCommand, config: &Config, store: &Sto
             allowed_ports,
             budget_job_usd,
             budget_job_tokens,
+            budget_day_usd,
+            budget_month_usd,
             reply_footer,
         } => {
             let changes = channels::Changes {
@@ -697,6 +710,8 @@ async fn channels(cli: &Cli, cmd: &ChannelsCommand, config: &Config, store: &Sto
                 allowed_ports: allowed_ports.clone().map(|p| p.0),
                 budget_job_usd: budget_job_usd.map(|s| s.0),
                 budget_job_tokens: budget_job_tokens.map(|s| s.0),
+                budget_day_usd: budget_day_usd.map(|s| s.0),
+                budget_month_usd: budget_month_usd.map(|s| s.0),
                 reply_footer: *reply_footer,
             };
             let ch = channels::update(store, name, changes)
@@ -705,7 +720,7 @@ async fn channels(cli: &Cli, cmd: &ChannelsCommand, config: &Config, store: &Sto
             out(cli, serde_json::json!(ch), || {
                 let money = |c: Option<f64>| c.map(|c| format!("{c} USD"));
                 format!(
-                    "channel {name}: permission policy {}, sandbox {}, allowed ports {}, per-job budget {} / {}",
+                    "channel {name}: permission policy {}, sandbox {}, allowed ports {}, per-job budget {} / {}, per day {}, per month {}",
                     ch.permission_policy,
                     ch.sandbox
                         .map(|m| m.to_string())
@@ -720,6 +735,10 @@ async fn channels(cli: &Cli, cmd: &ChannelsCommand, config: &Config, store: &Sto
                         .or(config.budget.job_max_tokens.map(|t| t as i64))
                         .map(|t| format!("{t} tokens"))
                         .unwrap_or_else(|| "no token limit".into()),
+                    money(ch.budget_day_usd.or(config.budget.daily_max_cost_usd))
+                        .unwrap_or_else(|| "no daily budget".into()),
+                    money(ch.budget_month_usd.or(config.budget.monthly_max_cost_usd))
+                        .unwrap_or_else(|| "no monthly budget".into()),
                 )
             });
             Ok(EXIT_OK)
@@ -946,9 +965,11 @@ async fn warm(
     }
 }
 
-/// Polls until the job ends (or `timeout`), then prints its outcome and output.
+/// Polls until the job ends (or `timeout`), then prints its outcome and output. A job held by
+/// a spent budget is said so once (on stderr) and waited for.
 async fn wait_for(cli: &Cli, store: &Store, id: &str, timeout: Duration) -> CmdResult {
     let deadline = Instant::now() + timeout;
+    let mut held: Option<String> = None;
     loop {
         let job = store
             .job_get(id)
@@ -970,10 +991,16 @@ async fn wait_for(cli: &Cli, store: &Store, id: &str, timeout: Duration) -> CmdR
             );
             return Ok(exit_for(job.state));
         }
+        if job.state == JobState::Queued && held.is_none() {
+            held = store.job_held_reason(id).await?;
+            if let Some(why) = &held {
+                eprintln!("{id}: {why}");
+            }
+        }
         if Instant::now() >= deadline {
             out(
                 cli,
-                serde_json::json!({ "job_id": id, "state": job.state, "timed_out": true }),
+                serde_json::json!({ "job_id": id, "state": job.state, "timed_out": true, "held": held }),
                 || format!("{id}: still {} after the wait ran out", job.state),
             );
             return Ok(EXIT_TIMEOUT);
@@ -1165,7 +1192,11 @@ fn warm_table(rows: &[WarmSession], now: i64) -> String {
     )
 }
 
-fn usage_table(r: &crate::service::usage::Report) -> String {
+fn usage_table(
+    r: &crate::service::usage::Report,
+    policy: &crate::budget::SpendPolicy,
+    now: i64,
+) -> String {
     let head = match r.by {
         crate::store::UsageBy::Day => "DAY (UTC)",
         crate::store::UsageBy::Channel => "CHANNEL",
@@ -1185,7 +1216,7 @@ fn usage_table(r: &crate::service::usage::Report) -> String {
     };
     let mut rows: Vec<Vec<String>> = r.rows.iter().map(row).collect();
     rows.push(row(&r.total));
-    format!(
+    let mut s = format!(
         "since {}\n{}",
         format_ms(r.since),
         table(
@@ -1201,7 +1232,12 @@ fn usage_table(r: &crate::service::usage::Report) -> String {
             ],
             &rows,
         )
-    )
+    );
+    for b in &r.budgets {
+        let lines = crate::budget::spend_lines(policy, b, now);
+        s.push_str(&format!("\nbudget of {}: {}", b.channel, lines.join("; ")));
+    }
+    s
 }
 
 /// What `[acp] sandbox` comes to on this kernel.

@@ -432,8 +432,9 @@ async fn usage(
         channel: q.channel,
         by: q.by.unwrap_or(crate::store::UsageBy::Channel),
     };
+    let policy = crate::budget::SpendPolicy::from_config(&st.config);
     Ok(Json(
-        crate::service::usage::report(&st.store, filter).await?,
+        crate::service::usage::report(&st.store, filter, &policy, crate::store::now_ms()).await?,
     ))
 }
 

@@ -205,6 +205,16 @@ pub struct SetChannel {
     #[serde(default, deserialize_with = "present_integer")]
     #[schema(value_type = Option<i64>, minimum = 1)]
     pub budget_job_tokens: Option<Option<i64>>,
+    /// What the channel may spend per day (USD, in `[scheduler] timezone`); once spent, its
+    /// queued jobs are held until the day ends or the budget is raised; `null`: `[budget]
+    /// daily_max_cost_usd`.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<f64>, minimum = 0, maximum = 1000000)]
+    pub budget_day_usd: Option<Option<f64>>,
+    /// The same per calendar month; `null`: `[budget] monthly_max_cost_usd`.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<f64>, minimum = 0, maximum = 1000000)]
+    pub budget_month_usd: Option<Option<f64>>,
     /// Whether the channel's Matrix replies end with a footer: duration · tokens · cost.
     pub reply_footer: Option<bool>,
 }
@@ -289,6 +299,8 @@ async fn set_channel(
         allowed_ports: body.allowed_ports,
         budget_job_usd: body.budget_job_usd,
         budget_job_tokens: body.budget_job_tokens,
+        budget_day_usd: body.budget_day_usd,
+        budget_month_usd: body.budget_month_usd,
         reply_footer: body.reply_footer,
     };
     let channel = channels::update(&st.store, &name, changes)

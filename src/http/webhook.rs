@@ -100,6 +100,10 @@ pub struct Accepted {
     /// `POST` to their `url`.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub pending_approvals: Vec<PendingApproval>,
+    /// With `?wait`: the job is `queued` and held because its channel's daily or monthly
+    /// budget is spent: why, and until when. The wait ends as soon as the job is held.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub held: Option<String>,
 }
 
 /// A permission request or question a `?wait` caller's job waits for.
@@ -198,6 +202,7 @@ async fn webhook(
             events_url,
             state: None,
             pending_approvals: Vec::new(),
+            held: None,
         };
         return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
     };
@@ -240,6 +245,19 @@ async fn webhook(
                         kind: a.kind,
                     })
                     .collect(),
+                held: None,
+            };
+            Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+        }
+        WaitEnd::Held(why) => {
+            let body = Accepted {
+                job_id: enq.job_id,
+                created: enq.created,
+                status_url,
+                events_url,
+                state: Some(JobState::Queued),
+                pending_approvals: Vec::new(),
+                held: Some(why),
             };
             Ok((StatusCode::ACCEPTED, Json(body)).into_response())
         }
@@ -455,10 +473,13 @@ pub enum WaitEnd {
     Finished(JobState),
     /// The wait ran out, or the job waits for these pending approvals.
     Waiting(Vec<crate::store::Approval>),
+    /// The job is held by a spent budget, for this reason.
+    Held(String),
 }
 
-/// Waits until the job is in a terminal state, has a pending approval, or `max` passes. Woken
-/// by commits in this process; rows written by other processes are seen within a second.
+/// Waits until the job is in a terminal state, has a pending approval, is held by a spent
+/// budget, or `max` passes. Woken by commits in this process; rows written by other processes
+/// are seen within a second.
 pub async fn wait_for_end(st: &HttpState, job_id: &str, max: Duration) -> ApiResult<WaitEnd> {
     let store = &st.store;
     let deadline = tokio::time::Instant::now() + max;
@@ -483,6 +504,11 @@ pub async fn wait_for_end(st: &HttpState, job_id: &str, max: Duration) -> ApiRes
                 .await?;
             if !pending.is_empty() {
                 return Ok(WaitEnd::Waiting(pending));
+            }
+        }
+        if job.state == JobState::Queued {
+            if let Some(why) = store.job_held_reason(job_id).await? {
+                return Ok(WaitEnd::Held(why));
             }
         }
         let now = tokio::time::Instant::now();
@@ -516,6 +542,8 @@ mod tests {
             allowed_ports: None,
             budget_job_usd: None,
             budget_job_tokens: None,
+            budget_day_usd: None,
+            budget_month_usd: None,
             reply_footer: true,
             webhook_token_sha256: None,
             webhook_secret: None,

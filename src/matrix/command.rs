@@ -67,8 +67,8 @@ pub enum Command {
     /// `!usage [since]`: what this room's channel spent, per day (`since` as `gorp usage` reads
     /// it; 7 days when omitted).
     Usage { since: Option<String> },
-    /// `!budget`: this room's channel's limits; `!budget job <usd>|tokens <n>` sets the per-job
-    /// cost or token budget (`default`: the config's).
+    /// `!budget`: this room's channel's limits and what it spent today and this month;
+    /// `!budget job <usd>|tokens <n>|day <usd>|month <usd>` sets one (`default`: the config's).
     Budget { set: Option<BudgetSet> },
 }
 
@@ -79,6 +79,10 @@ pub enum BudgetSet {
     JobUsd(Option<f64>),
     /// The per-job token budget (`None`: `[budget]`'s).
     JobTokens(Option<i64>),
+    /// The daily budget in USD (`None`: `[budget]`'s).
+    DayUsd(Option<f64>),
+    /// The monthly budget in USD (`None`: `[budget]`'s).
+    MonthUsd(Option<f64>),
 }
 
 /// The subcommands of `!schedule`.
@@ -329,21 +333,29 @@ fn policy(args: &str) -> Result<Command, CommandError> {
     }
 }
 
-/// `!budget`, `!budget job <usd>|default`, `!budget tokens <n>|default`.
+/// `!budget`, `!budget job|day|month <usd>|default`, `!budget tokens <n>|default`.
 fn budget(args: &str) -> Result<Command, CommandError> {
     let mut words = args.split_whitespace();
     let (what, value, extra) = (words.next(), words.next(), words.next());
     if extra.is_some() {
         return Err(usage_error(strings::TOO_MANY_ARGUMENTS, usage::BUDGET));
     }
+    let cost = |v: &str| match v.trim_start_matches('$').parse::<f64>() {
+        Ok(c) if c.is_finite() && (0.0..=1e6).contains(&c) => Ok(c),
+        _ => Err(usage_error(strings::BUDGET_COST_SHAPE, usage::BUDGET)),
+    };
     let set = match (what.map(str::to_lowercase).as_deref(), value) {
         (None, _) => return Ok(Command::Budget { set: None }),
         (Some("job"), Some("default")) => BudgetSet::JobUsd(None),
         (Some("tokens"), Some("default")) => BudgetSet::JobTokens(None),
-        (Some("job"), Some(v)) => match v.trim_start_matches('$').parse::<f64>() {
-            Ok(c) if c.is_finite() && (0.0..=1e6).contains(&c) => BudgetSet::JobUsd(Some(c)),
-            _ => return Err(usage_error(strings::BUDGET_COST_SHAPE, usage::BUDGET)),
-        },
+        (Some("day"), Some("default")) => BudgetSet::DayUsd(None),
+        (Some("month"), Some("default")) => BudgetSet::MonthUsd(None),
+        (Some("job"), Some(v)) => BudgetSet::JobUsd(Some(cost(v)?)),
+        (Some("day"), Some(v)) => BudgetSet::DayUsd(Some(cost(v)?)),
+        (Some("month"), Some(v)) => BudgetSet::MonthUsd(Some(cost(v)?)),
+        (Some("job" | "tokens" | "day" | "month"), None) => {
+            return Err(usage_error(strings::MISSING_BUDGET_VALUE, usage::BUDGET))
+        }
         (Some("tokens"), Some(v)) => match v.parse::<i64>() {
             Ok(t) if t >= 1 => BudgetSet::JobTokens(Some(t)),
             _ => return Err(usage_error(strings::BUDGET_TOKENS_SHAPE, usage::BUDGET)),
@@ -694,6 +706,24 @@ mod tests {
                     set: Some(BudgetSet::JobTokens(None)),
                 },
             ),
+            (
+                "!budget day 20",
+                Command::Budget {
+                    set: Some(BudgetSet::DayUsd(Some(20.0))),
+                },
+            ),
+            (
+                "!budget Month $0",
+                Command::Budget {
+                    set: Some(BudgetSet::MonthUsd(Some(0.0))),
+                },
+            ),
+            (
+                "!budget day default",
+                Command::Budget {
+                    set: Some(BudgetSet::DayUsd(None)),
+                },
+            ),
             ("!rules", Command::Rules { remove: None }),
             ("!rules rm 3", Command::Rules { remove: Some(3) }),
             ("!policy", Command::Policy { set: None }),
@@ -753,6 +783,20 @@ mod tests {
                 "the policy is allow, deny or ask; usage: `!policy [allow|deny|ask]`",
             ),
             ("!policy ask now", "too many arguments"),
+            (
+                "!budget day -1",
+                "a cost budget is a number of USD from 0 to 1000000",
+            ),
+            ("!budget month lots", "a cost budget is a number"),
+            ("!budget month NaN", "a cost budget is a number"),
+            ("!budget day 1e7", "a cost budget is a number"),
+            ("!budget tokens 0", "a token budget is a whole number"),
+            ("!budget day", "give the budget after its name"),
+            (
+                "!budget week 5",
+                "set `job`, `day`, `month` (USD) or `tokens`",
+            ),
+            ("!budget day 5 6", "too many arguments"),
             ("!create", "missing channel name; usage: `!create <name>`"),
             ("!create a b", "too many arguments; usage: `!create <name>`"),
             ("!create Foo", "invalid channel name \"Foo\""),

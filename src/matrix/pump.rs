@@ -5,7 +5,8 @@
 //! 🛑 cancelled), one reply message per job edited (`m.replace`) as output streams — at most
 //! once per `edit_interval_ms` and at most `max_edits` times — then a final edit with the whole
 //! answer rendered from Markdown, split across further messages when it is too long; a typing
-//! notice while a job of the room runs; and a notice when gorp restarted while a job ran.
+//! notice while a job of the room runs; a notice when gorp restarted while a job ran; and a
+//! notice when a queued job is held because its channel's budget is spent.
 //!
 //! Progress is written to `matrix_replies`, so after a restart the pump continues each open
 //! reply where it stopped (the worst case is one edit or one part posted twice).
@@ -260,6 +261,8 @@ impl Pump {
             r.attempt
         };
         let restart_check = u.noted_attempt < finished_attempts;
+        // A queued job with rows the room has not seen may have been held by a spent budget.
+        let held_check = r.state == JobState::Queued && r.last_seq > r.rendered_seq;
         let edit_due = r.state == JobState::Running
             && r.reply_event_id.is_some()
             && fresh_output
@@ -270,6 +273,7 @@ impl Pump {
                 .is_none_or(|t| t.elapsed() >= self.edit_interval);
         let needs_events = terminal
             || restart_check
+            || held_check
             || edit_due
             || (r.state == JobState::Running && r.reply_event_id.is_none());
         if !needs_events {
@@ -289,6 +293,22 @@ impl Pump {
         }
         if restart_check {
             u.noted_attempt = finished_attempts;
+            changed = true;
+        }
+        if held_check {
+            // Held by a spent budget: say why once (one `held` event per attempt).
+            for ev in events
+                .iter()
+                .filter(|e| e.kind == EventKind::Held && e.seq > r.rendered_seq)
+            {
+                let why = ev.text.as_deref().unwrap_or("held");
+                let text = strings::held_notice(short_id(&r.job_id), why);
+                let html = markdown_to_html(&text);
+                room.send(RoomMessageEventContent::notice_html(text, html))
+                    .await?;
+                count("notice");
+            }
+            u.rendered_seq = r.last_seq;
             changed = true;
         }
         if r.state == JobState::Queued {

@@ -69,7 +69,7 @@ pub const HELP: &str = "\
 - `!answer [id] <answer>` — answer a question of the agent (or react with a choice's number; `!deny` or ❌ declines it)
 - `!rules` / `!rules rm <id>` — the \"allow always\" rules of this room's channel
 - `!usage [since]` — what this room's channel spent per day (7 days, or e.g. `30d`, `2026-12-01`)
-- `!budget` / `!budget job <usd>` / `!budget tokens <n>` — show or set the limits on one job (`default`: the config's)
+- `!budget` / `!budget job|day|month <usd>` / `!budget tokens <n>` — show the channel's limits and spend, or set one (`default`: the config's)
 
 Any other message in a channel's room is a prompt for its agent.";
 
@@ -99,7 +99,7 @@ pub mod usage {
     pub const DENY: &str = "!deny [id]";
     pub const ANSWER: &str = "!answer [id] <answer>";
     pub const USAGE: &str = "!usage [since]";
-    pub const BUDGET: &str = "!budget [job <usd>|tokens <n>|job default|tokens default]";
+    pub const BUDGET: &str = "!budget [job|day|month <usd>|tokens <n>|<which> default]";
     pub const APPROVALS: &str = "!approvals";
     pub const RULES: &str = "!rules [rm <id>]";
     pub const RULES_RM: &str = "!rules rm <id>";
@@ -835,7 +835,8 @@ pub const MISSING_ANSWER: &str = "give the answer after the command";
 
 pub const BUDGET_COST_SHAPE: &str = "a cost budget is a number of USD from 0 to 1000000";
 pub const BUDGET_TOKENS_SHAPE: &str = "a token budget is a whole number, 1 or more";
-pub const UNKNOWN_BUDGET: &str = "set `job` (USD) or `tokens`";
+pub const UNKNOWN_BUDGET: &str = "set `job`, `day`, `month` (USD) or `tokens`";
+pub const MISSING_BUDGET_VALUE: &str = "give the budget after its name (or `default`)";
 
 /// `!usage`: a channel's spend per day.
 pub fn usage_report(channel: &str, r: &crate::service::usage::Report) -> String {
@@ -889,8 +890,14 @@ pub fn reply_footer(
     (!parts.is_empty()).then(|| parts.join(" · "))
 }
 
-/// `!budget`: a channel's per-job limits and where they come from.
-pub fn budget_is(channel: &str, usd: (Option<f64>, bool), tokens: (Option<i64>, bool)) -> String {
+/// `!budget`: a channel's per-job limits and where they come from, then one line per window
+/// of its spend against its budget.
+pub fn budget_is(
+    channel: &str,
+    usd: (Option<f64>, bool),
+    tokens: (Option<i64>, bool),
+    spend: &[String],
+) -> String {
     let from = |own: bool| {
         if own {
             "the channel's"
@@ -898,7 +905,7 @@ pub fn budget_is(channel: &str, usd: (Option<f64>, bool), tokens: (Option<i64>, 
             "from the config"
         }
     };
-    format!(
+    let mut s = format!(
         "**{channel}** per-job budget: {} ({}), {} ({}). A job over it is stopped and fails with stop reason `budget`.",
         usd.0
             .map(|c| format!("**{c} USD**"))
@@ -909,7 +916,17 @@ pub fn budget_is(channel: &str, usd: (Option<f64>, bool), tokens: (Option<i64>, 
             .map(|t| format!("**{t} tokens**"))
             .unwrap_or_else(|| "no token limit".into()),
         from(tokens.1),
-    )
+    );
+    for line in spend {
+        s.push_str("\n- ");
+        s.push_str(line);
+    }
+    s
+}
+
+/// The room's notice that a job is held by a spent budget (`why` is its `held` event).
+pub fn held_notice(job: &str, why: &str) -> String {
+    format!("⏸ job {job} is {why}. `!budget` shows the figures; `!budget day <usd>` or `!budget month <usd>` raises a budget.")
 }
 
 pub fn policy_is(channel: &str, policy: crate::store::PermissionPolicy) -> String {

@@ -36,6 +36,10 @@ pub struct Changes {
     pub budget_job_usd: Option<Option<f64>>,
     /// The per-job token budget; `Some(None)`: `[budget] job_max_tokens`.
     pub budget_job_tokens: Option<Option<i64>>,
+    /// The daily budget (USD); `Some(None)`: `[budget] daily_max_cost_usd`.
+    pub budget_day_usd: Option<Option<f64>>,
+    /// The monthly budget (USD); `Some(None)`: `[budget] monthly_max_cost_usd`.
+    pub budget_month_usd: Option<Option<f64>>,
     /// Whether its Matrix replies end with the usage footer.
     pub reply_footer: Option<bool>,
 }
@@ -190,6 +194,9 @@ pub async fn update(
         changes.budget_job_usd.flatten(),
         changes.budget_job_tokens.flatten(),
     )?;
+    for usd in [changes.budget_day_usd, changes.budget_month_usd] {
+        check_budget(usd.flatten(), None)?;
+    }
     let update = crate::store::ChannelUpdate {
         permission_policy: changes.permission_policy,
         sandbox: changes.sandbox,
@@ -198,6 +205,8 @@ pub async fn update(
             .map(|p| p.map(|p| serde_json::to_string(&p).expect("ports serialise"))),
         budget_job_usd: changes.budget_job_usd,
         budget_job_tokens: changes.budget_job_tokens,
+        budget_day_usd: changes.budget_day_usd,
+        budget_month_usd: changes.budget_month_usd,
         reply_footer: changes.reply_footer,
     };
     if !store.channel_update(name, update).await? {

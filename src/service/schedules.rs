@@ -131,26 +131,7 @@ pub fn upcoming(cron: &Cron, tz: Tz, from: Millis, n: usize) -> Vec<DateTime<Tz>
     cron.iter_after(start).take(n).collect()
 }
 
-/// The default zone: `[scheduler] timezone`, else the system's (`TZ`, `/etc/timezone`, the
-/// `/etc/localtime` link), else UTC.
-pub fn default_timezone(config: &Config) -> String {
-    let candidates = [
-        Some(config.scheduler.timezone.clone()),
-        std::env::var("TZ").ok(),
-        std::fs::read_to_string("/etc/timezone").ok(),
-        std::fs::read_link("/etc/localtime").ok().and_then(|p| {
-            p.to_str()
-                .and_then(|s| s.split("zoneinfo/").nth(1))
-                .map(str::to_string)
-        }),
-    ];
-    candidates
-        .into_iter()
-        .flatten()
-        .map(|s| s.trim().trim_start_matches(':').to_string())
-        .find(|s| !s.is_empty() && Tz::from_str(s).is_ok())
-        .unwrap_or_else(|| "UTC".into())
-}
+pub use crate::config::default_timezone;
 
 /// What [`add`] needs.
 #[derive(Debug, Clone)]

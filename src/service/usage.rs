@@ -3,7 +3,8 @@
 
 use serde::Serialize;
 
-use crate::store::{Millis, Store, StoreError, UsageBy, UsageFilter, UsageRow};
+use crate::budget::SpendPolicy;
+use crate::store::{ChannelSpend, Millis, Store, StoreError, UsageBy, UsageFilter, UsageRow};
 
 /// The window of a report when none is given.
 pub const DEFAULT_SINCE: &str = "7d";
@@ -18,6 +19,10 @@ pub struct Report {
     pub rows: Vec<UsageRow>,
     /// Every row summed (`key` is `total`).
     pub total: UsageRow,
+    /// Spend today and this month against the budgets: of the report's channel, else of every
+    /// channel with a daily or monthly budget. Days and months are those of `timezone`.
+    pub budgets: Vec<ChannelSpend>,
+    pub timezone: String,
 }
 
 /// Reads `since` as a window back from `now` (`30m`, `24h`, `7d`, `4w`) or a UTC date
@@ -55,9 +60,20 @@ pub fn parse_since(s: &str, now: Millis) -> Result<Millis, String> {
     Ok(now - n * unit_ms)
 }
 
-/// The report of `filter`.
-pub async fn report(store: &Store, filter: UsageFilter) -> Result<Report, StoreError> {
+/// The report of `filter`, with the budgets' windows as of `now`.
+pub async fn report(
+    store: &Store,
+    filter: UsageFilter,
+    policy: &SpendPolicy,
+    now: Millis,
+) -> Result<Report, StoreError> {
     let rows = store.usage_report(&filter).await?;
+    let mut budgets = store
+        .channel_spend(&policy.limits(now), filter.channel.as_deref())
+        .await?;
+    if filter.channel.is_none() {
+        budgets.retain(|b| b.day_max_usd.is_some() || b.month_max_usd.is_some());
+    }
     let mut total = UsageRow {
         key: "total".into(),
         jobs: 0,
@@ -86,6 +102,8 @@ pub async fn report(store: &Store, filter: UsageFilter) -> Result<Report, StoreE
         channel: filter.channel,
         rows,
         total,
+        budgets,
+        timezone: policy.tz.to_string(),
     })
 }
 

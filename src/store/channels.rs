@@ -14,7 +14,8 @@ macro_rules! select_channels {
                       permission_policy AS "permission_policy: PermissionPolicy",
                       matrix_room_id, acp_session_id, created_at,
                       sandbox AS "sandbox?: SandboxMode", allowed_ports, budget_job_usd,
-                      budget_job_tokens, reply_footer AS "reply_footer: bool",
+                      budget_job_tokens, budget_day_usd, budget_month_usd,
+                      reply_footer AS "reply_footer: bool",
                       webhook_token_sha256, webhook_secret, webhook_template
                FROM channels "# + $tail
             $(, $arg)*
@@ -132,6 +133,8 @@ pub struct ChannelUpdate {
     pub allowed_ports: Option<Option<String>>,
     pub budget_job_usd: Option<Option<f64>>,
     pub budget_job_tokens: Option<Option<i64>>,
+    pub budget_day_usd: Option<Option<f64>>,
+    pub budget_month_usd: Option<Option<f64>>,
     pub reply_footer: Option<bool>,
 }
 
@@ -142,6 +145,8 @@ struct Update {
 
 impl Write for Update {
     type Output = bool;
+    /// A raised budget can release held jobs.
+    const WAKES_WORKERS: bool = true;
 
     async fn apply(&self, conn: &mut Conn) -> Applied<bool> {
         let u = &self.u;
@@ -150,6 +155,8 @@ impl Write for Update {
         let (set_ports, ports) = (u.allowed_ports.is_some(), u.allowed_ports.clone().flatten());
         let (set_usd, usd) = (u.budget_job_usd.is_some(), u.budget_job_usd.flatten());
         let (set_tokens, tokens) = (u.budget_job_tokens.is_some(), u.budget_job_tokens.flatten());
+        let (set_day, day) = (u.budget_day_usd.is_some(), u.budget_day_usd.flatten());
+        let (set_month, month) = (u.budget_month_usd.is_some(), u.budget_month_usd.flatten());
         let r = sqlx::query!(
             r#"UPDATE channels
                SET permission_policy = coalesce(?2, permission_policy),
@@ -157,7 +164,9 @@ impl Write for Update {
                    allowed_ports = CASE WHEN ?5 THEN ?6 ELSE allowed_ports END,
                    budget_job_usd = CASE WHEN ?7 THEN ?8 ELSE budget_job_usd END,
                    budget_job_tokens = CASE WHEN ?9 THEN ?10 ELSE budget_job_tokens END,
-                   reply_footer = coalesce(?11, reply_footer)
+                   budget_day_usd = CASE WHEN ?11 THEN ?12 ELSE budget_day_usd END,
+                   budget_month_usd = CASE WHEN ?13 THEN ?14 ELSE budget_month_usd END,
+                   reply_footer = coalesce(?15, reply_footer)
                WHERE name = ?1"#,
             self.name,
             u.permission_policy,
@@ -169,6 +178,10 @@ impl Write for Update {
             usd,
             set_tokens,
             tokens,
+            set_day,
+            day,
+            set_month,
+            month,
             u.reply_footer
         )
         .execute(&mut *conn)
@@ -208,7 +221,8 @@ impl Write for Insert {
                          permission_policy AS "permission_policy: PermissionPolicy",
                          matrix_room_id, acp_session_id, created_at,
                          sandbox AS "sandbox?: SandboxMode", allowed_ports, budget_job_usd,
-                         budget_job_tokens, reply_footer AS "reply_footer: bool",
+                         budget_job_tokens, budget_day_usd, budget_month_usd,
+                      reply_footer AS "reply_footer: bool",
                          webhook_token_sha256, webhook_secret, webhook_template"#,
             ch.name,
             webhook_id,

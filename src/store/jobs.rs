@@ -9,6 +9,7 @@ use std::collections::HashSet;
 
 use serde::Serialize;
 
+use super::budgets;
 use super::events::insert_events;
 use super::writer::{Applied, Conn, Op, Write, MAX_ROWS_PER_INSERT};
 use super::*;
@@ -82,19 +83,22 @@ impl Store {
     }
 
     /// Claims up to `limit` due jobs for `owner`, at most one per channel and never one whose
-    /// channel already has a running job, in priority order. One statement.
+    /// channel already has a running job or has spent its budget for the day or month, in
+    /// priority order.
     pub async fn job_claim_many(
         &self,
         owner: &str,
         limit: i64,
         now: Millis,
         lease_ms: i64,
+        limits: &SpendLimits,
     ) -> Result<Vec<Job>> {
         self.write(Claim {
             owner: owner.to_string(),
             limit,
             now,
             lease_until: now + lease_ms,
+            limits: *limits,
         })
         .await
     }
@@ -129,14 +133,17 @@ impl Store {
         .await
     }
 
-    /// `running → succeeded`, and in the same transaction claims the same channel's next due
-    /// job for the same owner. Returns whether the fence held and the claimed job.
+    /// `running → succeeded`, and in the same transaction claims the next due job of the
+    /// job's channel (`channel_id`) for the same owner, unless the channel's budget is now
+    /// spent. Returns whether the fence held and the claimed job.
     pub async fn job_complete_and_claim(
         &self,
         lease: &Lease,
+        channel_id: i64,
         stop_reason: Option<String>,
         now: Millis,
         lease_ms: i64,
+        limits: &SpendLimits,
     ) -> Result<(bool, Option<Job>)> {
         self.write(CompleteClaim {
             done: Complete {
@@ -144,7 +151,9 @@ impl Store {
                 stop_reason,
                 now,
             },
+            channel_id,
             lease_until: now + lease_ms,
+            limits: *limits,
         })
         .await
     }
@@ -244,11 +253,19 @@ impl Store {
 
     /// Records warm/cold, time to first output and usage for one attempt. Sent in order with
     /// the attempt's outcome, so it commits no later than the outcome.
-    pub async fn job_record_run(&self, job_id: &str, attempt: i64, facts: RunFacts) -> Result<()> {
+    /// `now` is when the turn ended: the usage row counts in the day and month of it.
+    pub async fn job_record_run(
+        &self,
+        job_id: &str,
+        attempt: i64,
+        facts: RunFacts,
+        now: Millis,
+    ) -> Result<()> {
         self.write(RecordRun {
             job_id: job_id.to_string(),
             attempt,
             facts,
+            now,
         })
         .await
     }
@@ -315,10 +332,14 @@ impl Store {
         .await?)
     }
 
-    /// Whether a job the claim would take is due now, and the earliest future `run_at` of such
-    /// a job: the claim takes each idle channel's next job in queue order, so only those count
-    /// (a job behind a head that waits for its retry is not claimable).
-    pub async fn job_next_due(&self, now: Millis) -> Result<(bool, Option<Millis>)> {
+    /// What the claim would find now: whether a job it would take is due, the earliest future
+    /// `run_at` of such a job (the claim takes each idle channel's next job in queue order, so
+    /// only those count: a job behind a head that waits for its retry is not claimable), and
+    /// the due jobs held by a spent budget that have not been told so yet.
+    pub async fn job_next_due(&self, now: Millis, limits: &SpendLimits) -> Result<QueueOutlook> {
+        let mut conn = self.read.acquire().await?;
+        let spent = budgets::spent_channels(&mut *conn, limits, None).await?;
+        let held_ids = budgets::id_array(&spent);
         let r = sqlx::query!(
             r#"WITH heads AS (
                    SELECT (SELECT q.run_at FROM jobs q
@@ -327,15 +348,22 @@ impl Store {
                            LIMIT 1) AS run_at
                    FROM channels c
                    WHERE NOT EXISTS (SELECT 1 FROM jobs r
-                                     WHERE r.channel_id = c.id AND r.state = 'running'))
+                                     WHERE r.channel_id = c.id AND r.state = 'running')
+                     AND c.id NOT IN (SELECT value FROM json_each(?2)))
                SELECT
                  EXISTS(SELECT 1 FROM heads WHERE run_at <= ?1) AS "due!: bool",
                  (SELECT min(run_at) FROM heads WHERE run_at > ?1) AS "next?: i64""#,
-            now
+            now,
+            held_ids
         )
-        .fetch_one(&self.read)
+        .fetch_one(&mut *conn)
         .await?;
-        Ok((r.due, r.next))
+        let held = budgets::untold_held_heads(&mut *conn, &spent, now).await?;
+        Ok(QueueOutlook {
+            due: r.due,
+            next: r.next,
+            held,
+        })
     }
 
     /// Running jobs of `owner` whose cancel was requested: (job id, attempt).
@@ -510,25 +538,29 @@ struct Claim {
     limit: i64,
     now: Millis,
     lease_until: Millis,
+    limits: SpendLimits,
 }
 
 impl Write for Claim {
     type Output = Vec<Job>;
 
     async fn apply(&self, conn: &mut Conn) -> Applied<Vec<Job>> {
+        let spent = budgets::spent_channels(&mut *conn, &self.limits, None).await?;
+        let held_ids = budgets::id_array(&spent);
         Ok(Ok(update_returning_jobs!(
             r#"WITH heads AS (
-                   -- The next job of every channel that has no running job, in queue order (a
-                   -- rescued or retried job keeps its place): one index probe per channel,
-                   -- however long the queue or the history. A head that is not due yet holds
-                   -- its channel.
+                   -- The next job of every channel that has no running job and whose budget is
+                   -- not spent, in queue order (a rescued or retried job keeps its place): one
+                   -- index probe per channel, however long the queue or the history. A head
+                   -- that is not due yet holds its channel.
                    SELECT (SELECT q.id FROM jobs q
                            WHERE q.channel_id = c.id AND q.state = 'queued'
                            ORDER BY q.priority DESC, q.created_at, q.id
                            LIMIT 1) AS id
                    FROM channels c
                    WHERE NOT EXISTS (SELECT 1 FROM jobs r
-                                     WHERE r.channel_id = c.id AND r.state = 'running'))
+                                     WHERE r.channel_id = c.id AND r.state = 'running')
+                     AND c.id NOT IN (SELECT value FROM json_each(?5)))
                UPDATE jobs
                SET state = 'running', attempt = attempt + 1, lease_owner = ?1,
                    lease_expires_at = ?2, started_at = ?3, cancel_requested = 0,
@@ -541,7 +573,8 @@ impl Write for Claim {
             self.owner,
             self.lease_until,
             self.now,
-            self.limit
+            self.limit,
+            held_ids
         )
         .fetch_all(&mut *conn)
         .await?))
@@ -615,7 +648,9 @@ impl Write for Complete {
 /// has no running job in this transaction): one index probe.
 struct CompleteClaim {
     done: Complete,
+    channel_id: i64,
     lease_until: Millis,
+    limits: SpendLimits,
 }
 
 impl Write for CompleteClaim {
@@ -627,6 +662,14 @@ impl Write for CompleteClaim {
             return Ok(Ok((false, None)));
         }
         let lease = &self.done.lease;
+        // The run's usage row committed before this write: a budget it spent holds the rest.
+        let channel_id = self.channel_id;
+        if !budgets::spent_channels(&mut *conn, &self.limits, Some(channel_id))
+            .await?
+            .is_empty()
+        {
+            return Ok(Ok((true, None)));
+        }
         let next = update_returning_jobs!(
             r#"UPDATE jobs
                SET state = 'running', attempt = attempt + 1, lease_owner = ?2,
@@ -634,12 +677,11 @@ impl Write for CompleteClaim {
                    stop_reason = NULL
                WHERE id = (
                    SELECT q.id FROM jobs q
-                   WHERE q.channel_id = (SELECT channel_id FROM jobs WHERE id = ?1)
-                     AND q.state = 'queued'
+                   WHERE q.channel_id = ?1 AND q.state = 'queued'
                    ORDER BY q.priority DESC, q.created_at, q.id
                    LIMIT 1)
                  AND run_at <= ?4"#,
-            lease.job_id,
+            channel_id,
             lease.owner,
             self.lease_until,
             self.done.now
@@ -965,6 +1007,7 @@ struct RecordRun {
     job_id: String,
     attempt: i64,
     facts: RunFacts,
+    now: Millis,
 }
 
 impl Write for RecordRun {
@@ -991,7 +1034,7 @@ impl Write for RecordRun {
         .await?;
         // The attempt's spend, for budgets and reports (a later record of the same attempt
         // replaces it).
-        let now = now_ms();
+        let now = self.now;
         sqlx::query!(
             r#"INSERT INTO usage (job_id, attempt, channel_id, source, at, input_tokens,
                                   output_tokens, cache_read_tokens, cache_write_tokens, cost_usd,

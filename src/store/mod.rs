@@ -4,6 +4,7 @@
 //!   rescue, retention, reads.
 //! - `events`: a job's event log and output.
 //! - `channels`: channels and their webhook credentials, rooms and ACP sessions.
+//! - `budgets`: each channel's spend in the current day and month, and held jobs.
 //! - `warm`: the warm-session lease table.
 //! - `schedules`: schedules and their guarded firing.
 //! - `approvals`: permission requests under `ask`, their decisions, standing rules.
@@ -26,6 +27,7 @@
 //! Every query takes `now` from its caller, so tests control time.
 
 mod approvals;
+mod budgets;
 mod channels;
 mod events;
 mod jobs;

@@ -49,6 +49,10 @@ pub struct Channel {
     pub budget_job_usd: Option<f64>,
     /// Overrides `[budget] job_max_tokens` (none: the config's).
     pub budget_job_tokens: Option<i64>,
+    /// Overrides `[budget] daily_max_cost_usd` (none: the config's).
+    pub budget_day_usd: Option<f64>,
+    /// Overrides `[budget] monthly_max_cost_usd` (none: the config's).
+    pub budget_month_usd: Option<f64>,
     /// Its Matrix replies end with a footer: duration · tokens · cost.
     pub reply_footer: bool,
     /// SHA-256 of the channel's own webhook bearer token (never serialised).
@@ -428,6 +432,80 @@ pub struct UsageRow {
     pub cache_write_tokens: i64,
     pub cost_usd: f64,
     pub agent_secs: f64,
+}
+
+/// The windows a channel's spend is counted in, and the budgets of channels without their own.
+/// The caller computes the windows (in the scheduler's zone) from its `now`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SpendLimits {
+    /// Start of the current day (Unix ms).
+    pub day_start: Millis,
+    /// Start of the current month (Unix ms).
+    pub month_start: Millis,
+    /// `[budget] daily_max_cost_usd`.
+    pub daily_max: Option<f64>,
+    /// `[budget] monthly_max_cost_usd`.
+    pub monthly_max: Option<f64>,
+}
+
+/// A budget window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SpendWindow {
+    Day,
+    Month,
+}
+
+impl SpendWindow {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpendWindow::Day => "day",
+            SpendWindow::Month => "month",
+        }
+    }
+}
+
+/// What a channel spent in the current day and month (committed usage rows), and its budgets
+/// for them (the channel's own, else the config's; none: no limit).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ChannelSpend {
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub channel_id: i64,
+    pub channel: String,
+    pub day_usd: f64,
+    pub day_max_usd: Option<f64>,
+    pub month_usd: f64,
+    pub month_max_usd: Option<f64>,
+}
+
+impl ChannelSpend {
+    /// The window whose budget is spent, if any (the month first: it holds longer), with the
+    /// spend and the budget.
+    pub fn spent(&self) -> Option<(SpendWindow, f64, f64)> {
+        let over = |spent: f64, max: Option<f64>| max.filter(|m| spent >= *m);
+        if let Some(m) = over(self.month_usd, self.month_max_usd) {
+            return Some((SpendWindow::Month, self.month_usd, m));
+        }
+        over(self.day_usd, self.day_max_usd).map(|m| (SpendWindow::Day, self.day_usd, m))
+    }
+}
+
+/// A channel's next job, due, held because the channel's budget is spent, and not yet told so.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeldJob {
+    pub job_id: String,
+    pub attempt: i64,
+    pub spend: ChannelSpend,
+}
+
+/// What the claim would find now: whether a job is due, the earliest future `run_at` of a
+/// channel's next job, and the due jobs held by a spent budget that have not been told so.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueueOutlook {
+    pub due: bool,
+    pub next: Option<Millis>,
+    pub held: Vec<HeldJob>,
 }
 
 /// A schedule row.

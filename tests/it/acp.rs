@@ -57,6 +57,7 @@ fn pool_config() -> PoolConfig {
         retry_base: Duration::from_millis(10),
         retry_max: Duration::from_millis(50),
         shutdown_grace: Duration::from_secs(5),
+        spend: Default::default(),
     }
 }
 
@@ -75,7 +76,10 @@ impl Gorp {
         let pool = WorkerPool::new(
             store.clone(),
             Arc::new(AcpExecutor::new(warm.clone())),
-            pool_config(),
+            PoolConfig {
+                spend: gorp::budget::SpendPolicy::from_config(&config),
+                ..pool_config()
+            },
             instance.to_string(),
         );
         let handle = pool.handle();

@@ -1082,6 +1082,18 @@ async fn sandbox_settings_are_checked_and_shown_by_doctor_channels_and_login() {
         ("sandbox = \"bubblewrap\"", "landlock"),
         ("[budget]\njob_max_cost_usd = -1", "budget.job_max_cost_usd"),
         ("[budget]\njob_max_tokens = 0", "budget.job_max_tokens"),
+        (
+            "[budget]\ndaily_max_cost_usd = -0.01",
+            "budget.daily_max_cost_usd",
+        ),
+        (
+            "[budget]\nmonthly_max_cost_usd = nan",
+            "budget.monthly_max_cost_usd",
+        ),
+        (
+            "[budget]\ndaily_max_cost_usd = \"5\"",
+            "budget.daily_max_cost_usd",
+        ),
     ] {
         let env = Env::new();
         let path = env.config_path();
@@ -1150,6 +1162,27 @@ async fn sandbox_settings_are_checked_and_shown_by_doctor_channels_and_login() {
         out.contains("per-job budget 2.5 USD / no token limit"),
         "{out}"
     );
+    let out = env.ok(&[
+        "channels",
+        "set",
+        "boxed",
+        "--budget-day-usd",
+        "20",
+        "--budget-month-usd",
+        "300",
+    ]);
+    assert!(out.contains("per day 20 USD, per month 300 USD"), "{out}");
+    let out = env.ok(&["channels", "set", "boxed", "--budget-month-usd", "default"]);
+    assert!(
+        out.contains("per day 20 USD, per month no monthly budget"),
+        "{out}"
+    );
+    let usage = env.ok(&["usage", "--channel", "boxed"]);
+    assert!(
+        usage.contains("budget of boxed: today: $0.0000 of $20.00 (until ")
+            && usage.contains("this month: $0.0000, no budget"),
+        "{usage}"
+    );
     let jobs_before = env.ok(&["--json", "jobs"]);
     for (args, want) in [
         (&["channels", "set", "boxed", "--allowed-ports", "0"][..], 2),
@@ -1172,6 +1205,15 @@ async fn sandbox_settings_are_checked_and_shown_by_doctor_channels_and_login() {
             &["channels", "set", "boxed", "--budget-job-tokens", "0"][..],
             2,
         ),
+        (
+            &["channels", "set", "boxed", "--budget-day-usd", "-5"][..],
+            2,
+        ),
+        (
+            &["channels", "set", "boxed", "--budget-month-usd", "1e9"][..],
+            2,
+        ),
+        (&["channels", "set", "nope", "--budget-day-usd", "5"][..], 3),
         (&["enqueue", "boxed", "x", "--max-cost-usd", "-2"][..], 2),
         (&["enqueue", "boxed", "x", "--timeout-secs", "0"][..], 2),
         (&["channels", "add", "x", "--allowed-ports", "70000"][..], 2),

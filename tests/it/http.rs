@@ -9,7 +9,7 @@ use std::time::Duration;
 use gorp::auth;
 use gorp::config::Config;
 use gorp::http::HttpState;
-use gorp::store::{now_ms, JobState, NewChannel, NewEvent, NewJob, Source, Store};
+use gorp::store::{now_ms, JobState, NewChannel, NewEvent, NewJob, Source, SpendLimits, Store};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -446,7 +446,7 @@ async fn job_with_events(store: &Store, n: usize) -> (String, Vec<i64>, gorp::st
         .unwrap()
         .job_id;
     let job = store
-        .job_claim_many("w", 1, now_ms(), 60_000)
+        .job_claim_many("w", 1, now_ms(), 60_000, &SpendLimits::default())
         .await
         .unwrap()
         .remove(0);
@@ -758,6 +758,77 @@ async fn wait_returns_the_output_of_a_real_agent_run() {
     assert_eq!(cancel["outcome"], "requested");
     let job = g.wait_done(body["job_id"].as_str().unwrap()).await;
     assert_eq!(job.state, JobState::Cancelled);
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn wait_on_a_channel_whose_budget_is_spent_answers_at_once_with_the_reason() {
+    let g = Gorp::start(|c| c.webhook.tokens = vec![API_TOKEN.into()]).await;
+    let id = channel(&g.store, "alpha").await;
+    gorp::service::channels::update(
+        &g.store,
+        "alpha",
+        gorp::service::channels::Changes {
+            budget_day_usd: Some(Some(0.5)),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let base = serve(HttpState::new(
+        g.store.clone(),
+        g.config.clone(),
+        Some(g.pool.clone()),
+        Some(g.warm.clone()),
+    ))
+    .await;
+    let post = |prompt: &'static str| {
+        reqwest::Client::new()
+            .post(format!("{base}/webhook/session/{id}?wait=60"))
+            .bearer_auth(CHANNEL_TOKEN)
+            .json(&json!({ "prompt": prompt }))
+            .send()
+    };
+    let resp = post("@usage cost=0.75\n@reply spent").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["output"], "spent");
+    // The next job is committed (202) and held; the wait ends as soon as it is told why,
+    // long before its 60 seconds.
+    let t = std::time::Instant::now();
+    let resp = post("@reply later").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["state"], "queued");
+    let held = body["held"].as_str().unwrap();
+    assert!(
+        held.contains("channel alpha has spent $0.7500 of its daily budget of $0.50"),
+        "{held}"
+    );
+    assert!(t.elapsed() < std::time::Duration::from_secs(30));
+    let job = body["job_id"].as_str().unwrap();
+    assert_eq!(
+        g.store.job_get(job).await.unwrap().unwrap().state,
+        JobState::Queued
+    );
+    // `/api/usage` shows the channel's spend against its budget.
+    let usage: Value = reqwest::Client::new()
+        .get(format!("{base}/api/usage?channel=alpha"))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let b = &usage["budgets"][0];
+    assert_eq!(b["channel"], "alpha");
+    assert_eq!(
+        (b["day_usd"].as_f64(), b["day_max_usd"].as_f64()),
+        (Some(0.75), Some(0.5))
+    );
+    assert!(usage["timezone"].as_str().is_some_and(|z| !z.is_empty()));
     g.stop().await;
 }
 
@@ -1314,6 +1385,11 @@ async fn api_sets_a_channels_sandbox_and_ports_and_refuses_bad_changes() {
         r#"{"budget_job_usd": "1"}"#,
         r#"{"budget_job_tokens": 0}"#,
         r#"{"budget_job_tokens": 1.5}"#,
+        r#"{"budget_day_usd": -0.5}"#,
+        r#"{"budget_day_usd": "5"}"#,
+        r#"{"budget_month_usd": 1e9}"#,
+        r#"{"budget_month_usd": true}"#,
+        r#"{"budget_day_usd": 5, "budget_month_usd": -1}"#,
         r#"{"sandbox": "jail"}"#,
         r#"{"allowed_ports": [0]}"#,
         r#"{"allowed_ports": [70000]}"#,
@@ -1329,18 +1405,23 @@ async fn api_sets_a_channels_sandbox_and_ports_and_refuses_bad_changes() {
         before,
         "nothing written"
     );
-    let ch: Value = patch(r#"{"budget_job_usd": 2.5, "budget_job_tokens": 1000.0}"#)
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ch: Value = patch(
+        r#"{"budget_job_usd": 2.5, "budget_job_tokens": 1000.0, "budget_day_usd": 20,
+            "budget_month_usd": 300.5}"#,
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
     assert_eq!(
         (
             ch["budget_job_usd"].as_f64(),
-            ch["budget_job_tokens"].as_i64()
+            ch["budget_job_tokens"].as_i64(),
+            ch["budget_day_usd"].as_f64(),
+            ch["budget_month_usd"].as_f64()
         ),
-        (Some(2.5), Some(1000))
+        (Some(2.5), Some(1000), Some(20.0), Some(300.5))
     );
     // An empty change is the channel as it is; null goes back to the config's.
     let same: Value = patch("{}").await.unwrap().json().await.unwrap();

@@ -5,6 +5,7 @@ mod support;
 mod acp;
 mod agent_process;
 mod approvals;
+mod budgets;
 mod claude;
 mod claude_agent;
 mod cli;

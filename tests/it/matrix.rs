@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use gorp::config::{Config, MatrixConfig};
-use gorp::store::{now_ms, JobState, NewJob, Source, Store};
+use gorp::store::{now_ms, JobState, NewJob, Source, SpendLimits, Store};
 use matrix_sdk::config::SyncSettings;
 use matrix_sdk::deserialized_responses::EncryptionInfo;
 use matrix_sdk::event_handler::SyncEvent;
@@ -1286,7 +1286,7 @@ async fn a_restart_keeps_the_device_answers_nothing_old_and_reports_rerun_jobs()
         .unwrap();
     let claimed = w
         .store
-        .job_claim_many(&dead_owner, 1, later, 3_600_000)
+        .job_claim_many(&dead_owner, 1, later, 3_600_000, &SpendLimits::default())
         .await
         .unwrap();
     assert_eq!(claimed.len(), 1);
@@ -1988,7 +1988,7 @@ async fn a_question_of_the_agent_is_answered_in_the_room_by_a_number_or_a_comman
 }
 
 #[tokio::test]
-async fn usage_and_the_per_job_budget_are_read_and_set_in_the_room() {
+async fn usage_and_budgets_are_read_and_set_in_the_room_and_a_held_job_is_told_why() {
     let mut w = World::start(|c| c.budget.job_max_tokens = Some(100_000)).await;
     let (room, _) = w.create_channel("spender").await;
     let bot = w.bot.clone();
@@ -2044,4 +2044,35 @@ async fn usage_and_the_per_job_budget_are_read_and_set_in_the_room() {
         Some(2.5),
         "nothing written"
     );
+
+    // A daily budget already spent ($0.25 of $0.20): the next prompt is committed but held,
+    // the room is told why once, and raising the budget lets it run.
+    let set = w.command(&room, "!budget day 0.2").await;
+    assert!(
+        set.contains("today: $0.2500 of $0.20, spent: jobs held until"),
+        "{set}"
+    );
+    w.alice.say(&room, "@reply after the raise").await;
+    let held = w
+        .alice
+        .message_from(&bot, &room, "the held notice", |e| {
+            matches!(e.content.msgtype, MessageType::Notice(_)) && shown(e).contains(" is held:")
+        })
+        .await;
+    let text = shown(&held.event);
+    assert!(
+        text.contains("channel spender has spent $0.2500 of its daily budget of $0.20")
+            && text.contains("!budget day"),
+        "{text}"
+    );
+    let raised = w.command(&room, "!budget day 5").await;
+    assert!(
+        raised.contains("today: $0.2500 of $5.00 (until"),
+        "{raised}"
+    );
+    w.alice
+        .message_from(&bot, &room, "the held job's reply", |e| {
+            shown(e).contains("after the raise")
+        })
+        .await;
 }

@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
-use gorp::store::{CancelOutcome, JobFilter, JobState, NewEvent, NewJob, Source, StoreError};
+use gorp::store::{
+    CancelOutcome, JobFilter, JobState, NewEvent, NewJob, QueueOutlook, Source, SpendLimits,
+    StoreError,
+};
 use gorp::worker::retry_delay;
 use rand::SeedableRng;
 
@@ -46,7 +49,11 @@ async fn job_runs_queued_to_running_to_succeeded() {
         (JobState::Queued, 0, "alpha")
     );
 
-    let claimed = s.store.job_claim_many("w1", 10, T0, LEASE).await.unwrap();
+    let claimed = s
+        .store
+        .job_claim_many("w1", 10, T0, LEASE, &SpendLimits::default())
+        .await
+        .unwrap();
     assert_eq!(claimed.len(), 1);
     let c = &claimed[0];
     assert_eq!((c.state, c.attempt), (JobState::Running, 1));
@@ -83,7 +90,7 @@ async fn failed_attempt_is_retried_with_backoff_then_fails_when_attempts_are_spe
 
     let a1 = s
         .store
-        .job_claim_many("w", 1, T0, LEASE)
+        .job_claim_many("w", 1, T0, LEASE, &SpendLimits::default())
         .await
         .unwrap()
         .remove(0);
@@ -106,14 +113,14 @@ async fn failed_attempt_is_retried_with_backoff_then_fails_when_attempts_are_spe
     // Not due before its run_at.
     assert!(s
         .store
-        .job_claim_many("w", 1, T0 + 9_999, LEASE)
+        .job_claim_many("w", 1, T0 + 9_999, LEASE, &SpendLimits::default())
         .await
         .unwrap()
         .is_empty());
 
     let a2 = s
         .store
-        .job_claim_many("w", 1, T0 + 10_000, LEASE)
+        .job_claim_many("w", 1, T0 + 10_000, LEASE, &SpendLimits::default())
         .await
         .unwrap()
         .remove(0);
@@ -149,7 +156,7 @@ async fn non_retryable_failure_fails_at_once() {
         .job_id;
     let a = s
         .store
-        .job_claim_many("w", 1, T0, LEASE)
+        .job_claim_many("w", 1, T0, LEASE, &SpendLimits::default())
         .await
         .unwrap()
         .remove(0);
@@ -174,7 +181,7 @@ async fn stale_worker_loses_to_the_newer_attempt() {
         .job_id;
     let old = s
         .store
-        .job_claim_many("old", 1, T0, 1_000)
+        .job_claim_many("old", 1, T0, 1_000, &SpendLimits::default())
         .await
         .unwrap()
         .remove(0);
@@ -188,7 +195,7 @@ async fn stale_worker_loses_to_the_newer_attempt() {
     assert_eq!(rescued.len(), 1);
     let new = s
         .store
-        .job_claim_many("new", 1, T0 + 2_001, LEASE)
+        .job_claim_many("new", 1, T0 + 2_001, LEASE, &SpendLimits::default())
         .await
         .unwrap()
         .remove(0);
@@ -269,7 +276,7 @@ async fn claim_takes_one_job_per_channel_in_priority_order() {
 
     let claimed = s
         .store
-        .job_claim_many("w", 10, T0 + 10, LEASE)
+        .job_claim_many("w", 10, T0 + 10, LEASE, &SpendLimits::default())
         .await
         .unwrap();
     let mut ids: Vec<_> = claimed.iter().map(|j| j.id.clone()).collect();
@@ -280,7 +287,7 @@ async fn claim_takes_one_job_per_channel_in_priority_order() {
     // Both channels busy: nothing more to claim although a1 is due.
     assert!(s
         .store
-        .job_claim_many("w", 10, T0 + 10, LEASE)
+        .job_claim_many("w", 10, T0 + 10, LEASE, &SpendLimits::default())
         .await
         .unwrap()
         .is_empty());
@@ -291,7 +298,7 @@ async fn claim_takes_one_job_per_channel_in_priority_order() {
         .unwrap();
     let next = s
         .store
-        .job_claim_many("w", 10, T0 + 12, LEASE)
+        .job_claim_many("w", 10, T0 + 12, LEASE, &SpendLimits::default())
         .await
         .unwrap();
     assert_eq!(
@@ -306,7 +313,10 @@ async fn database_refuses_a_second_running_job_on_a_channel() {
     let a = s.channel("a").await;
     s.store.job_insert(job(a.id, "1"), T0).await.unwrap();
     let second = s.store.job_insert(job(a.id, "2"), T0).await.unwrap().job_id;
-    s.store.job_claim_many("w", 1, T0, LEASE).await.unwrap();
+    s.store
+        .job_claim_many("w", 1, T0, LEASE, &SpendLimits::default())
+        .await
+        .unwrap();
     // Bypass the claim query: the partial unique index alone must refuse.
     let w = s.other_store().await;
     drop(w);
@@ -339,7 +349,10 @@ async fn rescuer_requeues_expired_leases_without_spending_attempts() {
     let mut once = job(b.id, "once");
     once.max_attempts = 1;
     let single = s.store.job_insert(once, T0).await.unwrap().job_id;
-    s.store.job_claim_many("dead", 10, T0, 1_000).await.unwrap();
+    s.store
+        .job_claim_many("dead", 10, T0, 1_000, &SpendLimits::default())
+        .await
+        .unwrap();
     turn_started(&s, &retry, 1).await;
     turn_started(&s, &single, 1).await;
 
@@ -385,7 +398,7 @@ async fn rescuer_requeues_expired_leases_without_spending_attempts() {
     // The rescued job runs again as attempt 2, and a failure of that run is its first.
     let again = s
         .store
-        .job_claim_many("alive", 10, T0 + 1_002, LEASE)
+        .job_claim_many("alive", 10, T0 + 1_002, LEASE, &SpendLimits::default())
         .await
         .unwrap();
     assert_eq!(again.len(), 2);
@@ -435,7 +448,13 @@ async fn job_that_kills_gorp_every_time_fails_after_max_rescues() {
     for round in 1..=max + 1 {
         let c = s
             .store
-            .job_claim_many(&format!("gorp-{round}"), 1, t, 1_000)
+            .job_claim_many(
+                &format!("gorp-{round}"),
+                1,
+                t,
+                1_000,
+                &SpendLimits::default(),
+            )
             .await
             .unwrap();
         assert_eq!(c.len(), 1, "round {round}");
@@ -479,7 +498,7 @@ async fn rescue_before_the_turn_gives_the_attempt_back() {
     for round in 1..=8 {
         let c = s
             .store
-            .job_claim_many("starting", 1, t, 1_000)
+            .job_claim_many("starting", 1, t, 1_000, &SpendLimits::default())
             .await
             .unwrap();
         assert_eq!(c[0].attempt, 1, "round {round}");
@@ -510,7 +529,11 @@ async fn rescued_and_retried_jobs_keep_their_place_in_the_channel() {
         .await
         .unwrap()
         .job_id;
-    let c = s.store.job_claim_many("dead", 1, T0, 1_000).await.unwrap();
+    let c = s
+        .store
+        .job_claim_many("dead", 1, T0, 1_000, &SpendLimits::default())
+        .await
+        .unwrap();
     assert_eq!(c[0].id, first);
     // Newer jobs of the channel arrive while the first one runs.
     let mut newer = Vec::new();
@@ -529,7 +552,7 @@ async fn rescued_and_retried_jobs_keep_their_place_in_the_channel() {
         .unwrap();
     let next = s
         .store
-        .job_claim_many("w", 10, T0 + 2_001, LEASE)
+        .job_claim_many("w", 10, T0 + 2_001, LEASE, &SpendLimits::default())
         .await
         .unwrap();
     assert_eq!(next[0].id, first, "the rescued job runs before newer ones");
@@ -547,24 +570,38 @@ async fn rescued_and_retried_jobs_keep_their_place_in_the_channel() {
         .unwrap();
     assert!(s
         .store
-        .job_claim_many("w", 10, T0 + 2_003, LEASE)
+        .job_claim_many("w", 10, T0 + 2_003, LEASE, &SpendLimits::default())
         .await
         .unwrap()
         .is_empty());
     assert_eq!(
-        s.store.job_next_due(T0 + 2_003).await.unwrap(),
-        (false, Some(retry_at)),
+        s.store
+            .job_next_due(T0 + 2_003, &SpendLimits::default())
+            .await
+            .unwrap(),
+        QueueOutlook {
+            due: false,
+            next: Some(retry_at),
+            held: Vec::new()
+        },
         "the worker sleeps until the retry is due"
     );
     let again = s
         .store
-        .job_claim_many("w", 10, retry_at, LEASE)
+        .job_claim_many("w", 10, retry_at, LEASE, &SpendLimits::default())
         .await
         .unwrap();
     assert_eq!(again[0].id, first, "the retried job runs before newer ones");
     let (won, after) = s
         .store
-        .job_complete_and_claim(&again[0].lease().unwrap(), None, retry_at + 1, LEASE)
+        .job_complete_and_claim(
+            &again[0].lease().unwrap(),
+            again[0].channel_id,
+            None,
+            retry_at + 1,
+            LEASE,
+            &SpendLimits::default(),
+        )
         .await
         .unwrap();
     assert!(won);
@@ -576,7 +613,10 @@ async fn heartbeat_extends_leases_and_reports_cancel_requests() {
     let s = setup().await;
     let a = s.channel("a").await;
     let id = s.store.job_insert(job(a.id, "x"), T0).await.unwrap().job_id;
-    s.store.job_claim_many("w", 1, T0, 1_000).await.unwrap();
+    s.store
+        .job_claim_many("w", 1, T0, 1_000, &SpendLimits::default())
+        .await
+        .unwrap();
     let beats = s.store.job_heartbeat("w", T0 + 900, 1_000).await.unwrap();
     assert_eq!(beats, vec![(id.clone(), 1, false)]);
     assert!(
@@ -724,7 +764,11 @@ async fn one_failing_write_fails_only_itself_not_its_group() {
     let a = s.channel("a").await;
     let busy = s.channel("busy").await;
     s.store.job_insert(job(busy.id, "run"), T0).await.unwrap();
-    let claimed = s.store.job_claim_many("w", 1, T0, LEASE).await.unwrap();
+    let claimed = s
+        .store
+        .job_claim_many("w", 1, T0, LEASE, &SpendLimits::default())
+        .await
+        .unwrap();
     assert_eq!(claimed.len(), 1);
 
     let st = &s.store;
@@ -777,7 +821,11 @@ async fn cancel_queued_is_immediate_and_running_sets_the_flag() {
     let mut later = job(b.id, "r");
     later.priority = 1;
     let running = s.store.job_insert(later, T0).await.unwrap().job_id;
-    let mut claimed = s.store.job_claim_many("w", 1, T0, LEASE).await.unwrap();
+    let mut claimed = s
+        .store
+        .job_claim_many("w", 1, T0, LEASE, &SpendLimits::default())
+        .await
+        .unwrap();
     assert_eq!(claimed[0].id, running);
 
     assert_eq!(
@@ -791,7 +839,7 @@ async fn cancel_queued_is_immediate_and_running_sets_the_flag() {
     );
     assert!(
         s.store
-            .job_claim_many("w", 5, T0 + 2, LEASE)
+            .job_claim_many("w", 5, T0 + 2, LEASE, &SpendLimits::default())
             .await
             .unwrap()
             .is_empty(),
@@ -843,7 +891,7 @@ async fn release_returns_the_job_without_counting_the_attempt() {
     let id = s.store.job_insert(job(a.id, "x"), T0).await.unwrap().job_id;
     let c = s
         .store
-        .job_claim_many("w", 1, T0, LEASE)
+        .job_claim_many("w", 1, T0, LEASE, &SpendLimits::default())
         .await
         .unwrap()
         .remove(0);
@@ -872,7 +920,7 @@ async fn retention_deletes_old_finished_jobs_and_their_events_only() {
         .job_id;
     let c = s
         .store
-        .job_claim_many("w", 1, T0, LEASE)
+        .job_claim_many("w", 1, T0, LEASE, &SpendLimits::default())
         .await
         .unwrap()
         .remove(0);
@@ -899,7 +947,7 @@ async fn retention_deletes_old_finished_jobs_and_their_events_only() {
         .job_id;
     let c = s
         .store
-        .job_claim_many("w", 1, T0, LEASE)
+        .job_claim_many("w", 1, T0, LEASE, &SpendLimits::default())
         .await
         .unwrap()
         .remove(0);
@@ -1053,7 +1101,7 @@ async fn job_history_view_shows_readable_times_and_output() {
         .job_id;
     let c = s
         .store
-        .job_claim_many("w", 1, T0, LEASE)
+        .job_claim_many("w", 1, T0, LEASE, &SpendLimits::default())
         .await
         .unwrap()
         .remove(0);
@@ -1105,7 +1153,7 @@ async fn completing_claims_the_next_job_in_the_same_transaction() {
         .job_id;
     let c = s
         .store
-        .job_claim_many("w", 1, T0 + 2, LEASE)
+        .job_claim_many("w", 1, T0 + 2, LEASE, &SpendLimits::default())
         .await
         .unwrap()
         .remove(0);
@@ -1115,14 +1163,28 @@ async fn completing_claims_the_next_job_in_the_same_transaction() {
     stale.attempt += 1;
     assert_eq!(
         s.store
-            .job_complete_and_claim(&stale, None, T0 + 3, LEASE)
+            .job_complete_and_claim(
+                &stale,
+                c.channel_id,
+                None,
+                T0 + 3,
+                LEASE,
+                &SpendLimits::default()
+            )
             .await
             .unwrap(),
         (false, None)
     );
     let (won, next) = s
         .store
-        .job_complete_and_claim(&c.lease().unwrap(), None, T0 + 3, LEASE)
+        .job_complete_and_claim(
+            &c.lease().unwrap(),
+            c.channel_id,
+            None,
+            T0 + 3,
+            LEASE,
+            &SpendLimits::default(),
+        )
         .await
         .unwrap();
     assert!(won);
@@ -1143,7 +1205,14 @@ async fn completing_claims_the_next_job_in_the_same_transaction() {
         .unwrap();
     let (won, none) = s
         .store
-        .job_complete_and_claim(&next.lease().unwrap(), None, T0 + 4, LEASE)
+        .job_complete_and_claim(
+            &next.lease().unwrap(),
+            next.channel_id,
+            None,
+            T0 + 4,
+            LEASE,
+            &SpendLimits::default(),
+        )
         .await
         .unwrap();
     assert!(won && none.is_none(), "nothing left on this channel");

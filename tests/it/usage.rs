@@ -208,3 +208,66 @@ async fn a_jobs_own_timeout_stops_its_turn_below_the_prompt_timeout() {
     }
     g.stop().await;
 }
+
+#[tokio::test]
+async fn a_spent_daily_budget_holds_the_next_jobs_with_the_reason_until_it_is_raised() {
+    let g = Gorp::start(|c| c.budget.daily_max_cost_usd = Some(1.0)).await;
+    let ch = g.channel("daily", |_| {}).await;
+    let other = g.channel("other", |_| {}).await;
+    let (first, _) = g.run(ch, "@usage cost=0.6\n@reply one").await;
+    assert_eq!(first.state, JobState::Succeeded);
+    // The second job passes the budget (a running job is not stopped by it); the two behind
+    // it stay queued.
+    let second = g.enqueue(ch, "@usage cost=0.6\n@reply two").await;
+    let third = g.enqueue(ch, "@reply three").await;
+    let fourth = g.enqueue(ch, "@reply four").await;
+    assert_eq!(g.wait_done(&second).await.state, JobState::Succeeded);
+    let why = crate::support::eventually(
+        std::time::Duration::from_secs(20),
+        "the held job to be told why",
+        || async { g.store.job_held_reason(&third).await.unwrap() },
+    )
+    .await;
+    assert!(
+        why.contains("has spent $1.2000 of its daily budget of $1.00"),
+        "{why}"
+    );
+    for id in [&third, &fourth] {
+        assert_eq!(
+            g.store.job_get(id).await.unwrap().unwrap().state,
+            JobState::Queued
+        );
+    }
+    // Other channels run meanwhile, and enqueueing into the held channel still commits.
+    let (job, out) = g.run(other, "@reply free").await;
+    assert_eq!((job.state, out.as_str()), (JobState::Succeeded, "free"));
+    let fifth = g.enqueue(ch, "@reply five").await;
+
+    // Raised: the held jobs run, in order.
+    gorp::service::channels::update(
+        &g.store,
+        "daily",
+        gorp::service::channels::Changes {
+            budget_day_usd: Some(Some(10.0)),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let mut started = Vec::new();
+    for id in [&third, &fourth, &fifth] {
+        let job = g.wait_done(id).await;
+        assert_eq!(job.state, JobState::Succeeded);
+        started.push(job.started_at.unwrap());
+    }
+    assert!(started.windows(2).all(|w| w[0] <= w[1]), "{started:?}");
+    // Told once: one held event, on the job that was the channel's next.
+    let kinds = [g.event_kinds(&third).await, g.event_kinds(&fourth).await];
+    let held: Vec<usize> = kinds
+        .iter()
+        .map(|k| k.iter().filter(|k| *k == "held").count())
+        .collect();
+    assert_eq!(held, [1, 0]);
+    g.stop().await;
+}

@@ -26,6 +26,7 @@ fn pool_config(concurrency: usize) -> PoolConfig {
         retry_base: Duration::from_millis(10),
         retry_max: Duration::from_millis(50),
         shutdown_grace: Duration::from_secs(5),
+        spend: Default::default(),
     }
 }
 

@@ -1,8 +1,10 @@
-//! `!usage` and `!budget`: what this room's channel spent, and the limits on one of its jobs.
+//! `!usage` and `!budget`: what this room's channel spent, and its limits (per job, per day, per
+//! month).
 //! Only `allowed_users` reach these handlers.
 
 use super::super::failure::Answer;
 use super::*;
+use crate::budget::{self, SpendPolicy};
 use crate::matrix::command::BudgetSet;
 use crate::service::{channels, usage};
 use crate::store::{now_ms, UsageBy, UsageFilter};
@@ -16,7 +18,8 @@ pub(super) async fn report(cx: &Ctx<'_>, since: Option<&str>) -> Answer {
         channel: Some(ch.name.clone()),
         by: UsageBy::Day,
     };
-    let r = usage::report(cx.store(), filter).await?;
+    let policy = SpendPolicy::from_config(cx.config());
+    let r = usage::report(cx.store(), filter, &policy, now_ms()).await?;
     Ok(strings::usage_report(&ch.name, &r))
 }
 
@@ -32,12 +35,31 @@ pub(super) async fn budget(cx: &Ctx<'_>, set: Option<BudgetSet>) -> Answer {
                 budget_job_tokens: Some(t),
                 ..Default::default()
             },
+            BudgetSet::DayUsd(c) => channels::Changes {
+                budget_day_usd: Some(c),
+                ..Default::default()
+            },
+            BudgetSet::MonthUsd(c) => channels::Changes {
+                budget_month_usd: Some(c),
+                ..Default::default()
+            },
         };
         ch = channels::update(cx.store(), &ch.name, changes)
             .await?
             .ok_or_else(|| refuse(strings::NOT_A_CHANNEL))?;
-        tracing::info!(channel = %ch.name, usd = ?ch.budget_job_usd, tokens = ?ch.budget_job_tokens, by = %cx.sender, "per-job budget set");
+        tracing::info!(channel = %ch.name, usd = ?ch.budget_job_usd, tokens = ?ch.budget_job_tokens,
+            day = ?ch.budget_day_usd, month = ?ch.budget_month_usd, by = %cx.sender, "budget set");
     }
+    let policy = SpendPolicy::from_config(cx.config());
+    let now = now_ms();
+    let spend = cx
+        .store()
+        .channel_spend(&policy.limits(now), Some(&ch.name))
+        .await?;
+    let lines: Vec<String> = spend
+        .iter()
+        .flat_map(|s| budget::spend_lines(&policy, s, now))
+        .collect();
     let b = &cx.config().budget;
     Ok(strings::budget_is(
         &ch.name,
@@ -49,5 +71,6 @@ pub(super) async fn budget(cx: &Ctx<'_>, set: Option<BudgetSet>) -> Answer {
             ch.budget_job_tokens.or(b.job_max_tokens.map(|t| t as i64)),
             ch.budget_job_tokens.is_some(),
         ),
+        &lines,
     ))
 }
