@@ -46,7 +46,12 @@ pub async fn run(
         Some(warm.clone()),
     );
     let http_stop = CancellationToken::new();
-    let http = tokio::spawn(crate::http::serve(listener, http_state, http_stop.clone()));
+    let http = tokio::spawn(crate::http::serve_with(
+        listener,
+        http_state,
+        crate::dashboard::routes(),
+        http_stop.clone(),
+    ));
     let keeper_stop = CancellationToken::new();
     let keeper = tokio::spawn(background::run(warm.clone(), keeper_stop.clone()));
     let scheduler = crate::scheduler::Scheduler::new(store.clone(), config.clone());

@@ -8,6 +8,7 @@
 //! - [`config`]: `Config::load()`, `GORP_*` overrides, validation, masked printing.
 //! - [`auth`]: bearer tokens and GitHub signatures, compared in constant time.
 //! - [`instance`]: instance ids (`host:pid:nonce`) and "is this holder dead on this host".
+//! - [`markdown`]: untrusted Markdown → HTML with only Markdown's own tags.
 //! - [`sandbox`]: the Landlock ruleset an agent runs under (writes, reads, ports, scopes).
 //! - [`store`]: every SQL statement, one file per table; the group-commit writer; read pool.
 //! - [`budget`]: the day and month windows a channel's spend is counted in, and what a job
@@ -24,6 +25,7 @@
 //! - [`service`]: domain operations every front end calls (channels, jobs, schedules,
 //!   approvals).
 //! - [`http`]: webhooks, the JSON/SSE API, health, metrics, OpenAPI (axum).
+//! - [`dashboard`]: the web dashboard under `/ui/` (sessions, pages, live job output).
 //! - [`matrix`]: the Matrix bot: rooms as channels, `!` commands, streamed replies, E2EE.
 //! - [`cli`]: the `gorp` command line. [`app`]: `gorp start` wires the services together.
 //! - [`logging`]: log filter and format (`GORP_LOG`, `GORP_LOG_FORMAT=json`).
@@ -44,11 +46,13 @@ pub mod budget;
 pub mod cleaner;
 pub mod cli;
 pub mod config;
+pub mod dashboard;
 pub mod executor;
 pub mod http;
 pub mod instance;
 pub mod kinds;
 pub mod logging;
+pub mod markdown;
 pub mod matrix;
 pub mod metrics;
 pub mod rescuer;

@@ -516,6 +516,33 @@ impl WarmSessionManager {
         })
     }
 
+    /// Stops the channel's agent now if it is idle (the conversation is kept: the next job
+    /// resumes it in a new agent). Returns false when there is none or a job is using it.
+    pub async fn stop_idle(&self, channel_id: i64, why: &str) -> bool {
+        let Some(slot) = self.existing_slot(channel_id) else {
+            return false;
+        };
+        let Ok(mut g) = slot.live.clone().try_lock_owned() else {
+            return false;
+        };
+        let Some(l) = g.take() else {
+            return false;
+        };
+        tracing::info!(channel_id, why, "stopping a warm session");
+        l.agent.shutdown().await;
+        let _ = self
+            .store
+            .warm_stop(
+                channel_id,
+                &self.instance,
+                false,
+                Some(why.into()),
+                now_ms(),
+            )
+            .await;
+        true
+    }
+
     /// Makes room for one more process by shutting down the least recently used idle one.
     async fn evict_for_new(&self, except: i64) {
         let max = self.config.acp.max_warm_sessions as usize;

@@ -556,6 +556,7 @@ async fn data_command(cli: &Cli, cmd: &Command, config: &Config, store: &Store) 
                     state: *state,
                     channel: channel.clone(),
                     source: *source,
+                    text: None,
                     before: None,
                     limit: *limit,
                 })

@@ -130,6 +130,7 @@ async fn list_jobs(
             channel: q.channel,
             source: q.source,
             before: q.cursor,
+            text: None,
             limit,
         })
         .await?;

@@ -178,6 +178,13 @@ pub(super) async fn limit_uri(req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
+fn is_html(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("text/html"))
+}
+
 /// Gives every error response that is not JSON yet the JSON body of [`ErrorBody`], keeping
 /// its status and headers and its text as the message.
 pub(super) async fn json_errors(req: Request, next: Next) -> Response {
@@ -185,7 +192,11 @@ pub(super) async fn json_errors(req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
     let resp = next.run(req).await;
     let status = resp.status();
-    if !(status.is_client_error() || status.is_server_error()) || is_json(resp.headers()) {
+    // The dashboard's error pages are HTML on purpose.
+    if !(status.is_client_error() || status.is_server_error())
+        || is_json(resp.headers())
+        || is_html(resp.headers())
+    {
         return resp;
     }
     let (mut parts, body) = resp.into_parts();

@@ -172,9 +172,16 @@ pub fn routes() -> (Router<HttpState>, utoipa::openapi::OpenApi) {
 
 /// The whole app.
 pub fn router(state: HttpState) -> Router {
+    router_with(state, Router::new())
+}
+
+/// The whole app with `extra` routes of another front end (the dashboard) merged in, under the
+/// same middleware.
+pub fn router_with(state: HttpState, extra: Router<HttpState>) -> Router {
     let (routes, doc) = routes();
     let doc = Arc::new(doc);
     routes
+        .merge(extra)
         .route(
             "/api/openapi.json",
             axum::routing::get(move || {
@@ -222,13 +229,23 @@ async fn count_responses(req: Request, next: Next) -> Response {
 /// Serves `router(state)` on `listener` until `shutdown`; in-flight requests finish first.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    state: HttpState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    serve_with(listener, state, Router::new(), shutdown).await
+}
+
+/// [`serve`] with `extra` routes merged in (see [`router_with`]).
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
     mut state: HttpState,
+    extra: Router<HttpState>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "HTTP listening");
     state.shutdown = shutdown.clone();
-    axum::serve(conn::JsonErrorListener(listener), router(state))
+    axum::serve(conn::JsonErrorListener(listener), router_with(state, extra))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
 }

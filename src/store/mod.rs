@@ -4,6 +4,7 @@
 //!   rescue, retention, reads.
 //! - `events`: a job's event log and output.
 //! - `channels`: channels and their webhook credentials, rooms and ACP sessions.
+//! - `dashboard`: dashboard sessions, and the overview's summary reads.
 //! - `budgets`: each channel's spend in the current day and month, and held jobs.
 //! - `warm`: the warm-session lease table.
 //! - `schedules`: schedules and their guarded firing.
@@ -29,6 +30,7 @@
 mod approvals;
 mod budgets;
 mod channels;
+mod dashboard;
 mod events;
 mod jobs;
 mod matrix;
@@ -49,6 +51,7 @@ use sqlx::ConnectOptions;
 use tokio::sync::{mpsc, watch, Notify};
 
 pub use channels::ChannelUpdate;
+pub use dashboard::{AttemptUsage, ChannelDepth, DashboardSession};
 pub use matrix::{MatrixApprovalDue, MatrixReply, MatrixReplyUpdate, MatrixTarget};
 pub use types::*;
 pub use warm::WarmUpdate;

@@ -322,6 +322,8 @@ pub struct JobFilter {
     pub state: Option<JobState>,
     pub channel: Option<String>,
     pub source: Option<Source>,
+    /// Only jobs whose prompt contains this text (case-insensitive for ASCII).
+    pub text: Option<String>,
     /// Only jobs created before this (job id) — cursor pagination, newest first.
     pub before: Option<String>,
     pub limit: i64,

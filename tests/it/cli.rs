@@ -12,20 +12,20 @@ use tempfile::TempDir;
 use crate::acp::SCRIPT_AGENT;
 use crate::support::eventually;
 
-const GORP: &str = env!("CARGO_BIN_EXE_gorp");
+pub(crate) const GORP: &str = env!("CARGO_BIN_EXE_gorp");
 const WAIT: Duration = Duration::from_secs(60);
 
 /// A directory with a config file pointing everything inside it.
-struct Env {
-    dir: TempDir,
+pub(crate) struct Env {
+    pub(crate) dir: TempDir,
 }
 
 impl Env {
-    fn new() -> Env {
+    pub(crate) fn new() -> Env {
         Self::with("")
     }
 
-    fn with(extra: &str) -> Env {
+    pub(crate) fn with(extra: &str) -> Env {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let config = format!(
@@ -65,11 +65,11 @@ state_path = "{agents}"
         Env { dir }
     }
 
-    fn config_path(&self) -> PathBuf {
+    pub(crate) fn config_path(&self) -> PathBuf {
         self.dir.path().join("config.toml")
     }
 
-    fn cmd(&self, args: &[&str]) -> Command {
+    pub(crate) fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(GORP);
         c.args(args)
             .env("GORP_CONFIG_PATH", self.config_path())
@@ -78,12 +78,12 @@ state_path = "{agents}"
         c
     }
 
-    fn run(&self, args: &[&str]) -> Output {
+    pub(crate) fn run(&self, args: &[&str]) -> Output {
         self.cmd(args).output().unwrap()
     }
 
     /// Runs a command that must succeed; returns its stdout.
-    fn ok(&self, args: &[&str]) -> String {
+    pub(crate) fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
         assert!(
             out.status.success(),
@@ -95,7 +95,7 @@ state_path = "{agents}"
         String::from_utf8(out.stdout).unwrap()
     }
 
-    fn start(&self) -> Server {
+    pub(crate) fn start(&self) -> Server {
         let child = self
             .cmd(&["start"])
             .stdout(Stdio::null())
@@ -105,7 +105,7 @@ state_path = "{agents}"
         Server { child }
     }
 
-    async fn store(&self) -> Store {
+    pub(crate) async fn store(&self) -> Store {
         Store::open(&DatabaseConfig {
             path: self.dir.path().join("gorp.db"),
             ..Default::default()
@@ -116,7 +116,7 @@ state_path = "{agents}"
 }
 
 /// A `gorp start` process, killed if the test ends early.
-struct Server {
+pub(crate) struct Server {
     child: Child,
 }
 
@@ -603,10 +603,10 @@ fn unwritable_database_path_exits_1_naming_the_path() {
     assert!(err.contains("/proc/gorp-cannot-be-here"), "{err}");
 }
 
-const API_TOKEN: &str = "approvals-api-token-0123456789";
+pub(crate) const API_TOKEN: &str = "approvals-api-token-0123456789";
 
 /// `env` with its webhook on a free port and an API token; returns the base URL.
-fn with_http(env: &Env) -> String {
+pub(crate) fn with_http(env: &Env) -> String {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -621,7 +621,7 @@ fn with_http(env: &Env) -> String {
     format!("http://127.0.0.1:{port}")
 }
 
-async fn healthy(base: &str) {
+pub(crate) async fn healthy(base: &str) {
     let http = reqwest::Client::new();
     eventually(WAIT, "gorp to answer /healthz", || async {
         let r = http.get(format!("{base}/healthz")).send().await.ok()?;

@@ -10,6 +10,7 @@ mod claude;
 mod claude_agent;
 mod cli;
 mod config;
+mod dashboard;
 mod faults;
 mod http;
 mod matrix;

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod claude_env;
 pub mod fake_anthropic;
 pub mod synapse;
