@@ -2,7 +2,7 @@
 //! log in, follow a job's output live, cancel, create a channel and a schedule, answer an
 //! approval, log out. Bad input: a wrong token, a missing or forged CSRF token, another site's
 //! request, an unknown job, HTML in a prompt and in the agent's output. Screenshots of each page
-//! go to `target/screenshots/` (and to `docs/screenshots/` with `GORP_UPDATE_SCREENSHOTS=1`).
+//! go to `target/screenshots/` (and to `docs/screenshots/` with `UPDATE_DOCS_SCREENSHOTS=1`).
 
 use std::time::Duration;
 
@@ -146,6 +146,40 @@ async fn the_dashboard_in_a_real_browser() {
     b.click_button("Save").await;
     b.wait_text("p.flash", "Saved.").await;
     b.screenshot("channel").await;
+    // Its idle agent stops, and warms again on request.
+    b.click_button("Stop agent").await;
+    b.wait_text("p.flash", "Agent stopped.").await;
+    b.click_button("Warm now").await;
+    b.wait_text("p.flash", "Starting the agent").await;
+    eventually(PAGE_WAIT, "the agent to be warm again", || async {
+        b.client.refresh().await.ok()?;
+        let el = b.client.find(Locator::Css("span.warm")).await.ok()?;
+        (el.text().await.ok()? == "warm").then_some(())
+    })
+    .await;
+    // A new webhook token, shown once, and the old one refused.
+    b.click_button("Rotate token").await;
+    b.wait_text("h1", "New token for web").await;
+    let rotated = b.text_of("#webhook-token").await;
+    assert_ne!(rotated.trim(), token.trim());
+    let hook = b.text_of("section.token pre:last-of-type").await;
+    let hook_url = hook.split_whitespace().last().unwrap().to_string();
+    let post = |t: String| {
+        let url = hook_url.clone();
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .bearer_auth(t.trim())
+                .json(&serde_json::json!({ "prompt": "@reply hooked" }))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(post(token.clone()).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(post(rotated.clone()).await, StatusCode::ACCEPTED);
+    b.goto(&format!("{base}/ui/channels/web")).await;
     let id = env
         .ok(&[
             "enqueue",

@@ -36,10 +36,8 @@ impl Browser {
 
     /// [`Browser::start`] with more Chromium flags (`--force-dark-mode`).
     pub async fn start_with(width: u32, height: u32, extra: &[&str]) -> Browser {
-        let driver_bin =
-            std::env::var("GORP_CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into());
-        let chromium =
-            std::env::var("GORP_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+        let driver_bin = std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into());
+        let chromium = std::env::var("CHROMIUM_BIN").unwrap_or_else(|_| "/usr/bin/chromium".into());
         let port = free_port();
         let driver = Command::new(&driver_bin)
             .arg(format!("--port={port}"))
@@ -170,11 +168,11 @@ impl Browser {
     }
 
     /// Writes a PNG of the page to `target/screenshots/<name>.png`, and to
-    /// `docs/screenshots/<name>.png` when `GORP_UPDATE_SCREENSHOTS` is set.
+    /// `docs/screenshots/<name>.png` when `UPDATE_DOCS_SCREENSHOTS` is set.
     pub async fn screenshot(&self, name: &str) {
         let png = self.client.screenshot().await.unwrap();
         std::fs::write(self.shots.join(format!("{name}.png")), &png).unwrap();
-        if std::env::var_os("GORP_UPDATE_SCREENSHOTS").is_some() {
+        if std::env::var_os("UPDATE_DOCS_SCREENSHOTS").is_some() {
             let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots");
             std::fs::create_dir_all(&docs).unwrap();
             std::fs::write(docs.join(format!("{name}.png")), &png).unwrap();
