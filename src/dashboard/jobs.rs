@@ -24,7 +24,9 @@ use crate::store::{
 
 /// Jobs per page.
 const PAGE: i64 = 50;
-/// Longest wait between two renders of a live job.
+/// Most steps (tool calls, thoughts, …) a job's page shows: the latest ones.
+const MAX_STEPS: usize = 200;
+/// Shortest time between two renders of a live job.
 const LIVE_MIN_GAP: Duration = Duration::from_millis(250);
 
 #[derive(Deserialize, Default)]
@@ -279,10 +281,14 @@ async fn live_body(st: &HttpState, viewer: &Viewer, job: &Job) -> DashResult<Mar
             div.output { (view::markdown(&output)) }
         }
         @let steps: Vec<&&Event> = attempt_events.iter().filter(|e| is_step(e)).collect();
+        @let skipped = steps.len().saturating_sub(MAX_STEPS);
         @if !steps.is_empty() {
             h2 { "Steps" }
-            ol.steps {
-                @for e in steps { li { (step(e)) } }
+            @if skipped > 0 {
+                p.muted { (skipped) " earlier steps are not shown; " code { "gorp job " (job.id) } " lists every event." }
+            }
+            ol.steps start=(skipped + 1) {
+                @for e in &steps[skipped..] { li { (step(e)) } }
             }
         }
         h2 { "Timeline" }

@@ -317,18 +317,21 @@ impl Store {
         let limit = if f.limit <= 0 { 50 } else { f.limit.min(1000) };
         // `instr` rather than LIKE: the text's `%` and `_` are plain characters.
         let text = f.text.as_deref().map(str::to_ascii_lowercase);
+        // Always a bound (`~` sorts after every id), so the page is one range of the primary
+        // key's index however deep into the history it starts.
+        let before = f.before.as_deref().unwrap_or("~");
         Ok(select_jobs!(
             r#"WHERE (?1 IS NULL OR j.state = ?1)
                  AND (?2 IS NULL OR c.name = ?2)
                  AND (?3 IS NULL OR j.source = ?3)
-                 AND (?4 IS NULL OR j.id < ?4)
+                 AND j.id < ?4
                  AND (?6 IS NULL OR instr(lower(j.prompt), ?6) > 0)
                ORDER BY j.id DESC
                LIMIT ?5"#,
             state,
             f.channel,
             source,
-            f.before,
+            before,
             limit,
             text
         )

@@ -1087,6 +1087,32 @@ async fn job_list_filters_and_pages_newest_first() {
         .await
         .unwrap();
     assert!(none.is_empty());
+    // Prompt text: case-insensitive for ASCII, `%` and `_` are plain characters.
+    s.store
+        .job_insert(job(b.id, "Fix 100%_of the TESTS"), T0 + 9)
+        .await
+        .unwrap();
+    for (text, want) in [
+        ("tests", vec!["Fix 100%_of the TESTS"]),
+        ("%_", vec!["Fix 100%_of the TESTS"]),
+        ("B3", vec!["b3"]),
+        ("%", vec!["Fix 100%_of the TESTS"]),
+        ("nothing like it", vec![]),
+    ] {
+        let found = s
+            .store
+            .job_list(&JobFilter {
+                text: Some(text.into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            found.iter().map(|j| j.prompt.as_str()).collect::<Vec<_>>(),
+            want,
+            "{text}"
+        );
+    }
 }
 
 #[tokio::test]
