@@ -41,7 +41,7 @@ const POLL: Duration = Duration::from_millis(100);
 #[derive(Parser, Debug)]
 #[command(
     name = "gorp",
-    version,
+    version = env!("BUILT_GORP_VERSION"),
     about = "Drive ACP coding agents from webhooks, Matrix and cron through a durable SQLite job queue"
 )]
 pub struct Cli {
@@ -59,6 +59,11 @@ pub struct Cli {
 pub enum Command {
     /// Run the worker pool and background services until SIGINT/SIGTERM.
     Start,
+    /// Print a shell completion script (`gorp completions bash > /etc/bash_completion.d/gorp`).
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
     /// Apply database migrations and exit.
     Migrate,
     /// Configuration commands.
@@ -73,7 +78,9 @@ pub enum Command {
     },
     /// Queue a prompt for a channel.
     Enqueue {
+        /// The channel's name.
         channel: String,
+        /// The prompt text.
         prompt: String,
         /// Wait for the job to finish and print its output.
         #[arg(long)]
@@ -84,6 +91,7 @@ pub enum Command {
         /// Higher runs first.
         #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
         priority: i64,
+        /// Runs before the job fails for good (default: [worker] max_attempts).
         #[arg(long)]
         max_attempts: Option<i64>,
         /// Enqueueing the same key twice returns the first job.
@@ -98,26 +106,37 @@ pub enum Command {
     },
     /// List jobs, newest first.
     Jobs {
+        /// Only jobs in this state.
         #[arg(long)]
         state: Option<JobState>,
+        /// Only this channel's jobs.
         #[arg(long)]
         channel: Option<String>,
+        /// Only jobs from this source.
         #[arg(long)]
         source: Option<Source>,
+        /// At most this many (1 to 1000).
         #[arg(long, default_value_t = 20)]
         limit: i64,
     },
     /// Show one job and its events.
-    Job { id: String },
+    Job {
+        /// The job's id.
+        id: String,
+    },
     /// Follow a job's events until it ends.
     Tail {
+        /// The job's id.
         id: String,
         /// Start after this event seq.
         #[arg(long, default_value_t = 0)]
         after: i64,
     },
     /// Cancel a job (queued: at once; running: its worker stops the agent).
-    Cancel { id: String },
+    Cancel {
+        /// The job's id.
+        id: String,
+    },
     /// Cron schedules and one-offs.
     Schedule {
         #[command(subcommand)]
@@ -126,6 +145,7 @@ pub enum Command {
     /// Permission requests and questions under the policy `ask` (pending ones unless --all or
     /// --state).
     Approvals {
+        /// Only requests in this state.
         #[arg(long)]
         state: Option<crate::store::ApprovalState>,
         /// Only `permission` requests or only `question`s.
@@ -134,13 +154,16 @@ pub enum Command {
         /// Every state.
         #[arg(long)]
         all: bool,
+        /// Only this channel's requests.
         #[arg(long)]
         channel: Option<String>,
+        /// At most this many.
         #[arg(long, default_value_t = 50)]
         limit: i64,
     },
     /// Allow a pending permission request (an id or a unique prefix of one).
     Approve {
+        /// The request's id, or a unique prefix of it.
         id: String,
         /// Allow always: the agent's allow-always option, and a standing rule for the channel.
         #[arg(long, conflicts_with = "option")]
@@ -150,16 +173,22 @@ pub enum Command {
         option: Option<String>,
     },
     /// Deny a pending permission request, or decline a question.
-    Deny { id: String },
+    Deny {
+        /// The request's id, or a unique prefix of it.
+        id: String,
+    },
     /// Answer a pending question of the agent: the number or text of a choice, free text,
     /// `name=value; name=value`, or a JSON object of the form's fields.
     Answer {
+        /// The question's id, or a unique prefix of it.
         id: String,
+        /// The answer (several words are joined with spaces).
         #[arg(required = true, num_args = 1.., value_name = "ANSWER")]
         answer: Vec<String>,
     },
     /// A channel's standing "allow always" rules.
     Rules {
+        /// The channel's name.
         channel: String,
         #[command(subcommand)]
         command: Option<RulesCommand>,
@@ -197,8 +226,11 @@ pub enum ScheduleCommand {
     /// Add a schedule: WHEN is a cron expression ("0 9 * * 1-5", "@daily"), "in 30m" / "in 2h",
     /// or an RFC 3339 time for a one-off.
     Add {
+        /// The channel's name.
         channel: String,
+        /// A cron expression, `in 30m`, or an RFC 3339 time.
         when: String,
+        /// The prompt each firing queues.
         prompt: String,
         /// IANA time zone (default: [scheduler] timezone, else the system's, else UTC).
         #[arg(long)]
@@ -213,16 +245,28 @@ pub enum ScheduleCommand {
     /// List schedules.
     List,
     /// Pause a schedule.
-    Pause { id: i64 },
+    Pause {
+        /// The schedule's id.
+        id: i64,
+    },
     /// Resume a schedule from its next slot.
-    Resume { id: i64 },
+    Resume {
+        /// The schedule's id.
+        id: i64,
+    },
     /// Delete a schedule (its past jobs stay).
-    Rm { id: i64 },
+    Rm {
+        /// The schedule's id.
+        id: i64,
+    },
     /// Print the next fire times of a cron expression.
     Next {
+        /// The cron expression.
         cron: String,
+        /// IANA time zone (default: [scheduler] timezone, else the system's, else UTC).
         #[arg(long)]
         tz: Option<String>,
+        /// How many fire times.
         #[arg(short = 'n', default_value_t = 5)]
         count: usize,
     },
@@ -231,7 +275,10 @@ pub enum ScheduleCommand {
 #[derive(Subcommand, Debug)]
 pub enum RulesCommand {
     /// Remove a rule; later requests it matched ask again.
-    Rm { id: i64 },
+    Rm {
+        /// The rule's id.
+        id: i64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -244,6 +291,7 @@ pub enum ConfigCommand {
 pub enum ChannelsCommand {
     /// Create a channel and its workspace directory.
     Add {
+        /// The channel's name: lowercase letters, digits, `-` and `_` (also its directory).
         name: String,
         /// Agent program for this channel (default: [acp] agent_binary).
         #[arg(long)]
@@ -271,6 +319,7 @@ pub enum ChannelsCommand {
     /// Change a channel: its next prompt runs under the new policy; the sandbox and ports apply
     /// from its agent's next start.
     Set {
+        /// The channel's name.
         name: String,
         /// Permission policy: allow, deny or ask.
         #[arg(long, required_unless_present_any = ["sandbox", "allowed_ports", "budget_job_usd", "budget_job_tokens", "budget_day_usd", "budget_month_usd", "reply_footer"])]
@@ -294,13 +343,14 @@ pub enum ChannelsCommand {
         /// The same per calendar month, or default ([budget] monthly_max_cost_usd).
         #[arg(long, value_parser = parse_cost)]
         budget_month_usd: Option<Setting<f64>>,
-        /// Whether the channel's Matrix replies end with duration · tokens · cost.
+        /// Whether the channel's Matrix replies end with duration · tokens · cost: on or off.
         #[arg(long, value_parser = parse_on_off)]
         reply_footer: Option<bool>,
     },
     /// Run a command (such as an agent's own login) as the channel's agent: with its HOME and
     /// TMPDIR (created if needed), in its workspace. Without a command, print them.
     Login {
+        /// The channel's name.
         name: String,
         /// The command and its arguments (after `--`).
         #[arg(last = true)]
@@ -309,9 +359,15 @@ pub enum ChannelsCommand {
     /// List channels.
     List,
     /// Delete a channel and its job history (not its workspace directory).
-    Rm { name: String },
+    Rm {
+        /// The channel's name.
+        name: String,
+    },
     /// Give a channel a new webhook bearer token (shown once); the old one stops working.
-    Token { name: String },
+    Token {
+        /// The channel's name.
+        name: String,
+    },
 }
 
 /// `--sandbox` of `channels set`: a mode, or `None` for the config's.
@@ -457,6 +513,12 @@ pub async fn run(cli: Cli) -> i32 {
 }
 
 async fn dispatch(cli: &Cli) -> CmdResult {
+    // Needs no configuration: works on a machine where gorp is not set up yet.
+    if let Command::Completions { shell } = &cli.command {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(*shell, &mut cmd, "gorp", &mut std::io::stdout());
+        return Ok(EXIT_OK);
+    }
     let config = load_config(cli)?;
     match &cli.command {
         Command::Config {
@@ -641,7 +703,11 @@ async fn data_command(cli: &Cli, cmd: &Command, config: &Config, store: &Store) 
             None => approvals::rules(cli, store, channel).await,
             Some(RulesCommand::Rm { id }) => approvals::rule_rm(cli, store, channel, *id).await,
         },
-        Command::Start | Command::Migrate | Command::Config { .. } | Command::Doctor => {
+        Command::Start
+        | Command::Migrate
+        | Command::Config { .. }
+        | Command::Doctor
+        | Command::Completions { .. } => {
             unreachable!("handled by dispatch")
         }
     }

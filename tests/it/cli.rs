@@ -1319,3 +1319,82 @@ async fn usage_is_reported_by_the_cli_the_api_and_the_metrics() {
     server.signal(libc::SIGTERM);
     assert!(server.wait().success());
 }
+
+/// Every command and flag explains itself, and a flag that takes one of a fixed set of values
+/// lists them.
+#[test]
+fn every_command_and_flag_has_help_and_lists_its_values() {
+    use clap::CommandFactory;
+    fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            let id = a.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            if a.get_help().is_none() {
+                missing.push(format!("{path} <{id}>"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            let name = format!("{path} {}", sub.get_name());
+            if sub.get_about().is_none() && sub.get_name() != "help" {
+                missing.push(format!("{name} (no description)"));
+            }
+            walk(sub, &name, missing);
+        }
+    }
+    let mut missing = Vec::new();
+    walk(&gorp::cli::Cli::command(), "gorp", &mut missing);
+    assert!(missing.is_empty(), "without help text: {missing:#?}");
+
+    let env = Env::new();
+    let help = env.ok(&["jobs", "--help"]);
+    for want in [
+        "[possible values: queued, running, succeeded, failed, cancelled]",
+        "[possible values: webhook, matrix, schedule, cli]",
+    ] {
+        assert!(help.contains(want), "{help}");
+    }
+    // A value outside the set is refused with the set.
+    let out = env.run(&["jobs", "--state", "done"]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        stderr(&out).contains("possible values: queued"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn completions_and_the_version_name_the_build() {
+    let env = Env::new();
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef gorp"),
+        ("fish", "complete -c gorp"),
+    ] {
+        let script = env.ok(&["completions", shell]);
+        assert!(
+            script.contains(marker),
+            "{shell}: {}",
+            &script[..script.len().min(200)]
+        );
+        assert!(script.contains("enqueue"), "{shell}");
+    }
+    assert_eq!(code(&env.run(&["completions", "tcsh"])), 2);
+    let version = env.ok(&["--version"]);
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    assert!(
+        version.starts_with(&format!("gorp {} (commit ", env!("CARGO_PKG_VERSION"))),
+        "{version}"
+    );
+    if let Some(commit) = commit {
+        assert!(version.contains(&commit), "{version} names {commit}");
+    }
+}
