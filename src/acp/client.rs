@@ -176,10 +176,43 @@ const STDERR_LINE_MAX: usize = 4096;
 
 pub use crate::kinds::{EventKind, PermissionPolicy};
 
+/// How to get the agent `binary` names: the install command of the agents gorp is tested with,
+/// else how to point gorp at one; and the scripted agent for a first job without an API key.
+pub fn install_hint(binary: &str) -> String {
+    let name = std::path::Path::new(binary)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or(binary);
+    let install = match name {
+        "claude-agent-acp" => {
+            "install Claude Code's ACP agent with `npm install -g \
+             @agentclientprotocol/claude-agent-acp` (it needs Node 22 or newer; in a gorp \
+             checkout `scripts/setup-claude-agent` installs it with Node 22 and prints the \
+             path to set as [acp] agent_binary)"
+        }
+        "codex-acp" => "install Codex's ACP agent with `npm install -g @zed-industries/codex-acp`",
+        "gemini" => {
+            "install Gemini CLI with `npm install -g @google/gemini-cli` and run it in ACP mode \
+             (agent_args = [\"--experimental-acp\"])"
+        }
+        _ => {
+            "set [acp] agent_binary (or the channel's --agent-binary) to an ACP agent: a path, \
+              or a program on PATH"
+        }
+    };
+    format!(
+        "{install}. To try gorp without an agent or an API key, use the scripted agent that \
+         comes with it: `gorp channels add demo --agent-binary <dir of gorp>/gorp-script-agent`"
+    )
+}
+
 /// Errors of [`AgentProcess`].
 #[derive(Debug, thiserror::Error)]
 pub enum AcpError {
-    #[error("agent binary not found: {binary} (not on PATH, or a missing interpreter)")]
+    #[error(
+        "agent binary not found: {binary} (not on PATH, or a missing interpreter); {}",
+        install_hint(binary)
+    )]
     BinaryNotFound { binary: String },
     #[error("cannot start agent {binary}: {source}")]
     Spawn {

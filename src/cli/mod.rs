@@ -1371,7 +1371,10 @@ fn doctor(cli: &Cli, config: &Config) -> CmdResult {
         if found {
             format!("[acp] agent_binary {binary} is there")
         } else {
-            format!("[acp] agent_binary {binary} is not found (a path, or a program on PATH)")
+            format!(
+                "[acp] agent_binary {binary} is not found (a path, or a program on PATH); {}",
+                crate::acp::client::install_hint(binary)
+            )
         },
     ));
     for p in &config.acp.extra_writable {

@@ -533,9 +533,25 @@ async fn missing_binary_is_reported() {
     .await;
     match r {
         Err(e @ AcpError::BinaryNotFound { .. }) => {
-            assert!(e.to_string().contains("/nonexistent/agent-binary"))
+            let text = e.to_string();
+            assert!(text.contains("/nonexistent/agent-binary"), "{text}");
+            assert!(text.contains("set [acp] agent_binary"), "{text}");
+            assert!(text.contains("gorp-script-agent"), "{text}");
         }
         other => panic!("unexpected {other:?}"),
+    }
+    // The agents gorp is tested with come with their install command.
+    for (binary, want) in [
+        (
+            "claude-agent-acp",
+            "npm install -g @agentclientprotocol/claude-agent-acp",
+        ),
+        ("/opt/bin/claude-agent-acp", "Node 22"),
+        ("codex-acp", "npm install -g @zed-industries/codex-acp"),
+        ("gemini", "@google/gemini-cli"),
+    ] {
+        let hint = gorp::acp::client::install_hint(binary);
+        assert!(hint.contains(want), "{binary}: {hint}");
     }
 }
 
