@@ -106,16 +106,15 @@ impl Browser {
         self.client.goto(url).await.unwrap();
     }
 
-    /// Waits until an element matching `css` exists; returns its text.
+    /// Waits until an element matching `css` exists; returns its text. A part of the page that
+    /// is re-rendered live (a job's) may replace the element between finding and reading it:
+    /// then it is found again.
     pub async fn text_of(&self, css: &str) -> String {
-        let el = self
-            .client
-            .wait()
-            .at_most(PAGE_WAIT)
-            .for_element(Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("no element {css:?}: {e}"));
-        el.text().await.unwrap()
+        eventually(PAGE_WAIT, &format!("an element {css:?}"), || async {
+            let el = self.client.find(Locator::Css(css)).await.ok()?;
+            el.text().await.ok()
+        })
+        .await
     }
 
     /// Waits until the text of the first element matching `css` contains `want`.
@@ -153,18 +152,19 @@ impl Browser {
             .unwrap();
     }
 
-    /// Clicks the button whose text is `label` (the first one).
+    /// Clicks the button whose text is `label` (the first one), finding it again when a live
+    /// re-render replaced it before the click landed.
     pub async fn click_button(&self, label: &str) {
         let xpath = format!("//button[normalize-space(.)='{label}']");
-        self.client
-            .wait()
-            .at_most(PAGE_WAIT)
-            .for_element(Locator::XPath(&xpath))
-            .await
-            .unwrap_or_else(|e| panic!("no button {label:?}: {e}"))
-            .click()
-            .await
-            .unwrap();
+        eventually(
+            PAGE_WAIT,
+            &format!("a button {label:?} to click"),
+            || async {
+                let el = self.client.find(Locator::XPath(&xpath)).await.ok()?;
+                el.click().await.ok()
+            },
+        )
+        .await
     }
 
     /// Writes a PNG of the page to `target/screenshots/<name>.png`, and to
