@@ -2,6 +2,7 @@
 //! installed by `scripts/setup-browser`): one `chromedriver` process per browser, on a free
 //! port, killed with it.
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -39,7 +40,9 @@ impl Browser {
         let driver_bin = std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into());
         let chromium = std::env::var("CHROMIUM_BIN").unwrap_or_else(|_| "/usr/bin/chromium".into());
         let port = free_port();
+        // Its own process group: the Chromium it starts goes with it, even when a test panics.
         let driver = Command::new(&driver_bin)
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -188,15 +191,18 @@ impl Browser {
             .map(|c| c.value().to_string())
     }
 
-    pub async fn close(mut self) {
+    pub async fn close(self) {
         let _ = self.client.clone().close().await;
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
+        // Drop ends the process group.
     }
 }
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.driver.kill();
+        // SAFETY: signalling the process group of our own child.
+        unsafe {
+            libc::killpg(self.driver.id() as i32, libc::SIGKILL);
+        }
+        let _ = self.driver.wait();
     }
 }
