@@ -299,21 +299,38 @@ pub async fn rotate_token(
     }
 }
 
+/// The channel and this process's agent pool, for the agent's buttons; else the response.
+async fn channel_and_pool(
+    st: &HttpState,
+    name: &str,
+) -> Result<
+    (
+        Channel,
+        std::sync::Arc<crate::agent::pool::WarmSessionManager>,
+    ),
+    Response,
+> {
+    let ch = channel_or_404(st, name)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    let pool = st.warm.clone().ok_or_else(|| {
+        view::refused(
+            &format!("/ui/channels/{name}"),
+            &DashError::Conflict("no agent pool runs in this process".into()),
+        )
+    })?;
+    Ok((ch, pool))
+}
+
 pub async fn warm(
     State(st): State<HttpState>,
     Path(name): Path<String>,
     _checked: Checked<HashMap<String, String>>,
 ) -> Response {
     let back = format!("/ui/channels/{name}");
-    let ch = match channel_or_404(&st, &name).await {
-        Ok(c) => c,
-        Err(e) => return e.into_response(),
-    };
-    let Some(pool) = st.warm.clone() else {
-        return view::refused(
-            &back,
-            &DashError::Conflict("no agent pool runs in this process".into()),
-        );
+    let (ch, pool) = match channel_and_pool(&st, &name).await {
+        Ok(found) => found,
+        Err(resp) => return resp,
     };
     // Starting an agent can take a while: it goes on in the background.
     tokio::spawn(async move {
@@ -330,15 +347,9 @@ pub async fn stop(
     _checked: Checked<HashMap<String, String>>,
 ) -> Response {
     let back = format!("/ui/channels/{name}");
-    let ch = match channel_or_404(&st, &name).await {
-        Ok(c) => c,
-        Err(e) => return e.into_response(),
-    };
-    let Some(pool) = st.warm.clone() else {
-        return view::refused(
-            &back,
-            &DashError::Conflict("no agent pool runs in this process".into()),
-        );
+    let (ch, pool) = match channel_and_pool(&st, &name).await {
+        Ok(found) => found,
+        Err(resp) => return resp,
     };
     if pool.stop_idle(ch.id, "stopped from the dashboard").await {
         view::done(

@@ -16,10 +16,11 @@ impl Store {
         limits: &SpendLimits,
         channel: Option<&str>,
     ) -> Result<Vec<ChannelSpend>> {
-        let rows = sqlx::query!(
-            r#"SELECT c.id AS "id!", c.name,
-                      coalesce(c.budget_day_usd, ?1) AS "day_max?: f64",
-                      coalesce(c.budget_month_usd, ?2) AS "month_max?: f64",
+        Ok(sqlx::query_as!(
+            ChannelSpend,
+            r#"SELECT c.id AS "channel_id!", c.name AS channel,
+                      coalesce(c.budget_day_usd, ?1) AS "day_max_usd?: f64",
+                      coalesce(c.budget_month_usd, ?2) AS "month_max_usd?: f64",
                       (SELECT total(u.cost_usd) FROM usage u
                        WHERE u.channel_id = c.id AND u.at >= ?3) AS "day_usd!: f64",
                       (SELECT total(u.cost_usd) FROM usage u
@@ -34,18 +35,7 @@ impl Store {
             channel
         )
         .fetch_all(&self.read)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| ChannelSpend {
-                channel_id: r.id,
-                channel: r.name,
-                day_usd: r.day_usd,
-                day_max_usd: r.day_max,
-                month_usd: r.month_usd,
-                month_max_usd: r.month_max,
-            })
-            .collect())
+        .await?)
     }
 
     /// Tells each held job why, once per attempt: a `held` event with `text` and `data`,
@@ -83,10 +73,11 @@ pub(super) async fn spent_channels<'e, E>(
 where
     E: sqlx::Executor<'e, Database = Sqlite>,
 {
-    let rows = sqlx::query!(
-        r#"SELECT c.id AS "id!", c.name,
-                  coalesce(c.budget_day_usd, ?1) AS "day_max?: f64",
-                  coalesce(c.budget_month_usd, ?2) AS "month_max?: f64",
+    let rows = sqlx::query_as!(
+        ChannelSpend,
+        r#"SELECT c.id AS "channel_id!", c.name AS channel,
+                  coalesce(c.budget_day_usd, ?1) AS "day_max_usd?: f64",
+                  coalesce(c.budget_month_usd, ?2) AS "month_max_usd?: f64",
                   CASE WHEN coalesce(c.budget_day_usd, ?1) IS NULL THEN 0
                        ELSE (SELECT total(u.cost_usd) FROM usage u
                              WHERE u.channel_id = c.id AND u.at >= ?3) END AS "day_usd!: f64",
@@ -106,18 +97,7 @@ where
     )
     .fetch_all(ex)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| ChannelSpend {
-            channel_id: r.id,
-            channel: r.name,
-            day_usd: r.day_usd,
-            day_max_usd: r.day_max,
-            month_usd: r.month_usd,
-            month_max_usd: r.month_max,
-        })
-        .filter(|s| s.spent().is_some())
-        .collect())
+    Ok(rows.into_iter().filter(|s| s.spent().is_some()).collect())
 }
 
 /// The ids of [`spent_channels`] as a JSON array, for `json_each`.
