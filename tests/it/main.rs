@@ -11,6 +11,7 @@ mod claude_agent;
 mod cli;
 mod config;
 mod dashboard;
+mod deploy;
 mod faults;
 mod http;
 mod matrix;
