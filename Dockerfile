@@ -74,8 +74,10 @@ COPY deploy/container.toml /etc/gorp/config.toml
 RUN groupadd --system --gid 10001 gorp \
  && useradd --system --uid 10001 --gid gorp --home-dir /data --shell /usr/sbin/nologin gorp \
  && install -d -o gorp -g gorp -m 0750 /data /workspaces
+# NO_COLOR: plain log lines (gorp colours them even when stderr is not a terminal).
 ENV PATH=/opt/node/bin:$PATH \
-    GORP_CONFIG_PATH=/etc/gorp/config.toml
+    GORP_CONFIG_PATH=/etc/gorp/config.toml \
+    NO_COLOR=1
 USER 10001:10001
 WORKDIR /data
 VOLUME ["/data", "/workspaces"]
