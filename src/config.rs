@@ -251,6 +251,9 @@ pub struct AcpConfig {
     /// port filter, not a host filter. A channel may override it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_ports: Option<Vec<u16>>,
+    /// MCP servers given to every agent session (`[[acp.mcp_servers]]`); a channel's own server
+    /// of the same name replaces one of these.
+    pub mcp_servers: Vec<McpServerSpec>,
 }
 
 impl Default for AcpConfig {
@@ -276,7 +279,89 @@ impl Default for AcpConfig {
             extra_writable: Vec::new(),
             deny_read: Vec::new(),
             allowed_ports: None,
+            mcp_servers: Vec::new(),
         }
+    }
+}
+
+/// An MCP server the agent connects to for a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct McpServerSpec {
+    /// Its name, as the agent shows it.
+    pub name: String,
+    /// A stdio server: the program to run (absolute path or a name on `PATH`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Environment of a stdio server (values are secrets: masked wherever shown).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// An HTTP server: its URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Headers sent to an HTTP server (values are secrets: masked wherever shown).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+/// Shown instead of a secret value.
+pub const MASK: &str = "********";
+
+impl McpServerSpec {
+    /// Checks the spec: a name, and exactly one of `command` (stdio) or `url` (HTTP).
+    pub fn validate(&self) -> Result<(), String> {
+        let name = self.name.trim();
+        if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()) {
+            return Err(format!(
+                "MCP server name {:?}: 1-64 printable characters",
+                self.name
+            ));
+        }
+        match (&self.command, &self.url) {
+            (Some(c), None) => {
+                if c.trim().is_empty() {
+                    return Err(format!("MCP server {name}: empty command"));
+                }
+                if !self.headers.is_empty() {
+                    return Err(format!(
+                        "MCP server {name}: headers are for an HTTP server (url), not a command"
+                    ));
+                }
+            }
+            (None, Some(u)) => {
+                if !(u.starts_with("http://") || u.starts_with("https://"))
+                    || u.contains(char::is_whitespace)
+                {
+                    return Err(format!(
+                        "MCP server {name}: url must start with http:// or https:// ({u:?})"
+                    ));
+                }
+                if !self.args.is_empty() || !self.env.is_empty() {
+                    return Err(format!(
+                        "MCP server {name}: args and env are for a command, not an HTTP server"
+                    ));
+                }
+            }
+            _ => return Err(format!(
+                "MCP server {name}: give either command (a stdio server) or url (an HTTP server)"
+            )),
+        }
+        for k in self.env.keys().chain(self.headers.keys()) {
+            if k.is_empty() || k.contains(['=', '\n', '\r', '\0', ':']) {
+                return Err(format!("MCP server {name}: invalid name {k:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The same spec with every env and header value replaced by [`MASK`].
+    pub fn masked(&self) -> Self {
+        let mut m = self.clone();
+        m.env.values_mut().for_each(|v| *v = MASK.into());
+        m.headers.values_mut().for_each(|v| *v = MASK.into());
+        m
     }
 }
 
@@ -513,6 +598,18 @@ impl Config {
         }
         if self.database.cache_mib == 0 || self.database.cache_mib > 65_536 {
             return bad("database.cache_mib", "expected 1 to 65536 (MiB)");
+        }
+        let mut names = std::collections::HashSet::new();
+        for m in &self.acp.mcp_servers {
+            if let Err(e) = m.validate() {
+                return bad("acp.mcp_servers", &e);
+            }
+            if !names.insert(m.name.as_str()) {
+                return bad(
+                    "acp.mcp_servers",
+                    &format!("two MCP servers are named {:?}", m.name),
+                );
+            }
         }
         if self.worker.concurrency > 1024 {
             return bad("worker.concurrency", "expected at most 1024");
@@ -764,7 +861,20 @@ fn mask_secrets(value: &mut toml::Value) {
         toml::Value::Table(t) => {
             for (k, v) in t.iter_mut() {
                 let lower = k.to_ascii_lowercase();
-                if SECRET_WORDS.iter().any(|w| lower.contains(w)) {
+                if lower == "mcp_servers" {
+                    // An MCP server's env and headers carry its credentials.
+                    if let toml::Value::Array(servers) = v {
+                        for server in servers.iter_mut().filter_map(|s| s.as_table_mut()) {
+                            for key in ["env", "headers"] {
+                                if let Some(toml::Value::Table(m)) = server.get_mut(key) {
+                                    for (_, x) in m.iter_mut() {
+                                        *x = toml::Value::String(MASK.into());
+                                    }
+                                }
+                            }
+                        }
+                    }
+                } else if SECRET_WORDS.iter().any(|w| lower.contains(w)) {
                     *v = match v {
                         toml::Value::Array(a) => toml::Value::Array(
                             a.iter()

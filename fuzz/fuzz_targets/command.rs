@@ -143,5 +143,9 @@ fn canonical(cmd: &Command) -> String {
         Command::Budget { set: Some(BudgetSet::MonthUsd(None)) } => "!budget month default".into(),
         Command::Policy { set: Some(p) } => format!("!policy {p}"),
         Command::Policy { set: None } => "!policy".into(),
+        Command::Options => "!options".into(),
+        Command::SetOption { key, set: None } => format!("!{key}"),
+        Command::SetOption { key, set: Some(None) } => format!("!{key} default"),
+        Command::SetOption { key, set: Some(Some(v)) } => format!("!{key} {v}"),
     }
 }

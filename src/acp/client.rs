@@ -105,6 +105,7 @@ mod modes;
 mod permission;
 mod process;
 mod question;
+mod session;
 mod updates;
 
 pub use fs::confine;
@@ -115,6 +116,10 @@ pub use permission::{Answerer, AskAnswer};
 #[cfg(test)]
 use process::stat_is_live_member;
 use process::{describe_exit, group_alive};
+pub use session::{
+    check_options, find_option, ConfigOptionInfo, McpServerSpec, Opened, OpenedWith, SessionSetup,
+    MASK,
+};
 use updates::{enum_str, RawSessionUpdate};
 pub use updates::{raw_update_event, update_event, AgentEvent};
 
@@ -301,6 +306,8 @@ struct Shared {
     routes: Mutex<HashMap<String, Route>>,
     /// The modes each session offers and is in (sessions whose agent advertised modes).
     modes: Mutex<HashMap<String, SessionModes>>,
+    /// The config options each session offers, as last reported.
+    options: Mutex<HashMap<String, Vec<ConfigOptionInfo>>>,
     stderr: Mutex<VecDeque<String>>,
     unrouted: AtomicU64,
     unparsed: AtomicU64,
@@ -460,6 +467,7 @@ impl Shared {
         };
         let session = note.session_id.0.to_string();
         self.note_mode_update(&session, &note.update);
+        self.note_options_update(&session, &note.update);
         self.route(&session, || update_event(&note.update)).await;
     }
 }
@@ -494,6 +502,8 @@ pub struct AgentProcess {
     reaped: bool,
     /// The sandbox the process runs in.
     sandbox: crate::sandbox::Report,
+    /// What goes with every session it opens.
+    setup: SessionSetup,
 }
 
 impl std::fmt::Debug for AgentProcess {
@@ -605,6 +615,7 @@ impl AgentProcess {
             fs_root,
             routes: Mutex::new(HashMap::new()),
             modes: Mutex::new(HashMap::new()),
+            options: Mutex::new(HashMap::new()),
             stderr: Mutex::new(VecDeque::new()),
             unrouted: AtomicU64::new(0),
             unparsed: AtomicU64::new(0),
@@ -697,6 +708,7 @@ impl AgentProcess {
             io_tasks: vec![stderr_task, conn_task],
             reaped: false,
             sandbox: sandbox.report,
+            setup: SessionSetup::default(),
         };
 
         let request = InitializeRequest::new(ProtocolVersion::V1)
@@ -807,16 +819,20 @@ impl AgentProcess {
         let resp = self
             .request(
                 "session/new",
-                NewSessionRequest::new(self.cwd.clone()),
+                NewSessionRequest::new(self.cwd.clone())
+                    .mcp_servers(self.mcp_servers())
+                    .additional_directories(self.setup.additional_directories.clone()),
                 self.timeouts.new_session,
             )
             .await?;
         let id = resp.session_id.0.to_string();
         self.remember_modes(&id, SessionModes::from_new(&resp));
+        self.shared
+            .remember_options(&id, resp.config_options.as_deref());
         Ok(id)
     }
 
-    fn remember_modes(&self, session: &str, modes: Option<SessionModes>) {
+    pub(super) fn remember_modes(&self, session: &str, modes: Option<SessionModes>) {
         let mut all = self.shared.modes.lock().unwrap();
         match modes {
             Some(m) => all.insert(session.to_string(), m),
@@ -841,11 +857,15 @@ impl AgentProcess {
         let resp = self
             .request(
                 "session/load",
-                LoadSessionRequest::new(SessionId::new(id), self.cwd.clone()),
+                LoadSessionRequest::new(SessionId::new(id), self.cwd.clone())
+                    .mcp_servers(self.mcp_servers())
+                    .additional_directories(self.setup.additional_directories.clone()),
                 self.timeouts.load_session,
             )
             .await?;
         self.remember_modes(id, SessionModes::from_load(&resp));
+        self.shared
+            .remember_options(id, resp.config_options.as_deref());
         Ok(count.load(Ordering::Relaxed))
     }
 

@@ -5,7 +5,8 @@
 //! - its workspace, `<workspace>/<channel>`;
 //! - its own directories, `<acp.state_path>/<channel>/home` (`HOME`) and `…/tmp` (`TMPDIR`),
 //!   unless `[acp] env` names a `HOME` or `TMPDIR` of its own, which are then writable instead;
-//! - `[acp] extra_writable`.
+//! - `[acp] extra_writable`;
+//! - the channel's `additional_directories`.
 //!
 //! It may read everything but gorp's database (and its `-wal`, `-shm`, `-journal` files), the
 //! config file, the Matrix store, the other channels' workspaces and agent directories (the
@@ -77,6 +78,8 @@ pub fn spec(
         writable.push(dir);
     }
     writable.extend(acp.extra_writable.iter().cloned());
+    // The channel's additional directories are workspace roots like its own.
+    writable.extend(channel.directories());
     let db = &config.database.path;
     let mut deny_read = vec![
         config.workspace.path.clone(),

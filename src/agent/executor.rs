@@ -136,7 +136,23 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
     // The channel's policy as the claim read it (it may have changed since the agent started).
     let policy = job.permission_policy;
     live.agent.set_policy(policy);
-    let mode = match put_in_asking_mode(live, warm.config().acp.session_mode.as_deref()).await {
+    let options = job.options();
+    let applied = match apply_options(live, &options).await {
+        Ok(a) => a,
+        Err(refusal) => {
+            warm.release(job.channel_id, session).await;
+            return failed(refusal, false);
+        }
+    };
+    let configured = warm.config().acp.session_mode.as_deref();
+    let wanted = match mode_setting(live, &options, configured) {
+        Ok(w) => w,
+        Err(refusal) => {
+            warm.release(job.channel_id, session).await;
+            return failed(refusal, false);
+        }
+    };
+    let mode = match put_in_asking_mode(live, wanted.as_deref().or(configured)).await {
         Ok(mode) => mode,
         Err(refusal) => {
             warm.release(job.channel_id, session).await;
@@ -145,24 +161,47 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
     };
     ctx.emit(
         EventKind::Session,
-        Some(format!(
-            "{} session {} (pid {}){}{}, sandbox {}",
-            if session.warm { "warm" } else { "cold" },
-            live.session_id,
-            live.agent.pid(),
-            if !session.warm && live.resumed {
-                ", resumed with session/load"
-            } else {
-                ""
-            },
-            mode.describe(),
-            live.agent.sandbox().summary(),
-        )),
+        Some(
+            format!(
+                "{} session {} (pid {}){}{}, sandbox {}",
+                if session.warm { "warm" } else { "cold" },
+                live.session_id,
+                live.agent.pid(),
+                match (&session.warm, &live.fallback) {
+                    (false, Some(why)) => format!(", new session ({why})"),
+                    (false, None) if live.resumed =>
+                        format!(", resumed with {}", live.opened_with.method()),
+                    _ => String::new(),
+                },
+                mode.describe(),
+                live.agent.sandbox().summary(),
+            ) + describe_options(&applied).as_str(),
+        ),
         Some(serde_json::json!({
             "warm": session.warm,
             "pid": live.agent.pid(),
             "session_id": live.session_id,
             "resumed": live.resumed,
+            "opened_with": live.opened_with.method(),
+            "open_fallback": live.fallback,
+            "options": live
+                .agent
+                .session_options(&live.session_id)
+                .iter()
+                .map(|o| (o.id.clone(), o.current.clone()))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+            "options_set": applied
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+            "mcp_servers": live
+                .agent
+                .session_setup()
+                .mcp_servers
+                .iter()
+                .map(|m| m.name.clone())
+                .collect::<Vec<_>>(),
+            "additional_directories": live.agent.session_setup().additional_directories,
             "start_ms": session.start_time.as_millis() as u64,
             "policy": live.agent.policy(),
             "mode": mode.mode,
@@ -400,6 +439,101 @@ fn answer_of(a: &Approval) -> AskAnswer {
             "rule": a.rule_id,
         }),
     }
+}
+
+/// Puts the session's config options (but its mode, which [`put_in_asking_mode`] sets) at the
+/// values `options` asks for, and any other option a previous job changed back to the value it
+/// had when the session opened. Returns what it changed, by option id. An option or value the
+/// agent does not offer is refused with the reason (the prompt is not sent).
+async fn apply_options(
+    live: &Live,
+    options: &std::collections::BTreeMap<String, String>,
+) -> Result<Vec<(String, String)>, String> {
+    let agent = &live.agent;
+    let offered = agent.session_options(&live.session_id);
+    let is_mode = |o: &client::ConfigOptionInfo| o.category.as_deref() == Some("mode");
+    let mut wanted: Vec<(String, String)> = Vec::new();
+    for (k, v) in options {
+        match client::find_option(&offered, k) {
+            Ok(o) if is_mode(o) => continue,
+            Ok(o) => {
+                o.value_for(v)
+                    .map_err(|e| format!("refused: {e} (set for the channel or the job)"))?;
+                wanted.push((o.id.clone(), v.clone()));
+            }
+            // A mode without a mode option is changed with `session/set_mode`.
+            Err(_) if k == "mode" && agent.session_modes(&live.session_id).is_some() => continue,
+            Err(e) => return Err(format!("refused: {e} (set for the channel or the job)")),
+        }
+    }
+    // Options a previous job set for its turn only go back to their value at the start.
+    for o in offered.iter().filter(|o| !is_mode(o)) {
+        if wanted.iter().any(|(id, _)| *id == o.id) {
+            continue;
+        }
+        if let Some(default) = live.option_defaults.get(&o.id) {
+            if *default != o.current {
+                wanted.push((o.id.clone(), default.clone()));
+            }
+        }
+    }
+    let mut changed = Vec::new();
+    for (id, value) in wanted {
+        match agent.set_config_option(&live.session_id, &id, &value).await {
+            Ok((_, true)) => changed.push((id, value)),
+            Ok((_, false)) => {}
+            Err(e) => {
+                return Err(format!(
+                    "refused: setting option {id} to {value:?} failed: {e}"
+                ))
+            }
+        }
+    }
+    if !changed.is_empty() {
+        live.options_changed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(changed)
+}
+
+/// The mode the options ask for (by the mode option's id or `mode`). Under `deny` and `ask` it
+/// must be one in which the agent asks gorp (one of [`ASKING_MODES`] or `[acp] session_mode`):
+/// any other would let the agent decide for itself, and the policy would not hold.
+fn mode_setting(
+    live: &Live,
+    options: &std::collections::BTreeMap<String, String>,
+    configured: Option<&str>,
+) -> Result<Option<String>, String> {
+    let offered = live.agent.session_options(&live.session_id);
+    let mode_id = offered
+        .iter()
+        .find(|o| o.category.as_deref() == Some("mode"))
+        .map(|o| o.id.clone());
+    let wanted = mode_id
+        .as_ref()
+        .and_then(|id| options.get(id))
+        .or_else(|| options.get("mode"))
+        .cloned();
+    let Some(w) = wanted else { return Ok(None) };
+    let policy = live.agent.policy();
+    let asks = ASKING_MODES.contains(&w.as_str()) || configured == Some(w.as_str());
+    if policy != PermissionPolicy::Allow && !asks {
+        return Err(format!(
+            "refused: mode {w:?} lets the agent use tools without asking, so permission policy              {policy} could not hold; under {policy} gorp runs the agent only in a mode in which              it asks ({}{})",
+            ASKING_MODES.join(", "),
+            configured.map(|c| format!(", {c}")).unwrap_or_default()
+        ));
+    }
+    Ok(Some(w))
+}
+
+/// `, options model=fast` for what a turn changed; nothing when it changed none.
+fn describe_options(changed: &[(String, String)]) -> String {
+    if changed.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = changed.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!(", options {}", list.join(" "))
 }
 
 /// The session mode a prompt runs in, as recorded in the job's `session` event.

@@ -35,7 +35,9 @@ use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::acp::client::{AcpError, AgentProcess, AgentSpec, Timeouts};
+use crate::acp::client::{
+    AcpError, AgentProcess, AgentSpec, McpServerSpec, OpenedWith, SessionSetup, Timeouts,
+};
 use crate::config::Config;
 use crate::store::{now_ms, Channel, Millis, Store, WarmSession, WarmState, WarmUpdate};
 
@@ -48,11 +50,56 @@ pub const LEASE: Duration = Duration::from_secs(30);
 pub struct Live {
     pub agent: AgentProcess,
     pub session_id: String,
-    /// The session was resumed with `session/load` (rather than created).
+    /// The session continued the channel's stored one (`session/resume` or `session/load`)
+    /// rather than starting anew.
     pub resumed: bool,
+    /// The method the session was opened with.
+    pub opened_with: OpenedWith,
+    /// Why the stored session was not continued, when it was not.
+    pub fallback: Option<String>,
     /// The session's cumulative cost as the agent last reported it (ACP's `usage_update.cost`
     /// is the session's running total), so a turn's cost is its difference.
     pub reported_cost: std::sync::Mutex<Option<f64>>,
+    /// The value each config option had when the session opened: an option a job set for its
+    /// own turn goes back to it for the next job.
+    pub option_defaults: std::collections::BTreeMap<String, String>,
+    /// Options changed since the lease row last recorded them.
+    pub options_changed: std::sync::atomic::AtomicBool,
+}
+
+impl Live {
+    /// What the agent said of itself and the session's options, as the lease row keeps it.
+    pub fn agent_info(&self) -> String {
+        let init = self.agent.initialize_response();
+        let caps = &init.agent_capabilities;
+        let info = init.agent_info.as_ref();
+        serde_json::json!({
+            "agent": info.map(|i| serde_json::json!({"name": i.name, "version": i.version})),
+            "protocol_version": serde_json::to_value(init.protocol_version).ok(),
+            "capabilities": {
+                "load_session": caps.load_session,
+                "resume": caps.session_capabilities.resume.is_some(),
+                "close": caps.session_capabilities.close.is_some(),
+                "list": caps.session_capabilities.list.is_some(),
+                "additional_directories": caps.session_capabilities.additional_directories.is_some(),
+                "images": caps.prompt_capabilities.image,
+                "audio": caps.prompt_capabilities.audio,
+                "embedded_context": caps.prompt_capabilities.embedded_context,
+                "mcp_http": caps.mcp_capabilities.http,
+                "mcp_sse": caps.mcp_capabilities.sse,
+            },
+            "auth_methods": init.auth_methods.iter().map(|m| m.id().to_string()).collect::<Vec<_>>(),
+            "opened_with": self.opened_with.method(),
+            "options": self.agent.session_options(&self.session_id),
+        })
+        .to_string()
+    }
+
+    /// Closes the session (when the agent offers `session/close`) and stops the agent.
+    pub async fn close_and_stop(self) {
+        self.agent.close_session(&self.session_id).await;
+        self.agent.shutdown().await;
+    }
 }
 
 struct Slot {
@@ -278,7 +325,15 @@ impl WarmSessionManager {
         let now = now_ms();
         let slot = self.slot(channel_id);
         let alive = guard.guard.as_ref().is_some_and(|l| !l.agent.has_exited());
-        if alive && guard.warm && now - slot.recorded.load(Ordering::Relaxed) < RECORD_EVERY_MS {
+        let options_changed = guard
+            .guard
+            .as_ref()
+            .is_some_and(|l| l.options_changed.swap(false, Ordering::Relaxed));
+        if alive
+            && guard.warm
+            && !options_changed
+            && now - slot.recorded.load(Ordering::Relaxed) < RECORD_EVERY_MS
+        {
             slot.last_used.store(now, Ordering::Relaxed);
             return;
         }
@@ -293,6 +348,7 @@ impl WarmSessionManager {
                 expires_at: Some(now + self.keep_alive_ms()),
                 used: true,
                 sandbox: None,
+                agent_info: options_changed.then(|| live.agent_info()),
             };
             if let Err(e) = self
                 .store
@@ -351,11 +407,21 @@ impl WarmSessionManager {
         let Some(live) = guard.as_mut() else {
             return false;
         };
+        live.agent.close_session(&live.session_id).await;
         match live.agent.new_session().await {
             Ok(id) => {
                 tracing::info!(channel_id = slot.channel_id, session = %id, "new ACP session after a reset");
+                live.option_defaults = live
+                    .agent
+                    .session_options(&id)
+                    .into_iter()
+                    .map(|o| (o.id, o.current))
+                    .collect();
                 live.session_id = id.clone();
                 live.resumed = false;
+                live.opened_with = OpenedWith::New;
+                live.fallback = None;
+                live.options_changed.store(true, Ordering::Relaxed);
                 // The next release records the new session in the lease row.
                 slot.recorded.store(0, Ordering::Relaxed);
                 if let Err(e) = self
@@ -405,6 +471,7 @@ impl WarmSessionManager {
                     expires_at: None,
                     used: false,
                     sandbox: None,
+                    agent_info: None,
                 },
                 now,
             )
@@ -424,6 +491,7 @@ impl WarmSessionManager {
                             expires_at: Some(now + self.keep_alive_ms()),
                             used: false,
                             sandbox: Some(live.agent.sandbox().summary()),
+                            agent_info: Some(live.agent_info()),
                         },
                         now,
                     )
@@ -492,27 +560,49 @@ impl WarmSessionManager {
                 .then(|| Duration::from_secs(acp.stall_timeout_secs)),
         };
         let policy = channel.permission_policy;
-        let agent = AgentProcess::spawn(&spec, timeouts, policy, dir).await?;
-        let mut resumed = false;
-        let session_id = match &channel.acp_session_id {
-            Some(id) if agent.supports_load_session() => match agent.load_session(id).await {
-                Ok(()) => {
-                    resumed = true;
-                    id.clone()
-                }
-                Err(e) => {
-                    tracing::warn!(channel = %channel.name, session = %id, error = %e, "cannot resume the stored session; starting a new one");
-                    agent.new_session().await?
-                }
-            },
-            _ => agent.new_session().await?,
+        let setup = self.session_setup(channel).map_err(|e| WarmError::Acp(*e))?;
+        let mut agent = AgentProcess::spawn(&spec, timeouts, policy, dir).await?;
+        agent.set_session_setup(setup);
+        let opened = match agent.open_session(channel.acp_session_id.as_deref()).await {
+            Ok(o) => o,
+            Err(e) => {
+                agent.shutdown().await;
+                return Err(e.into());
+            }
         };
-        tracing::info!(channel = %channel.name, pid = agent.pid(), session = %session_id, resumed, "agent started");
+        tracing::info!(channel = %channel.name, pid = agent.pid(), session = %opened.id, with = opened.with.method(), "agent started");
+        let option_defaults = agent
+            .session_options(&opened.id)
+            .into_iter()
+            .map(|o| (o.id, o.current))
+            .collect();
         Ok(Live {
             agent,
-            session_id,
-            resumed,
+            session_id: opened.id,
+            resumed: opened.with.continued(),
+            opened_with: opened.with,
+            fallback: opened.fallback,
             reported_cost: std::sync::Mutex::new(None),
+            option_defaults,
+            options_changed: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// What goes with every session of the channel's agent: `[acp] mcp_servers` and the
+    /// channel's own, and its additional directories.
+    fn session_setup(&self, channel: &Channel) -> Result<SessionSetup, Box<AcpError>> {
+        let mut mcp_servers = self.config.acp.mcp_servers.clone();
+        let own: Vec<McpServerSpec> = serde_json::from_str(&channel.mcp_servers).map_err(|e| {
+            Box::new(AcpError::InvalidSpec(format!(
+                "the channel's mcp_servers cannot be read: {e}"
+            )))
+        })?;
+        // A channel's server replaces a configured one of the same name.
+        mcp_servers.retain(|s| !own.iter().any(|o| o.name == s.name));
+        mcp_servers.extend(own);
+        Ok(SessionSetup {
+            mcp_servers,
+            additional_directories: channel.directories(),
         })
     }
 
@@ -529,7 +619,7 @@ impl WarmSessionManager {
             return false;
         };
         tracing::info!(channel_id, why, "stopping a warm session");
-        l.agent.shutdown().await;
+        l.close_and_stop().await;
         let _ = self
             .store
             .warm_stop(
@@ -566,7 +656,7 @@ impl WarmSessionManager {
                             channel_id = s.channel_id,
                             "evicting least recently used warm session"
                         );
-                        l.agent.shutdown().await;
+                        l.close_and_stop().await;
                         let _ = self
                             .store
                             .warm_stop(
@@ -612,7 +702,12 @@ impl WarmSessionManager {
             if !mine || expired || dead {
                 let l = g.take().expect("checked above");
                 let tail = l.agent.stderr_tail();
-                l.agent.shutdown().await;
+                if dead {
+                    l.agent.shutdown().await;
+                } else {
+                    // Expired, the channel deleted, or its lease taken over.
+                    l.close_and_stop().await;
+                }
                 if mine {
                     let note = if dead {
                         Some(format!("agent exited while idle; {}", last_lines(&tail, 5)))

@@ -103,6 +103,10 @@ pub enum Command {
         /// Stop the job once its turn costs more than this (USD), below the channel's budget.
         #[arg(long, value_name = "USD")]
         max_cost_usd: Option<f64>,
+        /// A session config option for this job's turn, over the channel's (repeatable; see
+        /// `gorp channels options`).
+        #[arg(long = "option", value_name = "NAME=VALUE")]
+        options: Vec<String>,
     },
     /// List jobs, newest first.
     Jobs {
@@ -288,6 +292,35 @@ pub enum ConfigCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum McpCommand {
+    /// Add (or replace) a server: a program it runs (stdio) or a URL (HTTP).
+    Add {
+        /// The server's name.
+        server: String,
+        /// A stdio server: the program to run.
+        #[arg(long, required_unless_present = "url", conflicts_with = "url")]
+        command: Option<String>,
+        /// An argument of the program (repeatable).
+        #[arg(long = "arg", value_name = "ARG", allow_hyphen_values = true)]
+        args: Vec<String>,
+        /// An environment variable of the program (repeatable; shown masked).
+        #[arg(long = "env", value_name = "NAME=VALUE")]
+        env: Vec<String>,
+        /// An HTTP server: its URL.
+        #[arg(long)]
+        url: Option<String>,
+        /// A header sent to the HTTP server (repeatable; shown masked).
+        #[arg(long = "header", value_name = "NAME=VALUE")]
+        headers: Vec<String>,
+    },
+    /// Remove a server.
+    Rm {
+        /// The server's name.
+        server: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum ChannelsCommand {
     /// Create a channel and its workspace directory.
     Add {
@@ -322,7 +355,7 @@ pub enum ChannelsCommand {
         /// The channel's name.
         name: String,
         /// Permission policy: allow, deny or ask.
-        #[arg(long, required_unless_present_any = ["sandbox", "allowed_ports", "budget_job_usd", "budget_job_tokens", "budget_day_usd", "budget_month_usd", "reply_footer"])]
+        #[arg(long, required_unless_present_any = ["sandbox", "allowed_ports", "budget_job_usd", "budget_job_tokens", "budget_day_usd", "budget_month_usd", "reply_footer", "options", "unset_options", "add_dirs", "remove_dirs"])]
         permission: Option<PermissionPolicy>,
         /// Kernel sandbox: landlock, none, or default ([acp] sandbox).
         #[arg(long, value_parser = parse_sandbox)]
@@ -346,6 +379,34 @@ pub enum ChannelsCommand {
         /// Whether the channel's Matrix replies end with duration · tokens · cost: on or off.
         #[arg(long, value_parser = parse_on_off)]
         reply_footer: Option<bool>,
+        /// Set a session config option (model, mode, …) applied before every prompt
+        /// (repeatable; checked against what the agent offers: `gorp channels options`).
+        #[arg(long = "option", value_name = "NAME=VALUE")]
+        options: Vec<String>,
+        /// Stop setting an option (repeatable).
+        #[arg(long = "unset-option", value_name = "NAME")]
+        unset_options: Vec<String>,
+        /// Give the agent one more workspace root, an existing directory (repeatable; from
+        /// its next start, writable under the sandbox).
+        #[arg(long = "add-dir", value_name = "PATH")]
+        add_dirs: Vec<std::path::PathBuf>,
+        /// Take a workspace root away (repeatable).
+        #[arg(long = "remove-dir", value_name = "PATH")]
+        remove_dirs: Vec<std::path::PathBuf>,
+    },
+    /// The session config options a channel sets and those its agent offers (as it said when
+    /// its session last opened).
+    Options {
+        /// The channel's name.
+        name: String,
+    },
+    /// The MCP servers given to a channel's agent sessions: list, add or remove (from the
+    /// agent's next start).
+    Mcp {
+        /// The channel's name.
+        name: String,
+        #[command(subcommand)]
+        command: Option<McpCommand>,
     },
     /// Run a command (such as an agent's own login) as the channel's agent: with its HOME and
     /// TMPDIR (created if needed), in its workspace. Without a command, print them.
@@ -580,7 +641,10 @@ async fn data_command(cli: &Cli, cmd: &Command, config: &Config, store: &Store) 
             idempotency_key,
             timeout_secs,
             max_cost_usd,
+            options,
         } => {
+            let options = crate::store::parse_options(options.iter().map(String::as_str))
+                .map_err(|e| Failure::new(EXIT_USAGE, e))?;
             let ch = store
                 .channel_get(channel)
                 .await?
@@ -591,6 +655,8 @@ async fn data_command(cli: &Cli, cmd: &Command, config: &Config, store: &Store) 
             job.idempotency_key = idempotency_key.clone();
             job.timeout_secs = *timeout_secs;
             job.max_cost_usd = *max_cost_usd;
+            job.agent_options = (!options.is_empty())
+                .then(|| serde_json::to_string(&options).expect("options serialise"));
             let e = crate::service::jobs::enqueue(store, job, std::time::Instant::now()).await?;
             if !*wait {
                 out(cli, serde_json::json!(e), || {
@@ -770,8 +836,46 @@ async fn channels(cli: &Cli, cmd: &ChannelsCommand, config: &Config, store: &Sto
             budget_day_usd,
             budget_month_usd,
             reply_footer,
+            options,
+            unset_options,
+            add_dirs,
+            remove_dirs,
         } => {
+            let current = store
+                .channel_get(name)
+                .await?
+                .ok_or_else(|| StoreError::UnknownChannel(name.to_string()))?;
+            let new_options = if options.is_empty() && unset_options.is_empty() {
+                None
+            } else {
+                let set = crate::store::parse_options(options.iter().map(String::as_str))
+                    .map_err(|e| Failure::new(EXIT_USAGE, e))?;
+                let mut all = current.options();
+                for k in unset_options {
+                    all.remove(k);
+                }
+                all.extend(set);
+                Some(all)
+            };
+            let new_dirs = if add_dirs.is_empty() && remove_dirs.is_empty() {
+                None
+            } else {
+                let mut dirs = current.directories();
+                for d in remove_dirs {
+                    let canon = std::fs::canonicalize(d).unwrap_or_else(|_| d.clone());
+                    dirs.retain(|x| x != d && *x != canon);
+                }
+                for d in channels::check_directories(add_dirs)? {
+                    if !dirs.contains(&d) {
+                        dirs.push(d);
+                    }
+                }
+                Some(dirs)
+            };
             let changes = channels::Changes {
+                options: new_options,
+                additional_directories: new_dirs,
+                mcp_servers: None,
                 permission_policy: *permission,
                 sandbox: sandbox.map(|s| s.0),
                 allowed_ports: allowed_ports.clone().map(|p| p.0),
@@ -811,6 +915,97 @@ async fn channels(cli: &Cli, cmd: &ChannelsCommand, config: &Config, store: &Sto
             Ok(EXIT_OK)
         }
         ChannelsCommand::Login { name, command } => login(cli, config, store, name, command).await,
+        ChannelsCommand::Options { name } => {
+            let ch = store
+                .channel_get(name)
+                .await?
+                .ok_or_else(|| StoreError::UnknownChannel(name.to_string()))?;
+            let view = channels::options_view(store, &ch).await?;
+            out(cli, serde_json::json!(view), || options_text(&view));
+            Ok(EXIT_OK)
+        }
+        ChannelsCommand::Mcp { name, command } => {
+            let ch = store
+                .channel_get(name)
+                .await?
+                .ok_or_else(|| StoreError::UnknownChannel(name.to_string()))?;
+            let mut servers: Vec<crate::config::McpServerSpec> =
+                serde_json::from_str(&ch.mcp_servers).unwrap_or_default();
+            match command {
+                None => {}
+                Some(McpCommand::Rm { server }) => {
+                    let before = servers.len();
+                    servers.retain(|s| s.name != *server);
+                    if servers.len() == before {
+                        return Err(Failure::new(
+                            EXIT_USAGE,
+                            format!("channel {name} has no MCP server {server:?}"),
+                        ));
+                    }
+                }
+                Some(McpCommand::Add {
+                    server,
+                    command,
+                    args,
+                    env,
+                    url,
+                    headers,
+                }) => {
+                    let pairs = |list: &[String], what: &str| {
+                        list.iter()
+                            .map(|p| match p.split_once('=') {
+                                Some((k, v)) => Ok((k.to_string(), v.to_string())),
+                                None => Err(Failure::new(
+                                    EXIT_USAGE,
+                                    format!("{what} {p:?}: expected NAME=VALUE"),
+                                )),
+                            })
+                            .collect::<Result<std::collections::BTreeMap<_, _>, _>>()
+                    };
+                    let spec = crate::config::McpServerSpec {
+                        name: server.clone(),
+                        command: command.clone(),
+                        args: args.clone(),
+                        env: pairs(env, "--env")?,
+                        url: url.clone(),
+                        headers: pairs(headers, "--header")?,
+                    };
+                    spec.validate().map_err(|e| Failure::new(EXIT_USAGE, e))?;
+                    servers.retain(|s| s.name != *server);
+                    servers.push(spec);
+                }
+            }
+            if command.is_some() {
+                let changes = channels::Changes {
+                    mcp_servers: Some(servers.clone()),
+                    ..channels::Changes::default()
+                };
+                channels::update(store, name, changes)
+                    .await?
+                    .ok_or_else(|| StoreError::UnknownChannel(name.to_string()))?;
+            }
+            let masked: Vec<_> = servers.iter().map(|s| s.masked()).collect();
+            out(cli, serde_json::json!(masked), || {
+                if masked.is_empty() {
+                    format!("channel {name}: no MCP servers of its own")
+                } else {
+                    masked
+                        .iter()
+                        .map(|s| match (&s.command, &s.url) {
+                            (_, Some(u)) => format!("{}  http  {u}", s.name),
+                            (c, None) => format!(
+                                "{}  stdio  {} {}",
+                                s.name,
+                                c.as_deref().unwrap_or(""),
+                                s.args.join(" ")
+                            ),
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                }
+            });
+            Ok(EXIT_OK)
+        }
         ChannelsCommand::List => {
             let list = store.channel_list().await?;
             out(cli, serde_json::json!(list), || channels_table(&list));
@@ -1518,4 +1713,51 @@ fn job_detail(j: &Job, events: &[Event], output: &str) -> String {
     s.push_str(output);
     s.push('\n');
     s
+}
+
+/// `gorp channels options` as text.
+fn options_text(view: &channels::OptionsView) -> String {
+    let mut lines = Vec::new();
+    match &view.offered {
+        None => lines.push(format!(
+            "channel {}: its agent has not run yet, so its options are not known (gorp warm {} starts it)",
+            view.channel, view.channel
+        )),
+        Some(list) if list.is_empty() => {
+            lines.push(format!("channel {}: the agent offers no options", view.channel))
+        }
+        Some(list) => {
+            lines.push(format!("channel {}: options the agent offers", view.channel));
+            for o in list {
+                let set = view
+                    .set
+                    .iter()
+                    .find(|(k, _)| o.is_named(k))
+                    .map(|(_, v)| format!("  set: {v}"))
+                    .unwrap_or_default();
+                lines.push(format!(
+                    "  {} ({}{}): {}  [{}]{set}",
+                    o.id,
+                    o.kind,
+                    o.category.as_deref().map(|c| format!(", {c}")).unwrap_or_default(),
+                    o.current,
+                    o.values.join(", ")
+                ));
+            }
+        }
+    }
+    let unknown: Vec<String> = view
+        .set
+        .iter()
+        .filter(|(k, _)| {
+            view.offered
+                .as_ref()
+                .is_none_or(|l| !l.iter().any(|o| o.is_named(k)))
+        })
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if !unknown.is_empty() {
+        lines.push(format!("  set for the channel: {}", unknown.join(" ")));
+    }
+    lines.join("\n")
 }

@@ -29,6 +29,7 @@ pub(super) fn routes() -> OpenApiRouter<HttpState> {
         .routes(routes!(list_approvals))
         .routes(routes!(get_approval, decide_approval))
         .routes(routes!(set_channel))
+        .routes(routes!(channel_options))
         .routes(routes!(list_rules))
         .routes(routes!(delete_rule))
 }
@@ -217,6 +218,17 @@ pub struct SetChannel {
     pub budget_month_usd: Option<Option<f64>>,
     /// Whether the channel's Matrix replies end with a footer: duration · tokens · cost.
     pub reply_footer: Option<bool>,
+    /// The session config options set for the channel (replacing its set), option id or
+    /// category → value, applied before every prompt (`GET /api/channels/{name}/options`
+    /// lists what the agent offers). `{}` clears them.
+    pub options: Option<std::collections::BTreeMap<String, String>>,
+    /// The MCP servers given to its agent's sessions (replacing its list), from the agent's
+    /// next start.
+    pub mcp_servers: Option<Vec<crate::config::McpServerSpec>>,
+    /// Workspace roots besides the channel's own (absolute, existing directories; replacing
+    /// its list), from the agent's next start.
+    #[schema(value_type = Option<Vec<String>>)]
+    pub additional_directories: Option<Vec<std::path::PathBuf>>,
 }
 
 /// An optional whole number as JSON Schema counts integers; present (even `null`) is `Some`.
@@ -302,6 +314,9 @@ async fn set_channel(
         budget_day_usd: body.budget_day_usd,
         budget_month_usd: body.budget_month_usd,
         reply_footer: body.reply_footer,
+        options: body.options,
+        mcp_servers: body.mcp_servers,
+        additional_directories: body.additional_directories,
     };
     let channel = channels::update(&st.store, &name, changes)
         .await?
@@ -314,6 +329,20 @@ async fn channel_named(st: &HttpState, name: &str) -> ApiResult<Channel> {
         .channel_get(name)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no channel {name:?}")))
+}
+
+/// A channel's session config options: those set for it, and those its agent offers (as it
+/// said when its session last opened; `offered` is `null` before its first start).
+#[utoipa::path(get, path = "/api/channels/{name}/options", tag = "channels", params(("name" = String, Path)),
+    responses((status = 200, body = channels::OptionsView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn channel_options(
+    _auth: ApiAuth,
+    State(st): State<HttpState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<channels::OptionsView>> {
+    let channel = channel_named(&st, &name).await?;
+    Ok(Json(channels::options_view(&st.store, &channel).await?))
 }
 
 /// A channel's standing "allow always" rules.

@@ -58,6 +58,9 @@ pub struct WebhookRequest {
     /// budget; it ends `failed` with stop reason `budget`.
     #[schema(minimum = 0, maximum = 1000000)]
     pub max_cost_usd: Option<f64>,
+    /// Session config options for this job's turn (option id or category → value, e.g.
+    /// `{"model": "…"}`), over the channel's; checked against what the agent offers.
+    pub options: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// An optional integer as JSON Schema counts integers: `5` and `5.0` alike.
@@ -187,7 +190,7 @@ async fn webhook(
         Decoded::Ping => {
             return Ok((StatusCode::OK, Json(serde_json::json!({ "pong": true }))).into_response());
         }
-        Decoded::Job(job) => job,
+        Decoded::Job(job) => *job,
     };
     job.max_attempts = i64::from(st.config.worker.max_attempts);
     let enq = crate::service::jobs::enqueue(&st.store, job, started).await?;
@@ -270,7 +273,7 @@ pub enum Decoded {
     /// A GitHub `ping` delivery: answered `200 {"pong": true}`, nothing written.
     Ping,
     /// A job to enqueue. Its `max_attempts` is still [`NewJob::new`]'s; the handler sets it.
-    Job(NewJob),
+    Job(Box<NewJob>),
 }
 
 /// Decodes a webhook request that passed the size, credential and rate checks, without side
@@ -313,6 +316,10 @@ pub fn decode_body(
             job.priority = req.priority.unwrap_or(0);
             job.timeout_secs = req.timeout_secs;
             job.max_cost_usd = req.max_cost_usd;
+            job.agent_options = req
+                .options
+                .filter(|o| !o.is_empty())
+                .map(|o| serde_json::to_string(&o).expect("options serialise"));
             job.idempotency_key = req.idempotency_key.or_else(|| {
                 headers
                     .get("idempotency-key")
@@ -322,7 +329,7 @@ pub fn decode_body(
             job
         }
     };
-    Ok(Decoded::Job(job))
+    Ok(Decoded::Job(Box::new(job)))
 }
 
 fn too_large(limit: usize) -> ApiError {
@@ -545,6 +552,9 @@ mod tests {
             budget_day_usd: None,
             budget_month_usd: None,
             reply_footer: true,
+            agent_options: "{}".into(),
+            mcp_servers: "[]".into(),
+            additional_directories: "[]".into(),
             webhook_token_sha256: None,
             webhook_secret: None,
             webhook_template: template.map(str::to_string),

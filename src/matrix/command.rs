@@ -64,6 +64,15 @@ pub enum Command {
     Rules { remove: Option<i64> },
     /// `!policy [allow|deny|ask]`: shows or sets this room's channel's permission policy.
     Policy { set: Option<PermissionPolicy> },
+    /// `!options`: the session config options this room's channel sets and those its agent
+    /// offers.
+    Options,
+    /// `!model [value|default]` / `!mode [value|default]`: shows or sets (or with `default`
+    /// stops setting) the channel's option of that name.
+    SetOption {
+        key: String,
+        set: Option<Option<String>>,
+    },
     /// `!usage [since]`: what this room's channel spent, per day (`since` as `gorp usage` reads
     /// it; 7 days when omitted).
     Usage { since: Option<String> },
@@ -159,6 +168,9 @@ pub fn parse(body: &str) -> Option<Result<Command, CommandError>> {
         "approvals" => no_args(args, usage::APPROVALS, Command::Approvals),
         "rules" => rules(args),
         "policy" => policy(args),
+        "options" => no_args(args, usage::OPTIONS, Command::Options),
+        "model" => set_option("model", args, usage::MODEL),
+        "mode" => set_option("mode", args, usage::MODE),
         "usage" => {
             let mut words = args.split_whitespace();
             match (words.next(), words.next()) {
@@ -318,6 +330,22 @@ fn rules(args: &str) -> Result<Command, CommandError> {
         }
         _ => Err(usage_error(strings::UNKNOWN_SUBCOMMAND, usage::RULES)),
     }
+}
+
+/// `!model [value|default]`, `!mode [value|default]`.
+fn set_option(key: &str, args: &str, usage: &str) -> Result<Command, CommandError> {
+    let mut words = args.split_whitespace();
+    let set = match (words.next(), words.next()) {
+        (None, _) => None,
+        (Some("default"), None) => Some(None),
+        (Some(v), None) if v.len() <= 256 => Some(Some(v.to_string())),
+        (Some(_), None) => return Err(usage_error(strings::OPTION_VALUE_SHAPE, usage)),
+        (Some(_), Some(_)) => return Err(usage_error(strings::TOO_MANY_ARGUMENTS, usage)),
+    };
+    Ok(Command::SetOption {
+        key: key.to_string(),
+        set,
+    })
 }
 
 /// `!policy [allow|deny|ask]`.
@@ -727,6 +755,28 @@ mod tests {
             ("!rules", Command::Rules { remove: None }),
             ("!rules rm 3", Command::Rules { remove: Some(3) }),
             ("!policy", Command::Policy { set: None }),
+            ("!options", Command::Options),
+            (
+                "!model",
+                Command::SetOption {
+                    key: "model".into(),
+                    set: None,
+                },
+            ),
+            (
+                "!model opus",
+                Command::SetOption {
+                    key: "model".into(),
+                    set: Some(Some("opus".into())),
+                },
+            ),
+            (
+                "!mode default",
+                Command::SetOption {
+                    key: "mode".into(),
+                    set: Some(None),
+                },
+            ),
             (
                 "!policy ASK",
                 Command::Policy {
@@ -783,6 +833,8 @@ mod tests {
                 "the policy is allow, deny or ask; usage: `!policy [allow|deny|ask]`",
             ),
             ("!policy ask now", "too many arguments"),
+            ("!model a b", "too many arguments"),
+            ("!options x", "this command takes no arguments"),
             (
                 "!budget day -1",
                 "a cost budget is a number of USD from 0 to 1000000",
@@ -935,6 +987,9 @@ mod tests {
             "!always",
             "!deny",
             "!rules",
+            "!options",
+            "!model",
+            "!mode",
         ] {
             assert!(strings::HELP.contains(word), "HELP lacks {word}");
         }

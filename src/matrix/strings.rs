@@ -68,6 +68,8 @@ pub const HELP: &str = "\
 - `!allow [id]` / `!always [id]` / `!deny [id]` — answer a request (or react ✅ ♾️ ❌ to it)
 - `!answer [id] <answer>` — answer a question of the agent (or react with a choice's number; `!deny` or ❌ declines it)
 - `!rules` / `!rules rm <id>` — the \"allow always\" rules of this room's channel
+- `!options` — the agent's session options (model, mode, …) and those this channel sets
+- `!model [name|default]` / `!mode [name|default]` — show or set the channel's model or mode (`default`: the agent's own)
 - `!usage [since]` — what this room's channel spent per day (7 days, or e.g. `30d`, `2026-12-01`)
 - `!budget` / `!budget job|day|month <usd>` / `!budget tokens <n>` — show the channel's limits and spend, or set one (`default`: the config's)
 
@@ -104,6 +106,9 @@ pub mod usage {
     pub const RULES: &str = "!rules [rm <id>]";
     pub const RULES_RM: &str = "!rules rm <id>";
     pub const POLICY: &str = "!policy [allow|deny|ask]";
+    pub const OPTIONS: &str = "!options";
+    pub const MODEL: &str = "!model [name|default]";
+    pub const MODE: &str = "!mode [name|default]";
 }
 
 // ---- malformed commands (the parser's problems; one line each) ----
@@ -127,6 +132,7 @@ pub fn unknown_command(shown: Option<&str>) -> String {
 
 pub const NO_ARGUMENTS: &str = "this command takes no arguments";
 pub const TOO_MANY_ARGUMENTS: &str = "too many arguments";
+pub const OPTION_VALUE_SHAPE: &str = "an option value is at most 256 characters";
 pub const MISSING_CHANNEL_NAME: &str = "missing channel name";
 pub const MISSING_JOB_ID: &str = "missing job id";
 pub const MISSING_SCHEDULE_ID: &str = "missing schedule id";
@@ -927,6 +933,76 @@ pub fn budget_is(
 /// The room's notice that a job is held by a spent budget (`why` is its `held` event).
 pub fn held_notice(job: &str, why: &str) -> String {
     format!("⏸ job {job} is {why}. `!budget` shows the figures; `!budget day <usd>` or `!budget month <usd>` raises a budget.")
+}
+
+/// `!options`: what the channel sets and what its agent offers (Markdown).
+pub fn options_view(view: &crate::service::channels::OptionsView) -> String {
+    let mut lines = Vec::new();
+    match &view.offered {
+        None => lines.push(format!(
+            "**{}**: its agent has not run yet, so its options are not known (`!warm` starts it)",
+            view.channel
+        )),
+        Some(list) if list.is_empty() => {
+            lines.push(format!("**{}**: the agent offers no options", view.channel))
+        }
+        Some(list) => {
+            lines.push(format!("**{}** session options:", view.channel));
+            for o in list {
+                let set = view
+                    .set
+                    .iter()
+                    .find(|(k, _)| o.is_named(k))
+                    .map(|(_, v)| format!(" — set to **{v}**"))
+                    .unwrap_or_default();
+                lines.push(format!(
+                    "- `{}`: {} (one of {}){set}",
+                    o.id,
+                    inline_code(&o.current),
+                    o.values
+                        .iter()
+                        .map(|v| inline_code(v))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+    }
+    let other: Vec<String> = view
+        .set
+        .iter()
+        .filter(|(k, _)| {
+            view.offered
+                .as_ref()
+                .is_none_or(|l| !l.iter().any(|o| o.is_named(k)))
+        })
+        .map(|(k, v)| inline_code(&format!("{k}={v}")))
+        .collect();
+    if !other.is_empty() {
+        lines.push(format!("set for the channel: {}", other.join(" ")));
+    }
+    lines.join("\n")
+}
+
+/// `!model` / `!mode` without a value.
+pub fn option_is(channel: &str, key: &str, set: Option<&str>, current: Option<&str>) -> String {
+    match (set, current) {
+        (Some(v), _) => format!("**{channel}** {key}: **{v}** (set for the channel)"),
+        (None, Some(c)) => format!("**{channel}** {key}: **{c}** (the agent's own)"),
+        (None, None) => format!(
+            "**{channel}** sets no {key}; its agent has not said which it offers yet (`!options`)"
+        ),
+    }
+}
+
+/// `!model <v>` / `!mode <v>` (`None`: back to the agent's own).
+pub fn option_set(channel: &str, key: &str, value: Option<&str>) -> String {
+    match value {
+        Some(v) => format!("**{channel}** {key} is now **{v}**; the next prompt runs with it."),
+        None => format!(
+            "**{channel}** no longer sets a {key}; the next prompt runs with the agent's own."
+        ),
+    }
 }
 
 pub fn policy_is(channel: &str, policy: crate::store::PermissionPolicy) -> String {

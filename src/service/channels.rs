@@ -1,8 +1,10 @@
 //! Channels: create one with its workspace, rotate its webhook token, delete it.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use crate::config::Config;
+use crate::acp::client::ConfigOptionInfo;
+use crate::config::{Config, McpServerSpec};
 use crate::store::{
     now_ms, validate_channel_name, Channel, NewChannel, PermissionPolicy, SandboxMode, Store,
     StoreError,
@@ -42,6 +44,129 @@ pub struct Changes {
     pub budget_month_usd: Option<Option<f64>>,
     /// Whether its Matrix replies end with the usage footer.
     pub reply_footer: Option<bool>,
+    /// The whole set of session config options (replaces the channel's).
+    pub options: Option<BTreeMap<String, String>>,
+    /// The whole list of MCP servers (replaces the channel's).
+    pub mcp_servers: Option<Vec<McpServerSpec>>,
+    /// The whole list of additional directories (replaces the channel's).
+    pub additional_directories: Option<Vec<PathBuf>>,
+}
+
+/// A channel's session config options: what is set, and what its agent offers.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct OptionsView {
+    pub channel: String,
+    /// Set for the channel: option id (or category) → value.
+    pub set: BTreeMap<String, String>,
+    /// What the agent offered when its session last opened, with the values it had then;
+    /// `null` when the channel's agent has not run yet (`gorp warm <channel>` starts it).
+    pub offered: Option<Vec<ConfigOptionInfo>>,
+    /// The agent's name and version, capabilities and auth methods as it said at that start.
+    #[schema(value_type = Option<Object>)]
+    pub agent: Option<serde_json::Value>,
+}
+
+/// The options view of `channel`.
+pub async fn options_view(store: &Store, channel: &Channel) -> Result<OptionsView, StoreError> {
+    let info: Option<serde_json::Value> = store
+        .warm_get(channel.id)
+        .await?
+        .and_then(|r| r.agent_info)
+        .and_then(|i| serde_json::from_str(&i).ok());
+    let offered = info
+        .as_ref()
+        .and_then(|v| serde_json::from_value(v.get("options")?.clone()).ok());
+    let agent = info.map(|mut v| {
+        if let Some(o) = v.as_object_mut() {
+            o.remove("options");
+        }
+        v
+    });
+    Ok(OptionsView {
+        channel: channel.name.clone(),
+        set: channel.options(),
+        offered,
+        agent,
+    })
+}
+
+/// The config options the channel's agent offered when its session last opened (`None` when it
+/// has not run yet).
+pub async fn offered_options(
+    store: &Store,
+    channel_id: i64,
+) -> Result<Option<Vec<ConfigOptionInfo>>, StoreError> {
+    let Some(row) = store.warm_get(channel_id).await? else {
+        return Ok(None);
+    };
+    Ok(row
+        .agent_info
+        .as_deref()
+        .and_then(|i| serde_json::from_str::<serde_json::Value>(i).ok())
+        .and_then(|v| serde_json::from_value(v.get("options")?.clone()).ok()))
+}
+
+/// Checks options as text and, when the channel's agent has reported what it offers, against
+/// that (an unknown option or value is refused; nothing is written).
+pub async fn check_options(
+    store: &Store,
+    channel_id: i64,
+    options: &BTreeMap<String, String>,
+) -> Result<(), StoreError> {
+    crate::store::validate_options(options).map_err(StoreError::Invalid)?;
+    if let Some(offered) = offered_options(store, channel_id).await? {
+        crate::acp::client::check_options(&offered, options).map_err(StoreError::Invalid)?;
+    }
+    Ok(())
+}
+
+/// Refuses MCP servers that are malformed or share a name.
+pub fn check_mcp_servers(servers: &[McpServerSpec]) -> Result<(), StoreError> {
+    let mut names = std::collections::HashSet::new();
+    for s in servers {
+        s.validate().map_err(StoreError::Invalid)?;
+        if !names.insert(s.name.as_str()) {
+            return Err(StoreError::Invalid(format!(
+                "two MCP servers are named {:?}",
+                s.name
+            )));
+        }
+    }
+    if servers.len() > 32 {
+        return Err(StoreError::Invalid("at most 32 MCP servers".into()));
+    }
+    Ok(())
+}
+
+/// Refuses a directory that is relative, missing or not a directory; returns the canonical
+/// paths.
+pub fn check_directories(dirs: &[PathBuf]) -> Result<Vec<PathBuf>, StoreError> {
+    if dirs.len() > 32 {
+        return Err(StoreError::Invalid(
+            "at most 32 additional directories".into(),
+        ));
+    }
+    dirs.iter()
+        .map(|d| {
+            if !d.is_absolute() {
+                return Err(StoreError::Invalid(format!(
+                    "additional directory {}: must be an absolute path",
+                    d.display()
+                )));
+            }
+            match std::fs::canonicalize(d) {
+                Ok(c) if c.is_dir() => Ok(c),
+                Ok(_) => Err(StoreError::Invalid(format!(
+                    "additional directory {}: not a directory",
+                    d.display()
+                ))),
+                Err(e) => Err(StoreError::Invalid(format!(
+                    "additional directory {}: {e}",
+                    d.display()
+                ))),
+            }
+        })
+        .collect()
 }
 
 /// Refuses a budget that is negative, not a number, or absurd (nothing is written).
@@ -197,6 +322,19 @@ pub async fn update(
     for usd in [changes.budget_day_usd, changes.budget_month_usd] {
         check_budget(usd.flatten(), None)?;
     }
+    if let Some(o) = &changes.options {
+        let Some(ch) = store.channel_get(name).await? else {
+            return Ok(None);
+        };
+        check_options(store, ch.id, o).await?;
+    }
+    if let Some(m) = &changes.mcp_servers {
+        check_mcp_servers(m)?;
+    }
+    let dirs = match &changes.additional_directories {
+        Some(d) => Some(check_directories(d)?),
+        None => None,
+    };
     let update = crate::store::ChannelUpdate {
         permission_policy: changes.permission_policy,
         sandbox: changes.sandbox,
@@ -208,6 +346,13 @@ pub async fn update(
         budget_day_usd: changes.budget_day_usd,
         budget_month_usd: changes.budget_month_usd,
         reply_footer: changes.reply_footer,
+        agent_options: changes
+            .options
+            .map(|o| serde_json::to_string(&o).expect("options serialise")),
+        mcp_servers: changes
+            .mcp_servers
+            .map(|m| serde_json::to_string(&m).expect("servers serialise")),
+        additional_directories: dirs.map(|d| serde_json::to_string(&d).expect("paths serialise")),
     };
     if !store.channel_update(name, update).await? {
         return Ok(None);

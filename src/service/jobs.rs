@@ -11,6 +11,11 @@ use crate::worker::PoolHandle;
 /// `started` is when the request began, for the enqueue-latency histogram.
 pub async fn enqueue(store: &Store, job: NewJob, started: Instant) -> Result<Enqueued, StoreError> {
     let source = job.source.as_str();
+    if let Some(o) = &job.agent_options {
+        let options: std::collections::BTreeMap<String, String> = serde_json::from_str(o)
+            .map_err(|_| StoreError::Invalid("options must be an object of text values".into()))?;
+        super::channels::check_options(store, job.channel_id, &options).await?;
+    }
     let enq = store.job_insert(job, now_ms()).await?;
     metrics::histogram!(crate::metrics::ENQUEUE_SECONDS, "source" => source)
         .record(started.elapsed().as_secs_f64());

@@ -15,7 +15,8 @@ macro_rules! select_channels {
                       matrix_room_id, acp_session_id, created_at,
                       sandbox AS "sandbox?: SandboxMode", allowed_ports, budget_job_usd,
                       budget_job_tokens, budget_day_usd, budget_month_usd,
-                      reply_footer AS "reply_footer: bool",
+                      reply_footer AS "reply_footer: bool", agent_options, mcp_servers,
+                      additional_directories,
                       webhook_token_sha256, webhook_secret, webhook_template
                FROM channels "# + $tail
             $(, $arg)*
@@ -136,6 +137,12 @@ pub struct ChannelUpdate {
     pub budget_day_usd: Option<Option<f64>>,
     pub budget_month_usd: Option<Option<f64>>,
     pub reply_footer: Option<bool>,
+    /// The whole set of session config options (a JSON object).
+    pub agent_options: Option<String>,
+    /// The whole list of MCP servers (a JSON array).
+    pub mcp_servers: Option<String>,
+    /// The whole list of additional directories (a JSON array).
+    pub additional_directories: Option<String>,
 }
 
 struct Update {
@@ -166,7 +173,10 @@ impl Write for Update {
                    budget_job_tokens = CASE WHEN ?9 THEN ?10 ELSE budget_job_tokens END,
                    budget_day_usd = CASE WHEN ?11 THEN ?12 ELSE budget_day_usd END,
                    budget_month_usd = CASE WHEN ?13 THEN ?14 ELSE budget_month_usd END,
-                   reply_footer = coalesce(?15, reply_footer)
+                   reply_footer = coalesce(?15, reply_footer),
+                   agent_options = coalesce(?16, agent_options),
+                   mcp_servers = coalesce(?17, mcp_servers),
+                   additional_directories = coalesce(?18, additional_directories)
                WHERE name = ?1"#,
             self.name,
             u.permission_policy,
@@ -182,7 +192,10 @@ impl Write for Update {
             day,
             set_month,
             month,
-            u.reply_footer
+            u.reply_footer,
+            u.agent_options,
+            u.mcp_servers,
+            u.additional_directories
         )
         .execute(&mut *conn)
         .await?;
@@ -222,7 +235,8 @@ impl Write for Insert {
                          matrix_room_id, acp_session_id, created_at,
                          sandbox AS "sandbox?: SandboxMode", allowed_ports, budget_job_usd,
                          budget_job_tokens, budget_day_usd, budget_month_usd,
-                      reply_footer AS "reply_footer: bool",
+                         reply_footer AS "reply_footer: bool", agent_options, mcp_servers,
+                         additional_directories,
                          webhook_token_sha256, webhook_secret, webhook_template"#,
             ch.name,
             webhook_id,

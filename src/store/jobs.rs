@@ -28,7 +28,8 @@ macro_rules! select_jobs {
                       j.idempotency_key, j.reply_target, j.stop_reason, j.error, j.created_at,
                       j.started_at, j.finished_at, j.schedule_id, j.scheduled_for,
                       c.permission_policy AS "permission_policy: PermissionPolicy",
-                      j.timeout_secs, j.max_cost_usd, c.budget_job_usd, c.budget_job_tokens
+                      j.timeout_secs, j.max_cost_usd, c.budget_job_usd, c.budget_job_tokens,
+                      j.agent_options, c.agent_options AS channel_options
                FROM jobs j JOIN channels c ON c.id = j.channel_id "# + $tail
             $(, $arg)*
         )
@@ -55,7 +56,10 @@ macro_rules! update_returning_jobs {
                          (SELECT c.budget_job_usd FROM channels c WHERE c.id = jobs.channel_id)
                              AS "budget_job_usd?: f64",
                          (SELECT c.budget_job_tokens FROM channels c WHERE c.id = jobs.channel_id)
-                             AS "budget_job_tokens?: i64""#
+                             AS "budget_job_tokens?: i64",
+                         agent_options,
+                         (SELECT c.agent_options FROM channels c WHERE c.id = jobs.channel_id)
+                             AS "channel_options!: String""#
             $(, $arg)*
         )
     };
@@ -458,6 +462,7 @@ pub(super) struct JobRow<'a> {
     scheduled_for: Option<Millis>,
     timeout_secs: Option<i64>,
     max_cost_usd: Option<f64>,
+    agent_options: Option<&'a str>,
 }
 
 impl<'a> JobRow<'a> {
@@ -477,6 +482,7 @@ impl<'a> JobRow<'a> {
             scheduled_for: j.scheduled_for,
             timeout_secs: j.timeout_secs,
             max_cost_usd: j.max_cost_usd,
+            agent_options: j.agent_options.as_deref(),
         }
     }
 }
@@ -494,12 +500,12 @@ pub(super) async fn insert_jobs(
         let ids = sqlx::query_scalar!(
             r#"INSERT INTO jobs (id, channel_id, source, prompt, priority, max_attempts, run_at,
                                  idempotency_key, reply_target, created_at, schedule_id,
-                                 scheduled_for, timeout_secs, max_cost_usd)
+                                 scheduled_for, timeout_secs, max_cost_usd, agent_options)
                SELECT value ->> 'id', value ->> 'channel_id', value ->> 'source', value ->> 'prompt',
                       value ->> 'priority', value ->> 'max_attempts', value ->> 'run_at',
                       value ->> 'idempotency_key', value ->> 'reply_target', value ->> 'created_at',
                       value ->> 'schedule_id', value ->> 'scheduled_for', value ->> 'timeout_secs',
-                      value ->> 'max_cost_usd'
+                      value ->> 'max_cost_usd', value ->> 'agent_options'
                FROM json_each(?1) WHERE true
                ON CONFLICT (channel_id, source, idempotency_key) WHERE idempotency_key IS NOT NULL
                DO NOTHING

@@ -55,6 +55,23 @@ pub struct Channel {
     pub budget_month_usd: Option<f64>,
     /// Its Matrix replies end with a footer: duration · tokens · cost.
     pub reply_footer: bool,
+    /// Session config options set for the channel: a JSON object, option id (or category) →
+    /// value.
+    #[serde(with = "json_text")]
+    #[schema(value_type = Object)]
+    pub agent_options: String,
+    /// MCP servers given to its agent's sessions: a JSON array (env and header values are
+    /// masked when shown).
+    #[serde(
+        serialize_with = "json_text::masked",
+        deserialize_with = "json_text::deserialize"
+    )]
+    #[schema(value_type = Vec<Object>)]
+    pub mcp_servers: String,
+    /// Workspace roots besides the channel's own: a JSON array of absolute paths.
+    #[serde(with = "json_text")]
+    #[schema(value_type = Vec<String>)]
+    pub additional_directories: String,
     /// SHA-256 of the channel's own webhook bearer token (never serialised).
     #[serde(skip)]
     #[schema(ignore)]
@@ -67,6 +84,16 @@ pub struct Channel {
 }
 
 impl Channel {
+    /// The session config options set for the channel.
+    pub fn options(&self) -> std::collections::BTreeMap<String, String> {
+        serde_json::from_str(&self.agent_options).unwrap_or_default()
+    }
+
+    /// The additional directories of its agent's sessions.
+    pub fn directories(&self) -> Vec<std::path::PathBuf> {
+        serde_json::from_str(&self.additional_directories).unwrap_or_default()
+    }
+
     /// The TCP ports its agent may connect to, when the channel sets them.
     pub fn ports(&self) -> Option<Vec<u16>> {
         self.allowed_ports
@@ -162,9 +189,29 @@ pub struct Job {
     #[serde(skip)]
     #[schema(ignore)]
     pub budget_job_tokens: Option<i64>,
+    /// The job's own session config options (a JSON object), over its channel's.
+    #[serde(with = "json_text::option")]
+    #[schema(value_type = Option<Object>)]
+    pub agent_options: Option<String>,
+    /// The channel's options, read with the row like the policy.
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub channel_options: String,
 }
 
 impl Job {
+    /// The options its turn runs with: the channel's, with the job's own over them.
+    pub fn options(&self) -> std::collections::BTreeMap<String, String> {
+        let mut all: std::collections::BTreeMap<String, String> =
+            serde_json::from_str(&self.channel_options).unwrap_or_default();
+        if let Some(own) = &self.agent_options {
+            let own: std::collections::BTreeMap<String, String> =
+                serde_json::from_str(own).unwrap_or_default();
+            all.extend(own);
+        }
+        all
+    }
+
     /// The fence a worker holds while it runs this attempt.
     pub fn lease(&self) -> Option<Lease> {
         Some(Lease {
@@ -209,6 +256,8 @@ pub struct NewJob {
     pub timeout_secs: Option<i64>,
     /// A limit on the job's cost (USD).
     pub max_cost_usd: Option<f64>,
+    /// Session config options for this job's turn (a JSON object), over its channel's.
+    pub agent_options: Option<String>,
 }
 
 impl NewJob {
@@ -226,8 +275,51 @@ impl NewJob {
             scheduled_for: None,
             timeout_secs: None,
             max_cost_usd: None,
+            agent_options: None,
         }
     }
+}
+
+/// Checks a set of session config options as text can: names and values of sane size. Whether
+/// the agent offers them is checked against what it reported (see `acp::client::check_options`).
+pub fn validate_options(
+    options: &std::collections::BTreeMap<String, String>,
+) -> Result<(), String> {
+    if options.len() > 32 {
+        return Err("at most 32 options".into());
+    }
+    for (k, v) in options {
+        let ok_key = !k.is_empty()
+            && k.len() <= 64
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-./:".contains(&b));
+        if !ok_key {
+            return Err(format!(
+                "option name {k:?}: 1-64 characters a-z, A-Z, 0-9 or _-./:"
+            ));
+        }
+        if v.is_empty() || v.len() > 256 || v.chars().any(|c| c.is_control()) {
+            return Err(format!(
+                "option {k}: the value must be 1-256 printable characters"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Parses `KEY=VALUE` settings into options.
+pub fn parse_options<'a>(
+    pairs: impl IntoIterator<Item = &'a str>,
+) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for p in pairs {
+        let Some((k, v)) = p.split_once('=') else {
+            return Err(format!("option {p:?}: expected NAME=VALUE"));
+        };
+        out.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    validate_options(&out)?;
+    Ok(out)
 }
 
 /// Largest accepted prompt, in bytes.
@@ -261,6 +353,13 @@ impl NewJob {
             .is_some_and(|c| !c.is_finite() || !(0.0..=1e6).contains(&c))
         {
             return Err("max_cost_usd must be a number from 0 to 1000000".into());
+        }
+        if let Some(o) = &self.agent_options {
+            let map: std::collections::BTreeMap<String, String> =
+                serde_json::from_str(o).map_err(|_| {
+                    "options must be an object of option names to text values".to_string()
+                })?;
+            validate_options(&map)?;
         }
         if let Some(k) = &self.idempotency_key {
             if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_BYTES {
@@ -354,6 +453,9 @@ pub struct WarmSession {
     pub error: Option<String>,
     /// The sandbox the agent runs in (a one-line summary).
     pub sandbox: Option<String>,
+    /// What the agent said of itself when its session opened, and the session's config
+    /// options (JSON: `agent`, `capabilities`, `options`).
+    pub agent_info: Option<String>,
     pub updated_at: Millis,
 }
 
@@ -720,4 +822,55 @@ pub struct Rule {
     pub created_via: String,
     pub approval_id: Option<String>,
     pub created_at: Millis,
+}
+
+/// Serde for columns that hold JSON text: shown as the JSON value itself.
+pub mod json_text {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(text: &str, s: S) -> Result<S::Ok, S::Error> {
+        let v: serde_json::Value = serde_json::from_str(text).unwrap_or(serde_json::Value::Null);
+        v.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        Ok(serde_json::Value::deserialize(d)?.to_string())
+    }
+
+    /// Like [`serialize`], every value of an `env` or `headers` object masked.
+    pub fn masked<S: Serializer>(text: &str, s: S) -> Result<S::Ok, S::Error> {
+        mask(text).serialize(s)
+    }
+
+    /// The JSON with every value of an `env` or `headers` object replaced by `********`.
+    pub fn mask(text: &str) -> serde_json::Value {
+        let mut v: serde_json::Value =
+            serde_json::from_str(text).unwrap_or(serde_json::Value::Null);
+        if let Some(list) = v.as_array_mut() {
+            for server in list {
+                for key in ["env", "headers"] {
+                    if let Some(map) = server.get_mut(key).and_then(|m| m.as_object_mut()) {
+                        map.values_mut().for_each(|x| *x = "********".into());
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    pub mod option {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(text: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+            match text {
+                Some(t) => super::serialize(t, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+            let v = Option::<serde_json::Value>::deserialize(d)?;
+            Ok(v.filter(|v| !v.is_null()).map(|v| v.to_string()))
+        }
+    }
 }

@@ -16,6 +16,8 @@ pub struct WarmUpdate {
     pub used: bool,
     /// The sandbox the agent runs in (its summary), when it changes.
     pub sandbox: Option<String>,
+    /// What the agent said of itself and its session's options (JSON), when they change.
+    pub agent_info: Option<String>,
 }
 
 /// `SELECT` of whole [`WarmSession`] rows (`w`, with its channel `c`; a warm session whose
@@ -30,7 +32,7 @@ macro_rules! select_warm {
                                WHERE j.channel_id = w.channel_id AND j.state = 'running')
                            THEN 'busy' ELSE w.state END AS "state!: WarmState",
                       w.acp_session_id, w.pid, w.last_used_at, w.expires_at, w.warm_at,
-                      w.lease_expires_at, w.started_at, w.error, w.sandbox, w.updated_at
+                      w.lease_expires_at, w.started_at, w.error, w.sandbox, w.agent_info, w.updated_at
                FROM warm_sessions w JOIN channels c ON c.id = w.channel_id "# + $tail
             $(, $arg)*
         )
@@ -163,8 +165,8 @@ impl Write for Upsert {
         sqlx::query!(
             r#"INSERT INTO warm_sessions (channel_id, holder, state, pid, acp_session_id,
                                           lease_expires_at, expires_at, started_at,
-                                          last_used_at, updated_at, sandbox)
-               VALUES (?1, ?2, ?3, ?4, ?5, ?7, ?8, ?6, CASE WHEN ?9 THEN ?6 END, ?6, ?10)
+                                          last_used_at, updated_at, sandbox, agent_info)
+               VALUES (?1, ?2, ?3, ?4, ?5, ?7, ?8, ?6, CASE WHEN ?9 THEN ?6 END, ?6, ?10, ?11)
                ON CONFLICT (channel_id) DO UPDATE SET
                    holder = excluded.holder,
                    state = excluded.state,
@@ -176,6 +178,7 @@ impl Write for Upsert {
                                      ELSE started_at END,
                    last_used_at = coalesce(excluded.last_used_at, last_used_at),
                    sandbox = coalesce(excluded.sandbox, sandbox),
+                   agent_info = coalesce(excluded.agent_info, agent_info),
                    error = NULL,
                    updated_at = excluded.updated_at"#,
             self.channel_id,
@@ -187,7 +190,8 @@ impl Write for Upsert {
             u.lease_until,
             u.expires_at,
             u.used,
-            u.sandbox
+            u.sandbox,
+            u.agent_info
         )
         .execute(&mut *conn)
         .await?;

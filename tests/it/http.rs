@@ -917,6 +917,7 @@ async fn openapi_document_matches_the_routes() {
         ("POST", "/api/approvals/{id}"),
         ("PATCH", "/api/channels/{name}"),
         ("GET", "/api/channels/{name}/rules"),
+        ("GET", "/api/channels/{name}/options"),
         ("DELETE", "/api/channels/{name}/rules/{id}"),
         ("GET", "/healthz"),
         ("GET", "/readyz"),

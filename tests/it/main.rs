@@ -18,6 +18,7 @@ mod matrix;
 mod queue;
 mod sandbox;
 mod schedule;
+mod sessions;
 mod synapse;
 mod usage;
 mod worker;

@@ -48,7 +48,7 @@ pub struct SessionModes {
 }
 
 impl SessionModes {
-    fn from_parts(
+    pub(super) fn from_parts(
         modes: Option<&SessionModeState>,
         options: Option<&[SessionConfigOption]>,
     ) -> Option<Self> {

@@ -38,6 +38,16 @@
 //!   Claude Code, only the mode `default` asks the client: in any other mode `@permission`
 //!   decides by itself and replies `permission: self-approved in mode <id>`. Without
 //!   `--modes` no modes are advertised and `@permission` always asks.
+//! * `--option ID=A,B,…` (repeatable) makes every session offer a select config option `ID`
+//!   with those values, starting at `A` (category `model` for the id `model`, `thought_level`
+//!   for `effort`), changed with `session/set_config_option`; `@options` replies with the values.
+//! * `--resume` advertises `sessionCapabilities.resume` and serves `session/resume` (the
+//!   session continues without its history replayed); `--close` advertises
+//!   `sessionCapabilities.close` and serves `session/close`; `--load-hang` makes `session/load`
+//!   never answer. HTTP MCP servers and additional directories are always advertised and
+//!   recorded per session: `@setup` replies with how the session was opened, its MCP servers
+//!   and its additional directories as JSON. The turn log gets `open` (`method`, `session`) and
+//!   `close` (`session`) lines.
 //!
 //! # Directives
 //!
@@ -72,6 +82,8 @@
 //! | `@big-reply BYTES` | send one agent message chunk of `BYTES` characters (one ACP line of that size) |
 //! | `@pid` | reply with this process id (decimal) |
 //! | `@history` | reply with the number of prompts this session has seen, the current one included (decimal) |
+//! | `@setup` | reply `setup: {"opened_with", "mcp_servers", "additional_directories"}` (JSON) for this session in this process |
+//! | `@options` | reply `options: ID=VALUE …` with the session's config options (`--option`), sorted |
 //! | `@stop REASON` | end the turn now with stop reason `end_turn`, `max_tokens`, `max_turn_requests`, `refusal` or `cancelled` |
 //! | `@fail MESSAGE` | end the turn now with a JSON-RPC error (code -32603, message `MESSAGE`) |
 //! | `@hang` | wait until the turn is cancelled (`session/cancel` or `$/cancel_request`), then stop with `cancelled` |
@@ -93,15 +105,18 @@ use std::time::Duration;
 
 use agent_client_protocol::schema::ProtocolVersion;
 use agent_client_protocol::v1::schema::{
-    AgentCapabilities, AvailableCommand, AvailableCommandsUpdate, CancelNotification, ContentBlock,
-    ContentChunk, Cost, CreateElicitationRequest, CurrentModeUpdate, ElicitationAction,
-    ElicitationFormMode, ElicitationPropertySchema, ElicitationSchema, ElicitationSessionScope,
-    EnumOption, Implementation, InitializeRequest, InitializeResponse, LoadSessionRequest,
-    LoadSessionResponse, NewSessionRequest, NewSessionResponse, PermissionOption,
+    AgentCapabilities, AvailableCommand, AvailableCommandsUpdate, CancelNotification,
+    CloseSessionRequest, CloseSessionResponse, ContentBlock, ContentChunk, Cost,
+    CreateElicitationRequest, CurrentModeUpdate, ElicitationAction, ElicitationFormMode,
+    ElicitationPropertySchema, ElicitationSchema, ElicitationSessionScope, EnumOption,
+    Implementation, InitializeRequest, InitializeResponse, LoadSessionRequest, LoadSessionResponse,
+    McpCapabilities, McpServer, NewSessionRequest, NewSessionResponse, PermissionOption,
     PermissionOptionKind, Plan, PlanEntry, PlanEntryPriority, PlanEntryStatus, PromptRequest,
     PromptResponse, ReadTextFileRequest, RequestPermissionOutcome, RequestPermissionRequest,
-    SessionConfigOption, SessionConfigOptionCategory, SessionConfigSelectOption, SessionId,
-    SessionMode, SessionModeState, SessionNotification, SessionUpdate,
+    ResumeSessionRequest, ResumeSessionResponse, SessionAdditionalDirectoriesCapabilities,
+    SessionCapabilities, SessionCloseCapabilities, SessionConfigOption,
+    SessionConfigOptionCategory, SessionConfigSelectOption, SessionId, SessionMode,
+    SessionModeState, SessionNotification, SessionResumeCapabilities, SessionUpdate,
     SetSessionConfigOptionRequest, SetSessionConfigOptionResponse, SetSessionModeRequest,
     SetSessionModeResponse, StopReason, StringPropertySchema, ToolCall, ToolCallStatus,
     ToolCallUpdate, ToolCallUpdateFields, ToolKind, Usage, UsageUpdate, WriteTextFileRequest,
@@ -130,6 +145,14 @@ pub struct ScriptAgentConfig {
     pub modes: Vec<String>,
     /// `--mode-control`: how the modes are advertised and changed.
     pub mode_control: ModeControl,
+    /// `--option ID=A,B`: select config options (id, values; the first is the initial one).
+    pub options: Vec<(String, Vec<String>)>,
+    /// `--resume`: serve `session/resume`.
+    pub resume: bool,
+    /// `--close`: serve `session/close`.
+    pub close: bool,
+    /// `--load-hang`: `session/load` never answers.
+    pub load_hang: bool,
 }
 
 /// How the script agent advertises its modes (`--mode-control`).
@@ -153,6 +176,10 @@ impl Default for ScriptAgentConfig {
             turn_log: None,
             modes: Vec::new(),
             mode_control: ModeControl::SetMode,
+            options: Vec::new(),
+            resume: false,
+            close: false,
+            load_hang: false,
         }
     }
 }
@@ -165,7 +192,8 @@ pub fn default_state_dir() -> PathBuf {
 /// Usage text of the binary.
 pub const USAGE: &str =
     "usage: gorp-script-agent [--startup-delay-ms N] [--state-dir DIR] [--turn-log FILE] \
-     [--modes A,B,...] [--mode-control set-mode|config-option|refuse]\n\
+     [--modes A,B,...] [--mode-control set-mode|config-option|refuse] [--option ID=A,B,...] \
+     [--resume] [--close] [--load-hang]\n\
 Speaks ACP over stdio; see the gorp::acp::script_agent docs for the prompt directives.";
 
 impl ScriptAgentConfig {
@@ -211,6 +239,25 @@ impl ScriptAgentConfig {
                         v => return Err(format!("--mode-control: unknown value {v}")),
                     }
                 }
+                "--option" => {
+                    let v = value("--option")?;
+                    let (id, values) = v
+                        .split_once('=')
+                        .ok_or_else(|| format!("--option: expected ID=A,B, got {v}"))?;
+                    let values: Vec<String> = values
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|x| !x.is_empty())
+                        .map(String::from)
+                        .collect();
+                    if id.is_empty() || values.is_empty() {
+                        return Err(format!("--option: expected ID=A,B, got {v}"));
+                    }
+                    config.options.push((id.to_string(), values));
+                }
+                "--resume" => config.resume = true,
+                "--close" => config.close = true,
+                "--load-hang" => config.load_hang = true,
                 "-h" | "--help" => return Err(USAGE.to_string()),
                 other => return Err(format!("unknown argument: {other}\n{USAGE}")),
             }
@@ -263,6 +310,8 @@ pub enum Directive {
     BigReply(usize),
     Pid,
     History,
+    Setup,
+    Options,
     Stop(String),
     Fail(String),
     Hang,
@@ -375,6 +424,8 @@ fn parse_line(line: &str) -> Option<Directive> {
             .map_err(|_| format!("@big-reply needs a size in bytes, got {rest:?}")),
         "@pid" => Ok(Directive::Pid),
         "@history" => Ok(Directive::History),
+        "@setup" => Ok(Directive::Setup),
+        "@options" => Ok(Directive::Options),
         "@stop" => Ok(Directive::Stop(rest.to_string())),
         "@fail" => Ok(Directive::Fail(if rest.is_empty() {
             "scripted failure".to_string()
@@ -502,6 +553,22 @@ struct Session {
     /// The session's cumulative cost in this process (`@usage cost=`), reported as ACP's
     /// `usage_update.cost`.
     cost: f64,
+    /// How it was opened in this process, and what came with it (for `@setup`).
+    setup: serde_json::Value,
+}
+
+/// `@setup`'s record of how a session was opened.
+fn setup_record(method: &str, mcp: &[McpServer], dirs: &[PathBuf]) -> serde_json::Value {
+    let names: Vec<String> = mcp
+        .iter()
+        .map(|m| match m {
+            McpServer::Stdio(s) => format!("stdio:{}", s.name),
+            McpServer::Http(h) => format!("http:{}", h.name),
+            McpServer::Sse(h) => format!("sse:{}", h.name),
+            _ => "other".to_string(),
+        })
+        .collect();
+    serde_json::json!({ "opened_with": method, "mcp_servers": names, "additional_directories": dirs })
 }
 
 struct AgentState {
@@ -513,6 +580,8 @@ struct AgentState {
     sessions: Mutex<HashMap<String, Arc<Mutex<Session>>>>,
     /// The current permission mode of each session (with `--modes`).
     modes: Mutex<HashMap<String, String>>,
+    /// The current value of each `--option` of each session.
+    option_values: Mutex<HashMap<String, std::collections::BTreeMap<String, String>>>,
     counter: AtomicU64,
 }
 
@@ -607,6 +676,75 @@ impl AgentState {
     /// The modes and mode config option to advertise for `session` (none without `--modes`);
     /// a session seen for the first time starts in the first mode.
     fn advertise(
+        &self,
+        session: &str,
+    ) -> (Option<SessionModeState>, Option<Vec<SessionConfigOption>>) {
+        let (modes, mode_option) = self.advertise_modes(session);
+        let mut options = self.extra_options(session);
+        if let Some(mut m) = mode_option {
+            m.append(&mut options);
+            options = m;
+        }
+        (modes, (!options.is_empty()).then_some(options))
+    }
+
+    /// The `--option` config options of `session`, at their current values.
+    fn extra_options(&self, session: &str) -> Vec<SessionConfigOption> {
+        let values = self.option_values(session);
+        self.config
+            .options
+            .iter()
+            .map(|(id, list)| {
+                let current = values.get(id).cloned().unwrap_or_else(|| list[0].clone());
+                let opts = list
+                    .iter()
+                    .map(|v| SessionConfigSelectOption::new(v.clone(), v.clone()))
+                    .collect::<Vec<_>>();
+                let o = SessionConfigOption::select(id.clone(), id.clone(), current, opts);
+                match id.as_str() {
+                    "model" => o.category(SessionConfigOptionCategory::Model),
+                    "effort" => o.category(SessionConfigOptionCategory::ThoughtLevel),
+                    _ => o,
+                }
+            })
+            .collect()
+    }
+
+    /// The current `--option` values of `session` (initialised on first sight).
+    fn option_values(&self, session: &str) -> std::collections::BTreeMap<String, String> {
+        self.option_values
+            .lock()
+            .unwrap()
+            .entry(session.to_string())
+            .or_insert_with(|| {
+                self.config
+                    .options
+                    .iter()
+                    .map(|(id, list)| (id.clone(), list[0].clone()))
+                    .collect()
+            })
+            .clone()
+    }
+
+    /// Sets an `--option` of `session`; an error text for an unknown option or value.
+    fn set_option(&self, session: &str, id: &str, value: &str) -> Result<(), String> {
+        let Some((_, list)) = self.config.options.iter().find(|(o, _)| o == id) else {
+            return Err(format!("unknown config option {id}"));
+        };
+        if !list.iter().any(|v| v == value) {
+            return Err(format!("option {id} has no value {value:?}"));
+        }
+        self.option_values(session);
+        self.option_values
+            .lock()
+            .unwrap()
+            .get_mut(session)
+            .expect("initialised above")
+            .insert(id.to_string(), value.to_string());
+        Ok(())
+    }
+
+    fn advertise_modes(
         &self,
         session: &str,
     ) -> (Option<SessionModeState>, Option<Vec<SessionConfigOption>>) {
@@ -762,12 +900,15 @@ async fn serve_stdio(config: ScriptAgentConfig) -> Result<(), Error> {
         client_can_write: AtomicBool::new(false),
         sessions: Mutex::new(HashMap::new()),
         modes: Mutex::new(HashMap::new()),
+        option_values: Mutex::new(HashMap::new()),
         counter: AtomicU64::new(0),
     });
 
     let s_init = state.clone();
     let s_new = state.clone();
     let s_load = state.clone();
+    let s_resume = state.clone();
+    let s_close = state.clone();
     let s_mode = state.clone();
     let s_option = state.clone();
     let s_prompt = state.clone();
@@ -798,7 +939,26 @@ async fn serve_stdio(config: ScriptAgentConfig) -> Result<(), Error> {
                     .store(fs.write_text_file, Ordering::SeqCst);
                 responder.respond(
                     InitializeResponse::new(ProtocolVersion::V1)
-                        .agent_capabilities(AgentCapabilities::new().load_session(true))
+                        .agent_capabilities(
+                            AgentCapabilities::new()
+                                .load_session(true)
+                                .mcp_capabilities(McpCapabilities::new().http(true))
+                                .session_capabilities(
+                                    SessionCapabilities::new()
+                                        .additional_directories(
+                                            SessionAdditionalDirectoriesCapabilities::new(),
+                                        )
+                                        .resume(
+                                            s_init
+                                                .config
+                                                .resume
+                                                .then(SessionResumeCapabilities::new),
+                                        )
+                                        .close(
+                                            s_init.config.close.then(SessionCloseCapabilities::new),
+                                        ),
+                                ),
+                        )
                         .agent_info(Implementation::new(
                             "gorp-script-agent",
                             env!("CARGO_PKG_VERSION"),
@@ -827,7 +987,17 @@ async fn serve_stdio(config: ScriptAgentConfig) -> Result<(), Error> {
                         file,
                         cancel: None,
                         cost: 0.0,
+                        setup: setup_record(
+                            "session/new",
+                            &req.mcp_servers,
+                            &req.additional_directories,
+                        ),
                     })),
+                );
+                log_turn_event(
+                    s_new.config.turn_log.as_deref(),
+                    "open",
+                    serde_json::json!({ "method": "session/new", "session": id }),
                 );
                 let (modes, options) = s_new.advertise(&id);
                 responder.respond(
@@ -842,7 +1012,80 @@ async fn serve_stdio(config: ScriptAgentConfig) -> Result<(), Error> {
             async move |req: LoadSessionRequest,
                         responder: Responder<LoadSessionResponse>,
                         cx: ConnectionTo<Client>| {
+                if s_load.config.load_hang {
+                    // Never answered: the client's timeout must free the channel.
+                    cx.spawn(async move {
+                        let _keep = responder;
+                        std::future::pending::<()>().await;
+                        Ok(())
+                    })?;
+                    return Ok(());
+                }
                 handle_load(&s_load, req, responder, &cx)
+            },
+            agent_client_protocol::on_receive_request!(),
+        )
+        .on_receive_request(
+            async move |req: ResumeSessionRequest,
+                        responder: Responder<ResumeSessionResponse>,
+                        _cx: ConnectionTo<Client>| {
+                if !s_resume.config.resume {
+                    return responder.respond_with_error(rpc_error(
+                        ErrorCode::METHOD_NOT_FOUND,
+                        "session/resume is not offered (no --resume)",
+                    ));
+                }
+                let id = req.session_id.0.to_string();
+                match open_stored(&s_resume, &id) {
+                    Ok(session) => {
+                        session.lock().unwrap().setup = setup_record(
+                            "session/resume",
+                            &req.mcp_servers,
+                            &req.additional_directories,
+                        );
+                        log_turn_event(
+                            s_resume.config.turn_log.as_deref(),
+                            "open",
+                            serde_json::json!({ "method": "session/resume", "session": id }),
+                        );
+                        let (modes, options) = s_resume.advertise(&id);
+                        responder.respond(
+                            ResumeSessionResponse::new()
+                                .modes(modes)
+                                .config_options(options),
+                        )
+                    }
+                    Err(e) => responder.respond_with_error(e),
+                }
+            },
+            agent_client_protocol::on_receive_request!(),
+        )
+        .on_receive_request(
+            async move |req: CloseSessionRequest,
+                        responder: Responder<CloseSessionResponse>,
+                        _cx: ConnectionTo<Client>| {
+                if !s_close.config.close {
+                    return responder.respond_with_error(rpc_error(
+                        ErrorCode::METHOD_NOT_FOUND,
+                        "session/close is not offered (no --close)",
+                    ));
+                }
+                let id = req.session_id.0.to_string();
+                let Some(session) = s_close.sessions.lock().unwrap().remove(&id) else {
+                    return responder.respond_with_error(rpc_error(
+                        ErrorCode::RESOURCE_NOT_FOUND,
+                        format!("session {id} is not open"),
+                    ));
+                };
+                if let Some(t) = session.lock().unwrap().cancel.as_ref() {
+                    t.cancel();
+                }
+                log_turn_event(
+                    s_close.config.turn_log.as_deref(),
+                    "close",
+                    serde_json::json!({ "session": id }),
+                );
+                responder.respond(CloseSessionResponse::new())
             },
             agent_client_protocol::on_receive_request!(),
         )
@@ -868,16 +1111,19 @@ async fn serve_stdio(config: ScriptAgentConfig) -> Result<(), Error> {
                         responder: Responder<SetSessionConfigOptionResponse>,
                         _cx| {
                 let value = req.value.as_value_id().map(|v| v.to_string());
+                let sid = req.session_id.0.to_string();
                 let result = match (s_option.config.mode_control, &*req.config_id.0, value) {
-                    (ModeControl::ConfigOption, "mode", Some(v)) => {
-                        s_option.set_mode(&req.session_id.0, &v).map(|()| v)
-                    }
-                    _ => Err(format!("unknown config option {}", req.config_id.0)),
+                    (ModeControl::ConfigOption, "mode", Some(v)) => s_option.set_mode(&sid, &v),
+                    (_, id, Some(v)) => s_option.set_option(&sid, id, &v),
+                    (_, id, None) => Err(format!("option {id} takes a value id")),
                 };
                 match result {
-                    Ok(current) => responder.respond(SetSessionConfigOptionResponse::new(vec![
-                        s_option.mode_option(current),
-                    ])),
+                    Ok(()) => {
+                        let (_, options) = s_option.advertise(&sid);
+                        responder.respond(SetSessionConfigOptionResponse::new(
+                            options.unwrap_or_default(),
+                        ))
+                    }
                     Err(e) => responder.respond_with_error(rpc_error(ErrorCode::INVALID_PARAMS, e)),
                 }
             },
@@ -921,6 +1167,53 @@ async fn serve_stdio(config: ScriptAgentConfig) -> Result<(), Error> {
         .await
 }
 
+/// The session `id`: open in this process, or read back from its journal.
+fn open_stored(state: &AgentState, id: &str) -> Result<Arc<Mutex<Session>>, Error> {
+    if !valid_session_id(id) {
+        return Err(rpc_error(
+            ErrorCode::INVALID_PARAMS,
+            format!("malformed session id {id:?}"),
+        ));
+    }
+    if let Some(s) = state.session(id) {
+        return Ok(s);
+    }
+    let path = session_path(&state.config.state_dir, id);
+    let file: SessionFile = match std::fs::read(&path) {
+        Ok(bytes) => read_session(&bytes).map_err(|e| {
+            rpc_error(
+                ErrorCode::INTERNAL_ERROR,
+                format!("corrupt session file {}: {e}", path.display()),
+            )
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(rpc_error(
+                ErrorCode::RESOURCE_NOT_FOUND,
+                format!("session {id} not found"),
+            ))
+        }
+        Err(e) => {
+            return Err(rpc_error(
+                ErrorCode::INTERNAL_ERROR,
+                format!("cannot read {}: {e}", path.display()),
+            ))
+        }
+    };
+    let session = Arc::new(Mutex::new(Session {
+        file,
+        cancel: None,
+        cost: 0.0,
+        setup: serde_json::Value::Null,
+    }));
+    Ok(state
+        .sessions
+        .lock()
+        .unwrap()
+        .entry(id.to_string())
+        .or_insert(session)
+        .clone())
+}
+
 fn handle_load(
     state: &AgentState,
     req: LoadSessionRequest,
@@ -928,53 +1221,20 @@ fn handle_load(
     cx: &ConnectionTo<Client>,
 ) -> Result<(), Error> {
     let id = req.session_id.0.to_string();
-    if !valid_session_id(&id) {
-        return responder.respond_with_error(rpc_error(
-            ErrorCode::INVALID_PARAMS,
-            format!("malformed session id {id:?}"),
-        ));
-    }
-    let session = match state.session(&id) {
-        Some(s) => s,
-        None => {
-            let path = session_path(&state.config.state_dir, &id);
-            let file: SessionFile = match std::fs::read(&path) {
-                Ok(bytes) => match read_session(&bytes) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        return responder.respond_with_error(rpc_error(
-                            ErrorCode::INTERNAL_ERROR,
-                            format!("corrupt session file {}: {e}", path.display()),
-                        ))
-                    }
-                },
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return responder.respond_with_error(rpc_error(
-                        ErrorCode::RESOURCE_NOT_FOUND,
-                        format!("session {id} not found"),
-                    ))
-                }
-                Err(e) => {
-                    return responder.respond_with_error(rpc_error(
-                        ErrorCode::INTERNAL_ERROR,
-                        format!("cannot read {}: {e}", path.display()),
-                    ))
-                }
-            };
-            let session = Arc::new(Mutex::new(Session {
-                file,
-                cancel: None,
-                cost: 0.0,
-            }));
-            state
-                .sessions
-                .lock()
-                .unwrap()
-                .entry(id.clone())
-                .or_insert(session)
-                .clone()
-        }
+    let session = match open_stored(state, &id) {
+        Ok(s) => s,
+        Err(e) => return responder.respond_with_error(e),
     };
+    session.lock().unwrap().setup = setup_record(
+        "session/load",
+        &req.mcp_servers,
+        &req.additional_directories,
+    );
+    log_turn_event(
+        state.config.turn_log.as_deref(),
+        "open",
+        serde_json::json!({ "method": "session/load", "session": id }),
+    );
     let turns = session.lock().unwrap().file.turns.clone();
     let sid = req.session_id.clone();
     for turn in turns {
@@ -1369,6 +1629,15 @@ impl TurnRunner<'_> {
                 self.note(text)?;
             }
             Directive::Pid => self.note(std::process::id().to_string())?,
+            Directive::Setup => {
+                let setup = self.session.lock().unwrap().setup.clone();
+                self.note(format!("setup: {setup}"))?;
+            }
+            Directive::Options => {
+                let values = self.state.option_values(&self.sid.0);
+                let list: Vec<String> = values.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                self.note(format!("options: {}", list.join(" ")))?;
+            }
             Directive::History => {
                 let n = self.session.lock().unwrap().file.turns.len();
                 self.note(n.to_string())?;

@@ -185,3 +185,57 @@ async fn create_room(cx: &Ctx<'_>, name: &str, invite: &UserId) -> Result<OwnedR
         .context("cannot create the room")?;
     Ok(room.room_id().to_owned())
 }
+
+/// `!options`.
+pub(super) async fn options(cx: &Ctx<'_>) -> Answer {
+    let ch = cx.room_channel().await?;
+    let view = crate::service::channels::options_view(cx.store(), &ch).await?;
+    Ok(strings::options_view(&view))
+}
+
+/// `!model` / `!mode`: shows the option, or sets it (checked against what the agent offers;
+/// nothing is written when it is refused), or with `default` stops setting it.
+pub(super) async fn set_option(cx: &Ctx<'_>, key: &str, set: Option<Option<String>>) -> Answer {
+    let ch = cx.room_channel().await?;
+    let mut options = ch.options();
+    let Some(value) = set else {
+        let view = crate::service::channels::options_view(cx.store(), &ch).await?;
+        let current = view
+            .offered
+            .as_ref()
+            .and_then(|l| l.iter().find(|o| o.is_named(key)))
+            .map(|o| o.current.clone());
+        let set = options
+            .iter()
+            .find(|(k, _)| {
+                *k == key
+                    || view
+                        .offered
+                        .as_ref()
+                        .and_then(|l| l.iter().find(|o| o.is_named(key)))
+                        .is_some_and(|o| o.id == **k)
+            })
+            .map(|(_, v)| v.clone());
+        return Ok(strings::option_is(
+            &ch.name,
+            key,
+            set.as_deref(),
+            current.as_deref(),
+        ));
+    };
+    match &value {
+        Some(v) => {
+            options.insert(key.to_string(), v.clone());
+        }
+        None => {
+            options.remove(key);
+        }
+    }
+    let changes = crate::service::channels::Changes {
+        options: Some(options),
+        ..Default::default()
+    };
+    crate::service::channels::update(cx.store(), &ch.name, changes).await?;
+    tracing::info!(channel = %ch.name, option = key, value = ?value, by = %cx.sender, "channel option set");
+    Ok(strings::option_set(&ch.name, key, value.as_deref()))
+}

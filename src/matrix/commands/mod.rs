@@ -52,6 +52,8 @@ pub(super) async fn run(bot: &Bot, cmd: Command, room: &Room, sender: &UserId) -
         Command::Cancel { id } => jobs::cancel(&cx, id.as_deref()).await,
         Command::Schedule(sc) => schedule::run(&cx, sc).await,
         Command::Policy { set } => approvals::policy(&cx, set).await,
+        Command::Options => channels::options(&cx).await,
+        Command::SetOption { key, set } => channels::set_option(&cx, &key, set).await,
         Command::Usage { since } => usage::report(&cx, since.as_deref()).await,
         Command::Budget { set } => usage::budget(&cx, set).await,
         Command::Approvals => approvals::list(&cx).await,
