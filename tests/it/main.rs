@@ -9,6 +9,7 @@ mod budgets;
 mod claude;
 mod claude_agent;
 mod cli;
+mod codex;
 mod config;
 mod dashboard;
 mod faults;
