@@ -13,6 +13,7 @@ mod codex;
 mod config;
 mod dashboard;
 mod faults;
+mod gemini;
 mod http;
 mod matrix;
 mod queue;
