@@ -88,8 +88,11 @@ async fn gemini_text_turn_streams_into_event_rows() {
     assert!(chunks.len() > 1, "streamed in chunks: {chunks:?}");
     assert_eq!(chunks.concat(), text);
     assert_eq!(g.history_session(&job.id).await.as_deref(), Some("cold"));
+    // The CLI started in `autoEdit`; gorp put the session in `default`.
     let session = g.session_data(&job.id).await;
     assert_eq!(session["mode"], "default", "{session}");
+    assert_eq!(session["mode_before"], "autoEdit", "{session}");
+    assert_eq!(session["mode_set_with"], "session/set_mode");
 
     let (second, out) = g.run(ch, "again").await;
     assert_eq!(second.state, JobState::Succeeded, "{:?}", second.error);

@@ -37,14 +37,20 @@ pub fn agent_args() -> Vec<String> {
 }
 
 /// Writes `<home>/.gemini/settings.json`: no usage statistics (else it posts them to
-/// `play.googleapis.com`), no telemetry, no update check, and a fixed model.
+/// `play.googleapis.com`), no telemetry, no update check, a fixed model, and sessions that start
+/// in the CLI's `autoEdit` mode (edits run without asking), so that gorp has to put them in
+/// `default` itself.
 pub fn write_settings(home: &Path) {
     let dir = home.join(".gemini");
     std::fs::create_dir_all(&dir).unwrap();
     let settings = serde_json::json!({
         "privacy": { "usageStatisticsEnabled": false },
         "telemetry": { "enabled": false },
-        "general": { "enableAutoUpdate": false, "enableAutoUpdateNotification": false },
+        "general": {
+            "enableAutoUpdate": false,
+            "enableAutoUpdateNotification": false,
+            "defaultApprovalMode": "auto_edit",
+        },
         "model": { "name": MODEL },
     });
     std::fs::write(dir.join("settings.json"), settings.to_string()).unwrap();
@@ -52,7 +58,8 @@ pub fn write_settings(home: &Path) {
 
 /// The environment that keeps the CLI offline: its API is the fake at `base` (with a base URL
 /// set it authenticates as an "AI API gateway" with the key it is given), any other host goes
-/// to the fake too (which records and refuses it), its home is `home`, and it does not
+/// to the fake too (which records and refuses it), its home is `home`, the workspace is
+/// trusted (in an untrusted folder the CLI ignores `defaultApprovalMode`), and it does not
 /// relaunch itself in a child Node process with a larger heap.
 pub fn gemini_env(base: &str, home: &Path) -> Vec<(String, String)> {
     let home = home.display().to_string();
@@ -61,6 +68,7 @@ pub fn gemini_env(base: &str, home: &Path) -> Vec<(String, String)> {
         ("GEMINI_API_KEY", "dummy-key"),
         ("HOME", home.as_str()),
         ("GEMINI_CLI_NO_RELAUNCH", "true"),
+        ("GEMINI_CLI_TRUST_WORKSPACE", "true"),
         ("HTTPS_PROXY", base),
         ("HTTP_PROXY", base),
         ("https_proxy", base),
