@@ -226,7 +226,8 @@ pub struct AcpConfig {
     pub recycle_after_cancel: bool,
     /// The session mode gorp puts every agent session in, so that the agent asks gorp before it
     /// uses a tool and the channel's permission policy decides. Unset: the first mode the agent
-    /// offers of `acp::client::ASKING_MODES` (Claude Code's `default`).
+    /// offers of `acp::client::ASKING_MODES` (Claude Code's and Gemini CLI's `default`, Codex's
+    /// `read-only`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session_mode: Option<String>,
     /// Under the policy `ask`, a permission request nobody decides in this long is denied

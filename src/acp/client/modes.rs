@@ -16,9 +16,12 @@ use agent_client_protocol::v1::schema::{
 use super::*;
 
 /// Mode ids, in order of preference, of modes in which the agent asks the client before it
-/// edits a file or runs a command: Claude Code's `default` ("Manual": reads run freely,
-/// everything else asks).
-pub const ASKING_MODES: &[&str] = &["default"];
+/// edits a file or runs a command: Claude Code's and Gemini CLI's `default` ("Manual" /
+/// "Prompts for approval": reads run freely, everything else asks) and Codex's `read-only`
+/// (approval on request in a read-only sandbox: reads run freely, an edit or a command that
+/// needs more than reading asks; Codex's `auto` runs commands that write the workspace
+/// without asking).
+pub const ASKING_MODES: &[&str] = &["default", "read-only"];
 
 /// How a session's mode is changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -230,6 +233,24 @@ mod tests {
         assert_eq!(modes.asking_mode(None).as_deref(), Some("default"));
         assert_eq!(modes.asking_mode(Some("plan")).as_deref(), Some("plan"));
         assert_eq!(modes.asking_mode(Some("nope")), None);
+    }
+
+    /// Codex (codex-acp 0.16) offers its approval presets; gorp picks `read-only`.
+    #[test]
+    fn codex_presets_ask_in_read_only() {
+        let resp: NewSessionResponse = serde_json::from_value(json!({
+            "sessionId": "s",
+            "configOptions": [
+                { "id": "mode", "name": "Approval Preset", "category": "mode", "type": "select",
+                  "currentValue": "auto", "options": [
+                    { "value": "read-only", "name": "Read Only" },
+                    { "value": "auto", "name": "Default" },
+                    { "value": "full-access", "name": "Full Access" } ] }
+            ]
+        }))
+        .unwrap();
+        let modes = SessionModes::from_new(&resp).unwrap();
+        assert_eq!(modes.asking_mode(None).as_deref(), Some("read-only"));
     }
 
     #[test]

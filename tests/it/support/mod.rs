@@ -4,7 +4,11 @@
 
 pub mod browser;
 pub mod claude_env;
+pub mod codex_env;
 pub mod fake_anthropic;
+pub mod fake_gemini;
+pub mod fake_openai;
+pub mod gemini_env;
 pub mod synapse;
 
 use std::future::Future;
