@@ -345,9 +345,11 @@ impl McpServerSpec {
                     ));
                 }
             }
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "MCP server {name}: give either command (a stdio server) or url (an HTTP server)"
-            )),
+            ))
+            }
         }
         for k in self.env.keys().chain(self.headers.keys()) {
             if k.is_empty() || k.contains(['=', '\n', '\r', '\0', ':']) {

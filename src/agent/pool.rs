@@ -560,7 +560,9 @@ impl WarmSessionManager {
                 .then(|| Duration::from_secs(acp.stall_timeout_secs)),
         };
         let policy = channel.permission_policy;
-        let setup = self.session_setup(channel).map_err(|e| WarmError::Acp(*e))?;
+        let setup = self
+            .session_setup(channel)
+            .map_err(|e| WarmError::Acp(*e))?;
         let mut agent = AgentProcess::spawn(&spec, timeouts, policy, dir).await?;
         agent.set_session_setup(setup);
         let opened = match agent.open_session(channel.acp_session_id.as_deref()).await {
