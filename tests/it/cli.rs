@@ -1398,3 +1398,233 @@ fn completions_and_the_version_name_the_build() {
         assert!(version.contains(&commit), "{version} names {commit}");
     }
 }
+
+/// `env` with the script agent offering `model` (fast, smart) and `effort` (low, high).
+fn with_options(env: &Env) {
+    let path = env.config_path();
+    let config = std::fs::read_to_string(&path).unwrap().replace(
+        "agent_args = [",
+        r#"agent_args = ["--option", "model=fast,smart", "--option", "effort=low,high", "#,
+    );
+    std::fs::write(&path, config).unwrap();
+}
+
+/// The channel's options as `gorp channels options --json` shows them.
+fn options_json(env: &Env, channel: &str) -> serde_json::Value {
+    serde_json::from_str(&env.ok(&["--json", "channels", "options", channel])).unwrap()
+}
+
+#[tokio::test]
+async fn session_options_are_set_checked_and_shown_by_the_cli() {
+    let env = Env::new();
+    with_options(&env);
+    env.ok(&["channels", "add", "c"]);
+
+    // Before the agent has run, an option is taken as text and shown as set.
+    env.ok(&["channels", "set", "c", "--option", "model=smart"]);
+    let out = env.ok(&["channels", "options", "c"]);
+    assert!(out.contains("its agent has not run yet"), "{out}");
+    assert!(out.contains("set for the channel: model=smart"), "{out}");
+    let view = options_json(&env, "c");
+    assert_eq!(view["offered"], serde_json::Value::Null, "{view}");
+    assert_eq!(view["set"], serde_json::json!({"model": "smart"}));
+
+    let server = env.start();
+    let out = env.run(&["enqueue", "c", "@options", "--wait"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "options: effort=low model=smart"
+    );
+
+    // Now the agent has said what it offers.
+    let view = options_json(&env, "c");
+    let offered = view["offered"].as_array().expect("offered after a run");
+    let values = |id: &str| {
+        offered
+            .iter()
+            .find(|o| o["id"] == id)
+            .unwrap_or_else(|| panic!("{id} offered: {view}"))["values"]
+            .clone()
+    };
+    assert_eq!(values("model"), serde_json::json!(["fast", "smart"]));
+    assert_eq!(values("effort"), serde_json::json!(["low", "high"]));
+    assert_eq!(
+        view["agent"]["agent"]["name"], "gorp-script-agent",
+        "{view}"
+    );
+    let out = env.ok(&["channels", "options", "c"]);
+    assert!(
+        out.contains("[fast, smart]  set: smart") && out.contains("[low, high]"),
+        "{out}"
+    );
+
+    // A job's own option holds for its turn, over the channel's.
+    let out = env.run(&[
+        "enqueue",
+        "c",
+        "@options",
+        "--option",
+        "effort=high",
+        "--wait",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "options: effort=high model=smart"
+    );
+
+    // A value the agent does not offer: refused with the values, nothing written.
+    let out = env.run(&["channels", "set", "c", "--option", "model=huge"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("\"huge\"") && stderr(&out).contains("values: fast, smart"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        options_json(&env, "c")["set"],
+        serde_json::json!({"model": "smart"}),
+        "unchanged"
+    );
+    let jobs = count_jobs(env.dir.path()).await;
+    for bad in ["colour=red", "model=huge", "model"] {
+        let out = env.run(&["enqueue", "c", "x", "--option", bad]);
+        assert_eq!(code(&out), 2, "{bad}: {}", stderr(&out));
+    }
+    let out = env.run(&["enqueue", "c", "x", "--option", "colour=red"]);
+    assert!(
+        stderr(&out).contains("no option \"colour\"") && stderr(&out).contains("model"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(count_jobs(env.dir.path()).await, jobs, "no job written");
+
+    // Unset: the next turn runs with the agent's own model again.
+    env.ok(&["channels", "set", "c", "--unset-option", "model"]);
+    assert_eq!(options_json(&env, "c")["set"], serde_json::json!({}));
+    let out = env.run(&["enqueue", "c", "@options", "--wait"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "options: effort=low model=fast"
+    );
+    let out = env.run(&["channels", "options", "nope"]);
+    assert_eq!(code(&out), 3);
+    server.signal(libc::SIGTERM);
+    assert!(server.wait().success());
+}
+
+#[tokio::test]
+async fn mcp_servers_and_directories_are_managed_by_the_cli_and_secrets_never_shown() {
+    let env = Env::new();
+    env.ok(&["channels", "add", "c"]);
+    let db = || async {
+        let store = env.store().await;
+        let ch = store.channel_get("c").await.unwrap().unwrap();
+        store.close().await;
+        ch
+    };
+
+    let out = env.ok(&[
+        "channels",
+        "mcp",
+        "c",
+        "add",
+        "search",
+        "--url",
+        "http://127.0.0.1:9/mcp",
+        "--header",
+        "Authorization=Bearer s3cret",
+    ]);
+    assert!(
+        out.contains("search  http  http://127.0.0.1:9/mcp"),
+        "{out}"
+    );
+    assert!(
+        db().await.mcp_servers.contains("Bearer s3cret"),
+        "stored as given"
+    );
+    for args in [
+        &["channels", "mcp", "c"][..],
+        &["--json", "channels", "mcp", "c"],
+        &["channels", "list"],
+        &["--json", "channels", "list"],
+    ] {
+        let out = env.ok(args);
+        assert!(!out.contains("s3cret"), "{args:?}: {out}");
+    }
+    let listed: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "channels", "list"])).unwrap();
+    assert_eq!(
+        listed[0]["mcp_servers"][0]["headers"]["Authorization"], "********",
+        "{listed}"
+    );
+    let shown: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "channels", "mcp", "c"])).unwrap();
+    assert_eq!(shown[0]["headers"]["Authorization"], "********", "{shown}");
+
+    // Bad servers write nothing.
+    let before = db().await;
+    for args in [
+        &["channels", "mcp", "c", "add", "bad", "--url", "ftp://x"][..],
+        &[
+            "channels", "mcp", "c", "add", "bad", "--url", "http://x", "--header", "nothing",
+        ],
+        &["channels", "mcp", "c", "add", "bad"],
+    ] {
+        let out = env.run(args);
+        assert_eq!(code(&out), 2, "{args:?}: {}", stderr(&out));
+    }
+    assert_eq!(db().await, before, "nothing written");
+
+    // Directories: absolute and existing only.
+    let extra = env.dir.path().join("extra");
+    std::fs::create_dir_all(&extra).unwrap();
+    let extra = std::fs::canonicalize(&extra).unwrap();
+    for bad in ["relative/dir", "/no/such/gorp/dir"] {
+        let out = env.run(&["channels", "set", "c", "--add-dir", bad]);
+        assert_eq!(code(&out), 2, "{bad}: {}", stderr(&out));
+        assert!(stderr(&out).contains(bad), "{}", stderr(&out));
+    }
+    assert_eq!(db().await, before, "nothing written");
+    env.ok(&["channels", "set", "c", "--add-dir", extra.to_str().unwrap()]);
+    assert_eq!(db().await.directories(), vec![extra.clone()]);
+
+    // The agent's sessions get both.
+    let server = env.start();
+    let out = env.run(&["enqueue", "c", "@setup", "--wait"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let setup = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        setup.contains(r#""mcp_servers":["http:search"]"#),
+        "{setup}"
+    );
+    assert!(
+        setup.contains(&serde_json::to_string(&vec![&extra]).unwrap()),
+        "{setup}"
+    );
+    server.signal(libc::SIGTERM);
+    assert!(server.wait().success());
+
+    env.ok(&[
+        "channels",
+        "set",
+        "c",
+        "--remove-dir",
+        extra.to_str().unwrap(),
+    ]);
+    assert!(db().await.directories().is_empty());
+    let out = env.ok(&["channels", "mcp", "c", "rm", "search"]);
+    assert!(out.contains("no MCP servers of its own"), "{out}");
+    assert_eq!(db().await.mcp_servers, "[]");
+    let out = env.run(&["channels", "mcp", "c", "rm", "nope"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no MCP server \"nope\""),
+        "{}",
+        stderr(&out)
+    );
+    let out = env.run(&["channels", "mcp", "nope"]);
+    assert_eq!(code(&out), 3);
+}

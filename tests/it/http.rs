@@ -1447,3 +1447,163 @@ async fn api_sets_a_channels_sandbox_and_ports_and_refuses_bad_changes() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn api_sets_and_checks_session_options_and_masks_mcp_secrets() {
+    let g = Gorp::start(|c| {
+        c.webhook.tokens = vec![API_TOKEN.into()];
+        c.acp.agent_args.extend(
+            [
+                "--option",
+                "model=fast,smart",
+                "--option",
+                "effort=low,high",
+            ]
+            .map(String::from),
+        );
+    })
+    .await;
+    let id = channel(&g.store, "alpha").await;
+    let base = serve(HttpState::new(
+        g.store.clone(),
+        g.config.clone(),
+        Some(g.pool.clone()),
+        Some(g.warm.clone()),
+    ))
+    .await;
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        http.get(format!("{base}{path}"))
+            .bearer_auth(API_TOKEN)
+            .send()
+    };
+    let patch = |body: Value| {
+        http.patch(format!("{base}/api/channels/alpha"))
+            .bearer_auth(API_TOKEN)
+            .json(&body)
+            .send()
+    };
+    let hook = |body: Value| {
+        http.post(format!("{base}/webhook/session/{id}?wait=30"))
+            .bearer_auth(CHANNEL_TOKEN)
+            .json(&body)
+            .send()
+    };
+    let jobs = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs")
+            .fetch_one(g.store.read_pool())
+            .await
+            .unwrap()
+    };
+
+    // Before the agent has run: nothing offered, an option is taken as text.
+    let resp = get("/api/channels/alpha/options").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let view: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (view["offered"].clone(), view["set"].clone()),
+        (Value::Null, json!({}))
+    );
+    let (status, _) = error_of(get("/api/channels/nope/options").await.unwrap()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let resp = patch(json!({ "options": { "model": "smart" } }))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let ch: Value = resp.json().await.unwrap();
+    assert_eq!(ch["agent_options"], json!({ "model": "smart" }));
+
+    // A webhook job's own options hold for its turn, over the channel's.
+    let resp = hook(json!({ "prompt": "@options", "options": { "effort": "high" } }))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["output"], "options: effort=high model=smart", "{body}");
+    let resp = hook(json!({ "prompt": "@options" })).await.unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["output"], "options: effort=low model=smart", "{body}");
+
+    // The agent has said what it offers.
+    let view: Value = get("/api/channels/alpha/options")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let offered = view["offered"].as_array().expect("offered after a run");
+    let ids: Vec<&str> = offered.iter().map(|o| o["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["model", "effort"], "{view}");
+    assert_eq!(offered[0]["values"], json!(["fast", "smart"]));
+    assert_eq!(offered[0]["category"], "model");
+    assert_eq!(view["set"], json!({ "model": "smart" }));
+
+    // What it does not offer is refused, and nothing is written.
+    let before = g.store.channel_get("alpha").await.unwrap().unwrap();
+    for options in [json!({ "model": "huge" }), json!({ "colour": "red" })] {
+        let (status, e) = error_of(patch(json!({ "options": options })).await.unwrap()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{options}");
+        let m = e["message"].as_str().unwrap();
+        assert!(
+            m.contains("values: fast, smart") || m.contains("options: model, effort"),
+            "{m}"
+        );
+    }
+    assert_eq!(
+        g.store.channel_get("alpha").await.unwrap().unwrap(),
+        before,
+        "nothing written"
+    );
+    let count = jobs().await;
+    for options in [json!({ "colour": "red" }), json!({ "model": "huge" })] {
+        let (status, e) = error_of(
+            hook(json!({ "prompt": "@options", "options": options }))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{options}: {e}");
+    }
+    assert_eq!(jobs().await, count, "no job written");
+
+    // MCP servers: stored as given, shown masked.
+    let resp = patch(json!({ "mcp_servers": [{
+        "name": "search",
+        "url": "http://127.0.0.1:9/mcp",
+        "headers": { "Authorization": "Bearer s3cret" }
+    }] }))
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = resp.text().await.unwrap();
+    assert!(!text.contains("s3cret"), "{text}");
+    let ch: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(ch["mcp_servers"][0]["headers"]["Authorization"], "********");
+    assert!(g
+        .store
+        .channel_get("alpha")
+        .await
+        .unwrap()
+        .unwrap()
+        .mcp_servers
+        .contains("Bearer s3cret"));
+    for path in ["/api/channels", "/api/channels/alpha/options"] {
+        let text = get(path).await.unwrap().text().await.unwrap();
+        assert!(!text.contains("s3cret"), "{path}: {text}");
+    }
+    let list: Value = get("/api/channels").await.unwrap().json().await.unwrap();
+    assert_eq!(
+        list[0]["mcp_servers"][0]["headers"]["Authorization"], "********",
+        "{list}"
+    );
+    let before = g.store.channel_get("alpha").await.unwrap().unwrap();
+    let (status, _) = error_of(
+        patch(json!({ "mcp_servers": [{ "name": "bad", "url": "ftp://x" }] }))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(g.store.channel_get("alpha").await.unwrap().unwrap(), before);
+    g.stop().await;
+}

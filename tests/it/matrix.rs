@@ -2076,3 +2076,90 @@ async fn usage_and_budgets_are_read_and_set_in_the_room_and_a_held_job_is_told_w
         })
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn session_options_are_shown_and_set_in_the_room_by_allowed_people_only() {
+    let mut w = World::start(|c| {
+        c.acp
+            .agent_args
+            .extend(["--option", "model=fast,smart"].map(String::from))
+    })
+    .await;
+    let (room, _) = w.create_channel("opts").await;
+    let options = |w: &World| {
+        let store = w.store.clone();
+        async move { store.channel_get("opts").await.unwrap().unwrap().options() }
+    };
+    // A prompt's output, once its job has finished.
+    async fn run(w: &mut World, room: &RoomId, prompt: &str) -> String {
+        let asked = w.alice.say(room, prompt).await;
+        let id = w.job_for(&asked).await;
+        let job = eventually(WAIT, "the job to finish", || async {
+            w.store
+                .job_get(&id)
+                .await
+                .unwrap()
+                .filter(|j| j.state.is_terminal())
+        })
+        .await;
+        assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+        w.store.job_output(&id).await.unwrap()
+    }
+
+    let before = w.command(&room, "!options").await;
+    assert!(before.contains("its agent has not run yet"), "{before}");
+    assert_eq!(run(&mut w, &room, "@options").await, "options: model=fast");
+    let shown = w.command(&room, "!options").await;
+    assert!(
+        shown.contains("`model`") && shown.contains("`fast`, `smart`"),
+        "{shown}"
+    );
+
+    let set = w.command(&room, "!model smart").await;
+    assert!(set.contains("model is now **smart**"), "{set}");
+    assert_eq!(
+        options(&w).await,
+        [("model".to_string(), "smart".to_string())].into()
+    );
+    assert_eq!(run(&mut w, &room, "@options").await, "options: model=smart");
+    let shown = w.command(&room, "!model").await;
+    assert!(shown.contains("**smart** (set for the channel)"), "{shown}");
+
+    // A value the agent does not offer: ❌ with the values, nothing written.
+    let bad = w.command(&room, "!model huge").await;
+    assert!(
+        bad.starts_with("❌ ") && bad.contains("huge") && bad.contains("fast, smart"),
+        "{bad}"
+    );
+    assert_eq!(
+        options(&w).await,
+        [("model".to_string(), "smart".to_string())].into()
+    );
+
+    let back = w.command(&room, "!model default").await;
+    assert!(back.contains("no longer sets a model"), "{back}");
+    assert!(options(&w).await.is_empty());
+    assert_eq!(run(&mut w, &room, "@options").await, "options: model=fast");
+
+    // A stranger in the room changes nothing.
+    let mallory = Person::login(&w.synapse, "mallory").await;
+    w.alice
+        .room(&room)
+        .invite_user_by_id(&mallory.user_id)
+        .await
+        .unwrap();
+    let mid = mallory.user_id.clone();
+    w.alice.membership(&room, &mid, MembershipState::Join).await;
+    let hers = mallory.say(&room, "!model smart").await;
+    eventually(WAIT, "the stranger's command to be refused", || async {
+        logged()
+            .lines()
+            .any(|l| {
+                l.contains("refused a message from a user who is not allowed")
+                    && l.contains(hers.as_str())
+            })
+            .then_some(())
+    })
+    .await;
+    assert!(options(&w).await.is_empty(), "her command did nothing");
+}
