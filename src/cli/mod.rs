@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 
 mod approvals;
+mod doctor;
 
 use crate::config::{Config, ConfigError};
 use crate::service::channels;
@@ -209,8 +210,10 @@ pub enum Command {
         #[arg(long, default_value = "channel")]
         by: crate::store::UsageBy,
     },
-    /// Check what this machine and config can enforce: the kernel sandbox (Landlock), the
-    /// agent binary, the directories gorp writes.
+    /// Check this machine and config for real, changing nothing: the kernel sandbox, every
+    /// configured agent (found, its Node, starts, speaks ACP, version, capabilities, signed
+    /// in), the database (migrations, writable), the Matrix homeserver and the bot's device,
+    /// the HTTP port. Each failure says how to fix it; exit code 1 when something is broken.
     Doctor,
     /// Show the warm-session pool, or pre-warm a channel's agent now.
     Warm {
@@ -609,7 +612,7 @@ async fn dispatch(cli: &Cli) -> CmdResult {
             Ok(EXIT_OK)
         }
         Command::Start => start(config).await,
-        Command::Doctor => doctor(cli, &config),
+        Command::Doctor => doctor::doctor(cli, &config).await,
         cmd => {
             let store = Store::open(&config.database).await?;
             let code = data_command(cli, cmd, &config, &store).await;
@@ -1513,107 +1516,6 @@ fn sandbox_default(config: &Config) -> String {
 
 /// `gorp doctor`: each check on a line, `ok` or `FAIL` with what to do; exit 1 when the
 /// config asks for what cannot hold here.
-fn doctor(cli: &Cli, config: &Config) -> CmdResult {
-    let abi = crate::sandbox::kernel_abi();
-    let mut checks: Vec<(String, bool, String)> = Vec::new();
-    let landlock_asked = config.acp.sandbox == Some(crate::store::SandboxMode::Landlock);
-    checks.push((
-        "landlock".into(),
-        abi > 0 || !landlock_asked,
-        if abi > 0 {
-            format!("the kernel supports Landlock ABI {abi}")
-        } else if landlock_asked {
-            "the kernel has no Landlock, and [acp] sandbox = \"landlock\": agents will not start \
-             (Linux 5.13 or newer with Landlock enabled at boot)"
-                .into()
-        } else {
-            "the kernel has no Landlock: agents run without a sandbox".into()
-        },
-    ));
-    checks.push((
-        "sandbox".into(),
-        true,
-        format!(
-            "[acp] sandbox = {} (channels may override it)",
-            match config.acp.sandbox {
-                Some(m) => m.to_string(),
-                None => format!("unset: {}", sandbox_default(config)),
-            }
-        ),
-    ));
-    if let Some(ports) = &config.acp.allowed_ports {
-        checks.push((
-            "allowed_ports".into(),
-            abi >= 4,
-            if abi >= 4 {
-                format!("TCP connect limited to ports {ports:?}")
-            } else {
-                format!("[acp] allowed_ports needs Landlock ABI 4 (Linux 6.7); this kernel has {abi}: agents will not start")
-            },
-        ));
-    }
-    let binary = &config.acp.agent_binary;
-    let found = if binary.contains('/') {
-        std::path::Path::new(binary).is_file()
-    } else {
-        std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(binary).is_file()))
-            .unwrap_or(false)
-    };
-    checks.push((
-        "agent".into(),
-        found,
-        if found {
-            format!("[acp] agent_binary {binary} is there")
-        } else {
-            format!(
-                "[acp] agent_binary {binary} is not found (a path, or a program on PATH); {}",
-                crate::acp::client::install_hint(binary)
-            )
-        },
-    ));
-    for p in &config.acp.extra_writable {
-        checks.push((
-            "extra_writable".into(),
-            p.exists(),
-            format!(
-                "{} {}",
-                p.display(),
-                if p.exists() {
-                    "exists"
-                } else {
-                    "does not exist"
-                }
-            ),
-        ));
-    }
-    let ok = checks.iter().all(|(_, ok, _)| *ok);
-    out(
-        cli,
-        serde_json::json!({
-            "ok": ok,
-            "landlock_abi": abi,
-            "checks": checks.iter().map(|(name, ok, detail)| serde_json::json!({
-                "check": name, "ok": ok, "detail": detail
-            })).collect::<Vec<_>>(),
-        }),
-        || {
-            checks
-                .iter()
-                .map(|(name, ok, detail)| {
-                    format!(
-                        "{:<15} {:<4} {detail}",
-                        name,
-                        if *ok { "ok" } else { "FAIL" }
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join("\n")
-        },
-    );
-    Ok(if ok { EXIT_OK } else { EXIT_ERROR })
-}
-
 /// `gorp channels login`: the channel's agent directories, or a command run in them.
 async fn login(
     cli: &Cli,

@@ -254,3 +254,93 @@ fn connect_options(path: &Path, cfg: &DatabaseConfig) -> SqliteConnectOptions {
         )
         .disable_statement_logging()
 }
+
+/// What `gorp doctor` reads of a database, changing nothing.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DatabaseReport {
+    pub backend: &'static str,
+    pub path: std::path::PathBuf,
+    pub exists: bool,
+    /// Migrations the database has applied.
+    pub applied: usize,
+    /// Migrations this gorp has.
+    pub known: usize,
+    /// Applied versions this gorp does not know (a newer gorp migrated it).
+    pub unknown: Vec<i64>,
+    /// Why gorp could not write it, if it could not (the file or its directory).
+    pub not_writable: Option<String>,
+    /// Channels' agent settings: (name, agent binary, agent args JSON).
+    pub channel_agents: Vec<(String, Option<String>, Option<String>)>,
+}
+
+impl Store {
+    /// Reads the database at `cfg.path` read-only: which migrations it has applied against
+    /// those this gorp has, whether gorp could write it, and the channels' agents.
+    pub async fn inspect(cfg: &DatabaseConfig) -> Result<DatabaseReport> {
+        use sqlx::Connection;
+        let path = cfg.path.clone();
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."))
+            .to_path_buf();
+        let writable = |p: &std::path::Path| -> Option<String> {
+            let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok()?;
+            // SAFETY: access(2) on a NUL-terminated path.
+            let r = unsafe { libc::access(c.as_ptr(), libc::W_OK) };
+            (r != 0).then(|| format!("{}: {}", p.display(), std::io::Error::last_os_error()))
+        };
+        let known = MIGRATOR.migrations.len();
+        let mut report = DatabaseReport {
+            backend: "sqlite",
+            path: path.clone(),
+            exists: path.exists(),
+            applied: 0,
+            known,
+            unknown: Vec::new(),
+            not_writable: None,
+            channel_agents: Vec::new(),
+        };
+        if !report.exists {
+            report.not_writable = writable(&dir);
+            return Ok(report);
+        }
+        report.not_writable = writable(&path).or_else(|| writable(&dir));
+        let opts = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .read_only(true)
+            .busy_timeout(std::time::Duration::from_millis(cfg.busy_timeout_ms));
+        let mut conn = sqlx::SqliteConnection::connect_with(&opts).await?;
+        let has_table: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+        )
+        .fetch_one(&mut conn)
+        .await?;
+        if has_table > 0 {
+            let versions: Vec<i64> =
+                sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                    .fetch_all(&mut conn)
+                    .await?;
+            report.applied = versions.len();
+            report.unknown = versions
+                .into_iter()
+                .filter(|v| !MIGRATOR.migrations.iter().any(|m| m.version == *v))
+                .collect();
+            let has_channels: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'channels'",
+            )
+            .fetch_one(&mut conn)
+            .await?;
+            if has_channels > 0 {
+                report.channel_agents = sqlx::query_as(
+                    "SELECT name, agent_binary, agent_args FROM channels
+                     WHERE agent_binary IS NOT NULL OR agent_args IS NOT NULL ORDER BY name",
+                )
+                .fetch_all(&mut conn)
+                .await?;
+            }
+        }
+        conn.close().await?;
+        Ok(report)
+    }
+}

@@ -13,6 +13,7 @@ mod codex;
 mod config;
 mod dashboard;
 mod deploy;
+mod doctor;
 mod faults;
 mod gemini;
 mod http;
