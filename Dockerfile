@@ -74,7 +74,7 @@ COPY deploy/container.toml /etc/gorp/config.toml
 RUN groupadd --system --gid 10001 gorp \
  && useradd --system --uid 10001 --gid gorp --home-dir /data --shell /usr/sbin/nologin gorp \
  && install -d -o gorp -g gorp -m 0750 /data /workspaces
-# NO_COLOR: plain log lines (gorp colours them even when stderr is not a terminal).
+# NO_COLOR: plain log lines from gorp and from the agents, which inherit it.
 ENV PATH=/opt/node/bin:$PATH \
     GORP_CONFIG_PATH=/etc/gorp/config.toml \
     NO_COLOR=1

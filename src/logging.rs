@@ -47,8 +47,13 @@ pub fn init() -> Result<(), String> {
     let var = |k: &str| std::env::var(k).ok();
     let format = Format::parse(var("GORP_LOG_FORMAT").as_deref())?;
     let filter = filter(var("GORP_LOG").as_deref(), var("RUST_LOG").as_deref())?;
+    // Colours only on a terminal (and never with NO_COLOR): the journal and log files get
+    // plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         Format::Text => builder.init(),
