@@ -519,7 +519,9 @@ fn mode_setting(
     let asks = ASKING_MODES.contains(&w.as_str()) || configured == Some(w.as_str());
     if policy != PermissionPolicy::Allow && !asks {
         return Err(format!(
-            "refused: mode {w:?} lets the agent use tools without asking, so permission policy              {policy} could not hold; under {policy} gorp runs the agent only in a mode in which              it asks ({}{})",
+            "refused: mode {w:?} lets the agent use tools without asking, so permission policy \
+             {policy} could not hold; under {policy} gorp runs the agent only in a mode in which \
+             it asks ({}{})",
             ASKING_MODES.join(", "),
             configured.map(|c| format!(", {c}")).unwrap_or_default()
         ));

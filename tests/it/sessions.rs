@@ -269,6 +269,7 @@ async fn a_mode_option_that_would_not_ask_is_refused_under_deny_and_ask() {
                 err.contains("mode \"auto\"") && err.contains(policy),
                 "{err}"
             );
+            assert!(!err.contains("  "), "one space between words: {err}");
         }
     }
     g.stop().await;
