@@ -120,6 +120,40 @@ pub async fn check_options(
     Ok(())
 }
 
+/// A listing shows secrets as [`crate::config::MASK`]: a list read and sent back keeps the
+/// stored value of each masked `env` or header value (of the server of the same name); a mask
+/// with nothing stored behind it is refused rather than stored as the secret.
+fn keep_masked_secrets(
+    servers: &mut [McpServerSpec],
+    stored: &[McpServerSpec],
+) -> Result<(), StoreError> {
+    for s in servers.iter_mut() {
+        let old = stored.iter().find(|o| o.name == s.name);
+        for (map, old_map, what) in [
+            (&mut s.env, old.map(|o| &o.env), "env"),
+            (&mut s.headers, old.map(|o| &o.headers), "header"),
+        ] {
+            for (k, v) in map.iter_mut() {
+                if v != crate::config::MASK {
+                    continue;
+                }
+                match old_map.and_then(|m| m.get(k)) {
+                    Some(real) => *v = real.clone(),
+                    None => {
+                        return Err(StoreError::Invalid(format!(
+                            "MCP server {}: {what} {k} is {:?}, the mask shown in place of a \
+                             secret; send its real value",
+                            s.name,
+                            crate::config::MASK
+                        )))
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Refuses MCP servers that are malformed or share a name.
 pub fn check_mcp_servers(servers: &[McpServerSpec]) -> Result<(), StoreError> {
     let mut names = std::collections::HashSet::new();
@@ -328,7 +362,13 @@ pub async fn update(
         };
         check_options(store, ch.id, o).await?;
     }
-    if let Some(m) = &changes.mcp_servers {
+    let mut changes = changes;
+    if let Some(m) = changes.mcp_servers.as_mut() {
+        let Some(ch) = store.channel_get(name).await? else {
+            return Ok(None);
+        };
+        let stored: Vec<McpServerSpec> = serde_json::from_str(&ch.mcp_servers).unwrap_or_default();
+        keep_masked_secrets(m, &stored)?;
         check_mcp_servers(m)?;
     }
     let dirs = match &changes.additional_directories {

@@ -388,6 +388,45 @@ async fn mcp_servers_and_directories_reach_every_opening_and_secrets_stay_masked
     }
     let now = g.store.channel_get("tools").await.unwrap().unwrap();
     assert_eq!(now.mcp_servers, updated.mcp_servers);
+
+    // A listing read and sent back keeps the secrets behind the masks; a mask with no secret
+    // behind it is refused.
+    let listed: Vec<McpServerSpec> =
+        serde_json::from_value(serde_json::to_value(&now).unwrap()["mcp_servers"].clone()).unwrap();
+    assert_eq!(listed[0].headers["Authorization"], "********");
+    let back = channels::update(
+        &g.store,
+        "tools",
+        Changes {
+            mcp_servers: Some(listed.clone()),
+            ..Changes::default()
+        },
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        back.mcp_servers.contains("Bearer s3cret-header"),
+        "{}",
+        back.mcp_servers
+    );
+    let mut renamed = listed;
+    renamed[0].name = "other".into();
+    let err = channels::update(
+        &g.store,
+        "tools",
+        Changes {
+            mcp_servers: Some(renamed),
+            ..Changes::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("the mask shown in place of a secret"),
+        "{err}"
+    );
     assert_eq!(now.additional_directories, updated.additional_directories);
     g.stop().await;
 }
