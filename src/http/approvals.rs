@@ -221,6 +221,7 @@ pub struct SetChannel {
     /// The session config options set for the channel (replacing its set), option id or
     /// category → value, applied before every prompt (`GET /api/channels/{name}/options`
     /// lists what the agent offers). `{}` clears them.
+    #[schema(value_type = Option<SessionOptions>)]
     pub options: Option<std::collections::BTreeMap<String, String>>,
     /// The MCP servers given to its agent's sessions (replacing its list), from the agent's
     /// next start.
@@ -278,6 +279,32 @@ impl utoipa::PartialSchema for TcpPort {
 }
 
 impl ToSchema for TcpPort {}
+
+/// Session config options: an object of option names (1-64 of `A-Za-z0-9_-./:`) to values
+/// (1-256 characters, no control characters), at most 32 (only its schema is used).
+pub struct SessionOptions;
+
+impl utoipa::PartialSchema for SessionOptions {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        let name = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some("^[A-Za-z0-9_./:-]{1,64}$"));
+        let value = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(1))
+            .max_length(Some(256))
+            .pattern(Some("^[^\\x00-\\x1f\\x7f-\\x9f]+$"));
+        ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .property_names(Some(name))
+            .additional_properties(Some(value))
+            .max_properties(Some(32))
+            .into()
+    }
+}
+
+impl ToSchema for SessionOptions {}
 
 /// A field that is present (even as `null`) is `Some`.
 fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>

@@ -60,6 +60,7 @@ pub struct WebhookRequest {
     pub max_cost_usd: Option<f64>,
     /// Session config options for this job's turn (option id or category → value, e.g.
     /// `{"model": "…"}`), over the channel's; checked against what the agent offers.
+    #[schema(value_type = Option<super::approvals::SessionOptions>)]
     pub options: Option<std::collections::BTreeMap<String, String>>,
 }
 
