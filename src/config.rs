@@ -91,8 +91,14 @@ pub enum Synchronous {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseConfig {
-    /// SQLite database file.
+    /// SQLite database file (the default backend).
     pub path: PathBuf,
+    /// `postgres://user:password@host:port/dbname` selects PostgreSQL instead of the SQLite
+    /// file (its password is masked wherever the config is shown).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Connections in a PostgreSQL pool.
+    pub max_connections: u32,
     /// `normal` (default, WAL-safe) or `full` (fsync every commit).
     pub synchronous: Synchronous,
     /// How long a connection waits for a lock before failing.
@@ -106,10 +112,62 @@ pub struct DatabaseConfig {
     pub retention_days: u32,
 }
 
+/// Which database gorp's store is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+impl DatabaseConfig {
+    /// The backend: PostgreSQL when `url` is set, else SQLite.
+    pub fn backend(&self) -> Backend {
+        if self.url.is_some() {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        }
+    }
+
+    /// Where the database is, for messages: the file, or the URL with its password masked.
+    pub fn location(&self) -> String {
+        match &self.url {
+            Some(u) => mask_url_password(u),
+            None => self.path.display().to_string(),
+        }
+    }
+}
+
+/// `postgres://user:********@host/db` for `postgres://user:secret@host/db`.
+pub fn mask_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some(parts) => parts,
+        None => return url.to_string(),
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:{MASK}@{host}"),
+        None => url.to_string(),
+    }
+}
+
 impl Default for DatabaseConfig {
     fn default() -> Self {
         Self {
             path: PathBuf::from("./gorp.db"),
+            url: None,
+            max_connections: 10,
             synchronous: Synchronous::Normal,
             busy_timeout_ms: 5_000,
             read_connections: 4,
@@ -596,6 +654,26 @@ impl Config {
         if self.database.path.as_os_str().is_empty() {
             return bad("database.path", "expected a file path, got an empty string");
         }
+        if let Some(url) = &self.database.url {
+            // The driver reads the rest (options, sockets) when it connects.
+            let host = url
+                .strip_prefix("postgres://")
+                .or_else(|| url.strip_prefix("postgresql://"))
+                .map(|r| r.rsplit_once('@').map_or(r, |(_, h)| h))
+                .map(|h| h.split(['/', '?']).next().unwrap_or(""));
+            if host.is_none_or(|h| h.is_empty()) || url.chars().any(char::is_whitespace) {
+                return bad(
+                    "database.url",
+                    &format!(
+                        "expected postgres://user:password@host:port/dbname, got {:?}",
+                        mask_url_password(url)
+                    ),
+                );
+            }
+        }
+        if self.database.max_connections == 0 || self.database.max_connections > 1000 {
+            return bad("database.max_connections", "expected 1 to 1000");
+        }
         if self.database.read_connections == 0 {
             return bad("database.read_connections", "expected at least 1");
         }
@@ -864,7 +942,11 @@ fn mask_secrets(value: &mut toml::Value) {
         toml::Value::Table(t) => {
             for (k, v) in t.iter_mut() {
                 let lower = k.to_ascii_lowercase();
-                if lower == "mcp_servers" {
+                if lower == "url" {
+                    if let toml::Value::String(u) = v {
+                        *u = mask_url_password(u);
+                    }
+                } else if lower == "mcp_servers" {
                     // An MCP server's env and headers carry its credentials.
                     if let toml::Value::Array(servers) = v {
                         for server in servers.iter_mut().filter_map(|s| s.as_table_mut()) {

@@ -194,18 +194,21 @@ async fn database(c: &mut Checks, config: &Config) -> Option<crate::store::Datab
         Err(e) => {
             c.fail(
                 "database",
-                format!("{} cannot be read: {e}", config.database.path.display()),
-                "check [database] path and its permissions".into(),
+                format!("{} cannot be read: {e}", config.database.location()),
+                match config.database.backend() {
+                    crate::config::Backend::Sqlite => "check [database] path and its permissions".into(),
+                    crate::config::Backend::Postgres => "check [database] url: the server, the role and its password, the database name".into(),
+                },
             );
             return None;
         }
     };
-    let path = r.path.display();
+    let path = format!("{} ({})", r.location, r.backend);
     if !r.exists {
         match &r.not_writable {
             None => c.ok(
                 "database",
-                format!("{} (sqlite) does not exist yet; gorp creates it", path),
+                format!("{path} does not exist yet; gorp creates it"),
             ),
             Some(why) => c.fail(
                 "database",
@@ -236,7 +239,7 @@ async fn database(c: &mut Checks, config: &Config) -> Option<crate::store::Datab
     } else {
         c.ok(
             "migrations",
-            format!("{path} (sqlite): all {} migrations applied", r.known),
+            format!("{path}: all {} migrations applied", r.known),
         );
     }
     match &r.not_writable {

@@ -599,13 +599,19 @@ async fn dispatch(cli: &Cli) -> CmdResult {
         }
         Command::Migrate => {
             let n = Store::migrate(&config.database).await?;
+            let db = &config.database;
             out(
                 cli,
-                serde_json::json!({ "migrations": n, "database": config.database.path }),
+                serde_json::json!({
+                    "migrations": n,
+                    "backend": db.backend().as_str(),
+                    "database": db.location(),
+                }),
                 || {
                     format!(
-                        "database {} is at migration {n}",
-                        config.database.path.display()
+                        "database {} ({}) is at migration {n}",
+                        db.location(),
+                        db.backend().as_str()
                     )
                 },
             );

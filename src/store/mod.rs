@@ -34,6 +34,7 @@ mod dashboard;
 mod events;
 mod jobs;
 mod matrix;
+mod postgres;
 mod schedules;
 mod types;
 mod warm;
@@ -53,6 +54,7 @@ use tokio::sync::{mpsc, watch, Notify};
 pub use channels::ChannelUpdate;
 pub use dashboard::{AttemptUsage, ChannelDepth, DashboardSession};
 pub use matrix::{MatrixApprovalDue, MatrixReply, MatrixReplyUpdate, MatrixTarget};
+pub use postgres::PG_MIGRATOR;
 pub use types::*;
 pub use warm::WarmUpdate;
 use writer::{Op, Write};
@@ -141,6 +143,15 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the database, applies migrations and starts the writer.
     pub async fn open(cfg: &DatabaseConfig) -> Result<Store> {
+        if cfg.backend() == crate::config::Backend::Postgres {
+            return Err(StoreError::Open(format!(
+                "database.url selects PostgreSQL ({}), which gorp can migrate (`gorp migrate`) \
+                 and check (`gorp doctor`) but cannot run its queue on yet; unset \
+                 [database] url (GORP_DATABASE_URL) to run on the SQLite file {}",
+                cfg.location(),
+                cfg.path.display()
+            )));
+        }
         if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
                 StoreError::Open(format!("cannot create directory {}: {e}", dir.display()))
@@ -175,10 +186,15 @@ impl Store {
     }
 
     /// Applies pending migrations and reports how many there are in all.
-    pub async fn migrate(cfg: &DatabaseConfig) -> Result<usize> {
+    /// Applies the pending migrations; returns the schema version (the same number on both
+    /// backends).
+    pub async fn migrate(cfg: &DatabaseConfig) -> Result<i64> {
+        if cfg.backend() == crate::config::Backend::Postgres {
+            return postgres::migrate(cfg).await;
+        }
         let store = Store::open(cfg).await?;
         store.close().await;
-        Ok(MIGRATOR.iter().count())
+        Ok(MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0))
     }
 
     /// True when every embedded migration has been applied (for readiness checks).
@@ -259,7 +275,8 @@ fn connect_options(path: &Path, cfg: &DatabaseConfig) -> SqliteConnectOptions {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DatabaseReport {
     pub backend: &'static str,
-    pub path: std::path::PathBuf,
+    /// The file, or the URL with its password masked.
+    pub location: String,
     pub exists: bool,
     /// Migrations the database has applied.
     pub applied: usize,
@@ -278,6 +295,9 @@ impl Store {
     /// those this gorp has, whether gorp could write it, and the channels' agents.
     pub async fn inspect(cfg: &DatabaseConfig) -> Result<DatabaseReport> {
         use sqlx::Connection;
+        if cfg.backend() == crate::config::Backend::Postgres {
+            return postgres::inspect(cfg).await;
+        }
         let path = cfg.path.clone();
         let dir = path
             .parent()
@@ -293,7 +313,7 @@ impl Store {
         let known = MIGRATOR.migrations.len();
         let mut report = DatabaseReport {
             backend: "sqlite",
-            path: path.clone(),
+            location: path.display().to_string(),
             exists: path.exists(),
             applied: 0,
             known,

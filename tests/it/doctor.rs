@@ -10,7 +10,8 @@ fn doctor(env: &Env) -> (serde_json::Value, i32) {
     let out = env.run(&["--json", "doctor"]);
     let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
-            "doctor's JSON: {e}: {}{}",
+            "doctor's JSON ({:?}): {e}: {}{}",
+            out.status,
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         )

@@ -1,0 +1,207 @@
+//! `[database] url` on a real PostgreSQL (the throwaway cluster of `scripts/setup-postgres`):
+//! `gorp migrate` builds the schema and says which backend it used, `gorp doctor` reads it,
+//! `gorp start` refuses to run its queue there yet, saying so; and the bad inputs the issue
+//! names — an unreachable server, wrong credentials, a database of a newer schema, a URL that
+//! is no PostgreSQL URL — each get a clear message and exit code, nothing written.
+
+use std::sync::OnceLock;
+
+use crate::cli::Env;
+
+/// The cluster's URL (started once per test binary; a missing PostgreSQL fails the test).
+fn server_url() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        let repo = env!("CARGO_MANIFEST_DIR");
+        let out = std::process::Command::new(format!("{repo}/scripts/setup-postgres"))
+            .current_dir(repo)
+            .output()
+            .expect("run scripts/setup-postgres");
+        assert!(
+            out.status.success(),
+            "scripts/setup-postgres failed (it installs Debian's postgresql when missing): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    })
+}
+
+/// A new, empty database on the cluster; its URL.
+async fn fresh_database() -> String {
+    use sqlx::Connection;
+    let server = server_url();
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(server).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    format!("{}/{name}", server.rsplit_once('/').unwrap().0)
+}
+
+async fn table_count(url: &str) -> i64 {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    n
+}
+
+/// `env` with `[database] url = url`.
+fn on_postgres(env: &Env, url: &str) {
+    let path = env.config_path();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text.replacen("[database]\n", &format!("[database]\nurl = \"{url}\"\n"), 1);
+    std::fs::write(&path, text).unwrap();
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn migrate_builds_the_schema_and_doctor_reads_it_while_start_refuses_for_now() {
+    let url = fresh_database().await;
+    let env = Env::new();
+    on_postgres(&env, &url);
+    assert_eq!(table_count(&url).await, 0);
+
+    let out = env.ok(&["migrate"]);
+    assert!(
+        out.contains("(postgres) is at migration 15") && out.contains(":********@"),
+        "{out}"
+    );
+    let password = url.split(':').nth(2).unwrap().split('@').next().unwrap();
+    assert!(!out.contains(password), "the password is masked: {out}");
+    let tables = table_count(&url).await;
+    assert!(tables >= 14, "{tables} tables");
+    // Again: nothing to do, the same version.
+    assert!(env.ok(&["migrate"]).contains("is at migration 15"));
+    assert_eq!(table_count(&url).await, tables);
+
+    let shown = env.ok(&["config", "check"]);
+    assert!(
+        shown.contains("url = \"postgres://gorp:********@"),
+        "{shown}"
+    );
+    assert!(!shown.contains(password), "{shown}");
+
+    let doc: serde_json::Value = serde_json::from_str(&env.ok(&["--json", "doctor"])).unwrap();
+    let find = |name: &str| {
+        doc["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == name)
+            .cloned()
+            .unwrap()
+    };
+    let m = find("migrations");
+    assert_eq!(m["status"], "ok", "{m}");
+    assert!(m["detail"].as_str().unwrap().contains("(postgres)"), "{m}");
+    assert_eq!(find("db writable")["status"], "ok");
+
+    let out = env.run(&["start"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("cannot run its queue on yet") && err.contains("unset [database] url"),
+        "{err}"
+    );
+    assert!(
+        !env.dir.path().join("gorp.db").exists(),
+        "no SQLite file written"
+    );
+}
+
+#[tokio::test]
+async fn bad_database_urls_get_a_clear_message_and_write_nothing() {
+    let url = fresh_database().await;
+    let (scheme_user, host_db) = url.rsplit_once('@').unwrap();
+    let user = scheme_user.rsplit_once(':').unwrap().0;
+
+    // Wrong password.
+    let env = Env::new();
+    on_postgres(&env, &format!("{user}:not-the-password@{host_db}"));
+    let out = env.run(&["migrate"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("refused the credentials")
+            && !stderr(&out).contains("not-the-password"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(table_count(&url).await, 0);
+
+    // Nothing listening.
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let env = Env::new();
+    on_postgres(&env, &format!("postgres://gorp:pw@127.0.0.1:{free}/gorp"));
+    let out = env.run(&["migrate"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("cannot reach PostgreSQL at postgres://gorp:********@127.0.0.1"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Not a PostgreSQL URL: a configuration error before anything is opened.
+    for bad in ["mysql://u:p@h/db", "postgres://", "postgres:// spaced/db"] {
+        let env = Env::new();
+        on_postgres(&env, bad);
+        let out = env.run(&["migrate"]);
+        assert_eq!(out.status.code(), Some(78), "{bad}: {}", stderr(&out));
+        assert!(stderr(&out).contains("database.url"), "{}", stderr(&out));
+        assert!(!env.dir.path().join("gorp.db").exists());
+    }
+
+    // A database a newer gorp migrated.
+    let env = Env::new();
+    on_postgres(&env, &url);
+    env.ok(&["migrate"]);
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations
+                 (version, description, installed_on, success, checksum, execution_time)
+             VALUES (99990101, 'from the future', now(), true, '\\x00', 1)",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        conn.close().await.unwrap();
+    }
+    let out = env.run(&["migrate"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("was migrated by a newer gorp (migration 99990101"),
+        "{}",
+        stderr(&out)
+    );
+    let (doc, code) = {
+        let out = env.run(&["--json", "doctor"]);
+        (
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(),
+            out.status.code(),
+        )
+    };
+    assert_eq!(code, Some(1));
+    let m = doc["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "migrations")
+        .unwrap();
+    assert_eq!(m["status"], "fail", "{m}");
+}
