@@ -17,6 +17,34 @@ use crate::rescuer::Rescuer;
 use crate::store::Store;
 use crate::worker::{PoolConfig, WorkerPool};
 
+/// How long a busy port is tried again before gorp gives up.
+const BIND_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Listens on `addr`. A port still held for a moment after the previous gorp died is tried
+/// again for up to [`BIND_RETRY_FOR`]: an agent that gorp was starting when it was killed holds
+/// a copy of the listening socket between `fork` and `exec` (only `exec` closes it), so right
+/// after a `kill -9` the port can be busy for a few milliseconds.
+async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let until = tokio::time::Instant::now() + BIND_RETRY_FOR;
+    let mut warned = false;
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < until =>
+            {
+                if !warned {
+                    tracing::warn!(%addr, "the port is in use; trying again for up to {BIND_RETRY_FOR:?}");
+                    warned = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(anyhow::anyhow!("cannot listen on {addr}: {e}")),
+        }
+    }
+}
+
 /// Runs gorp (ACP executor on warm sessions) until `shutdown` fires; returns after the pool
 /// has drained and the agents are stopped.
 pub async fn run(
@@ -28,9 +56,7 @@ pub async fn run(
     let instance_id = instance.to_string();
     let config = Arc::new(config);
     let addr = format!("{}:{}", config.webhook.bind, config.webhook.port);
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let listener = bind(&addr).await?;
     let warm = WarmSessionManager::new(store.clone(), config.clone(), instance_id.clone());
     let executor = Arc::new(AcpExecutor::new(warm.clone()));
     let pool = WorkerPool::new(

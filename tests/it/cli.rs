@@ -1628,3 +1628,40 @@ async fn mcp_servers_and_directories_are_managed_by_the_cli_and_secrets_never_sh
     let out = env.run(&["channels", "mcp", "nope"]);
     assert_eq!(code(&out), 3);
 }
+
+/// A port still held when gorp starts (as by an agent gorp was starting when it was killed,
+/// which keeps a copy of the listening socket until its `exec`) is tried again: gorp starts
+/// serving once the port is free instead of exiting at once.
+#[tokio::test]
+async fn start_waits_for_a_port_that_frees_up_instead_of_exiting() {
+    use std::io::BufRead;
+    let env = Env::new();
+    let base = with_http(&env);
+    let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
+    let held = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let mut child = env
+        .cmd(&["start"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("the port is in use; trying again") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(WAIT)
+        .expect("gorp says it is trying the busy port again");
+    assert!(child.try_wait().unwrap().is_none(), "gorp is still running");
+    drop(held);
+    let server = Server { child };
+    healthy(&base).await;
+    drop(server);
+}
