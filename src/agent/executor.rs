@@ -169,7 +169,7 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
                 live.agent.pid(),
                 match (&session.warm, &live.fallback) {
                     (false, Some(why)) => format!(", new session ({why})"),
-                    (false, None) if live.resumed =>
+                    (false, None) if live.resumed() =>
                         format!(", resumed with {}", live.opened_with.method()),
                     _ => String::new(),
                 },
@@ -181,7 +181,7 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
             "warm": session.warm,
             "pid": live.agent.pid(),
             "session_id": live.session_id,
-            "resumed": live.resumed,
+            "resumed": live.resumed(),
             "opened_with": live.opened_with.method(),
             "open_fallback": live.fallback,
             "options": live

@@ -50,9 +50,6 @@ pub const LEASE: Duration = Duration::from_secs(30);
 pub struct Live {
     pub agent: AgentProcess,
     pub session_id: String,
-    /// The session continued the channel's stored one (`session/resume` or `session/load`)
-    /// rather than starting anew.
-    pub resumed: bool,
     /// The method the session was opened with.
     pub opened_with: OpenedWith,
     /// Why the stored session was not continued, when it was not.
@@ -68,6 +65,24 @@ pub struct Live {
 }
 
 impl Live {
+    /// The session continued the channel's stored one (`session/resume` or `session/load`)
+    /// rather than starting anew.
+    pub fn resumed(&self) -> bool {
+        self.opened_with.continued()
+    }
+
+    /// The value each of the session's config options has now.
+    fn current_options(
+        agent: &AgentProcess,
+        session: &str,
+    ) -> std::collections::BTreeMap<String, String> {
+        agent
+            .session_options(session)
+            .into_iter()
+            .map(|o| (o.id, o.current))
+            .collect()
+    }
+
     /// What the agent said of itself and the session's options, as the lease row keeps it.
     pub fn agent_info(&self) -> String {
         let init = self.agent.initialize_response();
@@ -411,14 +426,8 @@ impl WarmSessionManager {
         match live.agent.new_session().await {
             Ok(id) => {
                 tracing::info!(channel_id = slot.channel_id, session = %id, "new ACP session after a reset");
-                live.option_defaults = live
-                    .agent
-                    .session_options(&id)
-                    .into_iter()
-                    .map(|o| (o.id, o.current))
-                    .collect();
+                live.option_defaults = Live::current_options(&live.agent, &id);
                 live.session_id = id.clone();
-                live.resumed = false;
                 live.opened_with = OpenedWith::New;
                 live.fallback = None;
                 live.options_changed.store(true, Ordering::Relaxed);
@@ -573,15 +582,10 @@ impl WarmSessionManager {
             }
         };
         tracing::info!(channel = %channel.name, pid = agent.pid(), session = %opened.id, with = opened.with.method(), "agent started");
-        let option_defaults = agent
-            .session_options(&opened.id)
-            .into_iter()
-            .map(|o| (o.id, o.current))
-            .collect();
+        let option_defaults = Live::current_options(&agent, &opened.id);
         Ok(Live {
             agent,
             session_id: opened.id,
-            resumed: opened.with.continued(),
             opened_with: opened.with,
             fallback: opened.fallback,
             reported_cost: std::sync::Mutex::new(None),

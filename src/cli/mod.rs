@@ -1638,10 +1638,8 @@ fn options_text(view: &channels::OptionsView) -> String {
             lines.push(format!("channel {}: options the agent offers", view.channel));
             for o in list {
                 let set = view
-                    .set
-                    .iter()
-                    .find(|(k, _)| o.is_named(k))
-                    .map(|(_, v)| format!("  set: {v}"))
+                    .set_for(o)
+                    .map(|v| format!("  set: {v}"))
                     .unwrap_or_default();
                 lines.push(format!(
                     "  {} ({}{}): {}  [{}]{set}",
@@ -1655,13 +1653,8 @@ fn options_text(view: &channels::OptionsView) -> String {
         }
     }
     let unknown: Vec<String> = view
-        .set
+        .set_elsewhere()
         .iter()
-        .filter(|(k, _)| {
-            view.offered
-                .as_ref()
-                .is_none_or(|l| !l.iter().any(|o| o.is_named(k)))
-        })
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     if !unknown.is_empty() {

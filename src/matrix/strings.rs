@@ -950,10 +950,8 @@ pub fn options_view(view: &crate::service::channels::OptionsView) -> String {
             lines.push(format!("**{}** session options:", view.channel));
             for o in list {
                 let set = view
-                    .set
-                    .iter()
-                    .find(|(k, _)| o.is_named(k))
-                    .map(|(_, v)| format!(" — set to **{v}**"))
+                    .set_for(o)
+                    .map(|v| format!(" — set to **{v}**"))
                     .unwrap_or_default();
                 lines.push(format!(
                     "- `{}`: {} (one of {}){set}",
@@ -969,13 +967,8 @@ pub fn options_view(view: &crate::service::channels::OptionsView) -> String {
         }
     }
     let other: Vec<String> = view
-        .set
+        .set_elsewhere()
         .iter()
-        .filter(|(k, _)| {
-            view.offered
-                .as_ref()
-                .is_none_or(|l| !l.iter().any(|o| o.is_named(k)))
-        })
         .map(|(k, v)| inline_code(&format!("{k}={v}")))
         .collect();
     if !other.is_empty() {

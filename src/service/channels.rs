@@ -66,6 +66,30 @@ pub struct OptionsView {
     pub agent: Option<serde_json::Value>,
 }
 
+impl OptionsView {
+    /// The value the channel sets for offered option `o` (by its id or its category).
+    pub fn set_for(&self, o: &ConfigOptionInfo) -> Option<&str> {
+        self.set
+            .iter()
+            .find(|(k, _)| o.is_named(k))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// What the channel sets that names no option the agent offered (all of it before the
+    /// agent's first start).
+    pub fn set_elsewhere(&self) -> Vec<(&str, &str)> {
+        self.set
+            .iter()
+            .filter(|(k, _)| {
+                self.offered
+                    .as_ref()
+                    .is_none_or(|l| !l.iter().any(|o| o.is_named(k)))
+            })
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect()
+    }
+}
+
 /// The options view of `channel`.
 pub async fn options_view(store: &Store, channel: &Channel) -> Result<OptionsView, StoreError> {
     let info: Option<serde_json::Value> = store
@@ -356,17 +380,20 @@ pub async fn update(
     for usd in [changes.budget_day_usd, changes.budget_month_usd] {
         check_budget(usd.flatten(), None)?;
     }
-    if let Some(o) = &changes.options {
-        let Some(ch) = store.channel_get(name).await? else {
-            return Ok(None);
-        };
+    let mut changes = changes;
+    // Options and MCP servers are checked against the channel as it is: one read for both.
+    let current = if changes.options.is_some() || changes.mcp_servers.is_some() {
+        match store.channel_get(name).await? {
+            Some(ch) => Some(ch),
+            None => return Ok(None),
+        }
+    } else {
+        None
+    };
+    if let (Some(o), Some(ch)) = (&changes.options, &current) {
         check_options(store, ch.id, o).await?;
     }
-    let mut changes = changes;
-    if let Some(m) = changes.mcp_servers.as_mut() {
-        let Some(ch) = store.channel_get(name).await? else {
-            return Ok(None);
-        };
+    if let (Some(m), Some(ch)) = (changes.mcp_servers.as_mut(), &current) {
         let stored: Vec<McpServerSpec> = serde_json::from_str(&ch.mcp_servers).unwrap_or_default();
         keep_masked_secrets(m, &stored)?;
         check_mcp_servers(m)?;

@@ -200,22 +200,12 @@ pub(super) async fn set_option(cx: &Ctx<'_>, key: &str, set: Option<Option<Strin
     let mut options = ch.options();
     let Some(value) = set else {
         let view = crate::service::channels::options_view(cx.store(), &ch).await?;
-        let current = view
-            .offered
-            .as_ref()
-            .and_then(|l| l.iter().find(|o| o.is_named(key)))
-            .map(|o| o.current.clone());
-        let set = options
-            .iter()
-            .find(|(k, _)| {
-                *k == key
-                    || view
-                        .offered
-                        .as_ref()
-                        .and_then(|l| l.iter().find(|o| o.is_named(key)))
-                        .is_some_and(|o| o.id == **k)
-            })
-            .map(|(_, v)| v.clone());
+        let offered = view.offered.iter().flatten().find(|o| o.is_named(key));
+        let current = offered.map(|o| o.current.clone());
+        let set = offered
+            .and_then(|o| view.set_for(o))
+            .or_else(|| options.get(key).map(String::as_str))
+            .map(str::to_string);
         return Ok(strings::option_is(
             &ch.name,
             key,
