@@ -585,9 +585,6 @@ async fn resume_schedule(
     State(st): State<HttpState>,
     ScheduleId(id): ScheduleId,
 ) -> ApiResult<Json<Schedule>> {
-    if st.store.schedule_get(id).await?.is_none() {
-        return Err(ApiError::NotFound(format!("no schedule {id}")));
-    }
     if !schedules::resume(&st.store, id, now_ms())
         .await
         .map_err(schedule_error)?

@@ -199,11 +199,11 @@ pub async fn pause(store: &Store, id: i64) -> Result<bool, ScheduleError> {
 }
 
 /// Resumes a paused schedule from its next slot after `now` (paused slots are not caught up).
+/// False when there is no such schedule (also when it is removed while this runs).
 pub async fn resume(store: &Store, id: i64, now: Millis) -> Result<bool, ScheduleError> {
-    let s = store
-        .schedule_get(id)
-        .await?
-        .ok_or_else(|| ScheduleError::Invalid(format!("no schedule {id}")))?;
+    let Some(s) = store.schedule_get(id).await? else {
+        return Ok(false);
+    };
     let next = match &s.cron {
         Some(expr) => next_after(&parse_cron(expr)?, parse_tz(&s.timezone)?, now),
         None => s.next_run_at.map(|t| t.max(now)),

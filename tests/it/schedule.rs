@@ -420,6 +420,12 @@ async fn pause_and_resume_skip_the_paused_slots() {
     assert_eq!(row.next_run_at, Some(utc(2026, 1, 5, 12, 0)));
     assert!(s.store.schedule_delete(sc.id).await.unwrap());
     assert!(!s.store.schedule_delete(sc.id).await.unwrap());
+    // A schedule removed meanwhile (the API fuzzer removed one between the HTTP handler's look-up
+    // and the resume, which answered 400) is "no such schedule", as for pause.
+    assert!(!schedules::resume(&s.store, sc.id, utc(2026, 1, 5, 11, 20))
+        .await
+        .unwrap());
+    assert!(!schedules::pause(&s.store, sc.id).await.unwrap());
 }
 
 #[tokio::test]
