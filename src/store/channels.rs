@@ -124,26 +124,6 @@ impl Store {
     }
 }
 
-/// Changes to a channel's settings, applied together: each `Some` is set; for the overrides,
-/// `Some(None)` goes back to the config's.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ChannelUpdate {
-    pub permission_policy: Option<PermissionPolicy>,
-    pub sandbox: Option<Option<SandboxMode>>,
-    /// A JSON array of TCP ports.
-    pub allowed_ports: Option<Option<String>>,
-    pub budget_job_usd: Option<Option<f64>>,
-    pub budget_job_tokens: Option<Option<i64>>,
-    pub budget_day_usd: Option<Option<f64>>,
-    pub budget_month_usd: Option<Option<f64>>,
-    pub reply_footer: Option<bool>,
-    /// The whole set of session config options (a JSON object).
-    pub agent_options: Option<String>,
-    /// The whole list of MCP servers (a JSON array).
-    pub mcp_servers: Option<String>,
-    /// The whole list of additional directories (a JSON array).
-    pub additional_directories: Option<String>,
-}
 
 struct Update {
     name: String,

@@ -1,40 +1,9 @@
 //! The `dashboard_sessions` table, and the few summary reads only the dashboard's overview needs
 //! (outcomes over a window, queue depth per channel).
 
-use serde::Serialize;
-
 use super::writer::{Applied, Conn, Write};
 use super::*;
 
-/// A dashboard session as its cookie finds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DashboardSession {
-    /// SHA-256 of the API token it was opened with.
-    pub token_sha256: String,
-    /// What every form of the session carries.
-    pub csrf: String,
-    pub expires_at: Millis,
-}
-
-/// Jobs of one channel by the state that matters for its queue.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ChannelDepth {
-    pub channel: String,
-    pub queued: i64,
-    pub running: i64,
-}
-
-/// What one attempt of a job spent (its usage row).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct AttemptUsage {
-    pub attempt: i64,
-    pub input_tokens: i64,
-    pub output_tokens: i64,
-    pub cache_read_tokens: i64,
-    pub cache_write_tokens: i64,
-    pub cost_usd: f64,
-    pub agent_ms: i64,
-}
 
 impl Store {
     /// The usage rows of a job, one per attempt that ran a turn.

@@ -1,81 +1,9 @@
 //! The `matrix_bot` and `matrix_replies` tables: the bot's connection state, and the per-job
 //! reply rows the bot's reply pump works from.
 
-use serde::{Deserialize, Serialize};
-
 use super::writer::{Applied, Conn, Write};
 use super::*;
 
-/// Where a Matrix job came from: stored as JSON in `jobs.reply_target`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MatrixTarget {
-    pub room_id: String,
-    pub event_id: String,
-    pub sender: String,
-}
-
-/// An open reply row with the facts of its job that the pump needs.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MatrixReply {
-    pub job_id: String,
-    /// The job's channel.
-    pub channel: String,
-    pub room_id: String,
-    pub prompt_event_id: Option<String>,
-    pub sender: Option<String>,
-    pub reaction_key: Option<String>,
-    pub reaction_event_id: Option<String>,
-    pub reply_event_id: Option<String>,
-    pub edits: i64,
-    pub rendered_seq: i64,
-    pub noted_attempt: i64,
-    pub updated_at: Millis,
-    pub source: Source,
-    pub state: JobState,
-    pub attempt: i64,
-    pub max_attempts: i64,
-    pub error: Option<String>,
-    pub stop_reason: Option<String>,
-    /// The job's newest event (0 when it has none).
-    pub last_seq: i64,
-    /// The last attempt's turn, for the reply's footer.
-    pub started_at: Option<Millis>,
-    pub finished_at: Option<Millis>,
-    pub input_tokens: Option<i64>,
-    pub output_tokens: Option<i64>,
-    pub cost_usd: Option<f64>,
-    /// The channel wants the footer.
-    pub reply_footer: bool,
-}
-
-/// What a reply row says after the pump acted on it.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct MatrixReplyUpdate {
-    pub reaction_key: Option<String>,
-    pub reaction_event_id: Option<String>,
-    pub reply_event_id: Option<String>,
-    pub edits: i64,
-    pub rendered_seq: i64,
-    pub noted_attempt: i64,
-    pub done: bool,
-    pub error: Option<String>,
-}
-
-impl MatrixReply {
-    /// The row as it stands, to be changed and written back.
-    pub fn update(&self) -> MatrixReplyUpdate {
-        MatrixReplyUpdate {
-            reaction_key: self.reaction_key.clone(),
-            reaction_event_id: self.reaction_event_id.clone(),
-            reply_event_id: self.reply_event_id.clone(),
-            edits: self.edits,
-            rendered_seq: self.rendered_seq,
-            noted_attempt: self.noted_attempt,
-            done: false,
-            error: None,
-        }
-    }
-}
 
 impl Store {
     /// The job a Matrix message asked for, with who sent it.
@@ -220,17 +148,6 @@ impl Write for ReplyUpdate {
     }
 }
 
-/// An approval the Matrix bot has to post (no `event_id` yet) or whose message it has to edit
-/// to show the decision.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MatrixApprovalDue {
-    pub approval_id: String,
-    pub room_id: String,
-    /// The posted message, when there is one.
-    pub event_id: Option<String>,
-    pub state: ApprovalState,
-    pub attempts: i64,
-}
 
 impl Store {
     /// Approvals of channels with a room that are pending and not posted yet, or decided and

@@ -51,12 +51,8 @@ use sqlx::sqlite::{
 use sqlx::ConnectOptions;
 use tokio::sync::{mpsc, watch, Notify};
 
-pub use channels::ChannelUpdate;
-pub use dashboard::{AttemptUsage, ChannelDepth, DashboardSession};
-pub use matrix::{MatrixApprovalDue, MatrixReply, MatrixReplyUpdate, MatrixTarget};
-pub use postgres::PG_MIGRATOR;
+pub use gorp_pg::PG_MIGRATOR;
 pub use types::*;
-pub use warm::WarmUpdate;
 use writer::{Op, Write};
 
 use crate::config::{DatabaseConfig, Synchronous};
@@ -67,67 +63,6 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// Operations waiting for the writer before senders wait for room.
 const WRITER_QUEUE: usize = 8192;
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("database error: {0}")]
-    Db(#[from] sqlx::Error),
-    #[error("database migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("unknown channel {0:?}")]
-    UnknownChannel(String),
-    #[error("channel {0:?} already exists")]
-    ChannelExists(String),
-    #[error("channel {0:?} has a running job; cancel it first")]
-    ChannelBusy(String),
-    #[error("no job with id {0:?}")]
-    JobNotFound(String),
-    #[error("{0}")]
-    Invalid(String),
-    #[error("the database writer has stopped")]
-    WriterGone,
-    /// The database's directory or file cannot be created or opened (permissions, a missing
-    /// mount): a problem of the machine, not of the input.
-    #[error("cannot open the database: {0}")]
-    Open(String),
-}
-
-impl StoreError {
-    /// True when the error is a unique-constraint violation.
-    pub fn is_unique_violation(&self) -> bool {
-        matches!(self, StoreError::Db(sqlx::Error::Database(e)) if e.is_unique_violation())
-    }
-
-    /// Why the database cannot take this request now, when the cause is the database's
-    /// condition rather than the request, so the same request may succeed later: the disk is
-    /// full (`SQLITE_FULL`), the disk failed (`SQLITE_IOERR`), another process holds the lock
-    /// past `busy_timeout` (`SQLITE_BUSY`/`SQLITE_LOCKED`), the file cannot be opened or
-    /// written (`SQLITE_CANTOPEN`/`SQLITE_READONLY`), no connection is free, or the writer
-    /// stopped. `None` for every other error.
-    pub fn unavailable(&self) -> Option<&'static str> {
-        match self {
-            StoreError::WriterGone => Some("the database writer has stopped"),
-            StoreError::Db(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed) => {
-                Some("no database connection is available")
-            }
-            StoreError::Db(sqlx::Error::Io(_)) => Some("database I/O error"),
-            StoreError::Db(sqlx::Error::Database(e)) => {
-                // SQLite reports extended result codes; the primary code is the low byte.
-                let code = e.code()?.parse::<i32>().ok()? & 0xff;
-                match code {
-                    5 | 6 => Some("the database is locked by another process"),
-                    8 => Some("the database is read-only"),
-                    10 => Some("disk I/O error"),
-                    13 => Some("the database or disk is full"),
-                    14 => Some("the database file cannot be opened"),
-                    _ => None,
-                }
-            }
-            _ => None,
-        }
-    }
-}
-
-pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// A handle on the database. Cheap to clone.
 #[derive(Clone)]
@@ -271,24 +206,6 @@ fn connect_options(path: &Path, cfg: &DatabaseConfig) -> SqliteConnectOptions {
         .disable_statement_logging()
 }
 
-/// What `gorp doctor` reads of a database, changing nothing.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct DatabaseReport {
-    pub backend: &'static str,
-    /// The file, or the URL with its password masked.
-    pub location: String,
-    pub exists: bool,
-    /// Migrations the database has applied.
-    pub applied: usize,
-    /// Migrations this gorp has.
-    pub known: usize,
-    /// Applied versions this gorp does not know (a newer gorp migrated it).
-    pub unknown: Vec<i64>,
-    /// Why gorp could not write it, if it could not (the file or its directory).
-    pub not_writable: Option<String>,
-    /// Channels' agent settings: (name, agent binary, agent args JSON).
-    pub channel_agents: Vec<(String, Option<String>, Option<String>)>,
-}
 
 impl Store {
     /// Reads the database at `cfg.path` read-only: which migrations it has applied against

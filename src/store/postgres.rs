@@ -6,12 +6,9 @@ use std::time::Duration;
 use sqlx::migrate::MigrateError;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-use super::{DatabaseReport, Result, StoreError};
+use super::{DatabaseReport, Result, StoreError, PG_MIGRATOR};
 use crate::config::DatabaseConfig;
 
-/// Embedded migrations from `migrations-postgres/` (numbered as the SQLite ones: a schema
-/// version means the same on both backends).
-pub static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations-postgres");
 
 /// How long connecting may take before gorp says the server does not answer.
 const CONNECT_WAIT: Duration = Duration::from_secs(10);

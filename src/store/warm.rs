@@ -3,22 +3,6 @@
 use super::writer::{Applied, Conn, Write};
 use super::*;
 
-/// What a warm-session row should say after an upsert.
-#[derive(Debug, Clone)]
-pub struct WarmUpdate {
-    pub state: WarmState,
-    pub pid: Option<i64>,
-    pub session: Option<String>,
-    pub lease_until: Millis,
-    /// New `expires_at` (idle + keep-alive), if it changes.
-    pub expires_at: Option<Millis>,
-    /// Sets `last_used_at` to now.
-    pub used: bool,
-    /// The sandbox the agent runs in (its summary), when it changes.
-    pub sandbox: Option<String>,
-    /// What the agent said of itself and its session's options (JSON), when they change.
-    pub agent_info: Option<String>,
-}
 
 /// `SELECT` of whole [`WarmSession`] rows (`w`, with its channel `c`; a warm session whose
 /// channel has a running job shows as `busy`); the rest of the query follows.

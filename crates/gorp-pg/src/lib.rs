@@ -1,0 +1,92 @@
+//! gorp's store on PostgreSQL: the same operations as the SQLite store, with the same names,
+//! arguments and results, written for PostgreSQL and checked at compile time against it (this
+//! crate's `sqlx.toml` points the query macros at `PG_DATABASE_URL`).
+//!
+//! Differences from the SQLite store, and why:
+//! - No writer task: PostgreSQL takes concurrent writers, so each operation is its own
+//!   transaction on the pool, and one operation's error never touches another's.
+//! - Deadlocks (`40P01`) and serialization failures (`40001`) are retried ([`retry!`]).
+//! - Bulk inserts bind arrays (`unnest`) where SQLite reads a JSON array (`json_each`).
+//! - Flags are `BOOLEAN`, ids of jobs and approvals `TEXT COLLATE "C"`; `docs/postgres.md` has
+//!   the schema's choices.
+//!
+//! Every write that commits bumps the commit counter the store's readers wait on, and a write
+//! that can make a job claimable wakes this process's workers ([`PgStore::committed`]).
+
+use std::sync::Arc;
+
+use sqlx::postgres::PgPool;
+use tokio::sync::{watch, Notify};
+
+pub use gorp_types::{kinds, types, DatabaseReport, Result, StoreError};
+
+/// Embedded migrations from `migrations-postgres/` (numbered as the SQLite ones: a schema
+/// version means the same on both backends).
+pub static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations-postgres");
+
+/// Runs an `async` block again, up to 5 times in all, while it fails with a deadlock or a
+/// serialization failure (PostgreSQL rolled the transaction back; running it again is safe).
+#[macro_export]
+macro_rules! retry {
+    ($body:expr) => {{
+        let mut tries = 0u32;
+        loop {
+            match $body.await {
+                Err(e) if tries < 4 && $crate::retryable(&e) => {
+                    tries += 1;
+                    ::tracing::debug!(error = %e, tries, "retrying a transaction");
+                    continue;
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+
+/// True for errors after which the same transaction may simply run again.
+pub fn retryable(e: &StoreError) -> bool {
+    match e {
+        StoreError::Db(sqlx::Error::Database(d)) => {
+            matches!(d.code().as_deref(), Some("40001") | Some("40P01"))
+        }
+        _ => false,
+    }
+}
+
+/// A handle on a PostgreSQL database holding gorp's schema. Cheap to clone.
+#[derive(Clone)]
+pub struct PgStore {
+    pub(crate) pool: PgPool,
+    jobs_changed: Arc<Notify>,
+    commits: watch::Sender<u64>,
+}
+
+impl PgStore {
+    /// A store on `pool` (migrated already). `jobs_changed` is notified when a write may have
+    /// made a job claimable; `commits` counts this process's commits.
+    pub fn new(pool: PgPool, jobs_changed: Arc<Notify>, commits: watch::Sender<u64>) -> PgStore {
+        PgStore {
+            pool,
+            jobs_changed,
+            commits,
+        }
+    }
+
+    /// The pool (for migrations and reports).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Tells this process's readers that a write committed, and its workers when `wakes`.
+    pub(crate) fn committed(&self, wakes: bool) {
+        self.commits.send_modify(|n| *n = n.wrapping_add(1));
+        if wakes {
+            self.jobs_changed.notify_one();
+        }
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
