@@ -86,6 +86,9 @@ impl Store {
     /// Inserts a pending approval and its job's `permission_request` event in one transaction,
     /// only while the job's attempt `new.attempt` is running; `None` when it is not.
     pub async fn approval_insert(&self, new: NewApproval, now: Millis) -> Result<Option<Approval>> {
+        if let Some(pg) = &self.pg {
+            return pg.approval_insert(new, now).await;
+        }
         let id = new.id.clone();
         if !self.write(Insert { new, now }).await? {
             return Ok(None);
@@ -102,6 +105,9 @@ impl Store {
         decision: Decision,
         now: Millis,
     ) -> Result<Option<Approval>> {
+        if let Some(pg) = &self.pg {
+            return pg.approval_decide(id, decision, now).await;
+        }
         let won = self
             .write(Decide {
                 id: id.to_string(),
@@ -116,6 +122,9 @@ impl Store {
     }
 
     pub async fn approval_get(&self, id: &str) -> Result<Option<Approval>> {
+        if let Some(pg) = &self.pg {
+            return pg.approval_get(id).await;
+        }
         Ok(select_approvals!("WHERE a.id = ?1", id)
             .fetch_optional(&self.read)
             .await?
@@ -125,6 +134,9 @@ impl Store {
     /// The approvals whose id starts with `prefix` (at most `limit`), for short ids typed in
     /// Matrix and the CLI.
     pub async fn approval_find_prefix(&self, prefix: &str, limit: i64) -> Result<Vec<Approval>> {
+        if let Some(pg) = &self.pg {
+            return pg.approval_find_prefix(prefix, limit).await;
+        }
         let pattern = format!("{}%", prefix.replace(['%', '_'], ""));
         Ok(select_approvals!(
             "WHERE a.id LIKE ?1 ORDER BY a.created_at DESC LIMIT ?2",
@@ -140,6 +152,9 @@ impl Store {
 
     /// Approvals newest first, filtered by state, channel and job.
     pub async fn approval_list(&self, f: &ApprovalFilter) -> Result<Vec<Approval>> {
+        if let Some(pg) = &self.pg {
+            return pg.approval_list(f).await;
+        }
         let state = f.state.map(|s| s.as_str());
         let request = f.request.map(|r| r.as_str());
         let limit = if f.limit <= 0 { 50 } else { f.limit.min(1000) };
@@ -165,6 +180,9 @@ impl Store {
 
     /// Number of pending approvals (for the gauge).
     pub async fn approval_pending_count(&self) -> Result<i64> {
+        if let Some(pg) = &self.pg {
+            return pg.approval_pending_count().await;
+        }
         Ok(sqlx::query_scalar!(
             r#"SELECT count(*) AS "n!: i64" FROM approvals WHERE state = 'pending'"#
         )
@@ -174,11 +192,17 @@ impl Store {
 
     /// Stores a standing rule (an existing identical rule is kept); returns its id.
     pub async fn rule_insert(&self, rule: NewRule, now: Millis) -> Result<i64> {
+        if let Some(pg) = &self.pg {
+            return pg.rule_insert(rule, now).await;
+        }
         self.write(InsertRule { rule, now }).await
     }
 
     /// A channel's rules, oldest first.
     pub async fn rule_list(&self, channel_id: i64) -> Result<Vec<Rule>> {
+        if let Some(pg) = &self.pg {
+            return pg.rule_list(channel_id).await;
+        }
         Ok(sqlx::query_as!(
             Rule,
             r#"SELECT r.id AS "id!", r.channel_id, c.name AS channel, r.tool_kind, r.matcher,
@@ -193,6 +217,9 @@ impl Store {
 
     /// Removes rule `id` of the channel; false when it has no such rule.
     pub async fn rule_delete(&self, channel_id: i64, id: i64) -> Result<bool> {
+        if let Some(pg) = &self.pg {
+            return pg.rule_delete(channel_id, id).await;
+        }
         self.write(DeleteRule { channel_id, id }).await
     }
 }

@@ -16,6 +16,9 @@ impl Store {
         limits: &SpendLimits,
         channel: Option<&str>,
     ) -> Result<Vec<ChannelSpend>> {
+        if let Some(pg) = &self.pg {
+            return pg.channel_spend(limits, channel).await;
+        }
         Ok(sqlx::query_as!(
             ChannelSpend,
             r#"SELECT c.id AS "channel_id!", c.name AS channel,
@@ -42,6 +45,9 @@ impl Store {
     /// written only while the job is still queued at that attempt and has no such event yet.
     /// Returns how many were written.
     pub async fn job_note_held(&self, notes: Vec<NewEvent>) -> Result<u64> {
+        if let Some(pg) = &self.pg {
+            return pg.job_note_held(notes).await;
+        }
         if notes.is_empty() {
             return Ok(0);
         }
@@ -50,6 +56,9 @@ impl Store {
 
     /// The latest `held` event of a queued job's current attempt: why it waits.
     pub async fn job_held_reason(&self, job_id: &str) -> Result<Option<String>> {
+        if let Some(pg) = &self.pg {
+            return pg.job_held_reason(job_id).await;
+        }
         Ok(sqlx::query_scalar!(
             r#"SELECT e.text FROM job_events e JOIN jobs j ON j.id = e.job_id
                WHERE e.job_id = ?1 AND e.kind = 'held' AND e.attempt = j.attempt

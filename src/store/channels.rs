@@ -26,6 +26,9 @@ macro_rules! select_channels {
 
 impl Store {
     pub async fn channel_insert(&self, ch: NewChannel, now: Millis) -> Result<Channel> {
+        if let Some(pg) = &self.pg {
+            return pg.channel_insert(ch, now).await;
+        }
         validate_channel_name(&ch.name).map_err(StoreError::Invalid)?;
         let name = ch.name.clone();
         match self.write(Insert { ch, now }).await {
@@ -35,18 +38,27 @@ impl Store {
     }
 
     pub async fn channel_get(&self, name: &str) -> Result<Option<Channel>> {
+        if let Some(pg) = &self.pg {
+            return pg.channel_get(name).await;
+        }
         Ok(select_channels!("WHERE name = ?1", name)
             .fetch_optional(&self.read)
             .await?)
     }
 
     pub async fn channel_get_by_id(&self, id: i64) -> Result<Option<Channel>> {
+        if let Some(pg) = &self.pg {
+            return pg.channel_get_by_id(id).await;
+        }
         Ok(select_channels!("WHERE id = ?1", id)
             .fetch_optional(&self.read)
             .await?)
     }
 
     pub async fn channel_get_by_webhook_id(&self, webhook_id: &str) -> Result<Option<Channel>> {
+        if let Some(pg) = &self.pg {
+            return pg.channel_get_by_webhook_id(webhook_id).await;
+        }
         Ok(select_channels!("WHERE webhook_id = ?1", webhook_id)
             .fetch_optional(&self.read)
             .await?)
@@ -54,12 +66,18 @@ impl Store {
 
     /// The channel whose Matrix room this is.
     pub async fn channel_get_by_room(&self, room_id: &str) -> Result<Option<Channel>> {
+        if let Some(pg) = &self.pg {
+            return pg.channel_get_by_room(room_id).await;
+        }
         Ok(select_channels!("WHERE matrix_room_id = ?1", room_id)
             .fetch_optional(&self.read)
             .await?)
     }
 
     pub async fn channel_list(&self) -> Result<Vec<Channel>> {
+        if let Some(pg) = &self.pg {
+            return pg.channel_list().await;
+        }
         Ok(select_channels!("ORDER BY name")
             .fetch_all(&self.read)
             .await?)
@@ -67,6 +85,9 @@ impl Store {
 
     /// Deletes a channel and its job history. Refused while one of its jobs is running.
     pub async fn channel_delete(&self, name: &str) -> Result<()> {
+        if let Some(pg) = &self.pg {
+            return pg.channel_delete(name).await;
+        }
         self.write(Delete {
             name: name.to_string(),
         })
@@ -79,6 +100,9 @@ impl Store {
         channel_id: i64,
         session: Option<String>,
     ) -> Result<()> {
+        if let Some(pg) = &self.pg {
+            return pg.channel_set_acp_session(channel_id, session).await;
+        }
         self.write(SetSession {
             channel_id,
             session,
@@ -88,6 +112,9 @@ impl Store {
 
     /// Links a channel to a Matrix room (or unlinks it).
     pub async fn channel_set_room(&self, channel_id: i64, room_id: Option<String>) -> Result<()> {
+        if let Some(pg) = &self.pg {
+            return pg.channel_set_room(channel_id, room_id).await;
+        }
         self.write(SetRoom {
             channel_id,
             room_id,
@@ -98,6 +125,9 @@ impl Store {
     /// Replaces a channel's own webhook bearer token (only its SHA-256 is stored); the old
     /// token stops working at once.
     pub async fn channel_set_webhook_token(&self, channel_id: i64, token: &str) -> Result<()> {
+        if let Some(pg) = &self.pg {
+            return pg.channel_set_webhook_token(channel_id, token).await;
+        }
         self.write(SetToken {
             channel_id,
             sha256: sha256_hex(token),
@@ -107,6 +137,9 @@ impl Store {
 
     /// Sets the channel's permission policy; false when there is no such channel.
     pub async fn channel_set_policy(&self, name: &str, policy: PermissionPolicy) -> Result<bool> {
+        if let Some(pg) = &self.pg {
+            return pg.channel_set_policy(name, policy).await;
+        }
         let u = ChannelUpdate {
             permission_policy: Some(policy),
             ..ChannelUpdate::default()
@@ -116,6 +149,9 @@ impl Store {
 
     /// Applies `u` to the channel in one statement; false when there is no such channel.
     pub async fn channel_update(&self, name: &str, u: ChannelUpdate) -> Result<bool> {
+        if let Some(pg) = &self.pg {
+            return pg.channel_update(name, u).await;
+        }
         self.write(Update {
             name: name.to_string(),
             u,
@@ -123,7 +159,6 @@ impl Store {
         .await
     }
 }
-
 
 struct Update {
     name: String,

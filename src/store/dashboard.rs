@@ -4,10 +4,12 @@
 use super::writer::{Applied, Conn, Write};
 use super::*;
 
-
 impl Store {
     /// The usage rows of a job, one per attempt that ran a turn.
     pub async fn job_usage(&self, job_id: &str) -> Result<Vec<AttemptUsage>> {
+        if let Some(pg) = &self.pg {
+            return pg.job_usage(job_id).await;
+        }
         Ok(sqlx::query_as!(
             AttemptUsage,
             r#"SELECT attempt, input_tokens, output_tokens, cache_read_tokens,
@@ -27,6 +29,9 @@ impl Store {
         session: DashboardSession,
         now: Millis,
     ) -> Result<()> {
+        if let Some(pg) = &self.pg {
+            return pg.dashboard_session_open(id_sha256, session, now).await;
+        }
         self.write(OpenSession {
             id_sha256: id_sha256.to_string(),
             session,
@@ -41,6 +46,9 @@ impl Store {
         id_sha256: &str,
         now: Millis,
     ) -> Result<Option<DashboardSession>> {
+        if let Some(pg) = &self.pg {
+            return pg.dashboard_session_get(id_sha256, now).await;
+        }
         Ok(sqlx::query_as!(
             DashboardSession,
             r#"SELECT token_sha256, csrf, expires_at FROM dashboard_sessions
@@ -54,6 +62,9 @@ impl Store {
 
     /// Ends a session (logout). Returns whether there was one.
     pub async fn dashboard_session_close(&self, id_sha256: &str) -> Result<bool> {
+        if let Some(pg) = &self.pg {
+            return pg.dashboard_session_close(id_sha256).await;
+        }
         self.write(CloseSession {
             id_sha256: id_sha256.to_string(),
         })
@@ -63,6 +74,9 @@ impl Store {
     /// How many jobs are queued and running now (each count reads only its partial index, so
     /// it stays fast however long the history).
     pub async fn job_active_counts(&self) -> Result<(i64, i64)> {
+        if let Some(pg) = &self.pg {
+            return pg.job_active_counts().await;
+        }
         let r = sqlx::query!(
             r#"SELECT (SELECT count(*) FROM jobs WHERE state = 'queued') AS "queued!: i64",
                       (SELECT count(*) FROM jobs WHERE state = 'running') AS "running!: i64""#
@@ -74,6 +88,9 @@ impl Store {
 
     /// Jobs that finished at or after `since`, by their final state.
     pub async fn job_outcomes_since(&self, since: Millis) -> Result<Vec<(JobState, i64)>> {
+        if let Some(pg) = &self.pg {
+            return pg.job_outcomes_since(since).await;
+        }
         let rows = sqlx::query!(
             r#"SELECT state AS "state: JobState", count(*) AS "n!: i64" FROM jobs
                WHERE finished_at >= ?1 GROUP BY state"#,
@@ -87,6 +104,9 @@ impl Store {
     /// Every channel with queued or running jobs, deepest queue first (read from the partial
     /// indexes of queued and running jobs only).
     pub async fn channel_depths(&self) -> Result<Vec<ChannelDepth>> {
+        if let Some(pg) = &self.pg {
+            return pg.channel_depths().await;
+        }
         Ok(sqlx::query_as!(
             ChannelDepth,
             r#"SELECT c.name AS channel,

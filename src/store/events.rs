@@ -9,6 +9,9 @@ impl Store {
     /// Appends events without waiting for the commit. Ordering is kept with every later write
     /// from this process, so a transition sent afterwards commits after these events.
     pub async fn job_events_append(&self, events: Vec<NewEvent>) -> Result<()> {
+        if let Some(pg) = &self.pg {
+            return pg.job_events_append(events).await;
+        }
         if events.is_empty() {
             return Ok(());
         }
@@ -22,6 +25,9 @@ impl Store {
         after: i64,
         limit: i64,
     ) -> Result<Vec<Event>> {
+        if let Some(pg) = &self.pg {
+            return pg.job_events_list(job_id, after, limit).await;
+        }
         let rows = sqlx::query!(
             r#"SELECT seq AS "seq!", job_id, attempt, kind, text, data, at
                FROM job_events WHERE job_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"#,
@@ -47,6 +53,9 @@ impl Store {
 
     /// The output text of a job's latest attempt: its message chunks joined in order.
     pub async fn job_output(&self, job_id: &str) -> Result<String> {
+        if let Some(pg) = &self.pg {
+            return pg.job_output(job_id).await;
+        }
         let out: Option<String> = sqlx::query_scalar!(
             r#"SELECT group_concat(text, '') AS "out?: String" FROM (
                    SELECT e.text FROM job_events e JOIN jobs j ON j.id = e.job_id

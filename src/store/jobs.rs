@@ -72,12 +72,18 @@ impl Store {
     /// row is committed. With an idempotency key that already exists for the channel and
     /// source, returns the existing job with `created: false`.
     pub async fn job_insert(&self, job: NewJob, now: Millis) -> Result<Enqueued> {
+        if let Some(pg) = &self.pg {
+            return pg.job_insert(job, now).await;
+        }
         let mut v = self.job_insert_many(vec![job], now).await?;
         v.pop().ok_or(StoreError::WriterGone)
     }
 
     /// Enqueues many jobs in one transaction.
     pub async fn job_insert_many(&self, jobs: Vec<NewJob>, now: Millis) -> Result<Vec<Enqueued>> {
+        if let Some(pg) = &self.pg {
+            return pg.job_insert_many(jobs, now).await;
+        }
         for j in &jobs {
             j.validate().map_err(StoreError::Invalid)?;
         }
@@ -97,6 +103,9 @@ impl Store {
         lease_ms: i64,
         limits: &SpendLimits,
     ) -> Result<Vec<Job>> {
+        if let Some(pg) = &self.pg {
+            return pg.job_claim_many(owner, limit, now, lease_ms, limits).await;
+        }
         self.write(Claim {
             owner: owner.to_string(),
             limit,
@@ -115,6 +124,9 @@ impl Store {
         now: Millis,
         lease_ms: i64,
     ) -> Result<Vec<(String, i64, bool)>> {
+        if let Some(pg) = &self.pg {
+            return pg.job_heartbeat(owner, now, lease_ms).await;
+        }
         self.write(Heartbeat {
             owner: owner.to_string(),
             lease_until: now + lease_ms,
@@ -129,6 +141,9 @@ impl Store {
         stop_reason: Option<String>,
         now: Millis,
     ) -> Result<bool> {
+        if let Some(pg) = &self.pg {
+            return pg.job_complete_if_running(lease, stop_reason, now).await;
+        }
         self.write(Complete {
             lease: lease.clone(),
             stop_reason,
@@ -149,6 +164,11 @@ impl Store {
         lease_ms: i64,
         limits: &SpendLimits,
     ) -> Result<(bool, Option<Job>)> {
+        if let Some(pg) = &self.pg {
+            return pg
+                .job_complete_and_claim(lease, channel_id, stop_reason, now, lease_ms, limits)
+                .await;
+        }
         self.write(CompleteClaim {
             done: Complete {
                 lease: lease.clone(),
@@ -171,6 +191,9 @@ impl Store {
         retry_at: Option<Millis>,
         now: Millis,
     ) -> Result<Option<JobState>> {
+        if let Some(pg) = &self.pg {
+            return pg.job_fail_if_running(lease, error, retry_at, now).await;
+        }
         self.write(Fail {
             lease: lease.clone(),
             error,
@@ -190,6 +213,9 @@ impl Store {
         error: String,
         now: Millis,
     ) -> Result<Option<JobState>> {
+        if let Some(pg) = &self.pg {
+            return pg.job_stop_if_running(lease, stop_reason, error, now).await;
+        }
         self.write(Fail {
             lease: lease.clone(),
             error,
@@ -207,6 +233,9 @@ impl Store {
         reason: String,
         now: Millis,
     ) -> Result<bool> {
+        if let Some(pg) = &self.pg {
+            return pg.job_cancel_if_running(lease, reason, now).await;
+        }
         self.write(CancelRunning {
             lease: lease.clone(),
             reason,
@@ -217,6 +246,9 @@ impl Store {
 
     /// `running → queued` without counting the attempt (graceful shutdown).
     pub async fn job_release_if_running(&self, lease: &Lease, now: Millis) -> Result<bool> {
+        if let Some(pg) = &self.pg {
+            return pg.job_release_if_running(lease, now).await;
+        }
         self.write(Release {
             lease: lease.clone(),
             now,
@@ -226,6 +258,9 @@ impl Store {
 
     /// Cancels a queued job at once, or asks the worker of a running job to stop.
     pub async fn job_cancel(&self, job_id: &str, now: Millis) -> Result<CancelOutcome> {
+        if let Some(pg) = &self.pg {
+            return pg.job_cancel(job_id, now).await;
+        }
         self.write(Cancel {
             job_id: job_id.to_string(),
             now,
@@ -237,12 +272,18 @@ impl Store {
     /// run does not count as a failed attempt; a job interrupted more than `max_rescues` times
     /// is failed instead, and one with a pending cancel is cancelled.
     pub async fn job_rescue_expired(&self, now: Millis, max_rescues: i64) -> Result<Vec<Rescued>> {
+        if let Some(pg) = &self.pg {
+            return pg.job_rescue_expired(now, max_rescues).await;
+        }
         self.write(Rescue { now, max_rescues }).await
     }
 
     /// Expires the leases of `owner`'s running jobs at once (the owner is known to be dead),
     /// so the next rescuer pass re-queues them.
     pub async fn job_expire_owner(&self, owner: &str, now: Millis) -> Result<u64> {
+        if let Some(pg) = &self.pg {
+            return pg.job_expire_owner(owner, now).await;
+        }
         self.write(ExpireOwner {
             owner: owner.to_string(),
             now,
@@ -252,6 +293,9 @@ impl Store {
 
     /// Deletes up to `limit` finished jobs (and their events) that finished before `before`.
     pub async fn job_delete_finished_before(&self, before: Millis, limit: i64) -> Result<u64> {
+        if let Some(pg) = &self.pg {
+            return pg.job_delete_finished_before(before, limit).await;
+        }
         self.write(Clean { before, limit }).await
     }
 
@@ -265,6 +309,9 @@ impl Store {
         facts: RunFacts,
         now: Millis,
     ) -> Result<()> {
+        if let Some(pg) = &self.pg {
+            return pg.job_record_run(job_id, attempt, facts, now).await;
+        }
         self.write(RecordRun {
             job_id: job_id.to_string(),
             attempt,
@@ -279,6 +326,9 @@ impl Store {
     /// Spend since `f.since`, grouped by day (UTC), channel or source, largest cost first
     /// (days in order).
     pub async fn usage_report(&self, f: &UsageFilter) -> Result<Vec<UsageRow>> {
+        if let Some(pg) = &self.pg {
+            return pg.usage_report(f).await;
+        }
         let by = f.by.as_str();
         let mut rows = sqlx::query_as!(
             UsageRow,
@@ -309,6 +359,9 @@ impl Store {
     }
 
     pub async fn job_get(&self, id: &str) -> Result<Option<Job>> {
+        if let Some(pg) = &self.pg {
+            return pg.job_get(id).await;
+        }
         Ok(select_jobs!("WHERE j.id = ?1", id)
             .fetch_optional(&self.read)
             .await?)
@@ -316,6 +369,9 @@ impl Store {
 
     /// Jobs newest first, filtered; `before` is the id of the last job of the previous page.
     pub async fn job_list(&self, f: &JobFilter) -> Result<Vec<Job>> {
+        if let Some(pg) = &self.pg {
+            return pg.job_list(f).await;
+        }
         let state = f.state.map(|s| s.as_str());
         let source = f.source.map(|s| s.as_str());
         let limit = if f.limit <= 0 { 50 } else { f.limit.min(1000) };
@@ -348,6 +404,9 @@ impl Store {
     /// only those count: a job behind a head that waits for its retry is not claimable), and
     /// the due jobs held by a spent budget that have not been told so yet.
     pub async fn job_next_due(&self, now: Millis, limits: &SpendLimits) -> Result<QueueOutlook> {
+        if let Some(pg) = &self.pg {
+            return pg.job_next_due(now, limits).await;
+        }
         let mut conn = self.read.acquire().await?;
         let spent = budgets::spent_channels(&mut *conn, limits, None).await?;
         let held_ids = budgets::id_array(&spent);
@@ -379,6 +438,9 @@ impl Store {
 
     /// Running jobs of `owner` whose cancel was requested: (job id, attempt).
     pub async fn job_cancel_requests(&self, owner: &str) -> Result<Vec<(String, i64)>> {
+        if let Some(pg) = &self.pg {
+            return pg.job_cancel_requests(owner).await;
+        }
         let rows = sqlx::query!(
             r#"SELECT id AS "id!", attempt FROM jobs
                WHERE state = 'running' AND lease_owner = ?1 AND cancel_requested = 1"#,
@@ -391,6 +453,9 @@ impl Store {
 
     /// Job counts by state (for `gorp jobs` summaries and metrics).
     pub async fn job_count_by_state(&self) -> Result<Vec<(JobState, i64)>> {
+        if let Some(pg) = &self.pg {
+            return pg.job_count_by_state().await;
+        }
         let rows = sqlx::query!(
             r#"SELECT state AS "state!: JobState", count(*) AS "n!: i64" FROM jobs GROUP BY state"#
         )
@@ -401,6 +466,9 @@ impl Store {
 
     /// Lease owners of running jobs (for finding owners that died on this host).
     pub async fn job_lease_owners(&self) -> Result<Vec<String>> {
+        if let Some(pg) = &self.pg {
+            return pg.job_lease_owners().await;
+        }
         Ok(sqlx::query_scalar!(
             r#"SELECT DISTINCT lease_owner AS "owner!" FROM jobs WHERE state = 'running'"#
         )
@@ -410,6 +478,9 @@ impl Store {
 
     /// Ids of jobs starting with `prefix` (at most `limit`), so people can type a short id.
     pub async fn job_ids_with_prefix(&self, prefix: &str, limit: i64) -> Result<Vec<String>> {
+        if let Some(pg) = &self.pg {
+            return pg.job_ids_with_prefix(prefix, limit).await;
+        }
         let upper = format!("{prefix}\u{10FFFF}");
         Ok(sqlx::query_scalar!(
             r#"SELECT id AS "id!" FROM jobs WHERE id >= ?1 AND id < ?2 ORDER BY id LIMIT ?3"#,
@@ -423,6 +494,9 @@ impl Store {
 
     /// Channels that have queued jobs.
     pub async fn channel_ids_with_queued_jobs(&self) -> Result<HashSet<i64>> {
+        if let Some(pg) = &self.pg {
+            return pg.channel_ids_with_queued_jobs().await;
+        }
         Ok(sqlx::query_scalar!(
             r#"SELECT DISTINCT channel_id AS "id!" FROM jobs WHERE state = 'queued'"#
         )
@@ -434,6 +508,9 @@ impl Store {
 
     /// Queued jobs of a channel.
     pub async fn channel_queue_depth(&self, channel_id: i64) -> Result<i64> {
+        if let Some(pg) = &self.pg {
+            return pg.channel_queue_depth(channel_id).await;
+        }
         Ok(sqlx::query_scalar!(
             r#"SELECT count(*) AS "n!: i64" FROM jobs WHERE channel_id = ?1 AND state = 'queued'"#,
             channel_id

@@ -4,7 +4,6 @@
 use super::writer::{Applied, Conn, Write};
 use super::*;
 
-
 impl Store {
     /// The job a Matrix message asked for, with who sent it.
     pub async fn job_by_matrix_prompt(
@@ -12,6 +11,9 @@ impl Store {
         room_id: &str,
         event_id: &str,
     ) -> Result<Option<(String, Option<String>)>> {
+        if let Some(pg) = &self.pg {
+            return pg.job_by_matrix_prompt(room_id, event_id).await;
+        }
         Ok(sqlx::query!(
             r#"SELECT job_id AS "job_id!", sender FROM matrix_replies
                WHERE prompt_event_id = ?2 AND room_id = ?1"#,
@@ -25,6 +27,9 @@ impl Store {
 
     /// Reply rows the bot has not finished, oldest job first.
     pub async fn matrix_open_replies(&self, limit: i64) -> Result<Vec<MatrixReply>> {
+        if let Some(pg) = &self.pg {
+            return pg.matrix_open_replies(limit).await;
+        }
         Ok(sqlx::query_as!(
             MatrixReply,
             r#"SELECT r.job_id AS "job_id!", c.name AS channel, r.room_id, r.prompt_event_id, r.sender,
@@ -56,6 +61,11 @@ impl Store {
         error: Option<String>,
         now: Millis,
     ) -> Result<()> {
+        if let Some(pg) = &self.pg {
+            return pg
+                .matrix_bot_state(user_id, device_id, state, error, now)
+                .await;
+        }
         self.write(BotState {
             user_id: user_id.to_string(),
             device_id: device_id.to_string(),
@@ -73,6 +83,9 @@ impl Store {
         u: MatrixReplyUpdate,
         now: Millis,
     ) -> Result<()> {
+        if let Some(pg) = &self.pg {
+            return pg.matrix_reply_update(job_id, u, now).await;
+        }
         self.write(ReplyUpdate {
             job_id: job_id.to_string(),
             u,
@@ -148,11 +161,13 @@ impl Write for ReplyUpdate {
     }
 }
 
-
 impl Store {
     /// Approvals of channels with a room that are pending and not posted yet, or decided and
     /// posted but not yet shown as decided; oldest first.
     pub async fn matrix_approvals_due(&self, limit: i64) -> Result<Vec<MatrixApprovalDue>> {
+        if let Some(pg) = &self.pg {
+            return pg.matrix_approvals_due(limit).await;
+        }
         Ok(sqlx::query_as!(
             MatrixApprovalDue,
             r#"SELECT a.id AS "approval_id!", c.matrix_room_id AS "room_id!: String",
@@ -186,6 +201,11 @@ impl Store {
         error: Option<&str>,
         now: Millis,
     ) -> Result<()> {
+        if let Some(pg) = &self.pg {
+            return pg
+                .matrix_approval_record(approval_id, room_id, event_id, shown, error, now)
+                .await;
+        }
         self.write(ApprovalPost {
             approval_id: approval_id.to_string(),
             room_id: room_id.to_string(),
@@ -203,6 +223,9 @@ impl Store {
         room_id: &str,
         event_id: &str,
     ) -> Result<Option<String>> {
+        if let Some(pg) = &self.pg {
+            return pg.matrix_approval_by_event(room_id, event_id).await;
+        }
         Ok(sqlx::query_scalar!(
             r#"SELECT approval_id AS "approval_id!" FROM matrix_approvals
                WHERE event_id = ?1 AND room_id = ?2"#,

@@ -63,7 +63,6 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// Operations waiting for the writer before senders wait for room.
 const WRITER_QUEUE: usize = 8192;
 
-
 /// A handle on the database. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -73,19 +72,16 @@ pub struct Store {
     jobs_changed: Arc<Notify>,
     /// Counts this process's commits; readers wait on it for new rows.
     commits: watch::Sender<u64>,
+    /// On PostgreSQL, the store every method hands its work to; `writer` and `read` are then
+    /// never used (the writer task is not started and the read pool never connects).
+    pg: Option<gorp_pg::PgStore>,
 }
 
 impl Store {
     /// Opens (creating if needed) the database, applies migrations and starts the writer.
     pub async fn open(cfg: &DatabaseConfig) -> Result<Store> {
         if cfg.backend() == crate::config::Backend::Postgres {
-            return Err(StoreError::Open(format!(
-                "database.url selects PostgreSQL ({}), which gorp can migrate (`gorp migrate`) \
-                 and check (`gorp doctor`) but cannot run its queue on yet; unset \
-                 [database] url (GORP_DATABASE_URL) to run on the SQLite file {}",
-                cfg.location(),
-                cfg.path.display()
-            )));
+            return Store::open_postgres(cfg).await;
         }
         if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
@@ -117,10 +113,43 @@ impl Store {
             read,
             jobs_changed,
             commits,
+            pg: None,
         })
     }
 
-    /// Applies pending migrations and reports how many there are in all.
+    /// Opens the PostgreSQL database of `cfg.url` and applies its pending migrations.
+    async fn open_postgres(cfg: &DatabaseConfig) -> Result<Store> {
+        let pool = postgres::connect(cfg).await?;
+        postgres::run_migrations(cfg, &pool).await?;
+        let jobs_changed = Arc::new(Notify::new());
+        let (commits, _) = watch::channel(0);
+        // Never started: every method hands its work to `pg`.
+        let (writer, _) = mpsc::channel(1);
+        let read = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with(SqliteConnectOptions::from_str("sqlite::memory:")?);
+        Ok(Store {
+            writer,
+            read,
+            pg: Some(gorp_pg::PgStore::new(
+                pool,
+                jobs_changed.clone(),
+                commits.clone(),
+            )),
+            jobs_changed,
+            commits,
+        })
+    }
+
+    /// The backend's name, for messages: `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        if self.pg.is_some() {
+            "postgres"
+        } else {
+            "sqlite"
+        }
+    }
+
     /// Applies the pending migrations; returns the schema version (the same number on both
     /// backends).
     pub async fn migrate(cfg: &DatabaseConfig) -> Result<i64> {
@@ -135,6 +164,13 @@ impl Store {
     /// True when every embedded migration has been applied (for readiness checks).
     pub async fn migrations_current(&self) -> Result<bool> {
         use sqlx::migrate::Migrate;
+        if let Some(pg) = &self.pg {
+            let mut conn = pg.pool().acquire().await?;
+            let applied = conn.list_applied_migrations("_sqlx_migrations").await?;
+            return Ok(PG_MIGRATOR
+                .iter()
+                .all(|m| applied.iter().any(|a| a.version == m.version)));
+        }
         let mut conn = self.read.acquire().await?;
         let applied = conn.list_applied_migrations("_sqlx_migrations").await?;
         Ok(MIGRATOR
@@ -153,15 +189,20 @@ impl Store {
         self.commits.subscribe()
     }
 
-    /// Waits until every write sent so far is committed, then stops the writer.
-    pub async fn close(self) {
-        let _ = self.flush().await;
-        self.read.close().await;
-    }
-
-    /// The read pool, for the few read-only reports that live outside this module.
+    /// The SQLite read pool, for tests that read the file directly (on PostgreSQL a pool that
+    /// has no tables: read through your own connection to the database instead).
     pub fn read_pool(&self) -> &SqlitePool {
         &self.read
+    }
+
+    /// Waits until every write sent so far is committed, then stops the writer.
+    pub async fn close(self) {
+        if let Some(pg) = &self.pg {
+            pg.close().await;
+            return;
+        }
+        let _ = self.flush().await;
+        self.read.close().await;
     }
 
     async fn send(&self, op: Op) -> Result<()> {
@@ -180,6 +221,10 @@ impl Store {
 
     /// Waits until every write sent before this call is committed.
     pub async fn flush(&self) -> Result<()> {
+        if self.pg.is_some() {
+            // Every PostgreSQL write has committed by the time its call returned.
+            return Ok(());
+        }
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.send(Op::Flush(reply)).await?;
         rx.await.map_err(|_| StoreError::WriterGone)?
@@ -205,7 +250,6 @@ fn connect_options(path: &Path, cfg: &DatabaseConfig) -> SqliteConnectOptions {
         )
         .disable_statement_logging()
 }
-
 
 impl Store {
     /// Reads the database at `cfg.path` read-only: which migrations it has applied against

@@ -1,5 +1,5 @@
 //! PostgreSQL: connecting, its migrations (`migrations-postgres/`) and what `gorp doctor` reads.
-//! The queue itself runs on SQLite for now; `Store::open` refuses a PostgreSQL URL, saying so.
+//! The queries themselves are in the `gorp-pg` crate.
 
 use std::time::Duration;
 
@@ -8,7 +8,6 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use super::{DatabaseReport, Result, StoreError, PG_MIGRATOR};
 use crate::config::DatabaseConfig;
-
 
 /// How long connecting may take before gorp says the server does not answer.
 const CONNECT_WAIT: Duration = Duration::from_secs(10);
@@ -60,9 +59,15 @@ pub(super) async fn connect(cfg: &DatabaseConfig) -> Result<PgPool> {
 /// Runs the pending migrations; returns the schema version.
 pub(super) async fn migrate(cfg: &DatabaseConfig) -> Result<i64> {
     let pool = connect(cfg).await?;
-    let ran = PG_MIGRATOR.run(&pool).await;
+    let ran = run_migrations(cfg, &pool).await;
     pool.close().await;
-    match ran {
+    ran
+}
+
+/// Runs the pending migrations on `pool` (sqlx's migrator holds an advisory lock meanwhile, so
+/// nodes starting together migrate one at a time); returns the schema version.
+pub(super) async fn run_migrations(cfg: &DatabaseConfig, pool: &PgPool) -> Result<i64> {
+    match PG_MIGRATOR.run(pool).await {
         Ok(()) => Ok(PG_MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)),
         Err(MigrateError::VersionMissing(v)) => Err(StoreError::Open(format!(
             "{} was migrated by a newer gorp (migration {v} is unknown to this one): run that \

@@ -23,6 +23,9 @@ macro_rules! select_schedules {
 
 impl Store {
     pub async fn schedule_insert(&self, s: NewSchedule, now: Millis) -> Result<Schedule> {
+        if let Some(pg) = &self.pg {
+            return pg.schedule_insert(s, now).await;
+        }
         let id = self.write(Insert { s, now }).await?;
         self.schedule_get(id)
             .await?
@@ -36,6 +39,9 @@ impl Store {
         enabled: bool,
         next_run_at: Option<Millis>,
     ) -> Result<bool> {
+        if let Some(pg) = &self.pg {
+            return pg.schedule_set_enabled(id, enabled, next_run_at).await;
+        }
         self.write(SetEnabled {
             id,
             enabled,
@@ -45,21 +51,33 @@ impl Store {
     }
 
     pub async fn schedule_delete(&self, id: i64) -> Result<bool> {
+        if let Some(pg) = &self.pg {
+            return pg.schedule_delete(id).await;
+        }
         self.write(Delete { id }).await
     }
 
     /// Applies one firing (see [`Firing`]).
     pub async fn schedule_fire(&self, f: Firing, now: Millis) -> Result<Fired> {
+        if let Some(pg) = &self.pg {
+            return pg.schedule_fire(f, now).await;
+        }
         self.write(Fire { f, now }).await
     }
 
     pub async fn schedule_get(&self, id: i64) -> Result<Option<Schedule>> {
+        if let Some(pg) = &self.pg {
+            return pg.schedule_get(id).await;
+        }
         Ok(select_schedules!("WHERE s.id = ?1", id)
             .fetch_optional(&self.read)
             .await?)
     }
 
     pub async fn schedule_list(&self) -> Result<Vec<Schedule>> {
+        if let Some(pg) = &self.pg {
+            return pg.schedule_list().await;
+        }
         Ok(select_schedules!("ORDER BY s.id")
             .fetch_all(&self.read)
             .await?)
@@ -67,6 +85,9 @@ impl Store {
 
     /// Active schedules whose next slot is at or before `until`.
     pub async fn schedule_due(&self, until: Millis) -> Result<Vec<Schedule>> {
+        if let Some(pg) = &self.pg {
+            return pg.schedule_due(until).await;
+        }
         Ok(select_schedules!(
             r#"WHERE s.enabled = 1 AND s.done = 0 AND s.next_run_at <= ?1
                ORDER BY s.next_run_at"#,

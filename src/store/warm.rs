@@ -3,7 +3,6 @@
 use super::writer::{Applied, Conn, Write};
 use super::*;
 
-
 /// `SELECT` of whole [`WarmSession`] rows (`w`, with its channel `c`; a warm session whose
 /// channel has a running job shows as `busy`); the rest of the query follows.
 macro_rules! select_warm {
@@ -32,6 +31,9 @@ impl Store {
         u: WarmUpdate,
         now: Millis,
     ) -> Result<()> {
+        if let Some(pg) = &self.pg {
+            return pg.warm_upsert(channel_id, holder, u, now).await;
+        }
         self.write(Upsert {
             channel_id,
             holder: holder.to_string(),
@@ -51,6 +53,9 @@ impl Store {
         note: Option<String>,
         now: Millis,
     ) -> Result<bool> {
+        if let Some(pg) = &self.pg {
+            return pg.warm_stop(channel_id, holder, failed, note, now).await;
+        }
         self.write(Stop {
             channel_id,
             holder: holder.to_string(),
@@ -72,6 +77,9 @@ impl Store {
         at: Option<Millis>,
         now: Millis,
     ) -> Result<()> {
+        if let Some(pg) = &self.pg {
+            return pg.warm_request(channel_id, at, now).await;
+        }
         self.write(Request {
             channel_id,
             at,
@@ -82,6 +90,9 @@ impl Store {
 
     /// Renews the leases of every session `holder` keeps.
     pub async fn warm_heartbeat(&self, holder: &str, lease_until: Millis) -> Result<u64> {
+        if let Some(pg) = &self.pg {
+            return pg.warm_heartbeat(holder, lease_until).await;
+        }
         self.write(Heartbeat {
             holder: holder.to_string(),
             lease_until,
@@ -91,6 +102,9 @@ impl Store {
 
     /// On shutdown: keeps `holder`'s sessions marked warm but lets the next gorp take them over.
     pub async fn warm_release_leases(&self, holder: &str, now: Millis) -> Result<u64> {
+        if let Some(pg) = &self.pg {
+            return pg.warm_release_leases(holder, now).await;
+        }
         self.write(ReleaseLeases {
             holder: holder.to_string(),
             now,
@@ -100,6 +114,9 @@ impl Store {
 
     /// Marks sessions stopped whose holder is gone and whose keep-alive ran out.
     pub async fn warm_expire_orphans(&self, now: Millis) -> Result<u64> {
+        if let Some(pg) = &self.pg {
+            return pg.warm_expire_orphans(now).await;
+        }
         self.write(ExpireOrphans { now }).await
     }
 
@@ -112,6 +129,9 @@ impl Store {
         note: &str,
         now: Millis,
     ) -> Result<bool> {
+        if let Some(pg) = &self.pg {
+            return pg.warm_stop_orphan(channel_id, holder, note, now).await;
+        }
         self.write(StopOrphan {
             channel_id,
             holder: holder.map(str::to_string),
@@ -122,12 +142,18 @@ impl Store {
     }
 
     pub async fn warm_list(&self) -> Result<Vec<WarmSession>> {
+        if let Some(pg) = &self.pg {
+            return pg.warm_list().await;
+        }
         Ok(select_warm!("ORDER BY c.name")
             .fetch_all(&self.read)
             .await?)
     }
 
     pub async fn warm_get(&self, channel_id: i64) -> Result<Option<WarmSession>> {
+        if let Some(pg) = &self.pg {
+            return pg.warm_get(channel_id).await;
+        }
         Ok(select_warm!("WHERE w.channel_id = ?1", channel_id)
             .fetch_optional(&self.read)
             .await?)

@@ -13,7 +13,7 @@ use gorp::worker::{PoolConfig, PoolHandle, WorkerPool};
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::eventually;
+use crate::support::{eventually, use_test_backend};
 
 pub const SCRIPT_AGENT: &str = env!("CARGO_BIN_EXE_gorp-script-agent");
 const WAIT: Duration = Duration::from_secs(30);
@@ -64,7 +64,8 @@ fn pool_config() -> PoolConfig {
 impl Gorp {
     pub async fn start(tweak: impl FnOnce(&mut Config)) -> Gorp {
         let dir = tempfile::tempdir().unwrap();
-        let config = config_in(dir.path(), tweak);
+        let mut config = config_in(dir.path(), tweak);
+        use_test_backend(&mut config.database).await;
         Self::start_on(dir, config, "gorp-a").await
     }
 
@@ -178,19 +179,25 @@ impl Gorp {
             .collect()
     }
 
-    pub async fn history_session(&self, id: &str) -> Option<String> {
-        sqlx::query_scalar("SELECT session FROM job_history WHERE id = ?1")
-            .bind(id)
-            .fetch_one(self.store.read_pool())
-            .await
-            .unwrap()
+    /// A plain connection to this gorp's database, for reading rows behind the store's back.
+    pub async fn raw(&self) -> sqlx::AnyConnection {
+        crate::support::raw_conn(&self.config.database).await
     }
-}
 
-async fn raw_conn(path: &std::path::Path) -> sqlx::SqliteConnection {
-    <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!("sqlite://{}", path.display()))
+    /// `sql` in this gorp's database's parameter style.
+    pub fn sql(&self, sql: &str) -> String {
+        crate::support::sql_for(&self.config.database, sql)
+    }
+
+    pub async fn history_session(&self, id: &str) -> Option<String> {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(
+            self.sql("SELECT session FROM job_history WHERE id = ?1"),
+        ))
+        .bind(id)
+        .fetch_one(&mut self.raw().await)
         .await
         .unwrap()
+    }
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -312,15 +319,15 @@ async fn lease_of_a_dead_holder_is_taken_over() {
     dead.wait().unwrap();
     let holder = format!("{}:{}:deadbeef", host.trim(), dead_pid);
     let now = now_ms();
-    sqlx::query(
+    sqlx::query(sqlx::AssertSqlSafe(g.sql(
         "INSERT INTO warm_sessions (channel_id, holder, state, lease_expires_at, expires_at, updated_at)
          VALUES (?1, ?2, 'warm', ?3, ?4, ?3)",
-    )
+    )))
     .bind(ch)
     .bind(&holder)
     .bind(now + 60_000)
     .bind(now + 3_600_000)
-    .execute(&mut raw_conn(&g.config.database.path).await)
+    .execute(&mut g.raw().await)
     .await
     .unwrap();
     let report = g.warm.run_once(now).await.unwrap();
@@ -705,11 +712,11 @@ async fn usage_and_first_output_are_recorded_in_job_history() {
         Option<f64>,
         Option<String>,
     );
-    let row: Facts = sqlx::query_as(
+    let row: Facts = sqlx::query_as(sqlx::AssertSqlSafe(g.sql(
         "SELECT first_output_ms, input_tokens, output_tokens, cost_usd, session FROM job_history WHERE id = ?1",
-    )
+    )))
     .bind(&job.id)
-    .fetch_one(g.store.read_pool())
+    .fetch_one(&mut g.raw().await)
     .await
     .unwrap();
     assert!(row.0.is_some());
@@ -814,11 +821,13 @@ async fn separate_agent_messages_keep_their_boundary_in_the_output() {
         .await;
     assert_eq!(job.state, JobState::Succeeded);
     assert_eq!(out, "Checked earlier=\n\n**Warning:** stale");
-    let history: String = sqlx::query_scalar("SELECT output FROM job_history WHERE id = ?1")
-        .bind(&job.id)
-        .fetch_one(g.store.read_pool())
-        .await
-        .unwrap();
+    let history: String = sqlx::query_scalar(sqlx::AssertSqlSafe(
+        g.sql("SELECT output FROM job_history WHERE id = ?1"),
+    ))
+    .bind(&job.id)
+    .fetch_one(&mut g.raw().await)
+    .await
+    .unwrap();
     assert_eq!(history, out, "job_history shows the same output");
     g.stop().await;
 }
@@ -923,11 +932,11 @@ async fn agent_flooding_updates_is_recorded_with_bounded_memory() {
     assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
     assert_eq!(out.len(), FLOOD + "done".len());
     assert!(out.ends_with("done"));
-    let rows: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM job_events WHERE job_id = ?1 AND kind = 'message'",
-    )
+    let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(
+        g.sql("SELECT count(*) FROM job_events WHERE job_id = ?1 AND kind = 'message'"),
+    ))
     .bind(&job.id)
-    .fetch_one(g.store.read_pool())
+    .fetch_one(&mut g.raw().await)
     .await
     .unwrap();
     assert_eq!(rows, FLOOD as i64 + 1);

@@ -1,6 +1,6 @@
 //! `[database] url` on a real PostgreSQL (the throwaway cluster of `scripts/setup-postgres`):
 //! `gorp migrate` builds the schema and says which backend it used, `gorp doctor` reads it,
-//! `gorp start` refuses to run its queue there yet, saying so; and the bad inputs the issue
+//! `gorp start` runs jobs there and the CLI enqueues and waits on them; and the bad inputs the issue
 //! names — an unreachable server, wrong credentials, a database of a newer schema, a URL that
 //! is no PostgreSQL URL — each get a clear message and exit code, nothing written.
 
@@ -66,7 +66,7 @@ fn stderr(out: &std::process::Output) -> String {
 }
 
 #[tokio::test]
-async fn migrate_builds_the_schema_and_doctor_reads_it_while_start_refuses_for_now() {
+async fn migrate_builds_the_schema_doctor_reads_it_and_start_runs_jobs_there() {
     let url = fresh_database().await;
     let env = Env::new();
     on_postgres(&env, &url);
@@ -107,13 +107,22 @@ async fn migrate_builds_the_schema_and_doctor_reads_it_while_start_refuses_for_n
     assert!(m["detail"].as_str().unwrap().contains("(postgres)"), "{m}");
     assert_eq!(find("db writable")["status"], "ok");
 
-    let out = env.run(&["start"]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = stderr(&out);
-    assert!(
-        err.contains("cannot run its queue on yet") && err.contains("unset [database] url"),
-        "{err}"
-    );
+    // The whole path on PostgreSQL: a channel, a running gorp, a job enqueued by the CLI and
+    // waited for, its output read back.
+    env.ok(&["channels", "add", "alpha"]);
+    let server = env.start();
+    let out = env.run(&[
+        "enqueue",
+        "alpha",
+        "@chunks 3\n@reply on postgres",
+        "--wait",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "on postgres");
+    let jobs: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "jobs", "--channel", "alpha"])).unwrap();
+    assert_eq!(jobs[0]["state"], "succeeded", "{jobs}");
+    drop(server);
     assert!(
         !env.dir.path().join("gorp.db").exists(),
         "no SQLite file written"

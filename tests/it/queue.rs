@@ -320,20 +320,22 @@ async fn database_refuses_a_second_running_job_on_a_channel() {
     // Bypass the claim query: the partial unique index alone must refuse.
     let w = s.other_store().await;
     drop(w);
-    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", s.db.path.display()))
-        .await
-        .unwrap();
-    let err = sqlx::query(
+    let mut conn = s.raw().await;
+    let err = sqlx::query(sqlx::AssertSqlSafe(s.sql(
         "UPDATE jobs SET state = 'running', lease_owner = 'x', attempt = 1 WHERE id = ?1",
-    )
+    )))
     .bind(&second)
     .execute(&mut conn)
     .await
     .unwrap_err();
-    assert!(err.to_string().contains("UNIQUE"), "{err}");
+    let err = err.to_string();
+    // SQLite: "UNIQUE constraint failed"; PostgreSQL: "duplicate key value violates unique
+    // constraint \"jobs_one_running_per_channel\"".
+    assert!(
+        err.contains("UNIQUE") || err.contains("jobs_one_running_per_channel"),
+        "{err}"
+    );
 }
-
-use sqlx::Connection;
 
 #[tokio::test]
 async fn rescuer_requeues_expired_leases_without_spending_attempts() {
@@ -1151,11 +1153,12 @@ async fn job_history_view_shows_readable_times_and_output() {
         .job_complete_if_running(&c.lease().unwrap(), Some("end_turn".into()), T0 + 1_500)
         .await
         .unwrap();
-    let row: (String, String, String, f64, String) = sqlx::query_as(
+    let mut conn = s.raw().await;
+    let row: (String, String, String, f64, String) = sqlx::query_as(sqlx::AssertSqlSafe(s.sql(
         "SELECT channel, state, started, duration_secs, output FROM job_history WHERE id = ?1",
-    )
+    )))
     .bind(&id)
-    .fetch_one(s.store.read_pool())
+    .fetch_one(&mut conn)
     .await
     .unwrap();
     assert_eq!(row.0, "a");

@@ -11,7 +11,7 @@ use gorp::service::schedules::{self, AddSchedule, ScheduleError, When};
 use gorp::store::{now_ms, JobState, Millis, Store};
 
 use crate::acp::Gorp;
-use crate::support::{setup, Setup};
+use crate::support::{raw_conn, setup, sql_for, Setup};
 
 fn utc(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> Millis {
     Utc.with_ymd_and_hms(y, mo, d, h, mi, 0)
@@ -39,12 +39,13 @@ async fn add(s: &Setup, req: AddSchedule, now: Millis) -> gorp::store::Schedule 
         .unwrap()
 }
 
-async fn slots_of(store: &Store, schedule_id: i64) -> Vec<Millis> {
-    sqlx::query_scalar(
+async fn slots_of(s: &Setup, schedule_id: i64) -> Vec<Millis> {
+    let mut conn = s.raw().await;
+    sqlx::query_scalar(sqlx::AssertSqlSafe(s.sql(
         "SELECT scheduled_for FROM jobs WHERE schedule_id = ?1 ORDER BY scheduled_for",
-    )
+    )))
     .bind(schedule_id)
-    .fetch_all(store.read_pool())
+    .fetch_all(&mut conn)
     .await
     .unwrap()
 }
@@ -52,18 +53,16 @@ async fn slots_of(store: &Store, schedule_id: i64) -> Vec<Millis> {
 /// Moves a schedule's next slot to now, as if it had come; returns it.
 async fn slot_now(g: &Gorp, schedule_id: i64) -> Millis {
     let slot = now_ms();
-    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
-        "sqlite://{}",
-        g.config.database.path.display()
-    ))
+    let mut conn = raw_conn(&g.config.database).await;
+    sqlx::query(sqlx::AssertSqlSafe(sql_for(
+        &g.config.database,
+        "UPDATE schedules SET next_run_at = ?1 WHERE id = ?2",
+    )))
+    .bind(slot)
+    .bind(schedule_id)
+    .execute(&mut conn)
     .await
     .unwrap();
-    sqlx::query("UPDATE schedules SET next_run_at = ?1 WHERE id = ?2")
-        .bind(slot)
-        .bind(schedule_id)
-        .execute(&mut conn)
-        .await
-        .unwrap();
     slot
 }
 
@@ -86,7 +85,7 @@ async fn racing_schedulers_fire_each_slot_exactly_once() {
         let (ra, rb) = (ra.unwrap(), rb.unwrap());
         assert_eq!(ra.jobs + rb.jobs, 1, "minute {minute}: {ra:?} {rb:?}");
     }
-    let slots = slots_of(&s.store, sc.id).await;
+    let slots = slots_of(&s, sc.id).await;
     let want: Vec<Millis> = (1..=30).map(|m| t0 + m * 60_000).collect();
     assert_eq!(slots, want);
     let job = s
@@ -112,13 +111,10 @@ async fn missed_slots_follow_each_catch_up_policy() {
     let now = utc(2026, 1, 5, 12, 5);
     let report = sched(&s.store).run_once(now).await.unwrap();
     assert_eq!(report.fired, 3);
-    assert!(slots_of(&s.store, skip.id).await.is_empty());
-    assert_eq!(
-        slots_of(&s.store, once.id).await,
-        vec![utc(2026, 1, 5, 12, 0)]
-    );
+    assert!(slots_of(&s, skip.id).await.is_empty());
+    assert_eq!(slots_of(&s, once.id).await, vec![utc(2026, 1, 5, 12, 0)]);
     let hours: Vec<Millis> = (9..=12).map(|h| utc(2026, 1, 5, h, 0)).collect();
-    assert_eq!(slots_of(&s.store, all.id).await, hours);
+    assert_eq!(slots_of(&s, all.id).await, hours);
     for id in [skip.id, once.id, all.id] {
         let row = s.store.schedule_get(id).await.unwrap().unwrap();
         assert_eq!(row.next_run_at, Some(utc(2026, 1, 5, 13, 0)));
@@ -134,10 +130,7 @@ async fn missed_slots_follow_each_catch_up_policy() {
         .run_once(utc(2026, 1, 5, 13, 0) + 200)
         .await
         .unwrap();
-    assert_eq!(
-        slots_of(&s.store, skip.id).await,
-        vec![utc(2026, 1, 5, 13, 0)]
-    );
+    assert_eq!(slots_of(&s, skip.id).await, vec![utc(2026, 1, 5, 13, 0)]);
 }
 
 #[tokio::test]
@@ -147,7 +140,7 @@ async fn catch_up_all_is_bounded() {
     let t0 = utc(2026, 1, 5, 0, 0);
     let all = add(&s, add_req("alpha", "*/5 * * * *", "UTC", "all"), t0).await;
     sched(&s.store).run_once(t0 + 10 * HOUR).await.unwrap();
-    let slots = slots_of(&s.store, all.id).await;
+    let slots = slots_of(&s, all.id).await;
     // The ten latest missed slots, and the slot due now (on time, so not a catch-up).
     assert_eq!(slots.len(), scheduler::MAX_CATCH_UP + 1);
     assert_eq!(slots[0], t0 + 10 * HOUR - 10 * 5 * 60_000);
@@ -196,7 +189,7 @@ async fn daily_0230_job_on_dst_days_runs_as_croner_defines() {
     let first = sc.next_run_at.unwrap();
     sched(&s.store).run_once(first + 100).await.unwrap();
     sched(&s.store).run_once(spring + 100).await.unwrap();
-    assert_eq!(slots_of(&s.store, sc.id).await, vec![first, spring]);
+    assert_eq!(slots_of(&s, sc.id).await, vec![first, spring]);
 }
 
 #[tokio::test]
@@ -230,8 +223,8 @@ async fn one_off_fires_once_and_is_marked_done() {
         .unwrap();
     sched(&s.store).run_once(t0 + 2 * HOUR).await.unwrap();
     sched(&s.store).run_once(t0 + 3 * HOUR).await.unwrap();
-    assert_eq!(slots_of(&s.store, once.id).await, vec![t0 + 30 * 60_000]);
-    assert_eq!(slots_of(&s.store, at.id).await, vec![utc(2026, 1, 5, 9, 0)]);
+    assert_eq!(slots_of(&s, once.id).await, vec![t0 + 30 * 60_000]);
+    assert_eq!(slots_of(&s, at.id).await, vec![utc(2026, 1, 5, 9, 0)]);
     let row = s.store.schedule_get(once.id).await.unwrap().unwrap();
     assert!(row.done);
     assert_eq!(row.next_run_at, None);
@@ -256,8 +249,8 @@ async fn slots_under_a_minute_late_fire_under_every_catch_up_policy() {
     // Down for 21 s after the first slot was due: slots 5..25 s are all on time.
     sched(&s.store).run_once(sec(26)).await.unwrap();
     let on_time: Vec<Millis> = (1..=5).map(|k| sec(5 * k)).collect();
-    assert_eq!(slots_of(&s.store, skip.id).await, on_time);
-    assert_eq!(slots_of(&s.store, once.id).await, on_time);
+    assert_eq!(slots_of(&s, skip.id).await, on_time);
+    assert_eq!(slots_of(&s, once.id).await, on_time);
     for id in [skip.id, once.id] {
         let row = s.store.schedule_get(id).await.unwrap().unwrap();
         assert_eq!((row.skipped, row.last_skip), (0, None));
@@ -270,10 +263,10 @@ async fn slots_under_a_minute_late_fire_under_every_catch_up_policy() {
     let mut want_once = on_time.clone();
     want_once.push(sec(85));
     want_once.extend(&late);
-    assert_eq!(slots_of(&s.store, once.id).await, want_once);
+    assert_eq!(slots_of(&s, once.id).await, want_once);
     let mut want_skip = on_time.clone();
     want_skip.extend(&late);
-    assert_eq!(slots_of(&s.store, skip.id).await, want_skip);
+    assert_eq!(slots_of(&s, skip.id).await, want_skip);
     let row = s.store.schedule_get(once.id).await.unwrap().unwrap();
     let note = row.last_skip.unwrap();
     assert!(
@@ -299,7 +292,7 @@ async fn overlap_skip_runs_one_of_several_slots_due_together() {
     req.overlap = Some(gorp::store::Overlap::Skip);
     let sc = add(&s, req, t0).await;
     sched(&s.store).run_once(t0 + 26_000).await.unwrap();
-    assert_eq!(slots_of(&s.store, sc.id).await, vec![t0 + 5_000]);
+    assert_eq!(slots_of(&s, sc.id).await, vec![t0 + 5_000]);
     let row = s.store.schedule_get(sc.id).await.unwrap().unwrap();
     let note = row.last_skip.unwrap();
     assert!(note.contains("4 slot(s) skipped"), "{note}");
@@ -321,9 +314,9 @@ async fn overlap_skip_records_the_skip_and_queue_queues() {
     // Nothing runs the jobs, so the next slot finds the previous run still queued.
     let report = sc.run_once(t0 + 120_000 + 10).await.unwrap();
     assert_eq!(report.skipped, 1);
-    assert_eq!(slots_of(&s.store, skip.id).await, vec![t0 + 60_000]);
+    assert_eq!(slots_of(&s, skip.id).await, vec![t0 + 60_000]);
     assert_eq!(
-        slots_of(&s.store, queue.id).await,
+        slots_of(&s, queue.id).await,
         vec![t0 + 60_000, t0 + 120_000]
     );
     let row = s.store.schedule_get(skip.id).await.unwrap().unwrap();
@@ -518,11 +511,15 @@ async fn pre_warm_starts_the_agent_before_the_slot_so_the_job_runs_warm() {
     let job = g.wait_done(&job.id).await;
     assert_eq!(job.state, JobState::Succeeded);
     assert_eq!(g.history_session(&job.id).await.as_deref(), Some("warm"));
-    let first_output: f64 = sqlx::query_scalar("SELECT first_output_ms FROM jobs WHERE id = ?1")
-        .bind(&job.id)
-        .fetch_one(g.store.read_pool())
-        .await
-        .unwrap();
+    let mut conn = raw_conn(&g.config.database).await;
+    let first_output: f64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql_for(
+        &g.config.database,
+        "SELECT first_output_ms FROM jobs WHERE id = ?1",
+    )))
+    .bind(&job.id)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
     assert!(first_output < 1500.0, "no cold start: {first_output} ms");
     g.stop().await;
 }

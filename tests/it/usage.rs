@@ -28,12 +28,13 @@ async fn each_turn_records_its_own_part_of_the_sessions_cost_and_every_attempt_c
             )
             .await;
         assert_eq!(job.state, JobState::Succeeded);
-        let row: (Option<i64>, Option<i64>, Option<f64>) =
-            sqlx::query_as("SELECT input_tokens, output_tokens, cost_usd FROM jobs WHERE id = ?1")
-                .bind(&job.id)
-                .fetch_one(g.store.read_pool())
-                .await
-                .unwrap();
+        let row: (Option<i64>, Option<i64>, Option<f64>) = sqlx::query_as(sqlx::AssertSqlSafe(
+            g.sql("SELECT input_tokens, output_tokens, cost_usd FROM jobs WHERE id = ?1"),
+        ))
+        .bind(&job.id)
+        .fetch_one(&mut g.raw().await)
+        .await
+        .unwrap();
         assert_eq!(
             row,
             (Some(11), Some(22), Some(0.25)),
@@ -93,11 +94,12 @@ async fn each_turn_records_its_own_part_of_the_sessions_cost_and_every_attempt_c
     assert!(g.store.usage_report(&future).await.unwrap().is_empty());
 
     // The SQL view agrees.
-    let (jobs, cost): (i64, f64) =
-        sqlx::query_as("SELECT sum(jobs), sum(cost_usd) FROM usage_daily WHERE channel = 'beta'")
-            .fetch_one(g.store.read_pool())
-            .await
-            .unwrap();
+    let (jobs, cost): (i64, f64) = sqlx::query_as(sqlx::AssertSqlSafe(g.sql(
+        "SELECT CAST(sum(jobs) AS BIGINT), sum(cost_usd) FROM usage_daily WHERE channel = 'beta'",
+    )))
+    .fetch_one(&mut g.raw().await)
+    .await
+    .unwrap();
     assert_eq!(jobs, 1);
     assert!((cost - 3.0).abs() < 1e-6);
     g.stop().await;

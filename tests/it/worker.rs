@@ -146,10 +146,11 @@ async fn racing_pools_never_run_two_jobs_of_one_channel_at_once() {
         exec.max_total.load(Ordering::SeqCst) > 1,
         "channels ran in parallel"
     );
+    let mut conn = s.raw().await;
     let owners: Vec<String> = sqlx::query_scalar(
         "SELECT DISTINCT substr(text, 12, 6) FROM job_events WHERE kind = 'started'",
     )
-    .fetch_all(s.store.read_pool())
+    .fetch_all(&mut conn)
     .await
     .unwrap();
     assert_eq!(owners.len(), 2, "both pools claimed jobs: {owners:?}");
@@ -391,15 +392,10 @@ async fn pool_finds_rows_inserted_by_another_process() {
     let a = s.channel("a").await;
     let (stop, h, _) = spawn_pool(&s.store, Arc::new(Chatty(1)), pool_config(1), "w");
     // Let the pool go idle, then insert through an independent connection (like sqlite3).
-    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
-        "sqlite://{}",
-        s.db.path.display()
-    ))
-    .await
-    .unwrap();
-    sqlx::query(
+    let mut conn = s.raw().await;
+    sqlx::query(sqlx::AssertSqlSafe(s.sql(
         "INSERT INTO jobs (id, channel_id, source, prompt, run_at, created_at) VALUES ('ext-1', ?1, 'cli', 'from sqlite3', ?2, ?2)",
-    )
+    )))
     .bind(a.id)
     .bind(now_ms())
     .execute(&mut conn)

@@ -13,6 +13,16 @@
 //! Every write that commits bumps the commit counter the store's readers wait on, and a write
 //! that can make a job claimable wakes this process's workers ([`PgStore::committed`]).
 
+mod approvals;
+mod budgets;
+mod channels;
+mod dashboard;
+mod events;
+mod jobs;
+mod matrix;
+mod schedules;
+mod warm;
+
 use std::sync::Arc;
 
 use sqlx::postgres::PgPool;
