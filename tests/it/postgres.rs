@@ -214,3 +214,29 @@ async fn bad_database_urls_get_a_clear_message_and_write_nothing() {
         .unwrap();
     assert_eq!(m["status"], "fail", "{m}");
 }
+
+/// Errors that say the database cannot take a request now (so HTTP answers 503 and callers
+/// may try again) are told apart from errors of the request, on PostgreSQL as on SQLite.
+#[tokio::test]
+async fn a_server_that_drops_the_connection_is_unavailable_and_a_bad_request_is_not() {
+    use gorp::store::StoreError;
+    use sqlx::Connection;
+    let url = fresh_database().await;
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    let bad = sqlx::query("SELECT 1/0")
+        .execute(&mut conn)
+        .await
+        .unwrap_err();
+    assert_eq!(StoreError::Db(bad).unavailable(), None);
+    // The server ends this connection as it does when it shuts down (57P01).
+    let gone = sqlx::query("SELECT pg_terminate_backend(pg_backend_pid())")
+        .execute(&mut conn)
+        .await
+        .unwrap_err();
+    let e = StoreError::Db(gone);
+    assert_eq!(
+        e.unavailable(),
+        Some("the database server is not available"),
+        "{e}"
+    );
+}

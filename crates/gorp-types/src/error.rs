@@ -35,7 +35,8 @@ impl StoreError {
     /// full (`SQLITE_FULL`), the disk failed (`SQLITE_IOERR`), another process holds the lock
     /// past `busy_timeout` (`SQLITE_BUSY`/`SQLITE_LOCKED`), the file cannot be opened or
     /// written (`SQLITE_CANTOPEN`/`SQLITE_READONLY`), no connection is free, or the writer
-    /// stopped. `None` for every other error.
+    /// stopped; on PostgreSQL a lost connection, a full disk, a server out of connections or
+    /// shutting down, a read-only standby. `None` for every other error.
     pub fn unavailable(&self) -> Option<&'static str> {
         match self {
             StoreError::WriterGone => Some("the database writer has stopped"),
@@ -43,6 +44,23 @@ impl StoreError {
                 Some("no database connection is available")
             }
             StoreError::Db(sqlx::Error::Io(_)) => Some("database I/O error"),
+            StoreError::Db(sqlx::Error::Database(e))
+                if e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                    .is_some() =>
+            {
+                // PostgreSQL's SQLSTATE classes: 08 connection exception, 53 insufficient
+                // resources (53100 disk full, 53300 too many connections), 57P0x the server
+                // shutting down or starting, 25006 a read-only transaction (a standby).
+                let code = e.code()?;
+                match code.as_ref() {
+                    "53100" => Some("the database's disk is full"),
+                    "25006" => Some("the database is read-only"),
+                    c if c.starts_with("08") => Some("the connection to the database failed"),
+                    c if c.starts_with("53") => Some("the database server is out of resources"),
+                    c if c.starts_with("57P") => Some("the database server is not available"),
+                    _ => None,
+                }
+            }
             StoreError::Db(sqlx::Error::Database(e)) => {
                 // SQLite reports extended result codes; the primary code is the low byte.
                 let code = e.code()?.parse::<i32>().ok()? & 0xff;
