@@ -5,10 +5,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-/// Hex SHA-256 of `s`: how channel tokens are stored.
-pub fn sha256_hex(s: &str) -> String {
-    hex::encode(Sha256::digest(s.as_bytes()))
-}
+pub use gorp_types::types::sha256_hex;
 
 /// A new random bearer token (256 bits, hex).
 pub fn new_token() -> String {

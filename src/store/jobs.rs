@@ -1004,38 +1004,16 @@ impl Write for Rescue {
                 continue;
             };
             super::approvals::expire_for_attempt(conn, &job.id, job.attempt, now).await?;
-            let text = match (r.state, job.in_turn) {
-                (JobState::Cancelled, _) => {
-                    format!("{}; cancel was pending, job cancelled", r.error)
-                }
-                (JobState::Queued, false) => format!(
-                    "{}; run {} was cut short before its prompt reached the agent, so it is not \
-                     counted; the job will be re-run",
-                    r.error, job.attempt
-                ),
-                (JobState::Queued, true) => format!(
-                    "{}; run {} was interrupted during the agent's turn ({} of at most {} \
-                     interruptions, not counted as a failed attempt); the job will be re-run",
-                    r.error, job.attempt, r.interruptions, max_rescues
-                ),
-                _ => format!(
-                    "{}; interrupted during the agent's turn {} times, more than [worker] \
-                     max_rescues = {}: job failed",
-                    r.error, r.interruptions, max_rescues
-                ),
-            };
-            events.push(NewEvent {
-                job_id: job.id.clone(),
-                attempt: job.attempt,
-                kind: EventKind::Rescued.as_str().into(),
-                text: Some(text),
-                data: Some(serde_json::json!({
-                    "state": r.state,
-                    "in_turn": job.in_turn,
-                    "interruptions": r.interruptions,
-                })),
-                at: now,
-            });
+            events.push(rescue_event(
+                &job.id,
+                job.attempt,
+                job.in_turn,
+                r.state,
+                r.interruptions,
+                &r.error,
+                max_rescues,
+                now,
+            ));
             rescued.push(Rescued {
                 job_id: job.id,
                 attempt: job.attempt,

@@ -141,15 +141,6 @@ impl Store {
         })
     }
 
-    /// The backend's name, for messages: `sqlite` or `postgres`.
-    pub fn backend(&self) -> &'static str {
-        if self.pg.is_some() {
-            "postgres"
-        } else {
-            "sqlite"
-        }
-    }
-
     /// Applies the pending migrations; returns the schema version (the same number on both
     /// backends).
     pub async fn migrate(cfg: &DatabaseConfig) -> Result<i64> {
@@ -164,16 +155,19 @@ impl Store {
     /// True when every embedded migration has been applied (for readiness checks).
     pub async fn migrations_current(&self) -> Result<bool> {
         use sqlx::migrate::Migrate;
-        if let Some(pg) = &self.pg {
-            let mut conn = pg.pool().acquire().await?;
-            let applied = conn.list_applied_migrations("_sqlx_migrations").await?;
-            return Ok(PG_MIGRATOR
-                .iter()
-                .all(|m| applied.iter().any(|a| a.version == m.version)));
-        }
-        let mut conn = self.read.acquire().await?;
-        let applied = conn.list_applied_migrations("_sqlx_migrations").await?;
-        Ok(MIGRATOR
+        let (applied, migrator) = match &self.pg {
+            Some(pg) => {
+                let mut conn = pg.pool().acquire().await?;
+                let applied = conn.list_applied_migrations("_sqlx_migrations").await?;
+                (applied, &PG_MIGRATOR)
+            }
+            None => {
+                let mut conn = self.read.acquire().await?;
+                let applied = conn.list_applied_migrations("_sqlx_migrations").await?;
+                (applied, &MIGRATOR)
+            }
+        };
+        Ok(migrator
             .iter()
             .all(|m| applied.iter().any(|a| a.version == m.version)))
     }

@@ -193,35 +193,7 @@ impl Write for Fire {
         else {
             return Ok(Ok(Fired::default()));
         };
-        let mut notes = Vec::new();
-        if f.skipped_slots > 0 {
-            notes.push(format!(
-                "{} missed slot(s) skipped (catch_up = {})",
-                f.skipped_slots, f.catch_up
-            ));
-        }
-        // `overlap = skip`: at most one run of the schedule is queued or running, also when
-        // several slots are due at once (after a restart).
-        let slots: &[Millis] = match (&s.busy_job, s.overlap) {
-            (Some(busy), Overlap::Skip) if !f.slots.is_empty() => {
-                notes.push(format!(
-                    "{} slot(s) skipped: the previous run {busy} is still queued or running \
-                     (overlap = skip)",
-                    f.slots.len()
-                ));
-                &[]
-            }
-            (None, Overlap::Skip) if f.slots.len() > 1 => {
-                notes.push(format!(
-                    "{} slot(s) skipped: the run of the slot due first is still queued \
-                     (overlap = skip)",
-                    f.slots.len() - 1
-                ));
-                &f.slots[..1]
-            }
-            _ => &f.slots,
-        };
-        let skip = (!notes.is_empty()).then(|| notes.join("; "));
+        let (slots, skip) = f.plan(s.overlap, s.busy_job.as_deref());
         let skipped = i64::from(skip.is_some());
         let done = f.new_next.is_none();
         sqlx::query!(
@@ -238,15 +210,7 @@ impl Write for Fire {
         )
         .execute(&mut *conn)
         .await?;
-        let jobs: Vec<NewJob> = slots
-            .iter()
-            .map(|slot| NewJob {
-                max_attempts: f.max_attempts,
-                schedule_id: Some(f.schedule_id),
-                scheduled_for: Some(*slot),
-                ..NewJob::new(s.channel_id, Source::Schedule, s.prompt.clone())
-            })
-            .collect();
+        let jobs = f.jobs(s.channel_id, &s.prompt, slots);
         let rows: Vec<JobRow> = jobs.iter().map(|j| JobRow::new(j, self.now)).collect();
         let job_ids = if rows.is_empty() {
             Vec::new()

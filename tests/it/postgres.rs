@@ -4,40 +4,16 @@
 //! names — an unreachable server, wrong credentials, a database of a newer schema, a URL that
 //! is no PostgreSQL URL — each get a clear message and exit code, nothing written.
 
-use std::sync::OnceLock;
-
 use crate::cli::Env;
+use crate::support::TestPg;
 
-/// The cluster's URL (started once per test binary; a missing PostgreSQL fails the test).
-fn server_url() -> &'static str {
-    static URL: OnceLock<String> = OnceLock::new();
-    URL.get_or_init(|| {
-        let repo = env!("CARGO_MANIFEST_DIR");
-        let out = std::process::Command::new(format!("{repo}/scripts/setup-postgres"))
-            .current_dir(repo)
-            .output()
-            .expect("run scripts/setup-postgres");
-        assert!(
-            out.status.success(),
-            "scripts/setup-postgres failed (it installs Debian's postgresql when missing): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    })
-}
-
-/// A new, empty database on the cluster; its URL.
+/// A new, empty database on the test cluster; its URL. It outlives the test (`scripts/test`
+/// drops what a run leaves).
 async fn fresh_database() -> String {
-    use sqlx::Connection;
-    let server = server_url();
-    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = sqlx::PgConnection::connect(server).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    conn.close().await.unwrap();
-    format!("{}/{name}", server.rsplit_once('/').unwrap().0)
+    let pg = TestPg::new().await;
+    let url = pg.url.clone();
+    std::mem::forget(pg);
+    url
 }
 
 async fn table_count(url: &str) -> i64 {

@@ -93,8 +93,7 @@ impl PgStore {
         let n = &new;
         let input = n.input.to_string();
         let options = serde_json::Value::from(n.options.clone()).to_string();
-        let inserted = crate::retry!(async {
-            let mut tx = self.pool.begin().await?;
+        let inserted = crate::transaction!(self, false, |tx| {
             let r = sqlx::query!(
                 r#"INSERT INTO approvals (id, job_id, attempt, channel_id, tool_call_id, title,
                                           kind, input, options, created_at, expires_at, request)
@@ -116,18 +115,15 @@ impl PgStore {
             .execute(&mut *tx)
             .await?;
             if r.rows_affected() == 0 {
-                tx.commit().await?;
                 return Ok(false);
             }
             if let Some(d) = &n.decided {
-                decide_in(&mut tx, &n.id, d, now).await?;
+                decide_in(&mut *tx, &n.id, d, now).await?;
             }
             // Events last: their insert takes the lock that orders event commits.
-            insert_event(&mut tx, &n.event).await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(true)
-        })?;
-        self.committed(false);
+            insert_event(&mut *tx, &n.event).await?;
+            Ok(true)
+        });
         if !inserted {
             return Ok(None);
         }
@@ -143,13 +139,10 @@ impl PgStore {
         decision: Decision,
         now: Millis,
     ) -> Result<Option<Approval>> {
-        let won = crate::retry!(async {
-            let mut tx = self.pool.begin().await?;
-            let won = decide_in(&mut tx, id, &decision, now).await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(won)
-        })?;
-        self.committed(false);
+        let won = crate::transaction!(self, false, |tx| {
+            let won = decide_in(&mut *tx, id, &decision, now).await?;
+            Ok(won)
+        });
         if !won {
             return Ok(None);
         }
@@ -217,13 +210,10 @@ impl PgStore {
 
     /// Stores a standing rule (an existing identical rule is kept); returns its id.
     pub async fn rule_insert(&self, rule: NewRule, now: Millis) -> Result<i64> {
-        let id = crate::retry!(async {
-            let mut tx = self.pool.begin().await?;
-            let id = insert_rule(&mut tx, &rule, now).await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(id)
-        })?;
-        self.committed(false);
+        let id = crate::transaction!(self, false, |tx| {
+            let id = insert_rule(&mut *tx, &rule, now).await?;
+            Ok(id)
+        });
         Ok(id)
     }
 
@@ -243,8 +233,7 @@ impl PgStore {
 
     /// Removes rule `id` of the channel; false when it has no such rule.
     pub async fn rule_delete(&self, channel_id: i64, id: i64) -> Result<bool> {
-        let deleted = crate::retry!(async {
-            let mut tx = self.pool.begin().await?;
+        let deleted = crate::transaction!(self, false, |tx| {
             let r = sqlx::query!(
                 "DELETE FROM permission_rules WHERE id = $1 AND channel_id = $2",
                 id,
@@ -252,10 +241,8 @@ impl PgStore {
             )
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(r.rows_affected() == 1)
-        })?;
-        self.committed(false);
+            Ok(r.rows_affected() == 1)
+        });
         Ok(deleted)
     }
 }

@@ -6,7 +6,7 @@
 use sqlx::PgConnection;
 
 use crate::types::{ChannelSpend, HeldJob, Millis, NewEvent, SpendLimits};
-use crate::{retry, PgStore, Result, StoreError};
+use crate::{PgStore, Result};
 
 impl PgStore {
     /// The spend of every channel in the current windows (or of one), whether or not it has a
@@ -45,8 +45,7 @@ impl PgStore {
         if notes.is_empty() {
             return Ok(0);
         }
-        let written = retry!(async {
-            let mut tx = self.pool.begin().await?;
+        let written = crate::transaction!(self, false, |tx| {
             let mut written = 0;
             for n in &notes {
                 let data = n.data.as_ref().map(|d| d.to_string());
@@ -67,10 +66,8 @@ impl PgStore {
                 .await?;
                 written += r.rows_affected();
             }
-            tx.commit().await?;
-            Ok::<_, StoreError>(written)
-        })?;
-        self.committed(false);
+            Ok(written)
+        });
         Ok(written)
     }
 

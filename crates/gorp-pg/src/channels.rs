@@ -1,16 +1,9 @@
 //! The `channels` table: named conversations with one agent, their webhook credentials,
 //! Matrix rooms and ACP sessions.
 
-use sha2::{Digest, Sha256};
-
 use crate::kinds::{PermissionPolicy, SandboxMode};
-use crate::types::{validate_channel_name, Channel, ChannelUpdate, Millis, NewChannel};
-use crate::{retry, PgStore, Result, StoreError};
-
-/// Lowercase hex of the SHA-256 of `s` (as the main crate's `auth::sha256_hex`).
-fn sha256_hex(s: &str) -> String {
-    hex::encode(Sha256::digest(s.as_bytes()))
-}
+use crate::types::{sha256_hex, validate_channel_name, Channel, ChannelUpdate, Millis, NewChannel};
+use crate::{PgStore, Result, StoreError};
 
 /// `SELECT` of whole [`Channel`] rows; the rest of the query (`WHERE …`) follows. With
 /// `pg_only`, the text starts with `/* pg */` (for a tail without parameters).
@@ -56,8 +49,7 @@ impl PgStore {
         let policy = ch.permission_policy.unwrap_or(PermissionPolicy::Allow);
         let token_hash = ch.webhook_token.as_deref().map(sha256_hex);
         let sandbox = ch.sandbox.map(|s| s.as_str());
-        let c = retry!(async {
-            let mut tx = self.pool.begin().await?;
+        let c = crate::transaction!(self, false, |tx| {
             let webhook_id = uuid::Uuid::new_v4().simple().to_string();
             let c = sqlx::query_as!(
                 Channel,
@@ -96,10 +88,8 @@ impl PgStore {
                 }
                 Err(e) => return Err(e.into()),
             };
-            tx.commit().await?;
-            Ok::<_, StoreError>(c)
-        })?;
-        self.committed(false);
+            Ok(c)
+        });
         Ok(c)
     }
 
@@ -140,8 +130,7 @@ impl PgStore {
 
     /// Deletes a channel and its job history. Refused while one of its jobs is running.
     pub async fn channel_delete(&self, name: &str) -> Result<()> {
-        retry!(async {
-            let mut tx = self.pool.begin().await?;
+        crate::transaction!(self, false, |tx| {
             // The channel row is the lock a claim takes before starting one of its jobs: once
             // it is ours, no job of the channel starts running until this commits, and the
             // check below (a statement of its own, so a fresh snapshot) sees every claim.
@@ -165,10 +154,8 @@ impl PgStore {
             sqlx::query!("DELETE FROM channels WHERE id = $1", id)
                 .execute(&mut *tx)
                 .await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(())
-        })?;
-        self.committed(false);
+            Ok(())
+        });
         Ok(())
     }
 
@@ -178,8 +165,7 @@ impl PgStore {
         channel_id: i64,
         session: Option<String>,
     ) -> Result<()> {
-        retry!(async {
-            let mut tx = self.pool.begin().await?;
+        crate::transaction!(self, false, |tx| {
             sqlx::query!(
                 "UPDATE channels SET acp_session_id = $2 WHERE id = $1",
                 channel_id,
@@ -187,17 +173,14 @@ impl PgStore {
             )
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(())
-        })?;
-        self.committed(false);
+            Ok(())
+        });
         Ok(())
     }
 
     /// Links a channel to a Matrix room (or unlinks it).
     pub async fn channel_set_room(&self, channel_id: i64, room_id: Option<String>) -> Result<()> {
-        retry!(async {
-            let mut tx = self.pool.begin().await?;
+        crate::transaction!(self, false, |tx| {
             sqlx::query!(
                 "UPDATE channels SET matrix_room_id = $2 WHERE id = $1",
                 channel_id,
@@ -205,10 +188,8 @@ impl PgStore {
             )
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(())
-        })?;
-        self.committed(false);
+            Ok(())
+        });
         Ok(())
     }
 
@@ -216,8 +197,7 @@ impl PgStore {
     /// token stops working at once.
     pub async fn channel_set_webhook_token(&self, channel_id: i64, token: &str) -> Result<()> {
         let sha256 = sha256_hex(token);
-        retry!(async {
-            let mut tx = self.pool.begin().await?;
+        crate::transaction!(self, false, |tx| {
             sqlx::query!(
                 "UPDATE channels SET webhook_token_sha256 = $2 WHERE id = $1",
                 channel_id,
@@ -225,10 +205,8 @@ impl PgStore {
             )
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(())
-        })?;
-        self.committed(false);
+            Ok(())
+        });
         Ok(())
     }
 
@@ -251,8 +229,8 @@ impl PgStore {
         let (set_tokens, tokens) = (u.budget_job_tokens.is_some(), u.budget_job_tokens.flatten());
         let (set_day, day) = (u.budget_day_usd.is_some(), u.budget_day_usd.flatten());
         let (set_month, month) = (u.budget_month_usd.is_some(), u.budget_month_usd.flatten());
-        let found = retry!(async {
-            let mut tx = self.pool.begin().await?;
+        // Wakes the workers: a raised budget can release held jobs.
+        let found = crate::transaction!(self, true, |tx| {
             let r = sqlx::query!(
                 r#"UPDATE channels
                    SET permission_policy = coalesce($2::text, permission_policy),
@@ -292,11 +270,8 @@ impl PgStore {
             )
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(r.rows_affected() == 1)
-        })?;
-        // A raised budget can release held jobs.
-        self.committed(true);
+            Ok(r.rows_affected() == 1)
+        });
         Ok(found)
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::kinds::JobState;
 use crate::types::{AttemptUsage, ChannelDepth, DashboardSession, Millis};
-use crate::{retry, PgStore, Result, StoreError};
+use crate::{PgStore, Result};
 
 impl PgStore {
     /// The usage rows of a job, one per attempt that ran a turn.
@@ -27,8 +27,7 @@ impl PgStore {
         session: DashboardSession,
         now: Millis,
     ) -> Result<()> {
-        retry!(async {
-            let mut tx = self.pool.begin().await?;
+        crate::transaction!(self, false, |tx| {
             sqlx::query!("DELETE FROM dashboard_sessions WHERE expires_at <= $1", now)
                 .execute(&mut *tx)
                 .await?;
@@ -44,10 +43,8 @@ impl PgStore {
             )
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(())
-        })?;
-        self.committed(false);
+            Ok(())
+        });
         Ok(())
     }
 
@@ -70,18 +67,15 @@ impl PgStore {
 
     /// Ends a session (logout). Returns whether there was one.
     pub async fn dashboard_session_close(&self, id_sha256: &str) -> Result<bool> {
-        let found = retry!(async {
-            let mut tx = self.pool.begin().await?;
+        let found = crate::transaction!(self, false, |tx| {
             let r = sqlx::query!(
                 "DELETE FROM dashboard_sessions WHERE id_sha256 = $1",
                 id_sha256
             )
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(r.rows_affected() == 1)
-        })?;
-        self.committed(false);
+            Ok(r.rows_affected() == 1)
+        });
         Ok(found)
     }
 

@@ -5,7 +5,7 @@
 //! seq N" stays a cursor; their transactions are kept short.
 
 use crate::types::{Event, NewEvent};
-use crate::{retry, PgStore, Result, StoreError};
+use crate::{PgStore, Result};
 
 impl PgStore {
     /// Appends events in one short transaction and returns after its commit (there is no writer
@@ -15,13 +15,10 @@ impl PgStore {
             return Ok(());
         }
         let refs: Vec<&NewEvent> = events.iter().collect();
-        retry!(async {
-            let mut tx = self.pool.begin().await?;
-            insert_events(&mut tx, &refs).await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(())
-        })?;
-        self.committed(false);
+        crate::transaction!(self, false, |tx| {
+            insert_events(&mut *tx, &refs).await?;
+            Ok(())
+        });
         Ok(())
     }
 

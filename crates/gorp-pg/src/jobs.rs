@@ -14,10 +14,10 @@ use crate::budgets;
 use crate::events::insert_events;
 use crate::kinds::{EventKind, JobState, PermissionPolicy, Source};
 use crate::types::{
-    CancelOutcome, Enqueued, Job, JobFilter, Lease, Millis, NewEvent, NewJob, QueueOutlook,
-    Rescued, RunFacts, SpendLimits, UsageBy, UsageFilter, UsageRow,
+    rescue_event, CancelOutcome, Enqueued, Job, JobFilter, Lease, Millis, NewEvent, NewJob,
+    QueueOutlook, Rescued, RunFacts, SpendLimits, UsageBy, UsageFilter, UsageRow,
 };
-use crate::{retry, PgStore, Result, StoreError};
+use crate::{PgStore, Result, StoreError};
 
 /// `SELECT` of whole [`Job`] rows (`j`, with its channel `c`); the rest of the query
 /// (`WHERE …`) follows.
@@ -94,17 +94,11 @@ impl PgStore {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
-        let ids: Vec<String> = jobs
-            .iter()
-            .map(|_| uuid::Uuid::now_v7().to_string())
-            .collect();
-        let out = retry!(async {
-            let mut tx = self.pool.begin().await?;
-            let out = insert_jobs(&mut tx, &jobs, &ids, now).await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(out)
-        })?;
-        self.committed(true);
+        let ids = new_ids(jobs.len());
+        let out = crate::transaction!(self, true, |tx| {
+            let out = insert_jobs(&mut *tx, &jobs, &ids, now).await?;
+            Ok(out)
+        });
         Ok(out)
     }
 
@@ -119,9 +113,8 @@ impl PgStore {
         lease_ms: i64,
         limits: &SpendLimits,
     ) -> Result<Vec<Job>> {
-        let mut jobs = retry!(async {
-            let mut tx = self.pool.begin().await?;
-            let spent = budgets::spent_channels(&mut tx, limits, None).await?;
+        let mut jobs = crate::transaction!(self, false, |tx| {
+            let spent = budgets::spent_channels(&mut *tx, limits, None).await?;
             let held = budgets::id_array(&spent);
             // 1. The channels to take heads from, locked; a channel another claimer holds is
             //    skipped, not waited for.
@@ -151,13 +144,9 @@ impl PgStore {
             }
             // 2. Their heads, read again under the locks (this statement's snapshot sees every
             //    claim committed before the locks were taken).
-            let jobs = claim_heads(&mut tx, &channels, owner, now, now + lease_ms).await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(jobs)
-        })?;
-        if !jobs.is_empty() {
-            self.committed(false);
-        }
+            let jobs = claim_heads(&mut *tx, &channels, owner, now, now + lease_ms).await?;
+            Ok(jobs)
+        });
         queue_order(&mut jobs);
         Ok(jobs)
     }
@@ -170,20 +159,19 @@ impl PgStore {
         now: Millis,
         lease_ms: i64,
     ) -> Result<Vec<(String, i64, bool)>> {
-        let rows = retry!(async {
-            Ok::<_, StoreError>(
-                sqlx::query!(
-                    r#"UPDATE jobs SET lease_expires_at = $2
+        let rows = crate::statement!(
+            self,
+            false,
+            sqlx::query!(
+                r#"UPDATE jobs SET lease_expires_at = $2
                        WHERE state = 'running' AND lease_owner = $1
                        RETURNING id AS "id!", attempt, cancel_requested"#,
-                    owner,
-                    now + lease_ms
-                )
-                .fetch_all(&self.pool)
-                .await?,
+                owner,
+                now + lease_ms
             )
-        })?;
-        self.committed(false);
+            .fetch_all(&self.pool)
+            .await?
+        );
         Ok(rows
             .into_iter()
             .map(|r| (r.id, r.attempt, r.cancel_requested))
@@ -197,13 +185,10 @@ impl PgStore {
         stop_reason: Option<String>,
         now: Millis,
     ) -> Result<bool> {
-        let done = retry!(async {
-            let mut tx = self.pool.begin().await?;
-            let done = complete(&mut tx, lease, stop_reason.as_deref(), now).await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(done)
-        })?;
-        self.committed(true);
+        let done = crate::transaction!(self, true, |tx| {
+            let done = complete(&mut *tx, lease, stop_reason.as_deref(), now).await?;
+            Ok(done)
+        });
         Ok(done)
     }
 
@@ -219,19 +204,16 @@ impl PgStore {
         lease_ms: i64,
         limits: &SpendLimits,
     ) -> Result<(bool, Option<Job>)> {
-        let out = retry!(async {
-            let mut tx = self.pool.begin().await?;
-            if !complete(&mut tx, lease, stop_reason.as_deref(), now).await? {
-                tx.commit().await?;
+        let out = crate::transaction!(self, true, |tx| {
+            if !complete(&mut *tx, lease, stop_reason.as_deref(), now).await? {
                 return Ok((false, None));
             }
             // The run's usage row committed before this transaction: a budget it spent holds
             // the rest.
-            if !budgets::spent_channels(&mut tx, limits, Some(channel_id))
+            if !budgets::spent_channels(&mut *tx, limits, Some(channel_id))
                 .await?
                 .is_empty()
             {
-                tx.commit().await?;
                 return Ok((true, None));
             }
             // The channel row is the claimers' per-channel lock; wait for it (another
@@ -242,13 +224,11 @@ impl PgStore {
             )
             .fetch_optional(&mut *tx)
             .await?;
-            let next = claim_heads(&mut tx, &[channel_id], &lease.owner, now, now + lease_ms)
+            let next = claim_heads(&mut *tx, &[channel_id], &lease.owner, now, now + lease_ms)
                 .await?
                 .pop();
-            tx.commit().await?;
-            Ok::<_, StoreError>((true, next))
-        })?;
-        self.committed(true);
+            Ok((true, next))
+        });
         Ok(out)
     }
 
@@ -284,10 +264,11 @@ impl PgStore {
         now: Millis,
         stop_reason: Option<&str>,
     ) -> Result<Option<JobState>> {
-        let state = retry!(async {
-            Ok::<_, StoreError>(
-                sqlx::query_scalar!(
-                    r#"UPDATE jobs
+        let state = crate::statement!(
+            self,
+            true,
+            sqlx::query_scalar!(
+                r#"UPDATE jobs
                        SET state = CASE WHEN $5::bigint IS NOT NULL
                                              AND attempt - interruptions < max_attempts
                                         THEN 'queued' ELSE 'failed' END,
@@ -301,19 +282,17 @@ impl PgStore {
                            error = $4, lease_owner = NULL, lease_expires_at = NULL
                        WHERE id = $1 AND state = 'running' AND attempt = $2 AND lease_owner = $3
                        RETURNING state AS "state!: JobState""#,
-                    lease.job_id,
-                    lease.attempt,
-                    lease.owner,
-                    error,
-                    retry_at,
-                    now,
-                    stop_reason
-                )
-                .fetch_optional(&self.pool)
-                .await?,
+                lease.job_id,
+                lease.attempt,
+                lease.owner,
+                error,
+                retry_at,
+                now,
+                stop_reason
             )
-        })?;
-        self.committed(true);
+            .fetch_optional(&self.pool)
+            .await?
+        );
         Ok(state)
     }
 
@@ -324,53 +303,50 @@ impl PgStore {
         reason: String,
         now: Millis,
     ) -> Result<bool> {
-        let r = retry!(async {
-            Ok::<_, StoreError>(
-                sqlx::query!(
-                    r#"UPDATE jobs
+        let r = crate::statement!(
+            self,
+            true,
+            sqlx::query!(
+                r#"UPDATE jobs
                        SET state = 'cancelled', stop_reason = 'cancelled', error = $4,
                            finished_at = $5, lease_owner = NULL, lease_expires_at = NULL
                        WHERE id = $1 AND state = 'running' AND attempt = $2 AND lease_owner = $3"#,
-                    lease.job_id,
-                    lease.attempt,
-                    lease.owner,
-                    reason,
-                    now
-                )
-                .execute(&self.pool)
-                .await?,
+                lease.job_id,
+                lease.attempt,
+                lease.owner,
+                reason,
+                now
             )
-        })?;
-        self.committed(true);
+            .execute(&self.pool)
+            .await?
+        );
         Ok(r.rows_affected() == 1)
     }
 
     /// `running → queued` without counting the attempt (graceful shutdown).
     pub async fn job_release_if_running(&self, lease: &Lease, now: Millis) -> Result<bool> {
-        let r = retry!(async {
-            Ok::<_, StoreError>(
-                sqlx::query!(
-                    r#"UPDATE jobs
+        let r = crate::statement!(
+            self,
+            true,
+            sqlx::query!(
+                r#"UPDATE jobs
                        SET state = 'queued', attempt = attempt - 1, run_at = $4,
                            lease_owner = NULL, lease_expires_at = NULL
                        WHERE id = $1 AND state = 'running' AND attempt = $2 AND lease_owner = $3"#,
-                    lease.job_id,
-                    lease.attempt,
-                    lease.owner,
-                    now
-                )
-                .execute(&self.pool)
-                .await?,
+                lease.job_id,
+                lease.attempt,
+                lease.owner,
+                now
             )
-        })?;
-        self.committed(true);
+            .execute(&self.pool)
+            .await?
+        );
         Ok(r.rows_affected() == 1)
     }
 
     /// Cancels a queued job at once, or asks the worker of a running job to stop.
     pub async fn job_cancel(&self, job_id: &str, now: Millis) -> Result<CancelOutcome> {
-        let out = retry!(async {
-            let mut tx = self.pool.begin().await?;
+        let out = crate::transaction!(self, true, |tx| {
             // Locked: a claim or an outcome of the same job waits, so the state read here is
             // the one changed below. NO KEY: an event insert's foreign-key check (KEY SHARE)
             // is not blocked by it, so it cannot deadlock with the event lock.
@@ -424,11 +400,9 @@ impl PgStore {
                 data: None,
                 at: now,
             };
-            insert_events(&mut tx, &[&ev]).await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(outcome)
-        })?;
-        self.committed(true);
+            insert_events(&mut *tx, &[&ev]).await?;
+            Ok(outcome)
+        });
         Ok(out)
     }
 
@@ -436,53 +410,48 @@ impl PgStore {
     /// run does not count as a failed attempt; a job interrupted more than `max_rescues` times
     /// is failed instead, and one with a pending cancel is cancelled.
     pub async fn job_rescue_expired(&self, now: Millis, max_rescues: i64) -> Result<Vec<Rescued>> {
-        let rescued = retry!(async {
-            let mut tx = self.pool.begin().await?;
-            let rescued = rescue(&mut tx, now, max_rescues).await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(rescued)
-        })?;
-        self.committed(true);
+        let rescued = crate::transaction!(self, true, |tx| {
+            let rescued = rescue(&mut *tx, now, max_rescues).await?;
+            Ok(rescued)
+        });
         Ok(rescued)
     }
 
     /// Expires the leases of `owner`'s running jobs at once (the owner is known to be dead),
     /// so the next rescuer pass re-queues them.
     pub async fn job_expire_owner(&self, owner: &str, now: Millis) -> Result<u64> {
-        let r = retry!(async {
-            Ok::<_, StoreError>(
-                sqlx::query!(
-                    r#"UPDATE jobs SET lease_expires_at = $2::bigint - 1
+        let r = crate::statement!(
+            self,
+            false,
+            sqlx::query!(
+                r#"UPDATE jobs SET lease_expires_at = $2::bigint - 1
                        WHERE state = 'running' AND lease_owner = $1"#,
-                    owner,
-                    now
-                )
-                .execute(&self.pool)
-                .await?,
+                owner,
+                now
             )
-        })?;
-        self.committed(false);
+            .execute(&self.pool)
+            .await?
+        );
         Ok(r.rows_affected())
     }
 
     /// Deletes up to `limit` finished jobs (and their events) that finished before `before`.
     pub async fn job_delete_finished_before(&self, before: Millis, limit: i64) -> Result<u64> {
-        let r = retry!(async {
-            Ok::<_, StoreError>(
-                sqlx::query!(
-                    r#"DELETE FROM jobs WHERE id IN (
+        let r = crate::statement!(
+            self,
+            true,
+            sqlx::query!(
+                r#"DELETE FROM jobs WHERE id IN (
                          SELECT id FROM jobs
                          WHERE finished_at IS NOT NULL AND finished_at < $1
                            AND state IN ('succeeded', 'failed', 'cancelled')
                          LIMIT $2)"#,
-                    before,
-                    limit
-                )
-                .execute(&self.pool)
-                .await?,
+                before,
+                limit
             )
-        })?;
-        self.committed(true);
+            .execute(&self.pool)
+            .await?
+        );
         Ok(r.rows_affected())
     }
 
@@ -496,8 +465,7 @@ impl PgStore {
         now: Millis,
     ) -> Result<()> {
         let f = &facts;
-        retry!(async {
-            let mut tx = self.pool.begin().await?;
+        crate::transaction!(self, false, |tx| {
             sqlx::query!(
                 r#"UPDATE jobs SET warm = $3, first_output_ms = $4, input_tokens = $5,
                                    output_tokens = $6, cost_usd = $7, cache_read_tokens = $8,
@@ -544,10 +512,8 @@ impl PgStore {
             )
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(())
-        })?;
-        self.committed(false);
+            Ok(())
+        });
         Ok(())
     }
 
@@ -724,15 +690,23 @@ impl PgStore {
 
 // ----- enqueue ------------------------------------------------------------------------------
 
+/// Ids for `n` new jobs: UUID v7, so they sort by creation time.
+pub(crate) fn new_ids(n: usize) -> Vec<String> {
+    (0..n).map(|_| uuid::Uuid::now_v7().to_string()).collect()
+}
+
 /// Inserts `jobs` (ids `ids`) in one multi-row statement. A row whose idempotency key already
 /// names a job of its channel and source is not inserted; its result is that job with
 /// `created: false`.
-async fn insert_jobs(
+pub(crate) async fn insert_jobs(
     conn: &mut PgConnection,
     jobs: &[NewJob],
     ids: &[String],
     now: Millis,
 ) -> std::result::Result<Vec<Enqueued>, sqlx::Error> {
+    if jobs.is_empty() {
+        return Ok(Vec::new());
+    }
     let col = |f: &dyn Fn(&NewJob) -> Option<String>| jobs.iter().map(f).collect::<Vec<_>>();
     let channel_ids: Vec<i64> = jobs.iter().map(|j| j.channel_id).collect();
     let sources: Vec<String> = jobs.iter().map(|j| j.source.as_str().to_string()).collect();
@@ -925,36 +899,16 @@ async fn rescue(
             continue;
         };
         crate::approvals::expire_for_attempt(conn, &job.id, job.attempt, now).await?;
-        let text = match (r.state, job.in_turn) {
-            (JobState::Cancelled, _) => format!("{}; cancel was pending, job cancelled", r.error),
-            (JobState::Queued, false) => format!(
-                "{}; run {} was cut short before its prompt reached the agent, so it is not \
-                 counted; the job will be re-run",
-                r.error, job.attempt
-            ),
-            (JobState::Queued, true) => format!(
-                "{}; run {} was interrupted during the agent's turn ({} of at most {} \
-                 interruptions, not counted as a failed attempt); the job will be re-run",
-                r.error, job.attempt, r.interruptions, max_rescues
-            ),
-            _ => format!(
-                "{}; interrupted during the agent's turn {} times, more than [worker] \
-                 max_rescues = {}: job failed",
-                r.error, r.interruptions, max_rescues
-            ),
-        };
-        events.push(NewEvent {
-            job_id: job.id.clone(),
-            attempt: job.attempt,
-            kind: EventKind::Rescued.as_str().into(),
-            text: Some(text),
-            data: Some(serde_json::json!({
-                "state": r.state,
-                "in_turn": job.in_turn,
-                "interruptions": r.interruptions,
-            })),
-            at: now,
-        });
+        events.push(rescue_event(
+            &job.id,
+            job.attempt,
+            job.in_turn,
+            r.state,
+            r.interruptions,
+            &r.error,
+            max_rescues,
+            now,
+        ));
         rescued.push(Rescued {
             job_id: job.id,
             attempt: job.attempt,

@@ -53,6 +53,41 @@ macro_rules! retry {
     }};
 }
 
+/// One write in a transaction of its own: `transaction!(store, wakes, |tx| { …; Ok(out) })`.
+/// The body runs with `tx`, the open transaction's connection; `Ok` commits it (also from an
+/// early `return Ok(…)`), an error rolls it back, so a refused write writes nothing. A deadlock
+/// or serialization failure runs it all again ([`retry!`]). After the commit the store tells
+/// this process's readers, and its workers when `wakes` ([`PgStore::committed`]).
+#[macro_export]
+macro_rules! transaction {
+    ($store:expr, $wakes:expr, |$tx:ident| $body:block) => {{
+        let out = $crate::retry!(async {
+            let mut open = $store.pool.begin().await?;
+            let out: $crate::Result<_> = {
+                let $tx: &mut ::sqlx::PgConnection = &mut open;
+                async { $body }.await
+            };
+            let out = out?;
+            open.commit().await?;
+            Ok::<_, $crate::StoreError>(out)
+        })?;
+        $store.committed($wakes);
+        out
+    }};
+}
+
+/// One statement on the pool (PostgreSQL commits it by itself), written with its `.await?`:
+/// `statement!(store, wakes, sqlx::query!(…).execute(&store.pool).await?)`. It runs again on a
+/// deadlock or serialization failure; then readers and workers are told as by [`transaction!`].
+#[macro_export]
+macro_rules! statement {
+    ($store:expr, $wakes:expr, $query:expr) => {{
+        let out = $crate::retry!(async { Ok::<_, $crate::StoreError>($query) })?;
+        $store.committed($wakes);
+        out
+    }};
+}
+
 /// True for errors after which the same transaction may simply run again.
 pub fn retryable(e: &StoreError) -> bool {
     match e {

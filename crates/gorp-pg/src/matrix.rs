@@ -3,7 +3,7 @@
 
 use crate::kinds::{ApprovalState, JobState, Source};
 use crate::types::{MatrixApprovalDue, MatrixReply, MatrixReplyUpdate, Millis};
-use crate::{PgStore, Result, StoreError};
+use crate::{PgStore, Result};
 
 impl PgStore {
     /// The job a Matrix message asked for, with who sent it.
@@ -56,8 +56,7 @@ impl PgStore {
         error: Option<String>,
         now: Millis,
     ) -> Result<()> {
-        crate::retry!(async {
-            let mut tx = self.pool.begin().await?;
+        crate::transaction!(self, false, |tx| {
             sqlx::query!(
                 r#"INSERT INTO matrix_bot (id, user_id, device_id, state, ready_at, error,
                                            updated_at)
@@ -76,10 +75,8 @@ impl PgStore {
             )
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(())
-        })?;
-        self.committed(false);
+            Ok(())
+        });
         Ok(())
     }
 
@@ -90,8 +87,7 @@ impl PgStore {
         u: MatrixReplyUpdate,
         now: Millis,
     ) -> Result<()> {
-        crate::retry!(async {
-            let mut tx = self.pool.begin().await?;
+        crate::transaction!(self, false, |tx| {
             sqlx::query!(
                 r#"UPDATE matrix_replies
                    SET reaction_key = $2, reaction_event_id = $3, reply_event_id = $4, edits = $5,
@@ -111,10 +107,8 @@ impl PgStore {
             )
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(())
-        })?;
-        self.committed(false);
+            Ok(())
+        });
         Ok(())
     }
 
@@ -161,8 +155,7 @@ impl PgStore {
     ) -> Result<()> {
         let failed = i64::from(error.is_some());
         let shown = shown.map(|s| s.as_str());
-        crate::retry!(async {
-            let mut tx = self.pool.begin().await?;
+        crate::transaction!(self, false, |tx| {
             sqlx::query!(
                 r#"INSERT INTO matrix_approvals (approval_id, room_id, event_id, posted_at,
                                                  shown_state, attempts, last_error)
@@ -184,10 +177,8 @@ impl PgStore {
             )
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(())
-        })?;
-        self.committed(false);
+            Ok(())
+        });
         Ok(())
     }
 

@@ -1,8 +1,8 @@
 //! The `schedules` table: schedules, their reads, and the guarded firing that inserts a
 //! schedule's jobs.
 
-use crate::types::{CatchUp, Fired, Firing, Millis, NewSchedule, Overlap, Schedule, Source};
-use crate::{retry, PgStore, Result, StoreError};
+use crate::types::{CatchUp, Fired, Firing, Millis, NewSchedule, Overlap, Schedule};
+use crate::{PgStore, Result, StoreError};
 
 /// `SELECT` of whole [`Schedule`] rows (`s`, with its channel `c`); the rest of the query
 /// follows. `/* pg */` keeps the parameterless form's text apart from SQLite's.
@@ -22,8 +22,7 @@ macro_rules! select_schedules {
 
 impl PgStore {
     pub async fn schedule_insert(&self, s: NewSchedule, now: Millis) -> Result<Schedule> {
-        let id = retry!(async {
-            let mut tx = self.pool.begin().await?;
+        let id = crate::transaction!(self, true, |tx| {
             let id = sqlx::query_scalar!(
                 r#"INSERT INTO schedules (channel_id, cron, timezone, prompt, catch_up, overlap,
                                           next_run_at, created_by, created_at)
@@ -41,10 +40,8 @@ impl PgStore {
             )
             .fetch_one(&mut *tx)
             .await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(id)
-        })?;
-        self.committed(true);
+            Ok(id)
+        });
         self.schedule_get(id)
             .await?
             .ok_or_else(|| StoreError::Invalid("schedule vanished".into()))
@@ -57,8 +54,7 @@ impl PgStore {
         enabled: bool,
         next_run_at: Option<Millis>,
     ) -> Result<bool> {
-        let changed = retry!(async {
-            let mut tx = self.pool.begin().await?;
+        let changed = crate::transaction!(self, false, |tx| {
             let r = sqlx::query!(
                 r#"UPDATE schedules SET enabled = $2, next_run_at = coalesce($3::bigint, next_run_at)
                    WHERE id = $1 AND NOT done"#,
@@ -68,23 +64,18 @@ impl PgStore {
             )
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(r.rows_affected() == 1)
-        })?;
-        self.committed(false);
+            Ok(r.rows_affected() == 1)
+        });
         Ok(changed)
     }
 
     pub async fn schedule_delete(&self, id: i64) -> Result<bool> {
-        let deleted = retry!(async {
-            let mut tx = self.pool.begin().await?;
+        let deleted = crate::transaction!(self, false, |tx| {
             let r = sqlx::query!("DELETE FROM schedules WHERE id = $1", id)
                 .execute(&mut *tx)
                 .await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(r.rows_affected() == 1)
-        })?;
-        self.committed(false);
+            Ok(r.rows_affected() == 1)
+        });
         Ok(deleted)
     }
 
@@ -100,8 +91,7 @@ impl PgStore {
     /// the lock run on fresh snapshots, so they see the winner's jobs (and the unique slot index
     /// `jobs_schedule_slot` stays a backstop).
     pub async fn schedule_fire(&self, f: Firing, now: Millis) -> Result<Fired> {
-        let fired = retry!(async {
-            let mut tx = self.pool.begin().await?;
+        let fired = crate::transaction!(self, true, |tx| {
             let Some(s) = sqlx::query!(
                 r#"SELECT channel_id, prompt, overlap AS "overlap: Overlap"
                    FROM schedules
@@ -113,8 +103,8 @@ impl PgStore {
             .fetch_optional(&mut *tx)
             .await?
             else {
-                // Lost (or paused, removed): nothing written; dropping `tx` rolls back.
-                return Ok::<_, StoreError>(Fired::default());
+                // Lost (or paused, removed): nothing written.
+                return Ok(Fired::default());
             };
             // Read after the lock: a fresh snapshot that sees every committed run of the schedule.
             let busy_job: Option<String> = sqlx::query_scalar!(
@@ -124,35 +114,7 @@ impl PgStore {
             )
             .fetch_optional(&mut *tx)
             .await?;
-            let mut notes = Vec::new();
-            if f.skipped_slots > 0 {
-                notes.push(format!(
-                    "{} missed slot(s) skipped (catch_up = {})",
-                    f.skipped_slots, f.catch_up
-                ));
-            }
-            // `overlap = skip`: at most one run of the schedule is queued or running, also when
-            // several slots are due at once (after a restart).
-            let slots: &[Millis] = match (&busy_job, s.overlap) {
-                (Some(busy), Overlap::Skip) if !f.slots.is_empty() => {
-                    notes.push(format!(
-                        "{} slot(s) skipped: the previous run {busy} is still queued or running \
-                         (overlap = skip)",
-                        f.slots.len()
-                    ));
-                    &[]
-                }
-                (None, Overlap::Skip) if f.slots.len() > 1 => {
-                    notes.push(format!(
-                        "{} slot(s) skipped: the run of the slot due first is still queued \
-                         (overlap = skip)",
-                        f.slots.len() - 1
-                    ));
-                    &f.slots[..1]
-                }
-                _ => &f.slots,
-            };
-            let skip = (!notes.is_empty()).then(|| notes.join("; "));
+            let (slots, skip) = f.plan(s.overlap, busy_job.as_deref());
             let skipped = i64::from(skip.is_some());
             let done = f.new_next.is_none();
             sqlx::query!(
@@ -170,18 +132,19 @@ impl PgStore {
             )
             .execute(&mut *tx)
             .await?;
-            let job_ids =
-                insert_slot_jobs(&mut tx, &f, s.channel_id, &s.prompt, slots, now).await?;
-            tx.commit().await?;
+            let jobs = f.jobs(s.channel_id, &s.prompt, slots);
+            let ids = crate::jobs::new_ids(jobs.len());
+            let job_ids = crate::jobs::insert_jobs(&mut *tx, &jobs, &ids, now)
+                .await?
+                .into_iter()
+                .map(|e| e.job_id)
+                .collect();
             Ok(Fired {
                 won: true,
                 job_ids,
                 skipped: skip,
             })
-        })?;
-        if fired.won {
-            self.committed(true);
-        }
+        });
         Ok(fired)
     }
 
@@ -207,42 +170,4 @@ impl PgStore {
         .fetch_all(&self.pool)
         .await?)
     }
-}
-
-/// Inserts the jobs of one firing, one per slot, in slot order, as SQLite's enqueue of
-/// `NewJob::new(channel, Source::Schedule, prompt)` with the firing's schedule, slot and
-/// `max_attempts` would (priority 0, due now, no key, target or limits). Returns their ids.
-async fn insert_slot_jobs(
-    conn: &mut sqlx::PgConnection,
-    f: &Firing,
-    channel_id: i64,
-    prompt: &str,
-    slots: &[Millis],
-    now: Millis,
-) -> std::result::Result<Vec<String>, sqlx::Error> {
-    if slots.is_empty() {
-        return Ok(Vec::new());
-    }
-    let ids: Vec<String> = slots
-        .iter()
-        .map(|_| uuid::Uuid::now_v7().to_string())
-        .collect();
-    sqlx::query!(
-        r#"INSERT INTO jobs (id, channel_id, source, prompt, priority, max_attempts, run_at,
-                             created_at, schedule_id, scheduled_for)
-           SELECT r.id, $3, $4, $5, 0, $6, $7, $7, $8, r.slot
-           FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS r(id, slot, n)
-           ORDER BY r.n"#,
-        &ids,
-        slots,
-        channel_id,
-        Source::Schedule.as_str(),
-        prompt,
-        f.max_attempts,
-        now,
-        f.schedule_id
-    )
-    .execute(&mut *conn)
-    .await?;
-    Ok(ids)
 }

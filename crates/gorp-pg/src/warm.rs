@@ -1,7 +1,7 @@
 //! The `warm_sessions` table: which channel's agent is warm, who holds it, until when.
 
 use crate::types::{Millis, WarmSession, WarmState, WarmUpdate};
-use crate::{retry, PgStore, Result, StoreError};
+use crate::{PgStore, Result};
 
 /// `SELECT` of whole [`WarmSession`] rows (`w`, with its channel `c`; a warm session whose
 /// channel has a running job shows as `busy`); the rest of the query follows. `/* pg */` keeps
@@ -33,8 +33,7 @@ impl PgStore {
         u: WarmUpdate,
         now: Millis,
     ) -> Result<()> {
-        retry!(async {
-            let mut tx = self.pool.begin().await?;
+        crate::transaction!(self, false, |tx| {
             sqlx::query!(
                 r#"INSERT INTO warm_sessions AS w (channel_id, holder, state, pid, acp_session_id,
                                                    lease_expires_at, expires_at, started_at,
@@ -69,10 +68,8 @@ impl PgStore {
             )
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(())
-        })?;
-        self.committed(false);
+            Ok(())
+        });
         Ok(())
     }
 
@@ -91,8 +88,7 @@ impl PgStore {
         } else {
             WarmState::Stopped
         };
-        let stopped = retry!(async {
-            let mut tx = self.pool.begin().await?;
+        let stopped = crate::transaction!(self, false, |tx| {
             let r = sqlx::query!(
                 r#"UPDATE warm_sessions
                    SET state = $3, error = $4, pid = NULL, lease_expires_at = NULL,
@@ -106,10 +102,8 @@ impl PgStore {
             )
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(r.rows_affected() == 1)
-        })?;
-        self.committed(false);
+            Ok(r.rows_affected() == 1)
+        });
         Ok(stopped)
     }
 
@@ -120,8 +114,7 @@ impl PgStore {
         at: Option<Millis>,
         now: Millis,
     ) -> Result<()> {
-        retry!(async {
-            let mut tx = self.pool.begin().await?;
+        crate::transaction!(self, false, |tx| {
             sqlx::query!(
                 r#"INSERT INTO warm_sessions (channel_id, state, warm_at, updated_at)
                    VALUES ($1, 'stopped', $2, $3)
@@ -133,17 +126,14 @@ impl PgStore {
             )
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(())
-        })?;
-        self.committed(false);
+            Ok(())
+        });
         Ok(())
     }
 
     /// Renews the leases of every session `holder` keeps.
     pub async fn warm_heartbeat(&self, holder: &str, lease_until: Millis) -> Result<u64> {
-        let n = retry!(async {
-            let mut tx = self.pool.begin().await?;
+        let n = crate::transaction!(self, false, |tx| {
             let r = sqlx::query!(
                 r#"UPDATE warm_sessions SET lease_expires_at = $2
                    WHERE holder = $1 AND state IN ('starting', 'warm', 'busy')"#,
@@ -152,17 +142,14 @@ impl PgStore {
             )
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(r.rows_affected())
-        })?;
-        self.committed(false);
+            Ok(r.rows_affected())
+        });
         Ok(n)
     }
 
     /// On shutdown: keeps `holder`'s sessions marked warm but lets the next gorp take them over.
     pub async fn warm_release_leases(&self, holder: &str, now: Millis) -> Result<u64> {
-        let n = retry!(async {
-            let mut tx = self.pool.begin().await?;
+        let n = crate::transaction!(self, false, |tx| {
             let r = sqlx::query!(
                 r#"UPDATE warm_sessions SET lease_expires_at = $2, pid = NULL, updated_at = $2
                    WHERE holder = $1 AND state IN ('starting', 'warm', 'busy')"#,
@@ -171,17 +158,14 @@ impl PgStore {
             )
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(r.rows_affected())
-        })?;
-        self.committed(false);
+            Ok(r.rows_affected())
+        });
         Ok(n)
     }
 
     /// Marks sessions stopped whose holder is gone and whose keep-alive ran out.
     pub async fn warm_expire_orphans(&self, now: Millis) -> Result<u64> {
-        let n = retry!(async {
-            let mut tx = self.pool.begin().await?;
+        let n = crate::transaction!(self, false, |tx| {
             let r = sqlx::query!(
                 r#"UPDATE warm_sessions SET state = 'stopped', pid = NULL, updated_at = $1
                    WHERE state IN ('starting', 'warm', 'busy')
@@ -191,10 +175,8 @@ impl PgStore {
             )
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(r.rows_affected())
-        })?;
-        self.committed(false);
+            Ok(r.rows_affected())
+        });
         Ok(n)
     }
 
@@ -207,8 +189,7 @@ impl PgStore {
         note: &str,
         now: Millis,
     ) -> Result<bool> {
-        let stopped = retry!(async {
-            let mut tx = self.pool.begin().await?;
+        let stopped = crate::transaction!(self, false, |tx| {
             let r = sqlx::query!(
                 r#"UPDATE warm_sessions
                    SET state = 'stopped', error = $3, pid = NULL, lease_expires_at = NULL,
@@ -222,10 +203,8 @@ impl PgStore {
             )
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(r.rows_affected() == 1)
-        })?;
-        self.committed(false);
+            Ok(r.rows_affected() == 1)
+        });
         Ok(stopped)
     }
 

@@ -13,6 +13,12 @@ pub fn now_ms() -> Millis {
         .unwrap_or(0)
 }
 
+/// Hex SHA-256 of `s`: how channel tokens are stored (both stores hash what they are given).
+pub fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
 /// Renders a timestamp as `YYYY-MM-DD HH:MM:SS.mmm` UTC.
 pub fn format_ms(ms: Millis) -> String {
     let fmt = time::macros::format_description!(
@@ -391,6 +397,50 @@ pub struct NewEvent {
     pub at: Millis,
 }
 
+/// The `rescued` event of a running job whose lease expired, as every backend records it:
+/// `state` and `interruptions` are the job's after the rescue, `error` the reason stored on it,
+/// `in_turn` whether the run was cut short during the agent's turn.
+#[allow(clippy::too_many_arguments)]
+pub fn rescue_event(
+    job_id: &str,
+    attempt: i64,
+    in_turn: bool,
+    state: JobState,
+    interruptions: i64,
+    error: &str,
+    max_rescues: i64,
+    at: Millis,
+) -> NewEvent {
+    let text = match (state, in_turn) {
+        (JobState::Cancelled, _) => format!("{error}; cancel was pending, job cancelled"),
+        (JobState::Queued, false) => format!(
+            "{error}; run {attempt} was cut short before its prompt reached the agent, so it is \
+             not counted; the job will be re-run"
+        ),
+        (JobState::Queued, true) => format!(
+            "{error}; run {attempt} was interrupted during the agent's turn ({interruptions} of \
+             at most {max_rescues} interruptions, not counted as a failed attempt); the job will \
+             be re-run"
+        ),
+        _ => format!(
+            "{error}; interrupted during the agent's turn {interruptions} times, more than \
+             [worker] max_rescues = {max_rescues}: job failed"
+        ),
+    };
+    NewEvent {
+        job_id: job_id.to_string(),
+        attempt,
+        kind: crate::kinds::EventKind::Rescued.as_str().into(),
+        text: Some(text),
+        data: Some(serde_json::json!({
+            "state": state,
+            "in_turn": in_turn,
+            "interruptions": interruptions,
+        })),
+        at,
+    }
+}
+
 /// A stored job event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Event {
@@ -660,6 +710,55 @@ pub struct Firing {
     /// The schedule's `catch_up` policy, named in the record of skipped slots.
     pub catch_up: CatchUp,
     pub max_attempts: i64,
+}
+
+impl Firing {
+    /// What a firing that won its slot does, on every backend: the slots it enqueues and the
+    /// note of what it skipped. `overlap = skip` keeps at most one run of the schedule queued or
+    /// running, also when several slots are due at once (after a restart); `busy_job` is such a
+    /// run, if one exists.
+    pub fn plan(&self, overlap: Overlap, busy_job: Option<&str>) -> (&[Millis], Option<String>) {
+        let mut notes = Vec::new();
+        if self.skipped_slots > 0 {
+            notes.push(format!(
+                "{} missed slot(s) skipped (catch_up = {})",
+                self.skipped_slots, self.catch_up
+            ));
+        }
+        let slots: &[Millis] = match (busy_job, overlap) {
+            (Some(busy), Overlap::Skip) if !self.slots.is_empty() => {
+                notes.push(format!(
+                    "{} slot(s) skipped: the previous run {busy} is still queued or running \
+                     (overlap = skip)",
+                    self.slots.len()
+                ));
+                &[]
+            }
+            (None, Overlap::Skip) if self.slots.len() > 1 => {
+                notes.push(format!(
+                    "{} slot(s) skipped: the run of the slot due first is still queued \
+                     (overlap = skip)",
+                    self.slots.len() - 1
+                ));
+                &self.slots[..1]
+            }
+            _ => &self.slots,
+        };
+        (slots, (!notes.is_empty()).then(|| notes.join("; ")))
+    }
+
+    /// The jobs of `slots` (from [`Firing::plan`]) for the schedule's channel and prompt.
+    pub fn jobs(&self, channel_id: i64, prompt: &str, slots: &[Millis]) -> Vec<NewJob> {
+        slots
+            .iter()
+            .map(|slot| NewJob {
+                max_attempts: self.max_attempts,
+                schedule_id: Some(self.schedule_id),
+                scheduled_for: Some(*slot),
+                ..NewJob::new(channel_id, Source::Schedule, prompt)
+            })
+            .collect()
+    }
 }
 
 /// What a firing did.

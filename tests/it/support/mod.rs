@@ -34,6 +34,28 @@ pub fn on_postgres() -> bool {
     std::env::var("TEST_BACKEND").is_ok_and(|b| b == "postgres")
 }
 
+/// The test cluster's URL (`TEST_POSTGRES_URL`, else the cluster `scripts/setup-postgres`
+/// starts or finds running, once per test binary). A missing PostgreSQL fails the test.
+pub fn pg_server_url() -> &'static str {
+    static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    URL.get_or_init(|| {
+        if let Ok(url) = std::env::var("TEST_POSTGRES_URL") {
+            return url;
+        }
+        let repo = env!("CARGO_MANIFEST_DIR");
+        let out = std::process::Command::new(format!("{repo}/scripts/setup-postgres"))
+            .current_dir(repo)
+            .output()
+            .expect("run scripts/setup-postgres");
+        assert!(
+            out.status.success(),
+            "scripts/setup-postgres failed (it installs Debian's postgresql when missing): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    })
+}
+
 /// A database of its own on the test cluster, dropped (connections and all) when dropped.
 pub struct TestPg {
     /// The cluster's URL (its default database), for administration.
@@ -43,17 +65,10 @@ pub struct TestPg {
 }
 
 impl TestPg {
-    /// A new, empty database on the cluster whose URL `scripts/setup-postgres` wrote to
-    /// `target/postgres/url` (or `TEST_POSTGRES_URL`).
+    /// A new, empty database on the test cluster ([`pg_server_url`]).
     pub async fn new() -> TestPg {
         use sqlx::Connection;
-        let server = std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| {
-            let file = concat!(env!("CARGO_MANIFEST_DIR"), "/target/postgres/url");
-            std::fs::read_to_string(file)
-                .unwrap_or_else(|e| panic!("{file}: {e}: run scripts/setup-postgres first"))
-                .trim()
-                .to_string()
-        });
+        let server = pg_server_url().to_string();
         let name = format!("it_{}", uuid::Uuid::new_v4().simple());
         let mut admin = sqlx::PgConnection::connect(&server)
             .await
