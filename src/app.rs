@@ -57,6 +57,8 @@ pub async fn run(
     let config = Arc::new(config);
     let addr = format!("{}:{}", config.webhook.bind, config.webhook.port);
     let listener = bind(&addr).await?;
+    let lease = Duration::from_secs(config.worker.lease_secs);
+    let node = crate::node::NodeKeeper::start(store.clone(), &instance, lease).await?;
     let warm = WarmSessionManager::new(store.clone(), config.clone(), instance_id.clone());
     let executor = Arc::new(AcpExecutor::new(warm.clone()));
     let pool = WorkerPool::new(
@@ -79,10 +81,12 @@ pub async fn run(
         http_stop.clone(),
     ));
     let keeper_stop = CancellationToken::new();
+    let node = tokio::spawn(background::run(node, keeper_stop.clone()));
     let keeper = tokio::spawn(background::run(warm.clone(), keeper_stop.clone()));
     let scheduler = crate::scheduler::Scheduler::new(store.clone(), config.clone());
     let scheduler = tokio::spawn(background::run(scheduler, keeper_stop.clone()));
-    // Matrix is optional: gorp without it (or with the homeserver down) keeps working.
+    // Matrix is optional: gorp without it (or with the homeserver down) keeps working. The bot
+    // (one device, one crypto store) runs on the node holding the `matrix` leader lease.
     let matrix = config.matrix.is_some().then(|| {
         let services = crate::matrix::Services {
             store: store.clone(),
@@ -90,15 +94,24 @@ pub async fn run(
             warm: Some(warm.clone()),
             pool: Some(pool.handle()),
         };
-        let stop = keeper_stop.clone();
-        tokio::spawn(async move {
-            if let Err(e) = crate::matrix::run(services, stop).await {
-                tracing::error!(error = format!("{e:#}"), "the Matrix bot stopped");
-            }
-        })
+        tokio::spawn(crate::node::lead(
+            store.clone(),
+            crate::node::MATRIX,
+            instance_id.clone(),
+            lease,
+            keeper_stop.clone(),
+            move |stop| {
+                let services = services.clone();
+                async move {
+                    if let Err(e) = crate::matrix::run(services, stop).await {
+                        tracing::error!(error = format!("{e:#}"), "the Matrix bot stopped");
+                    }
+                }
+            },
+        ))
     });
 
-    run_pool(&config, store, pool, shutdown).await;
+    run_pool(&config, store.clone(), pool, shutdown).await;
 
     // In-flight requests get the grace period too; open event streams end with it.
     http_stop.cancel();
@@ -109,11 +122,14 @@ pub async fn run(
         _ => {}
     }
     keeper_stop.cancel();
-    let _ = tokio::join!(keeper, scheduler);
+    let _ = tokio::join!(keeper, scheduler, node);
     if let Some(m) = matrix {
         let _ = m.await;
     }
     warm.shutdown().await;
+    if let Err(e) = store.node_stop(&instance_id, crate::store::now_ms()).await {
+        tracing::warn!(error = %e, "cannot record this node's stop");
+    }
     tracing::info!("gorp stopped");
     Ok(())
 }

@@ -47,6 +47,8 @@ pub trait Executor: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct JobContext {
     pub job: Job,
+    /// When the job was claimed: its lease runs from here until the first renewal.
+    pub claimed: tokio::time::Instant,
     store: Store,
     cancel: CancellationToken,
     cause: Arc<Mutex<Option<StopCause>>>,
@@ -56,6 +58,7 @@ impl JobContext {
     pub(crate) fn new(job: Job, store: Store) -> Self {
         JobContext {
             job,
+            claimed: tokio::time::Instant::now(),
             store,
             cancel: CancellationToken::new(),
             cause: Arc::new(Mutex::new(None)),

@@ -24,6 +24,16 @@ impl InstanceId {
         }
     }
 
+    /// The host this process runs on.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// This process's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// True when the id names a process on this host that no longer exists. False for this
     /// process, for another host (gorp cannot tell) and for a process that still runs.
     pub fn is_dead_on_this_host(&self) -> bool {

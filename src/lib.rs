@@ -55,6 +55,7 @@ pub mod logging;
 pub mod markdown;
 pub mod matrix;
 pub mod metrics;
+pub mod node;
 pub mod rescuer;
 pub mod sandbox;
 pub mod scheduler;

@@ -26,10 +26,17 @@ impl Rescuer {
         }
     }
 
-    /// One pass at time `now`. Jobs of a lease owner that died on this host are rescued at
-    /// once instead of after their lease runs out.
+    /// One pass at time `now`. On SQLite, jobs of a lease owner that died on this host are
+    /// rescued at once instead of after their lease runs out; on a shared database (other
+    /// machines, containers that all have pid 1) only leases decide. Every node runs the
+    /// rescuer: each expired job is locked and rescued by one of them.
     pub async fn run_once(&self, now: Millis) -> Result<Vec<Rescued>, StoreError> {
-        for owner in self.store.job_lease_owners().await? {
+        let owners = if self.store.is_shared() {
+            Vec::new()
+        } else {
+            self.store.job_lease_owners().await?
+        };
+        for owner in owners {
             if crate::instance::holder_is_dead(&owner) {
                 tracing::warn!(owner = %owner, "lease owner died; rescuing its jobs now");
                 self.store.job_expire_owner(&owner, now).await?;

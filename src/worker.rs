@@ -448,6 +448,36 @@ async fn finish(
     next
 }
 
+/// Reads the cancel requests for this pool's running jobs and stops those jobs.
+async fn read_cancels(store: &Store, owner: &str, running: &Running) {
+    if running.lock().expect("running lock").is_empty() {
+        return;
+    }
+    match store.job_cancel_requests(owner).await {
+        Ok(ids) => {
+            let map = running.lock().expect("running lock");
+            for (id, attempt) in ids {
+                if let Some(ctx) = map.get(&id).filter(|c| c.job.attempt == attempt) {
+                    ctx.stop(StopCause::UserCancel);
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read cancel requests"),
+    }
+}
+
+/// Stops every running job whose lease was last renewed (or claimed) more than `after` ago.
+fn fence(running: &Running, renewed: tokio::time::Instant, after: Duration) {
+    let map = running.lock().expect("running lock");
+    for ctx in map.values() {
+        let since = renewed.max(ctx.claimed).elapsed();
+        if since >= after && ctx.stop_cause().is_none() {
+            tracing::error!(job = %ctx.job.id, since_renewed = ?since, "cannot renew the job's lease; stopping it (self-fencing)");
+            ctx.stop(StopCause::LeaseLost);
+        }
+    }
+}
+
 async fn heartbeat_loop(
     store: Store,
     owner: String,
@@ -455,31 +485,30 @@ async fn heartbeat_loop(
     running: Running,
     stop: CancellationToken,
 ) {
+    let cancels = store.cancels_requested();
     // Cancel requests are read every poll interval (a cheap read); leases are renewed every
     // heartbeat (a write).
     let mut tick = tokio::time::interval(cfg.poll_interval.min(cfg.heartbeat));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_beat = tokio::time::Instant::now();
+    // When the last renewal that succeeded was sent. A job whose lease was not renewed for
+    // three quarters of its length is stopped here (self-fencing): another node may rescue it
+    // once the lease runs out, and by then it no longer runs here.
+    let mut renewed = tokio::time::Instant::now();
+    let fence_after = cfg.lease.mul_f64(0.75);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
-        }
-        if last_beat.elapsed() < cfg.heartbeat {
-            if running.lock().expect("running lock").is_empty() {
+            _ = cancels.notified() => {
+                // Another node asked to cancel a job: read the requests now.
+                read_cancels(&store, &owner, &running).await;
                 continue;
             }
-            match store.job_cancel_requests(&owner).await {
-                Ok(ids) => {
-                    let map = running.lock().expect("running lock");
-                    for (id, attempt) in ids {
-                        if let Some(ctx) = map.get(&id).filter(|c| c.job.attempt == attempt) {
-                            ctx.stop(StopCause::UserCancel);
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot read cancel requests"),
-            }
+        }
+        fence(&running, renewed, fence_after);
+        if last_beat.elapsed() < cfg.heartbeat {
+            read_cancels(&store, &owner, &running).await;
             continue;
         }
         last_beat = tokio::time::Instant::now();
@@ -491,13 +520,19 @@ async fn heartbeat_loop(
             .values()
             .map(|c| (c.job.id.clone(), c.job.attempt))
             .collect();
-        let renewed = match store
-            .job_heartbeat(&owner, now_ms(), cfg.lease.as_millis() as i64)
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
+        let sent = tokio::time::Instant::now();
+        let beat = store.job_heartbeat(&owner, now_ms(), cfg.lease.as_millis() as i64);
+        let renewed_jobs = match tokio::time::timeout(cfg.heartbeat, beat).await {
+            Ok(Ok(r)) => {
+                renewed = sent;
+                r
+            }
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "heartbeat failed");
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!(timeout = ?cfg.heartbeat, "heartbeat got no answer in time");
                 continue;
             }
         };
@@ -506,7 +541,7 @@ async fn heartbeat_loop(
             let Some(ctx) = map.get(&id).filter(|c| c.job.attempt == attempt) else {
                 continue; // finished meanwhile
             };
-            match renewed
+            match renewed_jobs
                 .iter()
                 .find(|(rid, a, _)| *rid == id && *a == attempt)
             {

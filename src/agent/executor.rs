@@ -299,7 +299,11 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
     // the conversation.
     let stalled = matches!(&result, Err(AcpError::Stalled { .. }));
     // A turn stopped for its budget may still be at work: the agent is restarted.
-    if stalled || over_budget.is_some() || (was_cancelled && warm.config().acp.recycle_after_cancel)
+    if matches!(ctx.stop_cause(), Some(StopCause::LeaseLost)) {
+        warm.discard(job.channel_id, session).await;
+    } else if stalled
+        || over_budget.is_some()
+        || (was_cancelled && warm.config().acp.recycle_after_cancel)
     {
         warm.recycle(job.channel_id, session).await;
     } else {

@@ -43,8 +43,6 @@ use crate::store::{now_ms, Channel, Millis, Store, WarmSession, WarmState, WarmU
 
 /// How often the keeper runs.
 pub const KEEPER_INTERVAL: Duration = Duration::from_secs(1);
-/// A warm-session lease lasts this long unless renewed by the keeper.
-pub const LEASE: Duration = Duration::from_secs(30);
 
 /// A live agent with its open ACP session.
 pub struct Live {
@@ -157,6 +155,11 @@ pub enum WarmError {
     Store(#[from] crate::store::StoreError),
     #[error("cancelled while the agent was starting")]
     Cancelled,
+    #[error(
+        "the channel's agent is held by {holder} (another gorp on this database) until its \
+         lease runs out"
+    )]
+    HeldElsewhere { holder: String },
     #[error("cannot prepare the workspace {path}: {error}")]
     Workspace {
         path: PathBuf,
@@ -175,6 +178,13 @@ pub struct WarmSessionManager {
     /// Bounds the agents starting at once.
     starts: tokio::sync::Semaphore,
     tasks: TaskTracker,
+    /// When the last lease renewal that succeeded was sent (self-fencing counts from it).
+    renewed: Mutex<Instant>,
+    /// True after this node stopped its agents because it could not renew their leases; the
+    /// next renewal that succeeds first lets go of the rows it no longer runs.
+    fenced: std::sync::atomic::AtomicBool,
+    /// Idle channels of ours that had a due job at the previous keeper pass (see `hand_over`).
+    waiting: Mutex<std::collections::HashSet<i64>>,
 }
 
 impl WarmSessionManager {
@@ -188,6 +198,9 @@ impl WarmSessionManager {
             warming: Mutex::new(Default::default()),
             starts,
             tasks: TaskTracker::new(),
+            renewed: Mutex::new(Instant::now()),
+            fenced: Default::default(),
+            waiting: Default::default(),
         })
     }
 
@@ -203,8 +216,15 @@ impl WarmSessionManager {
         (self.config.acp.keep_alive_secs * 1000) as i64
     }
 
-    fn lease_until(now: Millis) -> Millis {
-        now + LEASE.as_millis() as i64
+    /// How long a warm-session lease lasts unless renewed: `[worker] lease_secs`, the job
+    /// lease's length, so a node that loses the database stops its agents and its jobs on one
+    /// deadline.
+    fn lease_ms(&self) -> i64 {
+        (self.config.worker.lease_secs * 1000) as i64
+    }
+
+    fn lease_until(&self, now: Millis) -> Millis {
+        now + self.lease_ms()
     }
 
     fn slot(&self, channel_id: i64) -> Arc<Slot> {
@@ -359,7 +379,7 @@ impl WarmSessionManager {
                 state: WarmState::Warm,
                 pid: Some(live.agent.pid() as i64),
                 session: Some(live.session_id.clone()),
-                lease_until: Self::lease_until(now),
+                lease_until: self.lease_until(now),
                 expires_at: Some(now + self.keep_alive_ms()),
                 used: true,
                 sandbox: None,
@@ -406,6 +426,20 @@ impl WarmSessionManager {
             .warm_stop(channel_id, &self.instance, false, note, now)
             .await;
         let _ = self.store.warm_request(channel_id, Some(now), now).await;
+    }
+
+    /// Gives the session back after its job's lease was lost (taken over, or this node could
+    /// not renew it): the agent is stopped and not warmed again here, since the channel may
+    /// already run on another node.
+    pub async fn discard(&self, channel_id: i64, mut guard: SessionGuard) {
+        if let Some(l) = guard.guard.take() {
+            l.agent.shutdown().await;
+        }
+        let note = Some("stopped: the job's lease was lost".to_string());
+        let _ = self
+            .store
+            .warm_stop(channel_id, &self.instance, false, note, now_ms())
+            .await;
     }
 
     /// Makes the channel's next job start a new conversation: the stored ACP session is
@@ -468,6 +502,22 @@ impl WarmSessionManager {
     /// Spawns the agent, opens (or resumes) the ACP session and records the row.
     async fn start(&self, channel: &Channel) -> Result<Live, WarmError> {
         let now = now_ms();
+        // The lease first: a channel's agent runs on one node at a time. On SQLite a holder
+        // that died on this host is known to be gone; across machines only leases decide.
+        let row = self.store.warm_get(channel.id).await?;
+        let holder = row.as_ref().and_then(|r| r.holder.clone());
+        let dead = holder
+            .as_deref()
+            .filter(|h| !self.store.is_shared() && crate::instance::holder_is_dead(h));
+        if !self
+            .store
+            .warm_take(channel.id, &self.instance, dead, now, self.lease_until(now))
+            .await?
+        {
+            return Err(WarmError::HeldElsewhere {
+                holder: holder.unwrap_or_else(|| "another gorp".into()),
+            });
+        }
         self.store
             .warm_upsert(
                 channel.id,
@@ -476,7 +526,7 @@ impl WarmSessionManager {
                     state: WarmState::Starting,
                     pid: None,
                     session: None,
-                    lease_until: Self::lease_until(now),
+                    lease_until: self.lease_until(now),
                     expires_at: None,
                     used: false,
                     sandbox: None,
@@ -496,7 +546,7 @@ impl WarmSessionManager {
                             state: WarmState::Warm,
                             pid: Some(live.agent.pid() as i64),
                             session: Some(live.session_id.clone()),
-                            lease_until: Self::lease_until(now),
+                            lease_until: self.lease_until(now),
                             expires_at: Some(now + self.keep_alive_ms()),
                             used: false,
                             sandbox: Some(live.agent.sandbox().summary()),
@@ -730,6 +780,8 @@ impl WarmSessionManager {
             }
         }
 
+        report.handed_over = self.hand_over(now).await?;
+
         // Rows to warm here: requested (warm_at due), or warm but orphaned (restart/takeover).
         let warming: std::collections::HashSet<i64> =
             self.warming.lock().expect("warming lock").clone();
@@ -754,10 +806,11 @@ impl WarmSessionManager {
             ) && row.expires_at.is_some_and(|e| e > now)
                 && row.holder.as_deref() != Some(self.instance.as_str())
                 && (row.lease_expires_at.is_none_or(|l| l < now)
-                    || row
-                        .holder
-                        .as_deref()
-                        .is_some_and(crate::instance::holder_is_dead))
+                    || (!self.store.is_shared()
+                        && row
+                            .holder
+                            .as_deref()
+                            .is_some_and(crate::instance::holder_is_dead)))
             {
                 orphaned.push(row);
             }
@@ -814,10 +867,106 @@ impl WarmSessionManager {
         }
 
         self.store.warm_expire_orphans(now).await?;
+        let sent = Instant::now();
+        if self.fenced.load(Ordering::SeqCst) {
+            // Back after fencing: the rows of the agents stopped then are let go of first, so
+            // the renewal below keeps only what runs here now.
+            self.store
+                .warm_release_leases(&self.instance, now_ms())
+                .await?;
+            self.fenced.store(false, Ordering::SeqCst);
+        }
         self.store
-            .warm_heartbeat(&self.instance, Self::lease_until(now))
+            .warm_heartbeat(&self.instance, self.lease_until(now))
             .await?;
+        *self.renewed.lock().expect("renewed lock") = sent;
         Ok(report)
+    }
+
+    /// How long after the last renewal this node stops its agents: three quarters of the
+    /// lease, so they are stopped before the lease runs out and another node may take over.
+    pub fn fence_after(&self) -> Duration {
+        Duration::from_millis(self.lease_ms() as u64 * 3 / 4)
+    }
+
+    fn since_renewed(&self) -> Duration {
+        self.renewed.lock().expect("renewed lock").elapsed()
+    }
+
+    /// Self-fencing: when the leases have not been renewed for [`Self::fence_after`], every
+    /// idle agent here is stopped (a busy one is stopped by its job, which the worker pool
+    /// fences on the same deadline). Returns how many were stopped.
+    pub async fn fence_if_stale(&self) -> usize {
+        let since = self.since_renewed();
+        if since < self.fence_after() {
+            return 0;
+        }
+        let mut stopped = 0;
+        for slot in self.snapshot() {
+            let Ok(mut g) = slot.live.clone().try_lock_owned() else {
+                continue;
+            };
+            if let Some(l) = g.take() {
+                l.agent.shutdown().await;
+                stopped += 1;
+            }
+        }
+        if stopped > 0 || !self.fenced.load(Ordering::SeqCst) {
+            tracing::error!(
+                since_renewed = ?since,
+                stopped,
+                "cannot renew the warm-session leases; stopped this node's agents (self-fencing)"
+            );
+        }
+        self.fenced.store(true, Ordering::SeqCst);
+        stopped
+    }
+
+    /// Work moves: on a shared database, an idle agent of ours whose channel has had a due
+    /// job for two keeper passes in a row is one this node is too busy to run (an idle node
+    /// claims a due job within a poll). It is stopped and its lease let go of, so a node with
+    /// room takes the channel.
+    async fn hand_over(&self, now: Millis) -> Result<usize, crate::store::StoreError> {
+        if !self.store.is_shared() {
+            return Ok(0);
+        }
+        let due = self.store.channel_ids_with_due_jobs(now).await?;
+        let mut waiting_now = std::collections::HashSet::new();
+        let mut handed = 0;
+        let before = self.waiting.lock().expect("waiting lock").clone();
+        for slot in self.snapshot() {
+            if !due.contains(&slot.channel_id) {
+                continue;
+            }
+            let Ok(mut g) = slot.live.clone().try_lock_owned() else {
+                continue; // busy: its next job follows in the same slot
+            };
+            if g.is_none() {
+                continue;
+            }
+            if !before.contains(&slot.channel_id) {
+                waiting_now.insert(slot.channel_id);
+                continue;
+            }
+            let l = g.take().expect("checked above");
+            l.close_and_stop().await;
+            self.store
+                .warm_stop(
+                    slot.channel_id,
+                    &self.instance,
+                    false,
+                    Some("handed over: this node was busy while the channel had a job".into()),
+                    now,
+                )
+                .await?;
+            tracing::info!(
+                channel_id = slot.channel_id,
+                "handed an idle channel over to a node with room"
+            );
+            handed += 1;
+        }
+        *self.waiting.lock().expect("waiting lock") = waiting_now;
+        Ok(handed)
     }
 
     async fn warm_in_background(&self, channel_id: i64, clear_request: bool) {
@@ -876,6 +1025,10 @@ impl WarmSessionManager {
 pub struct KeeperReport {
     pub stopped: usize,
     pub warming: usize,
+    /// Idle agents stopped so another node can take their channel's waiting jobs.
+    pub handed_over: usize,
+    /// Agents stopped because their leases could not be renewed in time.
+    pub fenced: usize,
 }
 
 fn last_lines(s: &str, n: usize) -> String {
@@ -898,11 +1051,39 @@ impl crate::background::Service for Arc<WarmSessionManager> {
         KEEPER_INTERVAL
     }
 
+    /// A pass that cannot reach the database gives up by the fencing deadline, and the next
+    /// pass fences first: a node cut off from the database never runs agents on leases it
+    /// could not renew.
     async fn run_once(&self, now: Millis) -> Result<KeeperReport, crate::store::StoreError> {
-        WarmSessionManager::run_once(self, now).await
+        let mut report = KeeperReport {
+            fenced: self.fence_if_stale().await,
+            ..Default::default()
+        };
+        let left = self.fence_after().saturating_sub(self.since_renewed());
+        match tokio::time::timeout(
+            left.max(KEEPER_INTERVAL),
+            WarmSessionManager::run_once(self, now),
+        )
+        .await
+        {
+            Ok(r) => {
+                let r = r?;
+                report.stopped += r.stopped;
+                report.warming += r.warming;
+                report.handed_over += r.handed_over;
+                Ok(report)
+            }
+            // The database does not answer in time.
+            Err(_) => Err(crate::store::StoreError::Db(sqlx::Error::PoolTimedOut)),
+        }
     }
 
     fn counts(r: &KeeperReport) -> Vec<(&'static str, u64)> {
-        vec![("stopped", r.stopped as u64), ("warming", r.warming as u64)]
+        vec![
+            ("stopped", r.stopped as u64),
+            ("warming", r.warming as u64),
+            ("handed_over", r.handed_over as u64),
+            ("fenced", r.fenced as u64),
+        ]
     }
 }

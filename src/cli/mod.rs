@@ -215,6 +215,13 @@ pub enum Command {
     /// in), the database (migrations, writable), the Matrix homeserver and the bot's device,
     /// the HTTP port. Each failure says how to fix it; exit code 1 when something is broken.
     Doctor,
+    /// The gorp nodes sharing this database: id, host, state (up, gone, stopped), started,
+    /// last seen, channels whose agent each holds, jobs each runs, what each leads.
+    Nodes {
+        /// Also nodes that stopped or are gone.
+        #[arg(long)]
+        all: bool,
+    },
     /// Show the warm-session pool, or pre-warm a channel's agent now.
     Warm {
         /// Pre-warm this channel (the running gorp starts its agent).
@@ -736,6 +743,17 @@ async fn data_command(cli: &Cli, cmd: &Command, config: &Config, store: &Store) 
             no_wait,
             timeout,
         } => warm(cli, store, channel.as_deref(), *no_wait, *timeout).await,
+        Command::Nodes { all } => {
+            let now = now_ms();
+            let nodes: Vec<crate::store::Node> = store
+                .node_list(now)
+                .await?
+                .into_iter()
+                .filter(|n| *all || n.state == "up")
+                .collect();
+            out(cli, serde_json::json!(nodes), || nodes_table(&nodes, now));
+            Ok(EXIT_OK)
+        }
         Command::Schedule { command } => schedule(cli, command, config, store).await,
         Command::Approvals {
             request,
@@ -1424,6 +1442,45 @@ fn channels_table(list: &[Channel]) -> String {
     )
 }
 
+fn nodes_table(nodes: &[crate::store::Node], now: i64) -> String {
+    if nodes.is_empty() {
+        return "no node is up (gorp nodes --all lists those that stopped)".into();
+    }
+    let ago = |ms: i64| format!("{:.1}s ago", (now - ms).max(0) as f64 / 1000.0);
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.id.clone(),
+                n.host.clone(),
+                n.state.clone(),
+                crate::store::format_ms(n.started_at),
+                ago(n.last_seen_at),
+                n.channels.to_string(),
+                n.running.to_string(),
+                if n.leads.is_empty() {
+                    "-".into()
+                } else {
+                    n.leads.join(",")
+                },
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NODE",
+            "HOST",
+            "STATE",
+            "STARTED",
+            "LAST SEEN",
+            "CHANNELS",
+            "RUNNING",
+            "LEADS",
+        ],
+        &rows,
+    )
+}
+
 fn warm_table(rows: &[WarmSession], now: i64) -> String {
     let secs = |ms: i64| format!("{}s", ms / 1000);
     let rows: Vec<Vec<String>> = rows
@@ -1456,7 +1513,7 @@ fn warm_table(rows: &[WarmSession], now: i64) -> String {
             "PID",
             "IDLE",
             "EXPIRES IN",
-            "HOLDER",
+            "NODE",
             "SANDBOX",
         ],
         &rows,

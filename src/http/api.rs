@@ -24,7 +24,7 @@ use crate::auth;
 use crate::service::channels;
 use crate::service::schedules::{self, ScheduleError};
 use crate::store::{
-    now_ms, CancelOutcome, CatchUp, Channel, Event, Job, JobFilter, JobState, Overlap,
+    now_ms, CancelOutcome, CatchUp, Channel, Event, Job, JobFilter, JobState, Node, Overlap,
     PermissionPolicy, Schedule, Source, WarmSession,
 };
 
@@ -39,6 +39,7 @@ pub(super) fn routes() -> OpenApiRouter<HttpState> {
         .routes(routes!(cancel_job))
         .routes(routes!(list_channels, create_channel))
         .routes(routes!(warm_pool))
+        .routes(routes!(nodes))
         .routes(routes!(usage))
         .routes(routes!(list_schedules, create_schedule))
         .routes(routes!(delete_schedule))
@@ -73,6 +74,16 @@ impl FromRequestParts<HttpState> for ApiAuth {
             )),
         }
     }
+}
+
+/// The gorp nodes sharing the database, newest first: `up`, `gone` (their lease ran out:
+/// killed or cut off) or `stopped` (shut down cleanly), with the channels whose agent each
+/// holds, the jobs each runs and what each leads.
+#[utoipa::path(get, path = "/api/nodes", tag = "warm",
+    responses((status = 200, body = [Node]), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn nodes(_auth: ApiAuth, State(st): State<HttpState>) -> ApiResult<Json<Vec<Node>>> {
+    Ok(Json(st.store.node_list(now_ms()).await?))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

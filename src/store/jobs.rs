@@ -506,6 +506,22 @@ impl Store {
         .collect())
     }
 
+    /// Channels with a queued job that is due at `now`.
+    pub async fn channel_ids_with_due_jobs(&self, now: Millis) -> Result<HashSet<i64>> {
+        if let Some(pg) = &self.pg {
+            return pg.channel_ids_with_due_jobs(now).await;
+        }
+        Ok(sqlx::query_scalar!(
+            r#"SELECT DISTINCT channel_id AS "id!" FROM jobs
+               WHERE state = 'queued' AND run_at <= ?1"#,
+            now
+        )
+        .fetch_all(&self.read)
+        .await?
+        .into_iter()
+        .collect())
+    }
+
     /// Queued jobs of a channel.
     pub async fn channel_queue_depth(&self, channel_id: i64) -> Result<i64> {
         if let Some(pg) = &self.pg {

@@ -34,6 +34,7 @@ mod dashboard;
 mod events;
 mod jobs;
 mod matrix;
+mod nodes;
 mod postgres;
 mod schedules;
 mod types;
@@ -70,6 +71,8 @@ pub struct Store {
     read: SqlitePool,
     /// Woken whenever a job is inserted (or becomes claimable) in this process.
     jobs_changed: Arc<Notify>,
+    /// Woken when another node asks to cancel a running job (PostgreSQL).
+    cancels: Arc<Notify>,
     /// Counts this process's commits; readers wait on it for new rows.
     commits: watch::Sender<u64>,
     /// On PostgreSQL, the store every method hands its work to; `writer` and `read` are then
@@ -112,6 +115,7 @@ impl Store {
             writer: tx,
             read,
             jobs_changed,
+            cancels: Arc::new(Notify::new()),
             commits,
             pg: None,
         })
@@ -122,21 +126,29 @@ impl Store {
         let pool = postgres::connect(cfg).await?;
         postgres::run_migrations(cfg, &pool).await?;
         let jobs_changed = Arc::new(Notify::new());
+        let cancels = Arc::new(Notify::new());
         let (commits, _) = watch::channel(0);
         // Never started: every method hands its work to `pg`.
         let (writer, _) = mpsc::channel(1);
         let read = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_lazy_with(SqliteConnectOptions::from_str("sqlite::memory:")?);
+        let pg = gorp_pg::PgStore::new(
+            pool,
+            gorp_pg::Wakes {
+                jobs_changed: jobs_changed.clone(),
+                cancels: cancels.clone(),
+                commits: commits.clone(),
+            },
+        );
+        // Other nodes' changes wake this one; the listener ends when the pool closes.
+        tokio::spawn(pg.clone().listen());
         Ok(Store {
             writer,
             read,
-            pg: Some(gorp_pg::PgStore::new(
-                pool,
-                jobs_changed.clone(),
-                commits.clone(),
-            )),
+            pg: Some(pg),
             jobs_changed,
+            cancels,
             commits,
         })
     }
@@ -177,8 +189,25 @@ impl Store {
         self.jobs_changed.clone()
     }
 
+    /// Notified when another node asks to cancel a running job (on PostgreSQL; on SQLite
+    /// cancels reach the worker directly or through its poll).
+    pub fn cancels_requested(&self) -> Arc<Notify> {
+        self.cancels.clone()
+    }
+
+    /// On PostgreSQL, makes [`now_ms`] read the database's clock (see
+    /// [`gorp_types::types::set_clock_offset`]); returns (offset, round trip) in ms. On SQLite
+    /// nothing changes: (0, 0).
+    pub async fn sync_clock(&self) -> Result<(i64, i64)> {
+        match &self.pg {
+            Some(pg) => pg.sync_clock().await,
+            None => Ok((0, 0)),
+        }
+    }
+
     /// Changes after every commit this process makes (jobs, events, transitions), so readers
-    /// can wait for new rows instead of polling. Other processes' writes do not show here.
+    /// can wait for new rows instead of polling. On SQLite other processes' writes do not show
+    /// here; on PostgreSQL every node's do (LISTEN/NOTIFY).
     pub fn subscribe_commits(&self) -> watch::Receiver<u64> {
         self.commits.subscribe()
     }

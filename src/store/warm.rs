@@ -43,6 +43,34 @@ impl Store {
         .await
     }
 
+    /// Takes the channel's lease for `holder` until `lease_until` before its agent starts here:
+    /// when the row is free, its lease ran out, `holder` has it, or its holder is `dead` (an
+    /// instance known to be gone), and no other holder's job is running on the channel. Taking
+    /// it over from another holder starts the row from `stopped`. Returns whether `holder`
+    /// holds it now.
+    pub async fn warm_take(
+        &self,
+        channel_id: i64,
+        holder: &str,
+        dead: Option<&str>,
+        now: Millis,
+        lease_until: Millis,
+    ) -> Result<bool> {
+        if let Some(pg) = &self.pg {
+            return pg
+                .warm_take(channel_id, holder, dead, now, lease_until)
+                .await;
+        }
+        self.write(Take {
+            channel_id,
+            holder: holder.to_string(),
+            dead: dead.map(str::to_string),
+            now,
+            lease_until,
+        })
+        .await
+    }
+
     /// Marks a session `holder` had as stopped (or failed), with why. Returns false when
     /// `holder` no longer held it.
     pub async fn warm_stop(
@@ -348,6 +376,45 @@ impl Write for StopOrphan {
             self.holder,
             self.note,
             self.now
+        )
+        .execute(&mut *conn)
+        .await?;
+        Ok(Ok(r.rows_affected() == 1))
+    }
+}
+
+struct Take {
+    channel_id: i64,
+    holder: String,
+    dead: Option<String>,
+    now: Millis,
+    lease_until: Millis,
+}
+
+impl Write for Take {
+    type Output = bool;
+
+    async fn apply(&self, conn: &mut Conn) -> Applied<bool> {
+        let r = sqlx::query!(
+            r#"INSERT INTO warm_sessions (channel_id, holder, state, lease_expires_at, updated_at)
+               SELECT ?1, ?2, 'stopped', ?4, ?3
+               WHERE NOT EXISTS (SELECT 1 FROM jobs r
+                                 WHERE r.channel_id = ?1 AND r.state = 'running'
+                                   AND r.lease_owner <> ?2 AND r.lease_owner IS NOT ?5
+                                   AND r.lease_expires_at >= ?3)
+               ON CONFLICT (channel_id) DO UPDATE
+               SET holder = excluded.holder, lease_expires_at = excluded.lease_expires_at,
+                   updated_at = excluded.updated_at,
+                   state = CASE WHEN holder = excluded.holder THEN state ELSE 'stopped' END,
+                   pid = CASE WHEN holder = excluded.holder THEN pid END
+               WHERE holder IS NULL OR holder = excluded.holder
+                  OR lease_expires_at IS NULL OR lease_expires_at < ?3
+                  OR holder = ?5"#,
+            self.channel_id,
+            self.holder,
+            self.now,
+            self.lease_until,
+            self.dead
         )
         .execute(&mut *conn)
         .await?;

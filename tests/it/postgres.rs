@@ -50,7 +50,7 @@ async fn migrate_builds_the_schema_doctor_reads_it_and_start_runs_jobs_there() {
 
     let out = env.ok(&["migrate"]);
     assert!(
-        out.contains("(postgres) is at migration 15") && out.contains(":********@"),
+        out.contains("(postgres) is at migration 16") && out.contains(":********@"),
         "{out}"
     );
     let password = url.split(':').nth(2).unwrap().split('@').next().unwrap();
@@ -58,7 +58,7 @@ async fn migrate_builds_the_schema_doctor_reads_it_and_start_runs_jobs_there() {
     let tables = table_count(&url).await;
     assert!(tables >= 14, "{tables} tables");
     // Again: nothing to do, the same version.
-    assert!(env.ok(&["migrate"]).contains("is at migration 15"));
+    assert!(env.ok(&["migrate"]).contains("is at migration 16"));
     assert_eq!(table_count(&url).await, tables);
 
     let shown = env.ok(&["config", "check"]);

@@ -126,16 +126,20 @@ impl PgStore {
                                        WHERE q.channel_id = c.id AND q.state = 'queued'
                                        ORDER BY q.priority DESC, q.created_at, q.id
                                        LIMIT 1) h
+                   LEFT JOIN warm_sessions w ON w.channel_id = c.id
                    WHERE h.run_at <= $1
                      AND c.id <> ALL ($2::bigint[])
                      AND NOT EXISTS (SELECT 1 FROM jobs r
                                      WHERE r.channel_id = c.id AND r.state = 'running')
+                     AND (w.holder IS NULL OR w.holder = $4
+                          OR w.lease_expires_at IS NULL OR w.lease_expires_at < $1)
                    ORDER BY h.priority DESC, h.created_at, h.id
                    LIMIT $3
                    FOR NO KEY UPDATE OF c SKIP LOCKED"#,
                 now,
                 &held,
-                limit
+                limit,
+                owner
             )
             .fetch_all(&mut *tx)
             .await?;
@@ -677,6 +681,19 @@ impl PgStore {
         .collect())
     }
 
+    /// Channels with a queued job that is due at `now`.
+    pub async fn channel_ids_with_due_jobs(&self, now: Millis) -> Result<HashSet<i64>> {
+        Ok(sqlx::query_scalar!(
+            r#"SELECT DISTINCT channel_id AS "id!" FROM jobs
+               WHERE state = 'queued' AND run_at <= $1"#,
+            now
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .collect())
+    }
+
     /// Queued jobs of a channel.
     pub async fn channel_queue_depth(&self, channel_id: i64) -> Result<i64> {
         Ok(sqlx::query_scalar!(
@@ -789,7 +806,11 @@ pub(crate) async fn insert_jobs(
 
 // ----- claim --------------------------------------------------------------------------------
 
-/// Claims the due head of each of `channels` (locked by the caller) that has no running job.
+/// Claims the due head of each of `channels` (locked by the caller) that has no running job
+/// and whose warm-session lease is free, expired or `owner`'s: the lease is taken (or renewed)
+/// until `lease_until` in the same statement, so a channel's jobs run on the node holding its
+/// agent. Taking a lease over from another node starts the row from `stopped` (that node's
+/// agent is not ours; it stops it when it sees the row is no longer its own).
 async fn claim_heads(
     conn: &mut PgConnection,
     channels: &[i64],
@@ -798,19 +819,35 @@ async fn claim_heads(
     lease_until: Millis,
 ) -> std::result::Result<Vec<Job>, sqlx::Error> {
     update_returning_jobs!(
-        r#"UPDATE jobs j
+        r#"WITH heads AS (
+               SELECT h.id, c0.id AS channel_id
+               FROM channels c0
+               CROSS JOIN LATERAL (SELECT q.id, q.run_at FROM jobs q
+                                   WHERE q.channel_id = c0.id AND q.state = 'queued'
+                                   ORDER BY q.priority DESC, q.created_at, q.id
+                                   LIMIT 1) h
+               WHERE c0.id = ANY ($1::bigint[]) AND h.run_at <= $4
+                 AND NOT EXISTS (SELECT 1 FROM jobs r
+                                 WHERE r.channel_id = c0.id AND r.state = 'running')
+           ), lease AS (
+               INSERT INTO warm_sessions AS w (channel_id, holder, state, lease_expires_at,
+                                               updated_at)
+               SELECT channel_id, $2, 'stopped', $3, $4 FROM heads
+               ON CONFLICT (channel_id) DO UPDATE
+               SET holder = excluded.holder, lease_expires_at = excluded.lease_expires_at,
+                   updated_at = excluded.updated_at,
+                   state = CASE WHEN w.holder = excluded.holder THEN w.state ELSE 'stopped' END,
+                   pid = CASE WHEN w.holder = excluded.holder THEN w.pid END
+               WHERE w.holder IS NULL OR w.holder = excluded.holder
+                  OR w.lease_expires_at IS NULL OR w.lease_expires_at < $4
+               RETURNING channel_id
+           )
+           UPDATE jobs j
            SET state = 'running', attempt = j.attempt + 1, lease_owner = $2,
                lease_expires_at = $3, started_at = $4, cancel_requested = false,
                stop_reason = NULL
-           FROM channels c
-           CROSS JOIN LATERAL (SELECT q.id FROM jobs q
-                               WHERE q.channel_id = c.id AND q.state = 'queued'
-                               ORDER BY q.priority DESC, q.created_at, q.id
-                               LIMIT 1) h
-           WHERE c.id = ANY ($1::bigint[])
-             AND j.id = h.id AND j.state = 'queued' AND j.run_at <= $4
-             AND NOT EXISTS (SELECT 1 FROM jobs r
-                             WHERE r.channel_id = c.id AND r.state = 'running')"#,
+           FROM heads h JOIN lease l USING (channel_id) JOIN channels c ON c.id = h.channel_id
+           WHERE j.id = h.id AND j.state = 'queued'"#,
         channels,
         owner,
         lease_until,

@@ -19,7 +19,9 @@ mod channels;
 mod dashboard;
 mod events;
 mod jobs;
+mod listen;
 mod matrix;
+mod nodes;
 mod schedules;
 mod warm;
 
@@ -103,17 +105,30 @@ pub fn retryable(e: &StoreError) -> bool {
 pub struct PgStore {
     pub(crate) pool: PgPool,
     jobs_changed: Arc<Notify>,
+    /// Notified when another node asked to cancel a job this node runs.
+    cancels: Arc<Notify>,
     commits: watch::Sender<u64>,
 }
 
+/// What a [`PgStore`] tells the rest of its process.
+pub struct Wakes {
+    /// Notified when a write (here or on another node) may have made a job claimable.
+    pub jobs_changed: Arc<Notify>,
+    /// Notified when a cancel was asked for a running job (the payload names the node running
+    /// it; each node reads its own requests, which is one cheap query).
+    pub cancels: Arc<Notify>,
+    /// Bumped after every commit here and every change notified by another node.
+    pub commits: watch::Sender<u64>,
+}
+
 impl PgStore {
-    /// A store on `pool` (migrated already). `jobs_changed` is notified when a write may have
-    /// made a job claimable; `commits` counts this process's commits.
-    pub fn new(pool: PgPool, jobs_changed: Arc<Notify>, commits: watch::Sender<u64>) -> PgStore {
+    /// A store on `pool` (migrated already).
+    pub fn new(pool: PgPool, wakes: Wakes) -> PgStore {
         PgStore {
             pool,
-            jobs_changed,
-            commits,
+            jobs_changed: wakes.jobs_changed,
+            cancels: wakes.cancels,
+            commits: wakes.commits,
         }
     }
 

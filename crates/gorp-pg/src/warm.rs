@@ -73,6 +73,51 @@ impl PgStore {
         Ok(())
     }
 
+    /// Takes the channel's lease for `holder` until `lease_until` before its agent starts here:
+    /// when the row is free, its lease ran out, `holder` has it, or its holder is `dead` (an
+    /// instance known to be gone), and no other holder's job is running on the channel. Taking
+    /// it over from another holder starts the row from `stopped`. Returns whether `holder`
+    /// holds it now.
+    pub async fn warm_take(
+        &self,
+        channel_id: i64,
+        holder: &str,
+        dead: Option<&str>,
+        now: Millis,
+        lease_until: Millis,
+    ) -> Result<bool> {
+        let taken = crate::transaction!(self, false, |tx| {
+            let r = sqlx::query!(
+                r#"INSERT INTO warm_sessions AS w (channel_id, holder, state, lease_expires_at,
+                                                   updated_at)
+                   SELECT $1, $2, 'stopped', $4, $3
+                   WHERE NOT EXISTS (SELECT 1 FROM jobs r
+                                     WHERE r.channel_id = $1 AND r.state = 'running'
+                                       AND r.lease_owner <> $2
+                                       AND r.lease_owner IS DISTINCT FROM $5::text
+                                       AND r.lease_expires_at >= $3)
+                   ON CONFLICT (channel_id) DO UPDATE
+                   SET holder = excluded.holder, lease_expires_at = excluded.lease_expires_at,
+                       updated_at = excluded.updated_at,
+                       state = CASE WHEN w.holder = excluded.holder THEN w.state
+                                    ELSE 'stopped' END,
+                       pid = CASE WHEN w.holder = excluded.holder THEN w.pid END
+                   WHERE w.holder IS NULL OR w.holder = excluded.holder
+                      OR w.lease_expires_at IS NULL OR w.lease_expires_at < $3
+                      OR w.holder = $5::text"#,
+                channel_id,
+                holder,
+                now,
+                lease_until,
+                dead
+            )
+            .execute(&mut *tx)
+            .await?;
+            Ok(r.rows_affected() == 1)
+        });
+        Ok(taken)
+    }
+
     /// Marks a session `holder` had as stopped (or failed), with why. Returns false when
     /// `holder` no longer held it.
     pub async fn warm_stop(

@@ -5,12 +5,32 @@ use serde::{Deserialize, Serialize};
 /// UTC milliseconds since the Unix epoch: the unit of every timestamp in the database.
 pub type Millis = i64;
 
-/// The current time in [`Millis`].
+/// What [`now_ms`] adds to this machine's clock: 0 on SQLite; on PostgreSQL the measured
+/// difference to the database server's clock, so every node stamps and compares leases on one
+/// clock (the database's) whatever its own clock says.
+static CLOCK_OFFSET_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// The current time in [`Millis`], on the database's clock (see [`set_clock_offset`]).
 pub fn now_ms() -> Millis {
+    local_now_ms() + CLOCK_OFFSET_MS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// This machine's clock in [`Millis`], without the database offset.
+pub fn local_now_ms() -> Millis {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as Millis)
         .unwrap_or(0)
+}
+
+/// Sets what [`now_ms`] adds to this machine's clock (the database clock minus this one's).
+pub fn set_clock_offset(ms: Millis) {
+    CLOCK_OFFSET_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// What [`now_ms`] adds to this machine's clock.
+pub fn clock_offset() -> Millis {
+    CLOCK_OFFSET_MS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Hex SHA-256 of `s`: how channel tokens are stored (both stores hash what they are given).
@@ -507,6 +527,40 @@ pub struct WarmSession {
     /// options (JSON: `agent`, `capabilities`, `options`).
     pub agent_info: Option<String>,
     pub updated_at: Millis,
+}
+
+/// A gorp node (one process start) sharing the database, as `gorp nodes` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Node {
+    /// The instance id its job and warm leases carry (`host:pid:nonce`).
+    pub id: String,
+    pub host: String,
+    pub pid: i64,
+    /// The gorp version it runs.
+    pub version: String,
+    /// `up`, `gone` (its lease ran out: killed or cut off) or `stopped` (shut down cleanly).
+    pub state: String,
+    pub started_at: Millis,
+    pub last_seen_at: Millis,
+    pub lease_expires_at: Millis,
+    pub stopped_at: Option<Millis>,
+    /// What the node adds to its clock to read the database's, in ms.
+    pub clock_offset_ms: i64,
+    /// Channels whose agent it holds (warm, starting or busy).
+    pub channels: i64,
+    /// Jobs it is running.
+    pub running: i64,
+    /// What it leads (`matrix`: the Matrix bot runs there).
+    pub leads: Vec<String>,
+}
+
+/// What a node writes of itself when it starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeStart {
+    pub id: String,
+    pub host: String,
+    pub pid: i64,
+    pub version: String,
 }
 
 /// Facts about one attempt that `job_history` shows.
