@@ -13,7 +13,9 @@ CREATE TABLE nodes (
     last_seen_at     BIGINT NOT NULL,
     lease_expires_at BIGINT NOT NULL,
     stopped_at       BIGINT,
-    clock_offset_ms  BIGINT NOT NULL DEFAULT 0
+    clock_offset_ms  BIGINT NOT NULL DEFAULT 0,
+    -- How many jobs it runs at once (`[worker] concurrency`).
+    slots            BIGINT NOT NULL DEFAULT 0
 );
 
 -- Leases on what one node runs at a time: `matrix` (the Matrix bot: one device, one crypto
@@ -31,6 +33,7 @@ SELECT
     n.host,
     n.pid,
     n.version,
+    n.slots,
     CASE WHEN n.stopped_at IS NOT NULL THEN 'stopped'
          WHEN n.lease_expires_at < now_ms() THEN 'gone'
          ELSE 'up' END AS state,

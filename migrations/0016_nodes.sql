@@ -16,7 +16,9 @@ CREATE TABLE nodes (
     last_seen_at     INTEGER NOT NULL,
     lease_expires_at INTEGER NOT NULL,
     stopped_at       INTEGER,
-    clock_offset_ms  INTEGER NOT NULL DEFAULT 0
+    clock_offset_ms  INTEGER NOT NULL DEFAULT 0,
+    -- How many jobs it runs at once (`[worker] concurrency`).
+    slots            INTEGER NOT NULL DEFAULT 0
 );
 
 -- Leases on what one node runs at a time: `matrix` (the Matrix bot: one device, one crypto
@@ -35,6 +37,7 @@ SELECT
     n.host,
     n.pid,
     n.version,
+    n.slots,
     CASE WHEN n.stopped_at IS NOT NULL THEN 'stopped'
          WHEN n.lease_expires_at < CAST(strftime('%s', 'now') AS INTEGER) * 1000 THEN 'gone'
          ELSE 'up' END AS state,

@@ -58,7 +58,9 @@ pub async fn run(
     let addr = format!("{}:{}", config.webhook.bind, config.webhook.port);
     let listener = bind(&addr).await?;
     let lease = Duration::from_secs(config.worker.lease_secs);
-    let node = crate::node::NodeKeeper::start(store.clone(), &instance, lease).await?;
+    let node =
+        crate::node::NodeKeeper::start(store.clone(), &instance, lease, config.worker.concurrency)
+            .await?;
     let warm = WarmSessionManager::new(store.clone(), config.clone(), instance_id.clone());
     let executor = Arc::new(AcpExecutor::new(warm.clone()));
     let pool = WorkerPool::new(

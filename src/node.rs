@@ -36,6 +36,7 @@ impl NodeKeeper {
         store: Store,
         instance: &crate::instance::InstanceId,
         lease: Duration,
+        slots: u32,
     ) -> Result<NodeKeeper, StoreError> {
         let (offset, rtt) = store.sync_clock().await?;
         if store.is_shared() {
@@ -51,6 +52,7 @@ impl NodeKeeper {
             host: instance.host().to_string(),
             pid: i64::from(instance.pid()),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            slots: i64::from(slots),
         };
         store
             .node_start(&start, now, now + lease.as_millis() as i64)

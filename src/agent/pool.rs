@@ -934,6 +934,9 @@ impl WarmSessionManager {
         let mut waiting_now = std::collections::HashSet::new();
         let mut handed = 0;
         let before = self.waiting.lock().expect("waiting lock").clone();
+        // Only when another node has room: among busy nodes, moving a channel only costs it
+        // its warm agent.
+        let mut room: Option<bool> = None;
         for slot in self.snapshot() {
             if !due.contains(&slot.channel_id) {
                 continue;
@@ -945,6 +948,18 @@ impl WarmSessionManager {
                 continue;
             }
             if !before.contains(&slot.channel_id) {
+                waiting_now.insert(slot.channel_id);
+                continue;
+            }
+            if room.is_none() {
+                let nodes = self.store.node_list(now).await?;
+                room = Some(
+                    nodes
+                        .iter()
+                        .any(|n| n.id != self.instance && n.state == "up" && n.running < n.slots),
+                );
+            }
+            if room == Some(false) {
                 waiting_now.insert(slot.channel_id);
                 continue;
             }

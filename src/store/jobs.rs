@@ -786,7 +786,24 @@ impl Write for CompleteClaim {
                    WHERE q.channel_id = ?1 AND q.state = 'queued'
                    ORDER BY q.priority DESC, q.created_at, q.id
                    LIMIT 1)
-                 AND run_at <= ?4"#,
+                 AND run_at <= ?4
+                 -- Fair to other channels: the slot goes back to the dispatcher when another
+                 -- idle channel has a due job that comes first in queue order.
+                 AND NOT EXISTS (
+                     SELECT 1 FROM channels c2
+                     WHERE c2.id <> ?1
+                       AND NOT EXISTS (SELECT 1 FROM jobs r
+                                       WHERE r.channel_id = c2.id AND r.state = 'running')
+                       AND EXISTS (
+                           SELECT 1 FROM (SELECT q.priority, q.created_at, q.id, q.run_at
+                                          FROM jobs q
+                                          WHERE q.channel_id = c2.id AND q.state = 'queued'
+                                          ORDER BY q.priority DESC, q.created_at, q.id
+                                          LIMIT 1) h
+                           WHERE h.run_at <= ?4
+                             AND (h.priority > jobs.priority
+                                  OR (h.priority = jobs.priority
+                                      AND (h.created_at, h.id) < (jobs.created_at, jobs.id)))))"#,
             channel_id,
             lease.owner,
             self.lease_until,

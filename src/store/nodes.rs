@@ -65,7 +65,7 @@ impl Store {
         }
         let rows = sqlx::query!(
             r#"SELECT n.id AS "id!", n.host, n.pid, n.version, n.started_at, n.last_seen_at,
-                      n.lease_expires_at, n.stopped_at, n.clock_offset_ms,
+                      n.lease_expires_at, n.stopped_at, n.clock_offset_ms, n.slots,
                       CASE WHEN n.stopped_at IS NOT NULL THEN 'stopped'
                            WHEN n.lease_expires_at < ?1 THEN 'gone'
                            ELSE 'up' END AS "state!: String",
@@ -95,6 +95,7 @@ impl Store {
                 lease_expires_at: r.lease_expires_at,
                 stopped_at: r.stopped_at,
                 clock_offset_ms: r.clock_offset_ms,
+                slots: r.slots,
                 channels: r.channels,
                 running: r.running,
                 leads: r
@@ -173,8 +174,8 @@ impl Write for Start {
     async fn apply(&self, conn: &mut Conn) -> Applied<()> {
         sqlx::query!(
             r#"INSERT INTO nodes (id, host, pid, version, started_at, last_seen_at,
-                                  lease_expires_at)
-               VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)
+                                  lease_expires_at, slots)
+               VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7)
                ON CONFLICT (id) DO UPDATE SET last_seen_at = excluded.last_seen_at,
                    lease_expires_at = excluded.lease_expires_at, stopped_at = NULL"#,
             self.n.id,
@@ -182,7 +183,8 @@ impl Write for Start {
             self.n.pid,
             self.n.version,
             self.now,
-            self.lease_until
+            self.lease_until,
+            self.n.slots
         )
         .execute(&mut *conn)
         .await?;

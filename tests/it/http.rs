@@ -906,6 +906,7 @@ async fn openapi_document_matches_the_routes() {
         ("GET", "/api/channels"),
         ("POST", "/api/channels"),
         ("GET", "/api/warm"),
+        ("GET", "/api/nodes"),
         ("GET", "/api/usage"),
         ("GET", "/api/schedules"),
         ("POST", "/api/schedules"),
@@ -1606,4 +1607,67 @@ async fn api_sets_and_checks_session_options_and_masks_mcp_secrets() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(g.store.channel_get("alpha").await.unwrap().unwrap(), before);
     g.stop().await;
+}
+
+#[tokio::test]
+async fn nodes_lists_the_nodes_sharing_the_database_with_what_they_hold() {
+    let r = Rig::new(|_| {}).await;
+    let unauthorized = r
+        .http
+        .get(format!("{}/api/nodes", r.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status(), 401);
+    let now = gorp::store::now_ms();
+    let node = gorp::store::NodeStart {
+        id: "host-a:42:abcd0123".into(),
+        host: "host-a".into(),
+        pid: 42,
+        version: "9.9.9".into(),
+        slots: 8,
+    };
+    r.store.node_start(&node, now, now + 30_000).await.unwrap();
+    let gone = gorp::store::NodeStart {
+        id: "host-b:7:00ff00ff".into(),
+        host: "host-b".into(),
+        pid: 7,
+        version: "9.9.9".into(),
+        slots: 4,
+    };
+    r.store
+        .node_start(&gone, now - 60_000, now - 30_000)
+        .await
+        .unwrap();
+    assert!(r
+        .store
+        .leader_take("matrix", &node.id, now, now + 30_000)
+        .await
+        .unwrap());
+    assert!(
+        !r.store
+            .leader_take("matrix", &gone.id, now, now + 30_000)
+            .await
+            .unwrap(),
+        "a lease held by a node that is up is not taken"
+    );
+    let nodes: Value = r
+        .http
+        .get(format!("{}/api/nodes", r.base))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let nodes = nodes.as_array().unwrap();
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    let a = nodes.iter().find(|n| n["id"] == node.id.as_str()).unwrap();
+    assert_eq!(a["state"], "up");
+    assert_eq!(a["slots"], 8);
+    assert_eq!(a["leads"], serde_json::json!(["matrix"]));
+    let b = nodes.iter().find(|n| n["id"] == gone.id.as_str()).unwrap();
+    assert_eq!(b["state"], "gone");
+    assert_eq!(b["leads"], serde_json::json!([]));
 }

@@ -18,6 +18,7 @@ mod faults;
 mod gemini;
 mod http;
 mod matrix;
+mod nodes;
 mod postgres;
 mod queue;
 mod sandbox;

@@ -2185,3 +2185,146 @@ async fn session_options_are_shown_and_set_in_the_room_by_allowed_people_only() 
     .await;
     assert!(options(&w).await.is_empty(), "her command did nothing");
 }
+
+/// Several `gorp start` nodes on one PostgreSQL database: the bot (one device, one crypto
+/// store in a shared `state_dir`) runs on the node holding the `matrix` leader lease; when that
+/// node is killed with SIGKILL another takes the lease once it runs out and answers in the
+/// same encrypted room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_bot_answers_from_another_node_after_its_node_is_killed() {
+    use sqlx::Connection;
+    let mut w = World::prepare(false, |_| {}).await;
+    let pg = crate::support::TestPg::new().await;
+    let url = pg.url.clone();
+    std::mem::forget(pg); // scripts/test drops what a run leaves
+                          // The test reads what the nodes write.
+    w.store = Store::open(&gorp::config::DatabaseConfig {
+        url: Some(url.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let d = w._dir.path().to_path_buf();
+    let m = w.config.matrix.clone().unwrap();
+    let config = format!(
+        r#"
+[database]
+url = "{url}"
+
+[workspace]
+path = "{ws}"
+
+[worker]
+lease_secs = 3
+heartbeat_secs = 1
+rescue_interval_secs = 1
+poll_interval_ms = 100
+
+[webhook]
+port = 0
+
+[acp]
+agent_binary = "{agent}"
+agent_args = {args:?}
+extra_writable = ["{state}"]
+state_path = "{agents}"
+
+[matrix]
+home_server = "{home}"
+user_id = "{user}"
+password = "gorp-password"
+allowed_users = {allowed:?}
+store_passphrase = "passphrase for tests"
+state_dir = "{matrix_state}"
+edit_interval_ms = 200
+retry_max_secs = 1
+max_edits = 5
+"#,
+        ws = w.config.workspace.path.display(),
+        agent = w.config.acp.agent_binary,
+        args = w.config.acp.agent_args,
+        state = w.config.acp.extra_writable[0].display(),
+        agents = w.config.acp.state_path.display(),
+        home = m.home_server,
+        user = m.user_id,
+        allowed = m.allowed_users,
+        matrix_state = d.join("matrix-shared").display(),
+    );
+    let path = d.join("nodes.toml");
+    std::fs::write(&path, config).unwrap();
+    let node = |n: usize| {
+        let log = std::fs::File::create(d.join(format!("node-{n}.log"))).unwrap();
+        std::process::Command::new(crate::cli::GORP)
+            .arg("start")
+            .env("GORP_CONFIG_PATH", &path)
+            .env("GORP_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    };
+    let leader = |after: i64| {
+        let url = url.clone();
+        async move {
+            let mut conn = sqlx::PgConnection::connect(&url).await.ok()?;
+            let holder: Option<String> = sqlx::query_scalar(
+                "SELECT l.holder FROM leaders l, matrix_bot b
+                 WHERE l.name = 'matrix' AND b.state = 'syncing' AND b.ready_at >= $1",
+            )
+            .bind(after)
+            .fetch_optional(&mut conn)
+            .await
+            .ok()?;
+            let _ = conn.close().await;
+            holder
+        }
+    };
+    let mut a = node(0);
+    let first = eventually(WAIT, "the bot to be ready on the first node", || leader(0)).await;
+    assert!(first.contains(&format!(":{}:", a.id())), "{first}");
+    let (room, _) = w.create_channel("ops").await;
+    let mut b = node(1);
+    let b_pid = i64::from(b.id());
+    // The second node is up (its row renewed) but does not lead.
+    eventually(WAIT, "the second node to be up", || {
+        let url = url.clone();
+        async move {
+            let mut conn = sqlx::PgConnection::connect(&url).await.ok()?;
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM nodes WHERE pid = $1")
+                .bind(b_pid)
+                .fetch_one(&mut conn)
+                .await
+                .ok()?;
+            let _ = conn.close().await;
+            (n == 1).then_some(())
+        }
+    })
+    .await;
+    let answer = w.command(&room, "!list").await;
+    assert!(answer.contains("**ops**"), "{answer}");
+
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let killed = now_ms();
+    let second = eventually(
+        Duration::from_secs(60),
+        "the bot to be ready on the other node",
+        || leader(killed),
+    )
+    .await;
+    let failover = now_ms() - killed;
+    assert!(second.contains(&format!(":{}:", b.id())), "{second}");
+    println!("the bot answered again {failover} ms after its node was killed (lease 3000 ms)");
+    // The same room, the same encrypted conversation: commands and jobs are answered.
+    let answer = w.command(&room, "!list").await;
+    assert!(answer.contains("**ops**"), "{answer}");
+    w.alice.say(&room, "@reply from the other node").await;
+    let bot = w.bot.clone();
+    w.alice
+        .message_from(&bot, &room, "the job's reply", |e| {
+            shown(e).contains("from the other node")
+        })
+        .await;
+    let _ = b.kill();
+    let _ = b.wait();
+}

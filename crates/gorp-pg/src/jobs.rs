@@ -228,6 +228,41 @@ impl PgStore {
             )
             .fetch_optional(&mut *tx)
             .await?;
+            // Fair to other channels: the slot goes back to the dispatcher when another idle
+            // channel this node may take (its lease free, expired or ours) has a due head that
+            // comes first in queue order.
+            let behind = sqlx::query_scalar!(
+                r#"SELECT EXISTS (
+                       SELECT 1
+                       FROM (SELECT q.priority, q.created_at, q.id FROM jobs q
+                             WHERE q.channel_id = $1 AND q.state = 'queued'
+                             ORDER BY q.priority DESC, q.created_at, q.id
+                             LIMIT 1) mine
+                       CROSS JOIN channels c2
+                       CROSS JOIN LATERAL (SELECT q.priority, q.created_at, q.id, q.run_at
+                                           FROM jobs q
+                                           WHERE q.channel_id = c2.id AND q.state = 'queued'
+                                           ORDER BY q.priority DESC, q.created_at, q.id
+                                           LIMIT 1) h
+                       LEFT JOIN warm_sessions w ON w.channel_id = c2.id
+                       WHERE c2.id <> $1 AND h.run_at <= $2
+                         AND (h.priority > mine.priority
+                              OR (h.priority = mine.priority
+                                  AND (h.created_at, h.id) < (mine.created_at, mine.id)))
+                         AND NOT EXISTS (SELECT 1 FROM jobs r
+                                         WHERE r.channel_id = c2.id AND r.state = 'running')
+                         AND (w.holder IS NULL OR w.holder = $3
+                              OR w.lease_expires_at IS NULL OR w.lease_expires_at < $2)
+                   ) AS "behind!""#,
+                channel_id,
+                now,
+                lease.owner
+            )
+            .fetch_one(&mut *tx)
+            .await?;
+            if behind {
+                return Ok((true, None));
+            }
             let next = claim_heads(&mut *tx, &[channel_id], &lease.owner, now, now + lease_ms)
                 .await?
                 .pop();

@@ -21,8 +21,8 @@ impl PgStore {
             false,
             sqlx::query!(
                 r#"INSERT INTO nodes (id, host, pid, version, started_at, last_seen_at,
-                                      lease_expires_at, clock_offset_ms)
-                   VALUES ($1, $2, $3, $4, $5, $5, $6, $7)
+                                      lease_expires_at, clock_offset_ms, slots)
+                   VALUES ($1, $2, $3, $4, $5, $5, $6, $7, $8)
                    ON CONFLICT (id) DO UPDATE SET last_seen_at = excluded.last_seen_at,
                        lease_expires_at = excluded.lease_expires_at, stopped_at = NULL,
                        clock_offset_ms = excluded.clock_offset_ms"#,
@@ -32,7 +32,8 @@ impl PgStore {
                 n.version,
                 now,
                 lease_until,
-                gorp_types::types::clock_offset()
+                gorp_types::types::clock_offset(),
+                n.slots
             )
             .execute(&self.pool)
             .await?
@@ -83,7 +84,7 @@ impl PgStore {
     pub async fn node_list(&self, now: Millis) -> Result<Vec<Node>> {
         let rows = sqlx::query!(
             r#"SELECT n.id AS "id!", n.host, n.pid, n.version, n.started_at, n.last_seen_at,
-                      n.lease_expires_at, n.stopped_at, n.clock_offset_ms,
+                      n.lease_expires_at, n.stopped_at, n.clock_offset_ms, n.slots,
                       CASE WHEN n.stopped_at IS NOT NULL THEN 'stopped'
                            WHEN n.lease_expires_at < $1 THEN 'gone'
                            ELSE 'up' END AS "state!",
@@ -113,6 +114,7 @@ impl PgStore {
                 lease_expires_at: r.lease_expires_at,
                 stopped_at: r.stopped_at,
                 clock_offset_ms: r.clock_offset_ms,
+                slots: r.slots,
                 channels: r.channels,
                 running: r.running,
                 leads: r

@@ -546,6 +546,8 @@ pub struct Node {
     pub stopped_at: Option<Millis>,
     /// What the node adds to its clock to read the database's, in ms.
     pub clock_offset_ms: i64,
+    /// How many jobs it runs at once.
+    pub slots: i64,
     /// Channels whose agent it holds (warm, starting or busy).
     pub channels: i64,
     /// Jobs it is running.
@@ -561,6 +563,7 @@ pub struct NodeStart {
     pub host: String,
     pub pid: i64,
     pub version: String,
+    pub slots: i64,
 }
 
 /// Facts about one attempt that `job_history` shows.

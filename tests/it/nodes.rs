@@ -1,0 +1,475 @@
+//! Several `gorp start` processes (nodes) on one PostgreSQL database: they share one queue,
+//! a channel's turns never overlap whichever node runs them, a node killed with SIGKILL has
+//! its channels run again on the others within the lease, each schedule slot fires once
+//! while nodes die, and `gorp nodes` shows who holds what.
+//!
+//! Ground truth for "never overlap" is the agents' own turn log (`--turn-log`): every prompt
+//! turn writes a `start` and an `end` line with the wall clock, per channel workspace.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use gorp::config::DatabaseConfig;
+use gorp::store::{now_ms, NewChannel, NewJob, Source, Store};
+
+use crate::cli::Env;
+use crate::support::{eventually, TestPg};
+
+/// The lease every node's jobs and channels are held with in these tests (`lease_secs`).
+const LEASE_MS: i64 = 3_000;
+
+/// A directory with one config for every node: the database on PostgreSQL, short leases,
+/// the script agent writing its turn log.
+struct Cluster {
+    env: Env,
+    url: String,
+    nodes: Vec<Node>,
+    store: Store,
+}
+
+/// A `gorp start` process, killed if the test ends early.
+struct Node {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Node {
+    fn pid(&self) -> i64 {
+        i64::from(self.child.id())
+    }
+}
+
+impl Cluster {
+    async fn new(concurrency: u32) -> Cluster {
+        let pg = TestPg::new().await;
+        let url = pg.url.clone();
+        std::mem::forget(pg); // scripts/test drops what a run leaves
+        let env = Env::new();
+        let path = env.config_path();
+        // Inside the agents' writable state directory (the sandbox confines their writes).
+        let turns = env.dir.path().join("agent-state").join("turns.jsonl");
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replacen("[database]\n", &format!("[database]\nurl = \"{url}\"\n"), 1)
+            .replace(
+                "lease_secs = 10",
+                &format!("lease_secs = {}", LEASE_MS / 1000),
+            )
+            .replace(
+                "[worker]\n",
+                &format!("[worker]\nconcurrency = {concurrency}\n"),
+            )
+            .replace(
+                "agent_args = [\"--state-dir\", ",
+                &format!(
+                    "agent_args = [\"--turn-log\", \"{}\", \"--state-dir\", ",
+                    turns.display()
+                ),
+            );
+        std::fs::write(&path, text).unwrap();
+        env.ok(&["migrate"]);
+        let store = Store::open(&DatabaseConfig {
+            url: Some(url.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        Cluster {
+            env,
+            url,
+            nodes: Vec::new(),
+            store,
+        }
+    }
+
+    /// Starts one more node; returns its index.
+    fn start(&mut self) -> usize {
+        let i = self.nodes.len();
+        let log = self.env.dir.path().join(format!("node-{i}.log"));
+        let child = self
+            .env
+            .cmd(&["start"])
+            .env("GORP_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        self.nodes.push(Node { child, log });
+        i
+    }
+
+    /// Waits until `n` nodes are up; returns their ids by pid.
+    async fn up(&self, n: usize) -> HashMap<i64, String> {
+        eventually(Duration::from_secs(60), "the nodes to be up", || async {
+            let nodes = self.store.node_list(now_ms()).await.unwrap();
+            let up: HashMap<i64, String> = nodes
+                .into_iter()
+                .filter(|n| n.state == "up")
+                .map(|n| (n.pid, n.id))
+                .collect();
+            (up.len() >= n).then_some(up)
+        })
+        .await
+    }
+
+    fn kill(&mut self, i: usize) {
+        // SIGKILL: no shutdown, no lease released.
+        self.nodes[i].child.kill().unwrap();
+        self.nodes[i].child.wait().unwrap();
+    }
+
+    async fn channels(&self, n: usize) -> Vec<i64> {
+        let mut ids = Vec::new();
+        for i in 0..n {
+            let ch = self
+                .store
+                .channel_insert(
+                    NewChannel {
+                        name: format!("ch{i:02}"),
+                        ..Default::default()
+                    },
+                    now_ms(),
+                )
+                .await
+                .unwrap();
+            ids.push(ch.id);
+        }
+        ids
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&self.url).await.unwrap();
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        let _ = conn.close().await;
+        n
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for n in &self.nodes {
+            let text = std::fs::read_to_string(&n.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            out.push_str(&format!("--- {}\n", n.log.display()));
+            for l in tail.into_iter().rev() {
+                out += l;
+                out += "\n";
+            }
+        }
+        out
+    }
+}
+
+/// One agent prompt turn, from the turn log.
+#[derive(Debug)]
+struct Turn {
+    cwd: String,
+    start: i64,
+    end: Option<i64>,
+}
+
+fn turns(path: &Path) -> Vec<Turn> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut open: HashMap<i64, Turn> = HashMap::new();
+    let mut done = Vec::new();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let pid = v["pid"].as_i64().unwrap();
+        let ms = v["ms"].as_i64().unwrap();
+        match v["event"].as_str().unwrap() {
+            "start" => {
+                let t = Turn {
+                    cwd: v["cwd"].as_str().unwrap_or_default().to_string(),
+                    start: ms,
+                    end: None,
+                };
+                if let Some(prev) = open.insert(pid, t) {
+                    done.push(prev);
+                }
+            }
+            "end" => {
+                if let Some(mut t) = open.remove(&pid) {
+                    t.end = Some(ms);
+                    done.push(t);
+                }
+            }
+            _ => {}
+        }
+    }
+    done.extend(open.into_values());
+    done
+}
+
+/// Pairs of turns of one channel (workspace) that overlap in time. A turn without an end
+/// (its agent died mid-turn) counts as never ending.
+fn overlaps(turns: &[Turn]) -> Vec<String> {
+    let mut by_cwd: BTreeMap<&str, Vec<&Turn>> = BTreeMap::new();
+    for t in turns {
+        by_cwd.entry(&t.cwd).or_default().push(t);
+    }
+    let mut bad = Vec::new();
+    for (cwd, mut ts) in by_cwd {
+        ts.sort_by_key(|t| t.start);
+        let mut until = i64::MIN;
+        let mut last: Option<&Turn> = None;
+        for t in ts {
+            if t.start < until {
+                bad.push(format!("{cwd}: {:?} started before {:?} ended", t, last));
+            }
+            let end = t.end.unwrap_or(i64::MAX);
+            if end > until {
+                until = end;
+                last = Some(t);
+            }
+        }
+    }
+    bad
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_share_one_queue_and_a_killed_nodes_channels_move_within_the_lease() {
+    const CHANNELS: usize = 32;
+    const JOBS: usize = 2_000;
+    // 8 slots a node, 24 in all for 32 channels: slots go to the channel whose head waited
+    // longest, so the victim's channels run again as soon as their leases let them.
+    let mut c = Cluster::new(8).await;
+    let channels = c.channels(CHANNELS).await;
+    for _ in 0..3 {
+        c.start();
+    }
+    let ids = c.up(3).await;
+    let jobs: Vec<NewJob> = (0..JOBS)
+        .map(|i| {
+            NewJob::new(
+                channels[i % CHANNELS],
+                Source::Cli,
+                format!("@sleep-ms 40\n@reply done {i}"),
+            )
+        })
+        .collect();
+    c.store.job_insert_many(jobs, now_ms()).await.unwrap();
+
+    // Mid-run: every node runs jobs. Kill the one running the most.
+    let per_node = eventually(
+        Duration::from_secs(60),
+        "all three nodes to run jobs",
+        || async {
+            let nodes = c.store.node_list(now_ms()).await.unwrap();
+            let running: HashMap<String, i64> = nodes
+                .iter()
+                .filter(|n| n.state == "up" && n.running > 0)
+                .map(|n| (n.id.clone(), n.running))
+                .collect();
+            (running.len() == 3).then_some(running)
+        },
+    )
+    .await;
+    let victim_id = per_node
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(id, _)| id.clone())
+        .unwrap();
+    let victim = c
+        .nodes
+        .iter()
+        .position(|n| ids.get(&n.pid()) == Some(&victim_id))
+        .unwrap();
+    // What the victim holds: its channels' jobs must run elsewhere after the kill.
+    let held = c.store.warm_list().await.unwrap();
+    let held: HashSet<i64> = held
+        .iter()
+        .filter(|w| w.holder.as_deref() == Some(victim_id.as_str()))
+        .map(|w| w.channel_id)
+        .collect();
+    c.kill(victim);
+    let killed_at = now_ms();
+    let done_before = c
+        .count("SELECT count(*) FROM jobs WHERE state = 'succeeded'")
+        .await;
+    assert!(
+        (done_before as usize) < JOBS,
+        "the kill came mid-run ({done_before} of {JOBS} done)"
+    );
+
+    // Everything finishes on the two nodes left.
+    eventually(Duration::from_secs(180), "every job to finish", || async {
+        let n = c
+            .count(
+                "SELECT count(*) FROM jobs WHERE state NOT IN ('succeeded', 'failed', 'cancelled')",
+            )
+            .await;
+        (n == 0).then_some(())
+    })
+    .await;
+    let succeeded = c
+        .count("SELECT count(*) FROM jobs WHERE state = 'succeeded'")
+        .await;
+    assert_eq!(
+        succeeded as usize,
+        JOBS,
+        "every job succeeded, none lost\n{}",
+        c.logs()
+    );
+
+    // No channel ever ran two turns at once, on any node.
+    let turns = turns(&c.env.dir.path().join("agent-state").join("turns.jsonl"));
+    assert!(turns.len() >= JOBS, "{} turns logged", turns.len());
+    let bad = overlaps(&turns);
+    assert!(bad.is_empty(), "overlapping turns: {bad:#?}");
+
+    // The victim's channels ran again on the others, within the lease (and a rescuer pass).
+    let mut handover = Vec::new();
+    for ch in &held {
+        let first: Option<i64> = {
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&c.url).await.unwrap();
+            let at = sqlx::query_scalar(
+                "SELECT min(e.at) FROM job_events e JOIN jobs j ON j.id = e.job_id
+                 WHERE j.channel_id = $1 AND e.kind = 'started' AND e.at > $2",
+            )
+            .bind(ch)
+            .bind(killed_at)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+            let _ = conn.close().await;
+            at
+        };
+        if let Some(at) = first {
+            handover.push(at - killed_at);
+        }
+    }
+    assert!(
+        !handover.is_empty(),
+        "the victim held channels with work left"
+    );
+    handover.sort();
+    let worst = *handover.last().unwrap();
+    println!(
+        "handover after kill -9: {} channels, p50 {} ms, max {} ms (lease {} ms)",
+        handover.len(),
+        handover[handover.len() / 2],
+        worst,
+        LEASE_MS
+    );
+    assert!(
+        worst <= LEASE_MS + 1_500,
+        "the victim's channels ran again {worst} ms after the kill (lease {LEASE_MS} ms)\n{}",
+        c.logs()
+    );
+    // The work was shared: each node left ran jobs, and the victim did before it died.
+    let by_owner = {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&c.url).await.unwrap();
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT e.data::jsonb ->> 'owner', count(*) FROM job_events e
+             WHERE e.kind = 'started' GROUP BY 1",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        let _ = conn.close().await;
+        rows
+    };
+    assert_eq!(by_owner.len(), 3, "{by_owner:?}");
+    // The victim shows as gone, the others up; its leases are no longer counted as held.
+    let nodes = c.store.node_list(now_ms()).await.unwrap();
+    let victim_row = nodes.iter().find(|n| n.id == victim_id).unwrap();
+    assert_eq!(victim_row.state, "gone");
+    assert_eq!(nodes.iter().filter(|n| n.state == "up").count(), 2);
+    let listed = c.env.ok(&["nodes", "--all"]);
+    assert!(
+        listed.contains(&victim_id) && listed.contains("gone") && listed.contains("up"),
+        "{listed}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_schedule_slot_fires_once_while_nodes_are_killed() {
+    let mut c = Cluster::new(4).await;
+    let channels = c.channels(1).await;
+    // `queue`: a slot whose previous job still runs (on a node just killed) is queued, not
+    // skipped, so every slot has its job.
+    c.env.ok(&[
+        "schedule",
+        "add",
+        "ch00",
+        "* * * * * *",
+        "@reply tick",
+        "--overlap",
+        "queue",
+    ]);
+    for _ in 0..3 {
+        c.start();
+    }
+    c.up(3).await;
+    // Kill a node every ~1.5 s, three times, starting a new one each time.
+    let first = now_ms();
+    for round in 0..3 {
+        let fired_before = c.count("SELECT count(*) FROM jobs").await;
+        eventually(Duration::from_secs(30), "slots to fire", || async {
+            (c.count("SELECT count(*) FROM jobs").await >= fired_before + 2).then_some(())
+        })
+        .await;
+        let alive: Vec<usize> = (0..c.nodes.len())
+            .filter(|i| c.nodes[*i].child.try_wait().unwrap().is_none())
+            .collect();
+        c.kill(alive[round % alive.len()]);
+        c.start();
+    }
+    let last = now_ms();
+    // Wait for the scheduler to be past the window, on the nodes still alive.
+    eventually(Duration::from_secs(30), "slots after the kills", || async {
+        let n = c
+            .count(&format!(
+                "SELECT count(*) FROM jobs WHERE scheduled_for > {}",
+                last + 2_000
+            ))
+            .await;
+        (n > 0).then_some(())
+    })
+    .await;
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&c.url).await.unwrap();
+    let slots: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT scheduled_for, count(*) FROM jobs WHERE channel_id = $1 AND scheduled_for
+         BETWEEN $2 AND $3 GROUP BY scheduled_for ORDER BY scheduled_for",
+    )
+    .bind(channels[0])
+    .bind(first)
+    .bind(last)
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let _ = conn.close().await;
+    let twice: Vec<&(i64, i64)> = slots.iter().filter(|(_, n)| *n != 1).collect();
+    assert!(twice.is_empty(), "slots fired more than once: {twice:?}");
+    // And none was skipped: consecutive seconds from the first to the last.
+    for w in slots.windows(2) {
+        assert_eq!(w[1].0 - w[0].0, 1_000, "a slot was missed: {slots:?}");
+    }
+    assert!(
+        slots.len() as i64 >= (last - first) / 1_000 - 1,
+        "{} slots in {} ms",
+        slots.len(),
+        last - first
+    );
+    println!(
+        "{} slots of a one-second schedule over 3 kills, each fired once",
+        slots.len()
+    );
+    drop(c.nodes.drain(..));
+}
