@@ -448,12 +448,17 @@ async fn finish(
     next
 }
 
-/// Reads the cancel requests for this pool's running jobs and stops those jobs.
-async fn read_cancels(store: &Store, owner: &str, running: &Running) {
+/// Reads the cancel requests for this pool's running jobs and stops those jobs. Gives up
+/// after `within` (a database that does not answer must not hold up self-fencing).
+async fn read_cancels(store: &Store, owner: &str, running: &Running, within: Duration) {
     if running.lock().expect("running lock").is_empty() {
         return;
     }
-    match store.job_cancel_requests(owner).await {
+    let Ok(read) = tokio::time::timeout(within, store.job_cancel_requests(owner)).await else {
+        tracing::warn!(timeout = ?within, "cancel requests got no answer in time");
+        return;
+    };
+    match read {
         Ok(ids) => {
             let map = running.lock().expect("running lock");
             for (id, attempt) in ids {
@@ -478,6 +483,15 @@ fn fence(running: &Running, renewed: tokio::time::Instant, after: Duration) {
     }
 }
 
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn heartbeat_loop(
     store: Store,
     owner: String,
@@ -492,23 +506,39 @@ async fn heartbeat_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_beat = tokio::time::Instant::now();
     // When the last renewal that succeeded was sent. A job whose lease was not renewed for
-    // three quarters of its length is stopped here (self-fencing): another node may rescue it
-    // once the lease runs out, and by then it no longer runs here.
-    let mut renewed = tokio::time::Instant::now();
+    // three quarters of its length is stopped (self-fencing) by a watch of its own, which no
+    // hung database call here can hold up: another node may rescue the job once the lease
+    // runs out, and by then it no longer runs here.
+    let renewed = Arc::new(Mutex::new(tokio::time::Instant::now()));
     let fence_after = cfg.lease.mul_f64(0.75);
+    let watch = {
+        let (renewed, running, stop) = (renewed.clone(), running.clone(), stop.clone());
+        let every = (fence_after / 20).max(Duration::from_millis(10));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let last = *renewed.lock().expect("renewed lock");
+                fence(&running, last, fence_after);
+            }
+        })
+    };
+    let _watch = AbortOnDrop(watch);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
             _ = cancels.notified() => {
                 // Another node asked to cancel a job: read the requests now.
-                read_cancels(&store, &owner, &running).await;
+                read_cancels(&store, &owner, &running, cfg.heartbeat).await;
                 continue;
             }
         }
-        fence(&running, renewed, fence_after);
         if last_beat.elapsed() < cfg.heartbeat {
-            read_cancels(&store, &owner, &running).await;
+            read_cancels(&store, &owner, &running, cfg.heartbeat).await;
             continue;
         }
         last_beat = tokio::time::Instant::now();
@@ -524,7 +554,7 @@ async fn heartbeat_loop(
         let beat = store.job_heartbeat(&owner, now_ms(), cfg.lease.as_millis() as i64);
         let renewed_jobs = match tokio::time::timeout(cfg.heartbeat, beat).await {
             Ok(Ok(r)) => {
-                renewed = sent;
+                *renewed.lock().expect("renewed lock") = sent;
                 r
             }
             Ok(Err(e)) => {

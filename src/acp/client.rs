@@ -979,6 +979,17 @@ impl AgentProcess {
     /// of SIGTERM while its Claude Code child is still writing the session
     /// transcript that a later `session/load` needs.
     pub async fn shutdown(mut self) {
+        self.shutdown_now().await
+    }
+
+    /// Kills the agent's process group at once (SIGKILL), without waiting: for a node that
+    /// lost its lease and must stop the agent before another node may start one. The process
+    /// is reaped by a later [`AgentProcess::shutdown`].
+    pub fn terminate(&self) {
+        kill_group(self.pid);
+    }
+
+    async fn shutdown_now(&mut self) {
         self.stop.cancel();
         let group = self.pid as i32;
         if group > 0 {
@@ -1338,6 +1349,18 @@ async fn run_connection(
             unsafe {
                 libc::killpg(pid as i32, libc::SIGKILL);
             }
+        }
+    }
+}
+
+/// Kills the process group of the agent whose pid is `pid` (SIGKILL, no wait). Agents run in
+/// their own process group, whose id is their pid.
+pub fn kill_group(pid: u32) {
+    let group = pid as i32;
+    if group > 0 {
+        // SAFETY: plain syscall on a process group gorp created; ESRCH when it is gone.
+        unsafe {
+            libc::killpg(group, libc::SIGKILL);
         }
     }
 }

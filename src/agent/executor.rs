@@ -270,6 +270,18 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
         }
         .in_current_span(),
     );
+    // A lost lease (taken over, or this node cannot renew it) stops the agent at once: not
+    // after a cancel's grace, and not after anything that waits on the database.
+    let fenced = {
+        let (token, ctx, pid) = (ctx.cancel_token().clone(), ctx.clone(), live.agent.pid());
+        tokio::spawn(async move {
+            token.cancelled().await;
+            if matches!(ctx.stop_cause(), Some(StopCause::LeaseLost)) {
+                tracing::warn!(pid, "the job's lease is lost; killing its agent");
+                crate::acp::client::kill_group(pid);
+            }
+        })
+    };
     let turn_started = Instant::now();
     let prompt_limit = match job.timeout_secs {
         Some(t) => Duration::from_secs(t as u64)
@@ -280,6 +292,10 @@ async fn run_job(warm: Arc<WarmSessionManager>, ctx: JobContext) -> Outcome {
         .agent
         .prompt_within(&live.session_id, &job.prompt, tx, turn_cancel, prompt_limit)
         .await;
+    fenced.abort();
+    if matches!(ctx.stop_cause(), Some(StopCause::LeaseLost)) {
+        live.agent.terminate();
+    }
     let agent_ms = turn_started.elapsed().as_millis() as i64;
     // Requests still waiting end with the turn (the agent has been answered `cancelled`).
     asks_done.cancel();

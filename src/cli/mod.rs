@@ -1456,6 +1456,7 @@ fn nodes_table(nodes: &[crate::store::Node], now: i64) -> String {
                 n.state.clone(),
                 crate::store::format_ms(n.started_at),
                 ago(n.last_seen_at),
+                n.slots.to_string(),
                 n.channels.to_string(),
                 n.running.to_string(),
                 if n.leads.is_empty() {
@@ -1473,6 +1474,7 @@ fn nodes_table(nodes: &[crate::store::Node], now: i64) -> String {
             "STATE",
             "STARTED",
             "LAST SEEN",
+            "SLOTS",
             "CHANNELS",
             "RUNNING",
             "LEADS",

@@ -108,6 +108,29 @@ impl Cluster {
         i
     }
 
+    /// Starts a node whose database connections go through `proxy` (its own config file).
+    fn start_through(&mut self, proxy: &Proxy) -> usize {
+        let i = self.nodes.len();
+        let text = std::fs::read_to_string(self.env.config_path()).unwrap();
+        let (_, rest) = self.url.split_once('@').unwrap();
+        let (hostport, _) = rest.split_once('/').unwrap();
+        let text = text.replacen(hostport, &format!("127.0.0.1:{}", proxy.port), 1);
+        let path = self.env.dir.path().join(format!("node-{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let log = self.env.dir.path().join(format!("node-{i}.log"));
+        let child = self
+            .env
+            .cmd(&["start"])
+            .env("GORP_CONFIG_PATH", &path)
+            .env("GORP_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        self.nodes.push(Node { child, log });
+        i
+    }
+
     /// Waits until `n` nodes are up; returns their ids by pid.
     async fn up(&self, n: usize) -> HashMap<i64, String> {
         eventually(Duration::from_secs(60), "the nodes to be up", || async {
@@ -173,10 +196,69 @@ impl Cluster {
     }
 }
 
+/// A TCP proxy to the database that can be cut: while cut, no byte passes either way and
+/// connections stay open (a network partition, not a refused connection).
+struct Proxy {
+    port: u16,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl Proxy {
+    async fn start(upstream: String) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (cut, _) = tokio::sync::watch::channel(false);
+        let cuts = cut.clone();
+        tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                let cuts = cuts.clone();
+                tokio::spawn(async move {
+                    let Ok(up) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (dr, dw) = down.into_split();
+                    let (ur, uw) = up.into_split();
+                    tokio::spawn(pipe(dr, uw, cuts.subscribe()));
+                    tokio::spawn(pipe(ur, dw, cuts.subscribe()));
+                });
+            }
+        });
+        Proxy { port, cut }
+    }
+
+    fn cut(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut cut: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if cut.wait_for(|c| !*c).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // Bytes read just as the cut came are held until it is healed.
+        if cut.wait_for(|c| !*c).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// One agent prompt turn, from the turn log.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Turn {
     cwd: String,
+    pid: i64,
     start: i64,
     end: Option<i64>,
 }
@@ -193,6 +275,7 @@ fn turns(path: &Path) -> Vec<Turn> {
             "start" => {
                 let t = Turn {
                     cwd: v["cwd"].as_str().unwrap_or_default().to_string(),
+                    pid,
                     start: ms,
                     end: None,
                 };
@@ -472,4 +555,121 @@ async fn each_schedule_slot_fires_once_while_nodes_are_killed() {
         slots.len()
     );
     drop(c.nodes.drain(..));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_cut_off_from_the_database_stops_its_job_before_another_node_may_take_it() {
+    let mut c = Cluster::new(4).await;
+    let ch = c.channels(1).await[0];
+    let (_, rest) = c.url.split_once('@').unwrap();
+    let upstream = rest.split_once('/').unwrap().0.to_string();
+    let proxy = Proxy::start(upstream).await;
+    let a = c.start_through(&proxy);
+    let ids = c.up(1).await;
+    let a_id = ids[&c.nodes[a].pid()].clone();
+    // A long turn runs on the node behind the proxy.
+    let job = c
+        .store
+        .job_insert(
+            NewJob::new(ch, Source::Cli, "@sleep-ms 6000\n@reply long turn"),
+            now_ms(),
+        )
+        .await
+        .unwrap()
+        .job_id;
+    eventually(
+        Duration::from_secs(30),
+        "the job to run on the first node",
+        || async {
+            let j = c.store.job_get(&job).await.unwrap().unwrap();
+            (j.lease_owner.as_deref() == Some(a_id.as_str())).then_some(())
+        },
+    )
+    .await;
+    let b = c.start();
+    c.up(2).await;
+    let turns_path = c.env.dir.path().join("agent-state").join("turns.jsonl");
+    eventually(Duration::from_secs(30), "the turn to start", || async {
+        (!turns(&turns_path).is_empty()).then_some(())
+    })
+    .await;
+    // The partition: the first node can no longer renew anything. A watcher notes when its
+    // agent process dies (the turn log has no `end` for a killed agent).
+    let lease_until = c
+        .store
+        .job_get(&job)
+        .await
+        .unwrap()
+        .unwrap()
+        .lease_expires_at
+        .unwrap();
+    let agent_pid = turns(&turns_path)[0].pid;
+    let died = tokio::spawn(async move {
+        loop {
+            // SAFETY: signal 0 only checks that the process exists.
+            if unsafe { libc::kill(agent_pid as i32, 0) } != 0 {
+                return now_ms();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    proxy.cut(true);
+    let cut_at = now_ms();
+
+    // The other node runs the job again once the lease ran out, and it succeeds there.
+    let done = eventually(
+        Duration::from_secs(60),
+        "the job to succeed elsewhere",
+        || async {
+            let j = c.store.job_get(&job).await.unwrap().unwrap();
+            (j.state == gorp::store::JobState::Succeeded).then_some(j)
+        },
+    )
+    .await;
+    assert_eq!(
+        (done.attempt, done.interruptions),
+        (2, 1),
+        "run twice, the cut-off run an interruption, not a failed attempt: {done:?}"
+    );
+    let mut ts = turns(&turns_path);
+    assert_eq!(ts.len(), 2, "{ts:?}");
+    ts.sort_by_key(|t| t.start);
+    let (first, second) = (&ts[0], &ts[1]);
+    assert_eq!(first.pid, agent_pid);
+    let stopped = first.end.unwrap_or(died.await.unwrap());
+    // Self-fencing: the cut-off node stopped its agent's turn before its lease ran out (the
+    // last renewal before the cut was at most a lease before the cut), so before any other
+    // node could take the job over; the second run started after that.
+    assert!(
+        stopped < cut_at + LEASE_MS,
+        "stopped {} ms after the cut; the lease ran out at most {LEASE_MS} ms after it \
+         (last read: {} ms)",
+        stopped - cut_at,
+        lease_until - cut_at
+    );
+    assert!(second.start > stopped, "{first:?} / {second:?}");
+    println!(
+        "cut-off node stopped its turn {} ms after the cut; the job ran again {} ms after it",
+        stopped - cut_at,
+        second.start - cut_at
+    );
+    let owners = {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&c.url).await.unwrap();
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT e.data::jsonb ->> 'owner' FROM job_events e
+             WHERE e.job_id = $1 AND e.kind = 'started' ORDER BY e.seq",
+        )
+        .bind(&job)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        let _ = conn.close().await;
+        rows
+    };
+    assert_eq!(owners.len(), 2, "{owners:?}");
+    assert_eq!(owners[0], a_id);
+    assert_ne!(owners[1], a_id);
+    let _ = b;
+    proxy.cut(false);
 }
