@@ -673,3 +673,182 @@ async fn a_node_cut_off_from_the_database_stops_its_job_before_another_node_may_
     let _ = b;
     proxy.cut(false);
 }
+
+/// The HTTP address a node's log says it listens on.
+async fn http_addr(log: &Path) -> String {
+    eventually(
+        Duration::from_secs(30),
+        "the node's HTTP address",
+        || async {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            text.lines()
+                .find(|l| l.contains("HTTP listening"))
+                .and_then(|l| l.split("addr=").nth(1))
+                .map(|a| a.split_whitespace().next().unwrap_or_default().to_string())
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn other_nodes_see_enqueues_cancels_and_events_at_once_and_the_listener_reconnects() {
+    const TOKEN: &str = "nodes-test-api-token-0123456789";
+    let mut c = Cluster::new(4).await;
+    // Polling so slow that only a notification explains a quick reaction.
+    let path = c.env.config_path();
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("poll_interval_ms = 100", "poll_interval_ms = 10000")
+        .replace("lease_secs = 3", "lease_secs = 20")
+        .replace("heartbeat_secs = 1", "heartbeat_secs = 5")
+        .replace(
+            "[webhook]\n",
+            &format!("[webhook]\ntokens = [\"{TOKEN}\"]\n"),
+        );
+    std::fs::write(&path, text).unwrap();
+    let ch = c.channels(1).await[0];
+    let b = c.start();
+    let ids = c.up(1).await;
+    let b_id = ids[&c.nodes[b].pid()].clone();
+    let finish = |job: String, want: gorp::store::JobState| {
+        let store = c.store.clone();
+        async move {
+            let t = std::time::Instant::now();
+            eventually(Duration::from_secs(30), "the job to end", || async {
+                let j = store.job_get(&job).await.unwrap().unwrap();
+                (j.state == want).then_some(())
+            })
+            .await;
+            t.elapsed()
+        }
+    };
+
+    // Enqueued here (another process), started there at once.
+    let mut slowest = Duration::ZERO;
+    for i in 0..5 {
+        let job = c
+            .store
+            .job_insert(
+                NewJob::new(ch, Source::Cli, format!("@reply hi {i}")),
+                now_ms(),
+            )
+            .await
+            .unwrap()
+            .job_id;
+        slowest = slowest.max(finish(job, gorp::store::JobState::Succeeded).await);
+    }
+    assert!(
+        slowest < Duration::from_secs(2),
+        "{slowest:?} with a 10 s poll"
+    );
+
+    // A cancel made by another process reaches the running job at once.
+    let long = c
+        .store
+        .job_insert(NewJob::new(ch, Source::Cli, "@sleep-ms 60000"), now_ms())
+        .await
+        .unwrap()
+        .job_id;
+    eventually(Duration::from_secs(30), "the long job to run", || async {
+        let j = c.store.job_get(&long).await.unwrap().unwrap();
+        (j.state == gorp::store::JobState::Running).then_some(())
+    })
+    .await;
+    c.env.ok(&["cancel", &long]);
+    let took = finish(long, gorp::store::JobState::Cancelled).await;
+    assert!(
+        took < Duration::from_secs(3),
+        "{took:?} with a 5 s heartbeat"
+    );
+
+    // The listener's connection is cut: it reconnects, and wakeups work again.
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&c.url).await.unwrap();
+        let cut: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        assert!(!cut.is_empty(), "a LISTEN connection to cut");
+        let _ = conn.close().await;
+    }
+    let job = c
+        .store
+        .job_insert(
+            NewJob::new(ch, Source::Cli, "@reply after the cut"),
+            now_ms(),
+        )
+        .await
+        .unwrap()
+        .job_id;
+    let took = finish(job, gorp::store::JobState::Succeeded).await;
+    assert!(
+        took < Duration::from_secs(3),
+        "{took:?} after the listener was cut"
+    );
+
+    // SSE on a node that does not run the job sees the other node's events as they commit.
+    let a = c.start();
+    c.up(2).await;
+    let addr = http_addr(&c.nodes[a].log).await;
+    let job = c
+        .store
+        .job_insert(
+            NewJob::new(
+                ch,
+                Source::Cli,
+                "@chunks 8\n@delay-ms 300\n@reply one two three four five six seven eight",
+            ),
+            now_ms(),
+        )
+        .await
+        .unwrap()
+        .job_id;
+    let mut resp = reqwest::Client::new()
+        .get(format!("http://{addr}/api/jobs/{job}/events"))
+        .bearer_auth(TOKEN)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut lags = Vec::new();
+    let mut buf = String::new();
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        let arrived = now_ms();
+        while let Some(end) = buf.find("\n\n") {
+            let frame: String = buf.drain(..end + 2).collect();
+            if let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) {
+                if let Ok(ev) = serde_json::from_str::<serde_json::Value>(data) {
+                    if ev["kind"] == "message" {
+                        lags.push(arrived - ev["at"].as_i64().unwrap());
+                    }
+                }
+            }
+        }
+    }
+    let started_by: String = {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&c.url).await.unwrap();
+        let o = sqlx::query_scalar(
+            "SELECT data::jsonb ->> 'owner' FROM job_events WHERE job_id = $1 AND kind = 'started'",
+        )
+        .bind(&job)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        let _ = conn.close().await;
+        o
+    };
+    assert_eq!(started_by, b_id, "the node holding the channel ran it");
+    assert!(lags.len() >= 5, "{lags:?}");
+    lags.sort();
+    let median = lags[lags.len() / 2];
+    println!("SSE on the other node: message events arrived {lags:?} ms after they were written");
+    // Polling alone (once a second) would put the median near 500 ms.
+    assert!(median < 250, "median lag {median} ms: {lags:?}");
+}
