@@ -2252,16 +2252,26 @@ max_edits = 5
     );
     let path = d.join("nodes.toml");
     std::fs::write(&path, config).unwrap();
+    // Killed when the test ends, however it ends.
+    struct Node(std::process::Child);
+    impl Drop for Node {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let node = |n: usize| {
         let log = std::fs::File::create(d.join(format!("node-{n}.log"))).unwrap();
-        std::process::Command::new(crate::cli::GORP)
-            .arg("start")
-            .env("GORP_CONFIG_PATH", &path)
-            .env("GORP_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap()
+        Node(
+            std::process::Command::new(crate::cli::GORP)
+                .arg("start")
+                .env("GORP_CONFIG_PATH", &path)
+                .env("GORP_LOG", "info")
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
     };
     let leader = |after: i64| {
         let url = url.clone();
@@ -2281,10 +2291,10 @@ max_edits = 5
     };
     let mut a = node(0);
     let first = eventually(WAIT, "the bot to be ready on the first node", || leader(0)).await;
-    assert!(first.contains(&format!(":{}:", a.id())), "{first}");
+    assert!(first.contains(&format!(":{}:", a.0.id())), "{first}");
     let (room, _) = w.create_channel("ops").await;
-    let mut b = node(1);
-    let b_pid = i64::from(b.id());
+    let b = node(1);
+    let b_pid = i64::from(b.0.id());
     // The second node is up (its row renewed) but does not lead.
     eventually(WAIT, "the second node to be up", || {
         let url = url.clone();
@@ -2303,8 +2313,8 @@ max_edits = 5
     let answer = w.command(&room, "!list").await;
     assert!(answer.contains("**ops**"), "{answer}");
 
-    a.kill().unwrap();
-    a.wait().unwrap();
+    a.0.kill().unwrap();
+    a.0.wait().unwrap();
     let killed = now_ms();
     let second = eventually(
         Duration::from_secs(60),
@@ -2313,7 +2323,7 @@ max_edits = 5
     )
     .await;
     let failover = now_ms() - killed;
-    assert!(second.contains(&format!(":{}:", b.id())), "{second}");
+    assert!(second.contains(&format!(":{}:", b.0.id())), "{second}");
     println!("the bot answered again {failover} ms after its node was killed (lease 3000 ms)");
     // The same room, the same encrypted conversation: commands and jobs are answered.
     let answer = w.command(&room, "!list").await;
@@ -2325,6 +2335,5 @@ max_edits = 5
             shown(e).contains("from the other node")
         })
         .await;
-    let _ = b.kill();
-    let _ = b.wait();
+    drop(b);
 }
