@@ -135,6 +135,17 @@ pub async fn lead<F, Fut>(
                 false
             }
         };
+        if !taken && !store.is_shared() {
+            // On SQLite the holder runs on this host: one that died (a `kill -9` before this
+            // restart) is let go of at once instead of after its lease.
+            if let Ok(Some((old, _))) = store.leader_get(name).await {
+                if crate::instance::holder_is_dead(&old) {
+                    tracing::info!(lease = name, holder = %old, "the leader died; taking over");
+                    let _ = store.leader_release(name, &old).await;
+                    continue;
+                }
+            }
+        }
         if !taken {
             if !waiting_logged {
                 tracing::info!(lease = name, "another node leads; waiting to take over");

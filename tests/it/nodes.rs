@@ -852,3 +852,57 @@ async fn other_nodes_see_enqueues_cancels_and_events_at_once_and_the_listener_re
     // Polling alone (once a second) would put the median near 500 ms.
     assert!(median < 250, "median lag {median} ms: {lags:?}");
 }
+
+/// On SQLite (one host), a leader that died with `kill -9` is replaced at once, not after its
+/// lease: a restarted gorp's Matrix bot does not wait out the dead one's lease.
+#[tokio::test]
+async fn on_sqlite_a_leader_that_died_on_this_host_is_replaced_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&DatabaseConfig {
+        path: dir.path().join("gorp.db"),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let gone_pid = gone.id();
+    gone.wait().unwrap();
+    let dead = format!("{}:{gone_pid}:deadbeef", host.trim());
+    let now = now_ms();
+    assert!(store
+        .leader_take("matrix", &dead, now, now + 600_000)
+        .await
+        .unwrap());
+    let me = gorp::instance::InstanceId::new().to_string();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(gorp::node::lead(
+        store.clone(),
+        gorp::node::MATRIX,
+        me.clone(),
+        Duration::from_secs(600),
+        stop.clone(),
+        move |work_stop| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(());
+                work_stop.cancelled().await;
+            }
+        },
+    ));
+    tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("the work started without waiting out the dead leader's 10-minute lease");
+    assert_eq!(
+        store.leader_get("matrix").await.unwrap().map(|(h, _)| h),
+        Some(me.clone())
+    );
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(
+        store.leader_get("matrix").await.unwrap(),
+        None,
+        "let go on shutdown"
+    );
+}
