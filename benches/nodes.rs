@@ -245,14 +245,15 @@ state_path = "{agents}"
         );
         std::fs::write(d.join("config.toml"), config).unwrap();
         let children = (0..n)
-            .map(|_| {
+            .map(|i| {
+                let log = std::fs::File::create(d.join(format!("node-{i}.log"))).unwrap();
                 Command::new(GORP)
                     .arg("start")
                     .env("GORP_CONFIG_PATH", d.join("config.toml"))
                     .env("GORP_LOG", "warn")
                     .current_dir(d)
                     .stdout(Stdio::null())
-                    .stderr(Stdio::null())
+                    .stderr(log)
                     .spawn()
                     .expect("gorp start")
             })
@@ -261,6 +262,20 @@ state_path = "{agents}"
             _dir: dir,
             children,
         }
+    }
+
+    /// The warnings the nodes logged (a benchmark run should have none).
+    fn warnings(&self) -> Vec<String> {
+        (0..self.children.len())
+            .flat_map(|i| {
+                let text = std::fs::read_to_string(self._dir.path().join(format!("node-{i}.log")))
+                    .unwrap_or_default();
+                text.lines()
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                    .map(|l| format!("node {i}: {l}"))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     async fn wait_up(&self, store: &Store) {
@@ -311,6 +326,25 @@ async fn scale_out(server: &str, nodes: usize, per_channel: usize) -> f64 {
     store.job_insert_many(rows, now_ms()).await.expect("insert");
     wait_succeeded(&store, chs.len() + jobs).await;
     let rate = jobs as f64 / start.elapsed().as_secs_f64();
+    for w in cluster.warnings().iter().take(10) {
+        eprintln!("{w}");
+    }
+    // Where the jobs ran, and how many turns started a cold agent.
+    let mut conn = PgConnection::connect(&url).await.expect("connect");
+    let per_node: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT e.data::jsonb ->> 'owner', count(*) FROM job_events e
+         WHERE e.kind = 'started' GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("per node");
+    let cold: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE warm = false")
+        .fetch_one(&mut conn)
+        .await
+        .expect("cold");
+    conn.close().await.ok();
+    let counts: Vec<i64> = per_node.iter().map(|(_, n)| *n).collect();
+    eprintln!("{nodes} node(s): jobs per node {counts:?}, cold starts {cold}");
     drop(cluster);
     store.close().await;
     drop_db(server, &name).await;
@@ -354,6 +388,9 @@ async fn pickup(server: &str, samples: usize) -> (f64, f64) {
         }
     }
     conn.close().await.ok();
+    for w in cluster.warnings().iter().take(10) {
+        eprintln!("{w}");
+    }
     drop(cluster);
     store.close().await;
     drop_db(server, &name).await;
@@ -373,10 +410,30 @@ fn arg(args: &[String], name: &str, default: usize) -> usize {
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let jobs = arg(&args, "--jobs", 10_000);
-    let per_channel = arg(&args, "--per-channel", 30);
+    let per_channel = arg(&args, "--per-channel", 60);
     let samples = arg(&args, "--pickups", 200);
     let server = server_url();
+    // `--only claim|scale|pickup` runs one part.
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let run = |part: &str| only.as_deref().is_none_or(|o| o == part);
 
+    if run("claim") {
+        claim_part(&server, jobs).await;
+    }
+    if run("scale") {
+        scale_part(&server, per_channel).await;
+    }
+    if run("pickup") {
+        pickup_part(&server, samples).await;
+    }
+}
+
+async fn claim_part(server: &str, jobs: usize) {
+    let server = server.to_string();
     let raw = raw_baseline(&server, jobs).await;
     let gorp = engine(&server, jobs).await;
     println!("\n| claim + complete on PostgreSQL ({jobs} jobs) | jobs/s | ÷ baseline |");
@@ -386,7 +443,10 @@ async fn main() {
         "| gorp, one node, no-op executor, 64 channels, 32 slots | {gorp:.0} | **{:.2}** |",
         gorp / raw
     );
+}
 
+async fn scale_part(server: &str, per_channel: usize) {
+    let server = server.to_string();
     let one = scale_out(&server, 1, per_channel).await;
     let three = scale_out(&server, 3, per_channel).await;
     println!(
@@ -399,7 +459,10 @@ async fn main() {
         "| 3 nodes, 8 slots each | {three:.1} | **{:.2}** |",
         three / one
     );
+}
 
+async fn pickup_part(server: &str, samples: usize) {
+    let server = server.to_string();
     let (p50, p99) = pickup(&server, samples).await;
     println!("\n| cross-node pickup ({samples} jobs, one at a time) | p50 ms | p99 ms |");
     println!("|---|---:|---:|");

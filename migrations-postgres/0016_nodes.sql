@@ -49,8 +49,10 @@ FROM nodes n;
 -- ----- notifications ---------------------------------------------------------------------------
 -- Every node LISTENs on these channels (sqlx's PgListener). NOTIFY is sent at commit and
 -- folded per transaction, so a batch of rows costs one notification.
--- gorp_jobs:   a job may have become claimable (inserted, back to queued, a channel freed by a
---              finished job or a released lease, a channel's settings or budget changed).
+-- gorp_jobs:   a job may have become claimable by another node: inserted, back to queued
+--              (retry, release, rescue), a channel lease let go of, a channel's settings or
+--              budget changed. A finished job wakes no other node: its channel's lease stays
+--              with the node that ran it, which claims the next job itself.
 -- gorp_cancel: a running job's cancel was requested; the payload is the node running it.
 -- gorp_events: rows readers wait for (events, approvals, Matrix replies, job states).
 
@@ -73,7 +75,7 @@ $$;
 CREATE TRIGGER jobs_inserted_notify AFTER INSERT ON jobs
     FOR EACH STATEMENT EXECUTE FUNCTION gorp_notify('gorp_jobs');
 CREATE TRIGGER jobs_claimable_notify AFTER UPDATE OF state, run_at ON jobs
-    FOR EACH ROW WHEN (NEW.state = 'queued' OR (OLD.state = 'running' AND NEW.state <> 'running'))
+    FOR EACH ROW WHEN (NEW.state = 'queued')
     EXECUTE FUNCTION gorp_notify('gorp_jobs');
 CREATE TRIGGER channels_changed_notify AFTER UPDATE ON channels
     FOR EACH STATEMENT EXECUTE FUNCTION gorp_notify('gorp_jobs');

@@ -188,6 +188,7 @@ impl WorkerPool {
                         .record(claim_started.elapsed().as_secs_f64());
                     match claimed {
                         Ok(jobs) => {
+                            let short = !check_first && jobs.len() < idle;
                             for job in jobs {
                                 let permit = slots.clone().try_acquire_owned().expect("idle slot");
                                 let ctx = JobContext::new(job, self.store.clone());
@@ -207,6 +208,15 @@ impl WorkerPool {
                                     run.await;
                                     drop(permit);
                                 });
+                            }
+                            // Woken, and fewer jobs than slots: learn when the next one is due
+                            // rather than wait for the poll. On a shared database a job another
+                            // node enqueued "now" can be a few ms ahead of this node's reading
+                            // of the database clock.
+                            if short {
+                                if let Ok(o) = self.store.job_next_due(now, &limits).await {
+                                    next_due = o.next;
+                                }
                             }
                         }
                         Err(e) => {
