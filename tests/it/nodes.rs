@@ -449,7 +449,7 @@ async fn three_nodes_share_one_queue_and_a_killed_nodes_channels_move_within_the
         LEASE_MS
     );
     assert!(
-        worst <= LEASE_MS + 1_500,
+        worst <= LEASE_MS + 2_000,
         "the victim's channels ran again {worst} ms after the kill (lease {LEASE_MS} ms)\n{}",
         c.logs()
     );
