@@ -906,3 +906,100 @@ async fn on_sqlite_a_leader_that_died_on_this_host_is_replaced_at_once() {
         "let go on shutdown"
     );
 }
+
+/// Work moves: a node with one slot holds two channels' warm agents; while one channel's long
+/// turn keeps the slot, the other channel's job is not left waiting: its idle agent is handed
+/// over and a node with a free slot runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_busy_nodes_idle_channel_moves_to_a_node_with_a_free_slot() {
+    let mut c = Cluster::new(1).await;
+    let chs = c.channels(2).await;
+    let (x, y) = (chs[0], chs[1]);
+    let a = c.start();
+    let ids = c.up(1).await;
+    let a_id = ids[&c.nodes[a].pid()].clone();
+    let store = c.store.clone();
+    let run = |ch: i64, prompt: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .job_insert(NewJob::new(ch, Source::Cli, prompt), now_ms())
+                .await
+                .unwrap()
+                .job_id
+        }
+    };
+    let url = c.url.clone();
+    let owner_of = |job: String| {
+        let url = url.clone();
+        async move {
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&url).await.ok()?;
+            let o: Option<String> = sqlx::query_scalar(
+                "SELECT data::jsonb ->> 'owner' FROM job_events
+                 WHERE job_id = $1 AND kind = 'started' ORDER BY seq DESC LIMIT 1",
+            )
+            .bind(&job)
+            .fetch_optional(&mut conn)
+            .await
+            .ok()?;
+            let _ = conn.close().await;
+            o
+        }
+    };
+    // The first node runs a job on each channel: both agents stay warm there.
+    for ch in [x, y] {
+        let job = run(ch, "@reply warm").await;
+        eventually(Duration::from_secs(30), "the warm-up job", || async {
+            let j = c.store.job_get(&job).await.unwrap().unwrap();
+            (j.state == gorp::store::JobState::Succeeded).then_some(())
+        })
+        .await;
+    }
+    let held: Vec<i64> = c
+        .store
+        .warm_list()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|w| w.holder.as_deref() == Some(a_id.as_str()))
+        .map(|w| w.channel_id)
+        .collect();
+    assert_eq!(held.len(), 2, "both agents warm on the first node");
+    let b = c.start();
+    c.up(2).await;
+    let b_id = c.up(2).await[&c.nodes[b].pid()].clone();
+
+    // X's long turn takes the first node's only slot; Y's job is due meanwhile.
+    let long = run(x, "@sleep-ms 15000\n@reply long").await;
+    eventually(Duration::from_secs(30), "the long turn to run", || async {
+        (owner_of(long.clone()).await.as_deref() == Some(a_id.as_str())).then_some(())
+    })
+    .await;
+    let enqueued = now_ms();
+    let short = run(y, "@reply moved").await;
+    let done = eventually(Duration::from_secs(30), "Y's job to finish", || async {
+        let j = c.store.job_get(&short).await.unwrap().unwrap();
+        (j.state == gorp::store::JobState::Succeeded).then_some(j)
+    })
+    .await;
+    let waited = done.started_at.unwrap() - enqueued;
+    assert_eq!(
+        owner_of(short.clone()).await.as_deref(),
+        Some(b_id.as_str())
+    );
+    let x_job = c.store.job_get(&long).await.unwrap().unwrap();
+    assert_eq!(
+        x_job.state,
+        gorp::store::JobState::Running,
+        "Y ran while X's long turn still held the first node"
+    );
+    let y_row = c.store.warm_get(y).await.unwrap().unwrap();
+    assert_eq!(
+        y_row.holder.as_deref(),
+        Some(b_id.as_str()),
+        "Y's agent moved"
+    );
+    println!("Y's job started on the node with room {waited} ms after it was enqueued");
+    assert!(waited < 10_000, "{waited} ms");
+}
