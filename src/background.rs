@@ -29,17 +29,23 @@ pub trait Service: Send + Sync + 'static {
 
     /// The counts of a pass, by name; logged when any is non-zero.
     fn counts(report: &Self::Report) -> Vec<(&'static str, u64)>;
+
+    /// When the next pass is due, if sooner than the interval (a deadline the last pass saw).
+    fn next_pass(&self, _now: Millis) -> Option<Duration> {
+        None
+    }
 }
 
-/// Runs `service` every interval until `shutdown` fires.
+/// Runs `service` every interval (sooner when it says so) until `shutdown` fires.
 pub async fn run<S: Service>(service: S, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(service.interval());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep_until(next) => {}
         }
+        let started = tokio::time::Instant::now();
+        next = started + service.interval();
         match service.run_once(now_ms()).await {
             Ok(report) => {
                 let counts = S::counts(&report);
@@ -50,6 +56,9 @@ pub async fn run<S: Service>(service: S, shutdown: CancellationToken) {
                 }
             }
             Err(e) => tracing::warn!(service = S::NAME, error = %e, "background pass failed"),
+        }
+        if let Some(sooner) = service.next_pass(now_ms()) {
+            next = next.min(tokio::time::Instant::now() + sooner);
         }
     }
 }

@@ -15,6 +15,10 @@ pub struct Rescuer {
     store: Store,
     interval: Duration,
     max_rescues: i64,
+    /// When the first running job's lease runs out, as the last pass read it: the next pass
+    /// runs then rather than up to an interval later, so a dead node's jobs are queued again
+    /// as soon as their leases let them.
+    next_expiry: std::sync::atomic::AtomicI64,
 }
 
 impl Rescuer {
@@ -23,6 +27,7 @@ impl Rescuer {
             store,
             interval,
             max_rescues: i64::from(max_rescues),
+            next_expiry: std::sync::atomic::AtomicI64::new(i64::MAX),
         }
     }
 
@@ -46,6 +51,11 @@ impl Rescuer {
         for j in &rescued {
             tracing::warn!(job = %j.job_id, attempt = j.attempt, state = %j.state, "rescued job with expired lease");
         }
+        let next = self.store.job_next_lease_expiry().await?;
+        self.next_expiry.store(
+            next.unwrap_or(i64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         Ok(rescued)
     }
 }
@@ -64,5 +74,11 @@ impl Service for Rescuer {
 
     fn counts(report: &Vec<Rescued>) -> Vec<(&'static str, u64)> {
         vec![("rescued", report.len() as u64)]
+    }
+
+    /// Just after the first running lease runs out (a lease is expired once `now` passes it).
+    fn next_pass(&self, now: Millis) -> Option<Duration> {
+        let at = self.next_expiry.load(std::sync::atomic::Ordering::Relaxed);
+        (at != i64::MAX).then(|| Duration::from_millis((at + 1 - now).max(0) as u64))
     }
 }

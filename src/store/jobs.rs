@@ -476,6 +476,18 @@ impl Store {
         .await?)
     }
 
+    /// When the first running job's lease runs out (for the rescuer's next pass).
+    pub async fn job_next_lease_expiry(&self) -> Result<Option<Millis>> {
+        if let Some(pg) = &self.pg {
+            return pg.job_next_lease_expiry().await;
+        }
+        Ok(sqlx::query_scalar!(
+            r#"SELECT min(lease_expires_at) AS "at?: i64" FROM jobs WHERE state = 'running'"#
+        )
+        .fetch_one(&self.read)
+        .await?)
+    }
+
     /// Ids of jobs starting with `prefix` (at most `limit`), so people can type a short id.
     pub async fn job_ids_with_prefix(&self, prefix: &str, limit: i64) -> Result<Vec<String>> {
         if let Some(pg) = &self.pg {
