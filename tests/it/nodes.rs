@@ -345,18 +345,25 @@ async fn three_nodes_share_one_queue_and_a_killed_nodes_channels_move_within_the
         .collect();
     c.store.job_insert_many(jobs, now_ms()).await.unwrap();
 
-    // Mid-run: every node runs jobs. Kill the one running the most.
+    // Mid-run: every node has started jobs (their `started` events committed) and runs some
+    // now. Kill the one running the most.
     let per_node = eventually(
         Duration::from_secs(60),
         "all three nodes to run jobs",
         || async {
+            let started = c
+                .count(
+                    "SELECT count(DISTINCT data::jsonb ->> 'owner') FROM job_events
+                     WHERE kind = 'started'",
+                )
+                .await;
             let nodes = c.store.node_list(now_ms()).await.unwrap();
             let running: HashMap<String, i64> = nodes
                 .iter()
                 .filter(|n| n.state == "up" && n.running > 0)
                 .map(|n| (n.id.clone(), n.running))
                 .collect();
-            (running.len() == 3).then_some(running)
+            (started == 3 && running.len() == 3).then_some(running)
         },
     )
     .await;
