@@ -32,6 +32,7 @@ mod fake_anthropic;
 mod claude_env;
 
 #[path = "support/common.rs"]
+#[allow(dead_code)]
 mod common;
 
 struct Rig {

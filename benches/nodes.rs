@@ -16,10 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
 use gorp::config::DatabaseConfig;
-use gorp::executor::{Executor, JobContext, Outcome};
-use gorp::store::{now_ms, JobState, NewChannel, NewJob, Source, Store};
+use gorp::store::{now_ms, JobState, NewJob, Source, Store};
 use gorp::worker::WorkerPool;
 use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
@@ -30,14 +28,6 @@ mod common;
 
 const GORP: &str = env!("CARGO_BIN_EXE_gorp");
 const AGENT: &str = env!("CARGO_BIN_EXE_gorp-script-agent");
-
-struct NoOp;
-
-impl Executor for NoOp {
-    fn run(&self, _ctx: JobContext) -> BoxFuture<'static, Outcome> {
-        Box::pin(async { Outcome::Succeeded { stop_reason: None } })
-    }
-}
 
 fn server_url() -> String {
     if let Ok(u) = std::env::var("TEST_POSTGRES_URL") {
@@ -84,24 +74,6 @@ fn pg_config(url: &str) -> DatabaseConfig {
     }
 }
 
-async fn channels(store: &Store, n: usize) -> Vec<i64> {
-    let mut ids = Vec::new();
-    for i in 0..n {
-        let c = store
-            .channel_insert(
-                NewChannel {
-                    name: format!("ch{i:02}"),
-                    ..Default::default()
-                },
-                now_ms(),
-            )
-            .await
-            .expect("channel");
-        ids.push(c.id);
-    }
-    ids
-}
-
 async fn succeeded(store: &Store) -> usize {
     store
         .job_count_by_state()
@@ -123,7 +95,7 @@ async fn wait_succeeded(store: &Store, n: usize) {
 async fn raw_baseline(server: &str, jobs: usize) -> f64 {
     let (name, url) = fresh_db(server).await;
     let store = Store::open(&pg_config(&url)).await.expect("open");
-    let chs = channels(&store, 64).await;
+    let chs = common::channels(&store, 64).await;
     let rows = (0..jobs)
         .map(|i| NewJob::new(chs[i % chs.len()], Source::Cli, "noop"))
         .collect();
@@ -163,10 +135,10 @@ async fn engine(server: &str, jobs: usize) -> f64 {
     let (name, url) = fresh_db(server).await;
     let store = Store::open(&pg_config(&url)).await.expect("open");
     store.sync_clock().await.expect("clock");
-    let chs = channels(&store, 64).await;
+    let chs = common::channels(&store, 64).await;
     let pool = WorkerPool::new(
         store.clone(),
-        Arc::new(NoOp),
+        Arc::new(common::NoOp),
         common::pool_config(32),
         "bench".into(),
     );
@@ -300,7 +272,7 @@ state_path = "{agents}"
 async fn scale_out(server: &str, nodes: usize, per_channel: usize) -> f64 {
     let (name, url) = fresh_db(server).await;
     let store = Store::open(&pg_config(&url)).await.expect("open");
-    let chs = channels(&store, 24).await;
+    let chs = common::channels(&store, 24).await;
     let cluster = Nodes::start(&url, nodes, 8);
     cluster.wait_up(&store).await;
     let warm: Vec<NewJob> = chs
@@ -357,7 +329,7 @@ async fn pickup(server: &str, samples: usize) -> (f64, f64) {
     let (name, url) = fresh_db(server).await;
     let store = Store::open(&pg_config(&url)).await.expect("open");
     store.sync_clock().await.expect("clock");
-    let ch = channels(&store, 1).await[0];
+    let ch = common::channels(&store, 1).await[0];
     let cluster = Nodes::start(&url, 1, 8);
     cluster.wait_up(&store).await;
     let mut conn = PgConnection::connect(&url).await.expect("connect");

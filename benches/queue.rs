@@ -9,24 +9,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
 use gorp::config::DatabaseConfig;
-use gorp::executor::{Executor, JobContext, Outcome};
-use gorp::store::{now_ms, JobState, NewChannel, NewJob, Source, SpendLimits, Store};
+use gorp::store::{now_ms, JobState, NewJob, Source, SpendLimits, Store};
 use gorp::worker::WorkerPool;
 use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
 #[path = "support/common.rs"]
 mod common;
-
-struct NoOp;
-
-impl Executor for NoOp {
-    fn run(&self, _ctx: JobContext) -> BoxFuture<'static, Outcome> {
-        Box::pin(async { Outcome::Succeeded { stop_reason: None } })
-    }
-}
 
 fn db_config(dir: &std::path::Path, name: &str) -> DatabaseConfig {
     DatabaseConfig {
@@ -35,32 +25,14 @@ fn db_config(dir: &std::path::Path, name: &str) -> DatabaseConfig {
     }
 }
 
-async fn channels(store: &Store, n: usize) -> Vec<i64> {
-    let mut ids = Vec::new();
-    for i in 0..n {
-        let c = store
-            .channel_insert(
-                NewChannel {
-                    name: format!("ch{i}"),
-                    ..Default::default()
-                },
-                now_ms(),
-            )
-            .await
-            .expect("channel");
-        ids.push(c.id);
-    }
-    ids
-}
-
 /// Enqueue → claim → complete through gorp's store and worker pool, no-op executor.
 async fn engine(dir: &std::path::Path, jobs: usize, n_channels: usize, concurrency: usize) -> f64 {
     let cfg = db_config(dir, &format!("engine-{n_channels}-{concurrency}.db"));
     let store = Store::open(&cfg).await.expect("open");
-    let chs = channels(&store, n_channels).await;
+    let chs = common::channels(&store, n_channels).await;
     let pool = WorkerPool::new(
         store.clone(),
-        Arc::new(NoOp),
+        Arc::new(common::NoOp),
         common::pool_config(concurrency),
         "bench".into(),
     );
@@ -105,7 +77,7 @@ async fn engine(dir: &std::path::Path, jobs: usize, n_channels: usize, concurren
 async fn enqueue(dir: &std::path::Path, jobs: usize, callers: usize) -> f64 {
     let cfg = db_config(dir, &format!("enqueue-{callers}.db"));
     let store = Store::open(&cfg).await.expect("open");
-    let ch = channels(&store, 1).await[0];
+    let ch = common::channels(&store, 1).await[0];
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..callers {
@@ -131,7 +103,7 @@ async fn enqueue(dir: &std::path::Path, jobs: usize, callers: usize) -> f64 {
 async fn claim_latency(dir: &std::path::Path, history: usize, samples: usize) -> (f64, f64) {
     let cfg = db_config(dir, &format!("history-{history}.db"));
     let store = Store::open(&cfg).await.expect("open");
-    let chs = channels(&store, 16).await;
+    let chs = common::channels(&store, 16).await;
     store.close().await;
     let mut conn = common::raw_conn(&cfg.path).await;
     sqlx::query(
@@ -180,7 +152,7 @@ async fn claim_latency(dir: &std::path::Path, history: usize, samples: usize) ->
 async fn raw_insert(dir: &std::path::Path, inserts: usize) -> f64 {
     let cfg = db_config(dir, "raw-insert.db");
     let store = Store::open(&cfg).await.expect("open");
-    let ch = channels(&store, 1).await[0];
+    let ch = common::channels(&store, 1).await[0];
     store.close().await;
     let mut conn = common::raw_conn(&cfg.path).await;
     let start = Instant::now();

@@ -86,3 +86,34 @@ pub async fn claim_complete_per_sec(dir: &Path, name: &str, jobs: usize) -> f64 
     conn.close().await.ok();
     rate
 }
+
+/// An executor whose every job succeeds at once: the engine's own cost, no agent.
+pub struct NoOp;
+
+impl gorp::executor::Executor for NoOp {
+    fn run(
+        &self,
+        _ctx: gorp::executor::JobContext,
+    ) -> futures::future::BoxFuture<'static, gorp::executor::Outcome> {
+        Box::pin(async { gorp::executor::Outcome::Succeeded { stop_reason: None } })
+    }
+}
+
+/// `n` channels named `ch00`, `ch01`, …; their ids.
+pub async fn channels(store: &Store, n: usize) -> Vec<i64> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let c = store
+            .channel_insert(
+                NewChannel {
+                    name: format!("ch{i:02}"),
+                    ..Default::default()
+                },
+                now_ms(),
+            )
+            .await
+            .expect("channel");
+        ids.push(c.id);
+    }
+    ids
+}
